@@ -1,0 +1,1 @@
+"""toolpool adapter for autogen (work in progress)."""

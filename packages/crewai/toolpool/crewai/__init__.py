@@ -1,0 +1,1 @@
+"""toolpool adapter for crewai (work in progress)."""

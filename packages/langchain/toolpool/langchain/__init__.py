@@ -1,0 +1,1 @@
+"""toolpool adapter for langchain (work in progress)."""
