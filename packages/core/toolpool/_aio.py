@@ -1,0 +1,517 @@
+"""The asyncio driver: connections as asyncio Protocols, and the async request path.
+
+It executes what `_state` decides and never decides itself. Each connection belongs to the
+event loop that opened it (its driver key is that loop); a pool used from several loops
+keeps separate connections per loop within the same per-destination cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from toolpool import _auth_context
+from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
+from toolpool._runtime import DestinationPool
+from toolpool._state import Slot, Waiter
+from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
+from toolpool.errors import PoolClosed
+
+if TYPE_CHECKING:
+    from toolpool._pool import Pool
+
+__all__ = ["AsyncConnection", "AsyncResponseStream", "handle_request", "open_slot"]
+
+monotonic = time.monotonic
+get_ident = threading.get_ident
+_current_auth = _auth_context._current
+
+# Response bytes buffered before the socket stops being read (flow control).
+_HIGH_WATER = 256 * 1024
+# How long a graceful close waits for the peer's side before the socket is aborted.
+_CLOSE_GRACE = 2.0
+# Idle this long or more, a connection's liveness is checked before it is reused.
+_CHECK_AFTER_IDLE = 1.0
+
+
+class _Stale(httpx.RemoteProtocolError):
+    """The connection was closed by the peer before any byte of the response arrived."""
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _time_out(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class _Notifier:
+    """Wakes a waiting task from whichever thread grants it a slot."""
+
+    __slots__ = ("fut", "loop", "thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        self.loop = loop
+        self.fut = fut
+        self.thread = get_ident()
+
+    def __call__(self) -> bool:
+        if get_ident() == self.thread:
+            _resolve(self.fut)
+            return True
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.fut)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        return True
+
+
+class AsyncConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection on an asyncio transport."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, dest: DestinationPool, slot: Slot) -> None:
+        self.loop = loop
+        self.thread = get_ident()
+        self.dest = dest
+        self.slot = slot
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: Exception | None = None
+        self.alive = True  # False once the peer closed, an error happened, or we closed
+        self.lost = False  # connection_lost has run
+        self.active = False  # a request is using the connection
+        self.reading_paused = False
+        self.writing_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    # ------------------------------------------------------------------ protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:
+            # Bytes on an idle connection: the peer is closing it or misbehaving.
+            self.alive = False
+            return
+        try:
+            self.parser.feed(data)
+        except ProtocolError as exc:
+            self.error = httpx.RemoteProtocolError(str(exc))
+            self.alive = False
+        if self.parser.pending > _HIGH_WATER and not self.reading_paused:
+            self.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self.alive = False
+        if self.active:
+            self.parser.feed_eof()
+        self._wake()
+        return None  # let the transport close itself; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.lost = True
+        if self.active:
+            self.parser.feed_eof()
+            if exc is not None and self.error is None and self.parser.got_bytes:
+                self.error = httpx.ReadError(f"connection lost: {exc}")
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        self._wake()
+        drain = self.drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        self.dest.connection_lost(self.slot)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        drain = self.drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ used by requests
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until more of the response (or an EOF/error) arrives."""
+        fut = self.loop.create_future()
+        self.waiter = fut
+        if timeout is None:
+            await fut
+            return
+        handle = self.loop.call_later(timeout, _time_out, fut, httpx.ReadTimeout("read timed out"))
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
+    async def _drain(self, timeout: float | None) -> None:
+        while self.writing_paused and not self.lost:
+            fut = self.loop.create_future()
+            self.drain_waiter = fut
+            handle = (
+                self.loop.call_later(timeout, _time_out, fut, httpx.WriteTimeout("write timed out"))
+                if timeout is not None
+                else None
+            )
+            try:
+                await fut
+            finally:
+                if handle is not None:
+                    handle.cancel()
+                self.drain_waiter = None
+
+    async def exchange(self, req: RequestBytes, timeouts: dict[str, float | None]) -> ResponseHead:
+        """Send the request and wait for the response head."""
+        transport = self.transport
+        assert transport is not None
+        if not self.alive or transport.is_closing():
+            raise _Stale("connection closed by the peer while idle")
+        parser = self.parser
+        parser.start(req.head_request)
+        self.active = True
+        body = req.body
+        if body is not None:
+            transport.write(req.head + body if len(body) < 65536 else req.head)
+            if len(body) >= 65536:
+                transport.write(body)
+        else:
+            transport.write(req.head)
+            write_timeout = timeouts.get("write")
+            async for chunk in req.stream:
+                if chunk:
+                    transport.write(encode_chunk(chunk) if req.chunked else chunk)
+                    if self.writing_paused:
+                        await self._drain(write_timeout)
+                if self.lost:
+                    break
+            if req.chunked and not self.lost:
+                transport.write(LAST_CHUNK)
+        if self.writing_paused:
+            await self._drain(timeouts.get("write"))
+        read_timeout = timeouts.get("read")
+        while parser.head is None:
+            if self.error is not None:
+                raise self.error
+            if not self.alive:
+                if not parser.got_bytes:
+                    raise _Stale("Server disconnected without sending a response.")
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            await self.wait(read_timeout)
+        return parser.head
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def probe(self) -> bool:
+        """Cheap liveness check: the event loop tells us of closes, so flags suffice."""
+        transport = self.transport
+        return self.alive and transport is not None and not transport.is_closing()
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Close gracefully, from any thread; `dest.connection_lost(slot)` follows once."""
+        if get_ident() == self.thread:
+            self._close()
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._close)
+        except RuntimeError:
+            # The loop is closed: its sockets cannot be closed gracefully any more.
+            self._abort_socket()
+
+    def abort(self) -> None:
+        """Drop a connection found dead; no report follows for its (replaced) slot."""
+        self.alive = False
+        if get_ident() == self.thread:
+            if self.transport is not None and not self.lost:
+                self.transport.abort()
+        else:
+            self.close()
+
+    def _close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.active = False
+        self.alive = False
+        transport = self.transport
+        if self.lost or transport is None:
+            self.dest.connection_lost(self.slot)
+            return
+        if transport.can_write_eof():
+            # Half-close: the peer sees our FIN, closes its side, and only then is the slot
+            # free, so the downstream never counts more connections than the cap.
+            transport.write_eof()
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+        else:
+            transport.close()  # TLS: close_notify exchange, then connection_lost
+        self.close_timer = self.loop.call_later(_CLOSE_GRACE, transport.abort)
+
+    def _abort_socket(self) -> None:
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if not self.lost:
+            self.lost = True
+            self.dest.connection_lost(self.slot)
+
+
+class AsyncResponseStream(httpx.AsyncByteStream):
+    """A response body read from its connection; releases the connection when done."""
+
+    __slots__ = ("_conn", "_dest", "_done", "_slot", "_timeout")
+
+    def __init__(
+        self, dest: DestinationPool, slot: Slot, conn: AsyncConnection, timeout: float | None
+    ) -> None:
+        self._dest = dest
+        self._slot = slot
+        self._conn = conn
+        self._timeout = timeout
+        self._done = False
+
+    async def __aiter__(self) -> Any:
+        conn = self._conn
+        parser = conn.parser
+        try:
+            while True:
+                chunk = parser.take_body()
+                if parser.complete:
+                    # Release before handing out the last bytes: the connection is free.
+                    self._finish(parser.reusable and conn.error is None)
+                    if chunk:
+                        yield chunk
+                    return
+                if chunk:
+                    conn.resume_reading()
+                    yield chunk
+                    continue
+                if conn.error is not None:
+                    raise conn.error
+                if not conn.alive:
+                    raise httpx.RemoteProtocolError(
+                        "peer closed connection without sending complete message body"
+                    )
+                await conn.wait(self._timeout)
+        except BaseException:
+            self._finish(False)
+            raise
+
+    async def aclose(self) -> None:
+        self._finish(False)
+
+    def _finish(self, reusable: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._conn.active = False
+            self._dest.release(self._slot, reusable)
+
+    def __del__(self) -> None:
+        # A response that was never read to the end nor closed: close its connection
+        # (from any thread, without taking locks that the collecting thread may hold).
+        if not self._done:
+            self._done = True
+            self._dest.pool._orphaned(self._dest, self._slot)
+
+
+async def acquire(
+    dest: DestinationPool,
+    key: tuple[str | None, Any],
+    loop: asyncio.AbstractEventLoop,
+    timeout: float,
+) -> Slot:
+    """A slot for `key`: an idle connection, a permit to open one, or after waiting."""
+    state = dest.state
+    with dest.lock:
+        got = state.acquire(key, monotonic())
+        if type(got) is Waiter:
+            fut: asyncio.Future[None] = loop.create_future()
+            got.notify = _Notifier(loop, fut)
+            actions = state.take_actions()
+    if type(got) is Slot:
+        return got
+    if got is None:
+        raise dest.saturated()
+    assert isinstance(got, Waiter)
+    waiter = got
+    if actions:
+        dest.execute(actions)
+    handle = (
+        loop.call_later(timeout, _time_out, fut, _WaitTimedOut()) if timeout != math.inf else None
+    )
+    try:
+        await fut
+    except _WaitTimedOut:
+        dest.cancel(waiter, timed_out=True)
+        raise dest.timed_out(timeout) from None
+    except BaseException:
+        dest.cancel(waiter)
+        raise
+    finally:
+        if handle is not None:
+            handle.cancel()
+    slot = waiter.grant
+    if slot is None:  # woken by pool shutdown
+        raise PoolClosed()
+    return slot
+
+
+class _WaitTimedOut(Exception):
+    pass
+
+
+async def _connect(
+    dest: DestinationPool,
+    slot: Slot,
+    loop: asyncio.AbstractEventLoop,
+    ctx: _auth_context.AuthContext | None,
+    timeout: float | None,
+) -> AsyncConnection:
+    """Open a connection (TCP, then TLS) for the slot; on failure report it and raise."""
+    conn = AsyncConnection(loop, dest, slot)
+    try:
+        sslctx = dest.ssl_context(ctx)
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: conn,
+                dest.host,
+                dest.port,
+                ssl=sslctx,
+                server_hostname=dest.host if sslctx is not None else None,
+                ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
+            ),
+            timeout,
+        )
+    except BaseException as exc:
+        dest.open_failed(slot)
+        if conn.transport is not None:
+            conn.transport.abort()
+        err = connect_error(dest, exc, timeout)
+        if err is exc:
+            raise
+        raise err from exc
+    return conn
+
+
+def connect_error(
+    dest: DestinationPool, exc: BaseException, timeout: float | None
+) -> BaseException:
+    """The httpx exception for a failed connect (cancellation and others pass through)."""
+    where = f"{dest.name} ({dest.host}:{dest.port})"
+    if isinstance(exc, TimeoutError):
+        return httpx.ConnectTimeout(f"connecting to {where} timed out after {timeout} s")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return httpx.ConnectError(f"TLS handshake with {where} failed: {exc}")
+    if isinstance(exc, OSError):
+        return httpx.ConnectError(f"cannot connect to {where}: {exc}")
+    return exc
+
+
+async def open_slot(
+    dest: DestinationPool,
+    slot: Slot,
+    loop: asyncio.AbstractEventLoop,
+    ctx: _auth_context.AuthContext | None,
+    timeout: float | None,
+) -> AsyncConnection:
+    """Open the permit's connection for the request holding it."""
+    conn = await _connect(dest, slot, loop, ctx, timeout)
+    dest.opened(slot, conn)
+    return conn
+
+
+async def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext | None) -> bool:
+    """Open one warm-up connection into the idle pool; True if it opened."""
+    loop = asyncio.get_running_loop()
+    try:
+        conn = await _connect(dest, slot, loop, ctx, dest.settings.connect_timeout)
+    except httpx.TransportError:
+        return False
+    dest.warmed(slot, conn)
+    return True
+
+
+async def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
+    """Send one request through the pool (the body of AsyncTransport.handle_async_request)."""
+    dest = pool._route(request.url)
+    ctx = _current_auth.get()
+    loop = asyncio.get_running_loop()
+    key = (ctx._fingerprint if ctx is not None else "", loop)
+    timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
+    if dest.auth is not None:
+        await dest.auth.aprepare(request, ctx)
+    req = RequestBytes(request)
+    pool_timeout = timeouts.get("pool")
+    wait_limit = dest.settings.acquire_timeout
+    if pool_timeout is not None and pool_timeout < wait_limit:
+        wait_limit = pool_timeout
+    slot = await acquire(dest, key, loop, wait_limit)
+    retried = False
+    while True:
+        conn: AsyncConnection | None = slot.conn
+        fresh = conn is None
+        if conn is None:
+            conn = await open_slot(dest, slot, loop, ctx, timeouts.get("connect"))
+        elif not conn.alive or (
+            monotonic() - slot.idle_since > _CHECK_AFTER_IDLE and not conn.probe()
+        ):
+            slot = dest.replace(slot)
+            continue
+        try:
+            head = await conn.exchange(req, timeouts)
+        except _Stale:
+            if not fresh and not retried and req.replayable:
+                # A reused connection the peer had closed: retry once on a new one.
+                retried = True
+                slot = dest.replace(slot)
+                continue
+            conn.active = False
+            dest.release(slot, False)
+            raise
+        except BaseException:
+            conn.active = False
+            dest.release(slot, False)
+            raise
+        break
+    stream = AsyncResponseStream(dest, slot, conn, timeouts.get("read"))
+    return make_response(head, stream, dest.name, slot.id, not fresh)

@@ -1,0 +1,387 @@
+"""`Pool`: the public object. Routes requests to per-destination pools, owns their lifecycle
+(warm-up, maintenance thread, shutdown) and hands out clients and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+
+from toolpool import _aio, _sio
+from toolpool._config import (
+    Destination,
+    DestinationSettings,
+    PoolDefaults,
+    origin_of,
+    origin_text,
+    resolve,
+)
+from toolpool._maintenance import Maintenance
+from toolpool._runtime import DestinationPool
+from toolpool._state import Slot
+from toolpool._stats import DestinationStats, PoolStats, destination_stats
+from toolpool.errors import ConfigError, PoolClosed, UnknownDestination
+
+__all__ = ["Pool"]
+
+log = logging.getLogger("toolpool.pool")
+
+monotonic = time.monotonic
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Pool:
+    """A shared, per-destination, auth-affine connection pool for tool calls.
+
+    ```python
+    pool = toolpool.Pool(
+        destinations=[
+            toolpool.Destination("crm", "https://crm.internal", documented_limit=100),
+            toolpool.Destination("search", "https://search.internal", max_connections=20),
+        ],
+    )
+    async with pool:   # starts the maintenance thread and warms up connections
+        with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+            r = await pool.client().get("https://crm.internal/contacts")
+    ```
+
+    Each destination (an origin: scheme, host, port) has its own pool, capped at
+    `max_connections` across all auth contexts; a connection that carried one auth context
+    never carries another. Requests beyond the cap wait in a FIFO queue of
+    `queue_factor × max_connections`; beyond that they fail at once with `PoolSaturated`.
+    `Pool()` with no destinations pools every origin with the defaults below; with
+    `unknown_destinations="reject"` only listed origins are reachable.
+
+    Arguments are the pool-wide defaults (see `PoolDefaults` for the reason behind each);
+    a `Destination` overrides any of them for itself. A pool used before it is entered
+    starts on first use (without warm-up). Use one pool per process and share it.
+    """
+
+    def __init__(
+        self,
+        destinations: Iterable[Destination] = (),
+        *,
+        max_connections: int = 50,
+        idle_ttl: float = 45.0,
+        max_lifetime: float = 600.0,
+        health_check_interval: float = 10.0,
+        queue_factor: float = 2.0,
+        warmup: float = 0.25,
+        acquire_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        verify: Any = True,
+        unknown_destinations: Literal["pool", "reject"] = "pool",
+    ) -> None:
+        self.defaults = PoolDefaults(
+            max_connections=max_connections,
+            idle_ttl=idle_ttl,
+            max_lifetime=max_lifetime,
+            health_check_interval=health_check_interval,
+            queue_factor=queue_factor,
+            warmup=warmup,
+            acquire_timeout=acquire_timeout,
+            connect_timeout=connect_timeout,
+            verify=verify,
+            unknown_destinations=unknown_destinations,
+        )
+        if isinstance(destinations, Destination):
+            destinations = [destinations]
+        self._by_name: dict[str, DestinationPool] = {}
+        # Routes by (scheme, host, port-or-None), as httpx.URL reports them.
+        self._routes: dict[tuple[str, str, int | None], DestinationPool] = {}
+        self._registry_lock = threading.Lock()
+        self._lifecycle_lock = threading.Lock()
+        self._maint: Maintenance | None = None
+        self._started = False
+        self.closed = False
+        for dest in destinations:
+            if not isinstance(dest, Destination):
+                raise ConfigError(
+                    f"destinations must be toolpool.Destination objects, got {type(dest).__name__}"
+                )
+            self._add(resolve(dest, self.defaults, listed=True))
+
+    def __repr__(self) -> str:
+        names = ", ".join(self._by_name)
+        return f"<toolpool.Pool destinations=[{names}]{' closed' if self.closed else ''}>"
+
+    # ------------------------------------------------------------------ destinations
+
+    def _add(self, settings: DestinationSettings) -> DestinationPool:
+        if settings.name in self._by_name:
+            raise ConfigError(
+                f"two destinations are named {settings.name!r}; destination names must be unique"
+            )
+        scheme, host, port = settings.origin
+        if (scheme, host, port) in self._routes:
+            other = self._routes[(scheme, host, port)].name
+            raise ConfigError(
+                f"destinations {other!r} and {settings.name!r} have the same origin "
+                f"{origin_text(settings.origin)}; give each origin one destination"
+            )
+        dest = DestinationPool(self, settings)
+        if settings.auth is not None or settings.policy is not None:
+            raise ConfigError("Destination(auth=..., policy=...) are not available yet")
+        self._by_name[settings.name] = dest
+        self._routes[(scheme, host, port)] = dest
+        if _DEFAULT_PORTS.get(scheme) == port:
+            self._routes[(scheme, host, None)] = dest
+        return dest
+
+    def _route(self, url: httpx.URL) -> DestinationPool:
+        """The destination pool for a request URL (hot path)."""
+        dest = self._routes.get((url.scheme, url.host, url.port))
+        if dest is None:
+            dest = self._unknown(url)
+        if not self._started or self.closed:
+            self._ensure_started()  # raises PoolClosed once closed
+        return dest
+
+    def _unknown(self, url: httpx.URL) -> DestinationPool:
+        origin = origin_of(url)
+        if origin[0] not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(
+                f"toolpool pools http:// and https:// URLs, not {url.scheme!r}"
+            )
+        if self.closed:
+            raise PoolClosed()
+        if self.defaults.unknown_destinations == "reject":
+            raise UnknownDestination(
+                origin_text(origin),
+                [f"{d.name} ({d.settings.url})" for d in self._by_name.values()],
+            )
+        with self._registry_lock:
+            dest = self._routes.get((origin[0], origin[1], origin[2]))
+            if dest is None:
+                text = origin_text(origin)
+                dest = self._add(resolve(Destination(text, text), self.defaults, listed=False))
+        return dest
+
+    def destination(self, name_or_url: str) -> DestinationPool:
+        """The run-time pool of a destination, by name or by URL."""
+        dest = self._by_name.get(name_or_url)
+        if dest is not None:
+            return dest
+        try:
+            origin = origin_of(name_or_url)
+        except Exception:
+            origin = None
+        if origin is not None and origin[0] in _DEFAULT_PORTS:
+            found = self._routes.get(origin)
+            if found is not None:
+                return found
+        known = ", ".join(self._by_name) or "none"
+        raise KeyError(f"no destination named or located at {name_or_url!r} (known: {known})")
+
+    @property
+    def destinations(self) -> list[str]:
+        """Names of the destinations known so far (listed and pooled-on-demand)."""
+        return list(self._by_name)
+
+    # ------------------------------------------------------------------ clients
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An `httpx.AsyncClient` whose requests go through this pool.
+
+        Keyword arguments go to `httpx.AsyncClient`. Closing the client does not close the
+        pool. The default timeout is httpx's, except that waiting for a connection is bounded
+        by the pool's `acquire_timeout` instead of httpx's 5 s pool timeout.
+        """
+        from toolpool._transport import AsyncTransport
+
+        kwargs.setdefault("timeout", httpx.Timeout(5.0, pool=None))
+        return httpx.AsyncClient(transport=AsyncTransport(self), **kwargs)
+
+    def sync_client(self, **kwargs: Any) -> httpx.Client:
+        """An `httpx.Client` whose requests go through this pool (thread-safe)."""
+        from toolpool._transport import Transport
+
+        kwargs.setdefault("timeout", httpx.Timeout(5.0, pool=None))
+        return httpx.Client(transport=Transport(self), **kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Pool:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Pool:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def astart(self) -> None:
+        """Start the pool and warm up its destinations on the running event loop."""
+        self._ensure_started()
+        jobs = [
+            _aio.warm(dest, slot, ctx)
+            for dest, slot, ctx in self._warmup_permits(asyncio.get_running_loop())
+        ]
+        if jobs:
+            results = await asyncio.gather(*jobs)
+            self._log_warmup(len(results), sum(results))
+
+    def start(self) -> None:
+        """Start the pool and warm up its destinations for the thread driver."""
+        self._ensure_started()
+        permits = self._warmup_permits(_sio.SYNC_DRIVER)
+        if permits:
+            with ThreadPoolExecutor(min(16, len(permits)), "toolpool-warmup") as ex:
+                results = list(ex.map(lambda p: _sio.warm(*p), permits))
+            self._log_warmup(len(results), sum(results))
+
+    def _warmup_permits(self, driver: Any) -> list[tuple[DestinationPool, Slot, Any]]:
+        permits: list[tuple[DestinationPool, Slot, Any]] = []
+        now = monotonic()
+        for dest in list(self._by_name.values()):
+            count = dest.settings.warmup_count
+            if not count or not dest.settings.listed:
+                continue
+            contexts = dest.settings.warmup_contexts
+            bound = dest.auth is not None and dest.auth.connection_bound
+            with dest.lock:
+                if bound:
+                    # Connections carry identity from the handshake: warm per listed context.
+                    per = max(1, count // max(1, len(contexts)))
+                    for ctx in contexts:
+                        slots = dest.state.warm((ctx.fingerprint, driver), per, now)
+                        permits += [(dest, slot, ctx) for slot in slots]
+                else:
+                    slots = dest.state.warm((None, driver), count, now)
+                    permits += [(dest, slot, None) for slot in slots]
+        return permits
+
+    def _log_warmup(self, asked: int, opened: int) -> None:
+        if opened < asked:
+            log.warning("warm-up opened %d of %d connections", opened, asked)
+        else:
+            log.debug("warm-up opened %d connections", opened)
+
+    def _ensure_started(self) -> None:
+        with self._lifecycle_lock:
+            if self.closed:
+                raise PoolClosed()
+            if self._maint is None:
+                self._maint = Maintenance(self._tick)
+                self._maint.start()
+            self._started = True
+
+    def _maintenance(self) -> Maintenance:
+        maint = self._maint
+        if maint is None:
+            self._ensure_started()
+            maint = self._maint
+            assert maint is not None
+        return maint
+
+    async def aclose(self) -> None:
+        """Close the pool: fail waiting requests, close idle connections (gracefully, on
+        their event loops), and close in-use ones as their requests finish."""
+        self._begin_close()
+        deadline = monotonic() + 3.0
+        # Closes finish on several event loops and the maintenance thread; a bounded poll
+        # keeps shutdown simple (it runs once per pool).
+        while self._closing_pending() and monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self._stop_maintenance()
+
+    def close(self) -> None:
+        """Close the pool from sync code (see `aclose`)."""
+        self._begin_close()
+        deadline = monotonic() + 3.0
+        while self._closing_pending() and monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop_maintenance()
+
+    def _begin_close(self) -> None:
+        with self._lifecycle_lock:
+            if self.closed:
+                return
+            self.closed = True
+        now = monotonic()
+        for dest in list(self._by_name.values()):
+            with dest.lock:
+                waiters = dest.state.fail_all_waiters()
+                actions = dest.state.close_all_idle(now)
+            dest.execute(actions)
+            for waiter in waiters:
+                waiter.notify()
+
+    def _closing_pending(self) -> bool:
+        # Only idle/closing connections on a loop that still runs can finish closing.
+        return any(d.state.closing for d in self._by_name.values())
+
+    def _stop_maintenance(self) -> None:
+        maint = self._maint
+        if maint is not None:
+            maint.stop()
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _tick(self, now: float) -> float:
+        """Idle TTL, lifetime and health checks for every destination; returns the delay
+        until the next tick."""
+        delay = self.defaults.health_check_interval
+        for dest in list(self._by_name.values()):
+            with dest.lock:
+                actions = dest.state.expire(now)
+                due = dest.state.due_health_checks(now)
+                deadline = dest.state.next_deadline()
+            if actions:
+                dest.execute(actions)
+            for slot in due:
+                conn = slot.conn
+                if conn is not None and not conn.probe():
+                    with dest.lock:
+                        dead = dest.state.discard(slot, monotonic())
+                        discarded = slot.state != 1  # no longer IDLE
+                    if discarded:
+                        conn.abort()
+                    dest.execute(dead)
+            delay = min(delay, dest.settings.health_check_interval)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+        return max(delay, 0.01)
+
+    def _orphaned(self, dest: DestinationPool, slot: Slot) -> None:
+        """A response was garbage-collected unclosed: close its connection (any thread)."""
+        maint = self._maint
+        if maint is None or maint.stopped:
+            return
+        maint.call_soon(lambda: dest.release(slot, False))
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> PoolStats:
+        """A snapshot of every destination's pool: counts by state, queue, totals, waits.
+
+        Cheap enough to call every second; the metrics exporter reads the same data.
+        """
+        return PoolStats({name: destination_stats(d) for name, d in list(self._by_name.items())})
+
+    def destination_stats(self, name_or_url: str) -> DestinationStats:
+        """The stats snapshot of one destination."""
+        return destination_stats(self.destination(name_or_url))

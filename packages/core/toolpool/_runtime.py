@@ -1,0 +1,162 @@
+"""One destination at run time: its state machine behind a lock, and the execution of the
+actions it returns, shared by the asyncio and thread drivers.
+
+The drivers call in here to report what happened to a slot (opened, released, lost); this
+module asks `_state` what follows and carries it out: waking waiters (possibly on another
+thread or event loop) and starting graceful closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from toolpool import _state
+from toolpool._auth_context import AuthContext
+from toolpool._config import DestinationSettings
+from toolpool._state import Action, Close, DestinationState, Limits, Slot, Waiter
+from toolpool._tls import client_ssl_context
+from toolpool.errors import PoolSaturated, PoolTimeout
+
+if TYPE_CHECKING:
+    from toolpool._pool import Pool
+
+__all__ = ["DestinationPool"]
+
+log = logging.getLogger("toolpool.pool")
+
+monotonic = time.monotonic
+
+
+class DestinationPool:
+    """The run-time side of one destination, used by both drivers."""
+
+    def __init__(self, pool: Pool, settings: DestinationSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.name = settings.name
+        scheme, self.host, self.port = settings.origin
+        self.tls = scheme == "https"
+        self.state = DestinationState(
+            Limits(
+                max_connections=settings.max_connections,
+                queue_limit=settings.queue_limit,
+                idle_ttl=settings.idle_ttl,
+                max_lifetime=settings.max_lifetime,
+                health_check_interval=settings.health_check_interval,
+            )
+        )
+        self.lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
+        # Set by toolpool.auth when the destination has an auth provider.
+        self.auth: Any = None
+        # Set by toolpool.resilience when the destination has policies.
+        self.policy: Any = None
+
+    def __repr__(self) -> str:
+        return f"<DestinationPool {self.name!r} {self.settings.url}>"
+
+    # ------------------------------------------------------------------ TLS
+
+    def ssl_context(self, ctx: AuthContext | None) -> ssl.SSLContext | None:
+        """The TLS context for a new connection acting for `ctx` (None for plain HTTP)."""
+        if not self.tls:
+            return None
+        auth = self.auth
+        if auth is not None and auth.connection_bound:
+            return auth.ssl_context(ctx)  # type: ignore[no-any-return]
+        sslctx = self._ssl
+        if sslctx is None:
+            with self._ssl_lock:
+                if self._ssl is None:
+                    self._ssl = client_ssl_context(self.settings.verify, self.settings.cert)
+                sslctx = self._ssl
+        return sslctx
+
+    # ------------------------------------------------------------------ reports from drivers
+
+    def opened(self, slot: Slot, conn: Any) -> None:
+        with self.lock:
+            self.state.opened(slot, conn, monotonic())
+
+    def warmed(self, slot: Slot, conn: Any) -> None:
+        with self.lock:
+            actions = self.state.warmed(slot, conn, monotonic())
+        if actions:
+            self.execute(actions)
+
+    def open_failed(self, slot: Slot) -> None:
+        with self.lock:
+            actions = self.state.open_failed(slot, monotonic())
+        if actions:
+            self.execute(actions)
+
+    def release(self, slot: Slot, reusable: bool) -> None:
+        """The request is done with the slot's connection."""
+        if reusable and (self.pool.closed or not slot.conn.alive):
+            reusable = False
+        with self.lock:
+            actions = self.state.release(slot, monotonic(), reusable)
+        if actions:
+            self.execute(actions)
+
+    def replace(self, slot: Slot) -> Slot:
+        """Swap a leased connection found dead for a permit, keeping the request's turn."""
+        slot.conn.abort()
+        with self.lock:
+            return self.state.replace(slot, monotonic())
+
+    def cancel(self, waiter: Waiter, timed_out: bool = False) -> None:
+        with self.lock:
+            actions = self.state.cancel(waiter, monotonic(), timed_out)
+        if actions:
+            self.execute(actions)
+
+    def connection_lost(self, slot: Slot) -> None:
+        """The connection's socket is closed (by us or the peer). Called exactly once."""
+        with self.lock:
+            if slot.state == _state.CLOSING:
+                actions = self.state.closed(slot, monotonic())
+            elif slot.state == _state.IDLE:
+                actions = self.state.discard(slot, monotonic(), _state.HEALTH)
+            else:
+                # In use or opening: the request that holds it meets the error and releases.
+                return
+        if actions:
+            self.execute(actions)
+
+    # ------------------------------------------------------------------ actions
+
+    def execute(self, actions: list[Action]) -> None:
+        """Carry out the state machine's actions. Never call with the lock held."""
+        for action in actions:
+            if isinstance(action, Close):
+                slot = action.slot
+                log.debug("closing connection #%d to %s: %s", slot.id, self.name, action.reason)
+                slot.conn.close()
+            else:
+                waiter = action.waiter
+                if not waiter.notify():
+                    # Its event loop is gone: nobody will take the grant; give it back.
+                    self.cancel(waiter)
+
+    # ------------------------------------------------------------------ errors
+
+    def saturated(self) -> PoolSaturated:
+        st = self.state
+        return PoolSaturated(
+            self.name,
+            in_use=st.in_use,
+            waiting=st.waiting,
+            max_connections=st.limits.max_connections,
+            queue_limit=st.limits.queue_limit,
+            retry_after=round(st.retry_after(), 3),
+        )
+
+    def timed_out(self, timeout: float) -> PoolTimeout:
+        st = self.state
+        return PoolTimeout(self.name, timeout, in_use=st.in_use, waiting=st.waiting)

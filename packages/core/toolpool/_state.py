@@ -1,0 +1,617 @@
+"""The pool's rules for one destination, as a state machine with no I/O.
+
+Everything that decides which request gets which connection must live in this file. The
+drivers (`_pool` with `_aio` and `_sio`) execute the actions these methods return (close a
+connection, wake a waiter) and report what happened (opened, closed, released); they never
+decide anything themselves. Every method takes `now` (a monotonic clock reading) and
+returns a list of actions; none blocks, sleeps or touches a socket. The caller serialises
+calls (one lock per destination).
+
+Theory of operation
+-------------------
+A destination owns at most `max_connections` *slots*. A slot is one connection, in one of
+four states:
+
+    OPENING   a permit: its holder is opening the connection (TCP, TLS) right now
+    IDLE      open, unused, waiting in the idle stacks
+    IN_USE    leased to exactly one request
+    CLOSING   a close is under way; it still counts against the cap until the driver
+              reports `closed`, so the downstream never sees more than max_connections
+
+Every slot carries a *key* `(identity, driver)`. `identity` is the auth-context fingerprint
+of the requests it carried; `None` means *unbound*: opened by warm-up, it has carried no
+request, and the first request that takes it binds it to its own identity for life. That is
+the affinity rule: a connection that carried identity A never carries identity B. `driver`
+names the I/O world the connection lives in (an asyncio event loop, or the thread driver),
+because a socket owned by one event loop cannot be used from another.
+
+A request asks `acquire(key)` and gets, in this order of preference:
+
+    1. the most recently used IDLE slot of its key (LIFO keeps few connections hot and lets
+       the rest reach their idle TTL),
+    2. an unbound IDLE slot of its driver, which it binds,
+    3. a new OPENING slot (a permit) when the destination is under its cap,
+    4. else a place in the wait queue, or `None` (saturated) when the queue is full.
+
+Waiters form one FIFO per destination. Capacity that frees up (a close completes, an open
+fails, a dead idle connection is discarded) always goes to the head of that FIFO, as a
+permit to open its own connection. A released connection is handed to the oldest waiter
+of *its* key, which is usually not the head when many tenants share a destination; serving
+it out of order avoids closing a warm connection to open a cold one, but each time the head
+is passed over it counts one *bypass*, and once the head has been passed over `max_bypass`
+times, the released connection is closed instead so that its capacity reaches the head.
+Every waiter is therefore served after a bounded number of grants.
+
+Idle connections of other keys block nobody: when waiters exist but no closing slot is on its
+way to them (`closing < waiting`), the least recently used idle slot is closed to make room
+(reason "affinity"). Invariants, checked by the hypothesis tests in tests/core:
+
+    I1  opening + idle + in_use + closing <= max_connections
+    I2  no waiter while an idle slot it could use exists
+    I3  waiters exist only while the destination is at its cap
+    I4  waiting > closing implies no idle slot
+    I5  waiting <= queue_limit
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "CLOSED",
+    "CLOSING",
+    "IDLE",
+    "IN_USE",
+    "OPENING",
+    "Close",
+    "DestinationState",
+    "Limits",
+    "Slot",
+    "Waiter",
+    "Wake",
+]
+
+Key = tuple[str | None, Hashable]  # (identity or None for unbound, driver)
+
+OPENING, IDLE, IN_USE, CLOSING, CLOSED = range(5)
+SLOT_STATE_NAMES = ("opening", "idle", "in_use", "closing", "closed")
+
+WAITING, GRANTED, GONE = range(3)
+
+# Close reasons (the `reason` label of toolpool_connections_closed_total).
+IDLE_TTL = "idle_ttl"
+LIFETIME = "lifetime"
+HEALTH = "health"
+AFFINITY = "affinity"
+ERROR = "error"
+SHUTDOWN = "shutdown"
+CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN)
+
+# Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is +Inf.
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The numbers one destination's rules run on (already validated by the config layer)."""
+
+    max_connections: int
+    queue_limit: int
+    idle_ttl: float
+    max_lifetime: float
+    # Each connection's lifetime is shortened by up to this fraction, at random, so that
+    # connections opened together (warm-up, a burst) do not all expire together.
+    lifetime_jitter: float = 0.1
+    # How often the head of the queue may be passed over before it is served first.
+    max_bypass: int | None = None
+    # Idle connections are health-checked this often (seconds).
+    health_check_interval: float = 10.0
+
+    @property
+    def bypass_limit(self) -> int:
+        return self.max_bypass if self.max_bypass is not None else self.max_connections
+
+
+class Slot:
+    """One connection's bookkeeping. `conn` is the driver's connection object."""
+
+    __slots__ = (
+        "checked_at",
+        "conn",
+        "created_at",
+        "expires_at",
+        "id",
+        "idle_since",
+        "key",
+        "leased_at",
+        "state",
+        "uses",
+    )
+
+    def __init__(self, slot_id: int, key: Key, now: float, expires_at: float) -> None:
+        self.id = slot_id
+        self.key = key
+        self.state = OPENING
+        self.created_at = now
+        self.expires_at = expires_at
+        self.idle_since = now
+        self.checked_at = now
+        self.leased_at = now
+        self.uses = 0
+        self.conn: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Slot #{self.id} {SLOT_STATE_NAMES[self.state]} uses={self.uses}>"
+
+
+class Waiter:
+    """A request waiting for a slot. `grant` is set when it is served (state GRANTED)."""
+
+    __slots__ = ("bypassed", "grant", "key", "notify", "since", "state")
+
+    def __init__(self, key: Key, now: float, notify: Any = None) -> None:
+        self.key = key
+        self.since = now
+        self.state = WAITING
+        self.grant: Slot | None = None
+        self.bypassed = 0
+        # Opaque to this module: the driver's way to wake the waiting request.
+        self.notify = notify
+
+
+class Close(NamedTuple):
+    """Action: close this slot's connection; report `closed(slot)` when the peer saw it."""
+
+    slot: Slot
+    reason: str
+
+
+class Wake(NamedTuple):
+    """Action: the waiter was granted a slot (an idle lease or an OPENING permit)."""
+
+    waiter: Waiter
+
+
+Action = Close | Wake
+_NO_ACTIONS: list[Action] = []
+
+
+class DestinationState:
+    """One destination's slots, idle stacks and wait queue. Not thread-safe by itself."""
+
+    def __init__(self, limits: Limits, rng: Callable[[], float] | None = None) -> None:
+        self.limits = limits
+        self._rng = rng if rng is not None else random.random
+        self._next_id = 1
+        # Counts by state; `total` is everything that counts against the cap.
+        self.opening = 0
+        self.in_use = 0
+        self.closing = 0
+        self.total = 0
+        # Idle slots: a LIFO stack per key, and one LRU order over all of them.
+        self._idle: dict[Key, OrderedDict[Slot, None]] = {}
+        self._idle_lru: OrderedDict[Slot, None] = OrderedDict()
+        # Waiters: one FIFO over all, one per key, one per driver (for unbound grants).
+        # Entries are removed lazily: a deque may still hold waiters that left or were served.
+        self._queue: deque[Waiter] = deque()
+        self._by_key: dict[Key, deque[Waiter]] = {}
+        self._by_driver: dict[Hashable, deque[Waiter]] = {}
+        self._waiting_by_key: dict[Key, int] = {}
+        self._waiting_by_driver: dict[Hashable, int] = {}
+        self.waiting = 0
+        # Counters (monotonic) and the wait-time histogram.
+        self.created_total = 0
+        self.closed_total: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self.acquired_total = 0
+        self.reused_total = 0
+        self.queued_total = 0
+        self.saturated_total = 0
+        self.timeouts_total = 0
+        self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)
+        self.wait_sum = 0.0
+        self.wait_count = 0
+        self.recent_waits: deque[float] = deque(maxlen=2048)
+        # Exponentially weighted mean time a slot is held by a request, for retry-after.
+        self.hold_ewma = 0.05
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle_lru)
+
+    def idle_slots(self) -> list[Slot]:
+        """Idle slots, least recently used first."""
+        return list(self._idle_lru)
+
+    def retry_after(self) -> float:
+        """Seconds until a new request would likely be served, from the recent hold time."""
+        cap = max(self.limits.max_connections, 1)
+        return max(0.05, self.hold_ewma * (self.waiting + 1) / cap)
+
+    def check(self) -> None:
+        """Assert the invariants I1–I5 (used by tests; O(slots + waiters))."""
+        lim = self.limits
+        assert self.total == self.opening + self.idle + self.in_use + self.closing, "counts"
+        assert self.total <= lim.max_connections, "I1: cap exceeded"
+        assert self.waiting <= lim.queue_limit, "I5: queue bound exceeded"
+        if self.waiting:
+            assert self.total == lim.max_connections, "I3: waiter while under cap"
+            assert self.closing >= self.waiting or not self._idle_lru, "I4: idle blocks waiter"
+            for key, n in self._waiting_by_key.items():
+                if n:
+                    assert not self._idle.get(key), "I2: waiter beside its idle slot"
+                    assert not self._idle.get((None, key[1])), "I2: waiter beside unbound"
+        live = [w for w in self._queue if w.state == WAITING]
+        assert len(live) == self.waiting, "waiter count drift"
+        assert sum(self._waiting_by_key.values()) == self.waiting, "per-key count drift"
+        assert len(self._idle_lru) == sum(len(s) for s in self._idle.values()), "idle drift"
+
+    # ------------------------------------------------------------------ requests
+
+    def acquire(self, key: Key, now: float, notify: Any = None) -> Slot | Waiter | None:
+        """A request of `key` wants a connection.
+
+        Returns an IN_USE slot (reuse), an OPENING slot (a permit: open a connection for
+        it and report `opened` or `open_failed`), a Waiter (queued; wait for its Wake), or
+        None when the queue is full (saturated). Closes needed to make room for the new
+        waiter are returned by `take_actions()`.
+        """
+        stack = self._idle.get(key)
+        if stack:
+            slot = stack.popitem()[0]
+            return self._lease(slot, now)
+        unbound = self._idle.get((None, key[1]))
+        if unbound:
+            slot = unbound.popitem()[0]
+            slot.key = key
+            return self._lease(slot, now)
+        if self.total < self.limits.max_connections:
+            self._record_wait(0.0)
+            self.acquired_total += 1
+            return self._new_slot(key, now)
+        if self.waiting >= self.limits.queue_limit:
+            self.saturated_total += 1
+            return None
+        waiter = Waiter(key, now, notify)
+        self._enqueue(waiter)
+        self.queued_total += 1
+        self._pending = self._make_room(now)
+        return waiter
+
+    def take_actions(self) -> list[Action]:
+        """Actions produced by the last `acquire` that queued (closes to make room)."""
+        actions = self._pending
+        self._pending = _NO_ACTIONS
+        return actions
+
+    _pending: list[Action] = _NO_ACTIONS
+
+    def cancel(self, waiter: Waiter, now: float, timed_out: bool = False) -> list[Action]:
+        """The waiting request gave up (cancelled or timed out).
+
+        If it had been granted a slot in the meantime, the slot is given back: an idle lease
+        is released for reuse, a permit's capacity goes to the next waiter.
+        """
+        if timed_out:
+            self.timeouts_total += 1
+        if waiter.state == WAITING:
+            waiter.state = GONE
+            self._count_waiter(waiter.key, -1)
+            self._compact_if_sparse()
+            return _NO_ACTIONS
+        if waiter.state == GRANTED:
+            waiter.state = GONE
+            slot = waiter.grant
+            waiter.grant = None
+            assert slot is not None
+            if slot.state == OPENING:
+                return self.open_failed(slot, now)
+            return self.release(slot, now, reusable=True)
+        return _NO_ACTIONS
+
+    # ------------------------------------------------------------------ connections
+
+    def opened(self, slot: Slot, conn: Any, now: float) -> list[Action]:
+        """The permit's connection is open and in use by the request that opened it.
+
+        For warm-up slots (unbound, nobody waiting on them) use `warmed` instead.
+        """
+        assert slot.state == OPENING
+        self.opening -= 1
+        self.in_use += 1
+        self.created_total += 1
+        slot.state = IN_USE
+        slot.conn = conn
+        slot.uses = 1
+        slot.leased_at = now
+        return _NO_ACTIONS
+
+    def warmed(self, slot: Slot, conn: Any, now: float) -> list[Action]:
+        """A warm-up connection is open: give it to a waiter that can bind it, or idle it."""
+        assert slot.state == OPENING
+        self.opening -= 1
+        self.created_total += 1
+        slot.conn = conn
+        slot.state = IN_USE
+        self.in_use += 1
+        slot.uses = 0
+        return self._return(slot, now)
+
+    def open_failed(self, slot: Slot, now: float) -> list[Action]:
+        """Opening the permit's connection failed or was abandoned: free its capacity."""
+        assert slot.state == OPENING
+        self.opening -= 1
+        slot.state = CLOSED
+        return self._free_capacity(now)
+
+    def release(self, slot: Slot, now: float, reusable: bool) -> list[Action]:
+        """The request is done with the slot. Not reusable (error, `Connection: close`,
+        body not read) means: close it."""
+        assert slot.state == IN_USE, slot
+        held = now - slot.leased_at
+        self.hold_ewma += 0.1 * (held - self.hold_ewma)
+        if not reusable:
+            return self._close(slot, ERROR)
+        if slot.expires_at <= now:
+            return self._close(slot, LIFETIME)
+        return self._return(slot, now)
+
+    def replace(self, slot: Slot, now: float) -> Slot:
+        """The leased connection turned out dead before it carried the request (peer
+        closed it while idle): drop it and give the same request a permit in its place,
+        keeping its turn. The dead connection needs no graceful close."""
+        assert slot.state == IN_USE
+        self.in_use -= 1
+        self.total -= 1
+        slot.state = CLOSED
+        self.closed_total[HEALTH] += 1
+        return self._new_slot(slot.key, now)
+
+    def closed(self, slot: Slot, now: float) -> list[Action]:
+        """The driver finished closing a CLOSING slot: its capacity is free."""
+        if slot.state != CLOSING:
+            return _NO_ACTIONS
+        self.closing -= 1
+        slot.state = CLOSED
+        return self._free_capacity(now)
+
+    def discard(self, slot: Slot, now: float, reason: str = HEALTH) -> list[Action]:
+        """An IDLE connection was found dead (the peer closed it, a health check failed).
+
+        No-op unless the slot is still idle (a request may have taken it meanwhile; that
+        request then meets the dead connection and uses `replace`)."""
+        if slot.state != IDLE:
+            return _NO_ACTIONS
+        self._unidle(slot)
+        slot.state = CLOSED
+        self.closed_total[reason] += 1
+        return self._free_capacity(now)
+
+    def expire(self, now: float) -> list[Action]:
+        """Close idle slots past their idle TTL or lifetime. O(expired) for the TTL part;
+        the lifetime part scans idle slots, so call it from the maintenance timer."""
+        actions: list[Action] = []
+        ttl = self.limits.idle_ttl
+        while self._idle_lru:
+            oldest = next(iter(self._idle_lru))
+            if oldest.idle_since + ttl > now:
+                break
+            actions.extend(self._close_idle(oldest, IDLE_TTL))
+        for slot in [s for s in self._idle_lru if s.expires_at <= now]:
+            actions.extend(self._close_idle(slot, LIFETIME))
+        return actions
+
+    def due_health_checks(self, now: float) -> list[Slot]:
+        """Idle slots whose last check is older than the health-check interval."""
+        due = [s for s in self._idle_lru if s.checked_at + self.limits.health_check_interval <= now]
+        for slot in due:
+            slot.checked_at = now
+        return due
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has work, or None while nothing is idle."""
+        if not self._idle_lru:
+            return None
+        oldest = next(iter(self._idle_lru))
+        soonest_lifetime = min(s.expires_at for s in self._idle_lru)
+        return min(oldest.idle_since + self.limits.idle_ttl, soonest_lifetime)
+
+    def warm(self, key: Key, count: int, now: float) -> list[Slot]:
+        """Permits for up to `count` warm-up connections (as far as the cap allows)."""
+        room = self.limits.max_connections - self.total
+        return [self._new_slot(key, now) for _ in range(max(0, min(count, room)))]
+
+    def close_all_idle(self, now: float, reason: str = SHUTDOWN) -> list[Action]:
+        """Close every idle slot (pool shutdown)."""
+        actions: list[Action] = []
+        for slot in list(self._idle_lru):
+            actions.extend(self._close_idle(slot, reason))
+        return actions
+
+    def fail_all_waiters(self) -> list[Waiter]:
+        """Remove and return every waiting request (pool shutdown); the driver fails them."""
+        gone = [w for w in self._queue if w.state == WAITING]
+        for waiter in gone:
+            waiter.state = GONE
+        self._queue.clear()
+        self._by_key.clear()
+        self._by_driver.clear()
+        self._waiting_by_key.clear()
+        self._waiting_by_driver.clear()
+        self.waiting = 0
+        return gone
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_slot(self, key: Key, now: float) -> Slot:
+        lim = self.limits
+        lifetime = lim.max_lifetime * (1.0 - lim.lifetime_jitter * self._rng())
+        slot = Slot(self._next_id, key, now, now + lifetime)
+        self._next_id += 1
+        self.opening += 1
+        self.total += 1
+        return slot
+
+    def _lease(self, slot: Slot, now: float) -> Slot:
+        self._idle_lru.pop(slot)
+        slot.state = IN_USE
+        slot.uses += 1
+        slot.leased_at = now
+        self.in_use += 1
+        self.acquired_total += 1
+        self.reused_total += 1
+        self._record_wait(0.0)
+        return slot
+
+    def _return(self, slot: Slot, now: float) -> list[Action]:
+        """An open, reusable IN_USE slot comes back: hand it over, idle it, or close it."""
+        identity, driver = slot.key
+        if self.waiting:
+            # Who can take it: the oldest waiter of its key; any waiter of its driver if
+            # it is unbound.
+            queue = self._by_driver.get(driver) if identity is None else self._by_key.get(slot.key)
+            taker = self._peek_oldest(queue)
+            if queue is not None and taker is not None:
+                head = self._peek_head()
+                if head is not None and taker is not head:
+                    if head.bypassed >= self.limits.bypass_limit:
+                        # The head has been passed over enough: this capacity goes to it.
+                        return self._close(slot, AFFINITY)
+                    head.bypassed += 1
+                queue.popleft()
+                slot.key = taker.key
+                slot.uses += 1
+                slot.leased_at = now
+                return [Wake(self._grant(taker, slot, now))]
+            if self.waiting > self.closing:
+                # Nobody waiting can use this connection; its capacity can serve the head.
+                return self._close(slot, AFFINITY)
+        self.in_use -= 1
+        slot.state = IDLE
+        slot.idle_since = now
+        slot.checked_at = now
+        stack = self._idle.get(slot.key)
+        if stack is None:
+            stack = self._idle[slot.key] = OrderedDict()
+        stack[slot] = None
+        self._idle_lru[slot] = None
+        return _NO_ACTIONS
+
+    def _close(self, slot: Slot, reason: str) -> list[Action]:
+        self.in_use -= 1
+        self.closing += 1
+        slot.state = CLOSING
+        self.closed_total[reason] += 1
+        return [Close(slot, reason)]
+
+    def _close_idle(self, slot: Slot, reason: str) -> list[Action]:
+        self._unidle(slot)
+        self.closing += 1
+        slot.state = CLOSING
+        self.closed_total[reason] += 1
+        return [Close(slot, reason)]
+
+    def _unidle(self, slot: Slot) -> None:
+        del self._idle_lru[slot]
+        stack = self._idle[slot.key]
+        del stack[slot]
+        if not stack:
+            del self._idle[slot.key]
+
+    def _free_capacity(self, now: float) -> list[Action]:
+        """One slot's worth of capacity is free: the head of the queue gets a permit."""
+        self.total -= 1
+        head = self._pop_oldest(self._queue)
+        if head is None:
+            return _NO_ACTIONS
+        return [Wake(self._grant(head, self._new_slot(head.key, now), now))]
+
+    def _make_room(self, now: float) -> list[Action]:
+        """Keep I4: close the LRU idle slot while waiters outnumber the closes under way."""
+        if self.waiting > self.closing and self._idle_lru:
+            return self._close_idle(next(iter(self._idle_lru)), AFFINITY)
+        return _NO_ACTIONS
+
+    def _grant(self, waiter: Waiter, slot: Slot, now: float) -> Waiter:
+        self.acquired_total += 1
+        if slot.state == IN_USE:
+            self.reused_total += 1
+        waiter.state = GRANTED
+        waiter.grant = slot
+        self._count_waiter(waiter.key, -1)
+        self._record_wait(now - waiter.since)
+        return waiter
+
+    def _record_wait(self, seconds: float) -> None:
+        self.wait_buckets[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.wait_sum += seconds
+        self.wait_count += 1
+        self.recent_waits.append(seconds)
+
+    def _enqueue(self, waiter: Waiter) -> None:
+        self._queue.append(waiter)
+        by_key = self._by_key.get(waiter.key)
+        if by_key is None:
+            by_key = self._by_key[waiter.key] = deque()
+        by_key.append(waiter)
+        driver = waiter.key[1]
+        by_driver = self._by_driver.get(driver)
+        if by_driver is None:
+            by_driver = self._by_driver[driver] = deque()
+        by_driver.append(waiter)
+        self._count_waiter(waiter.key, 1)
+
+    def _count_waiter(self, key: Key, delta: int) -> None:
+        self.waiting += delta
+        n = self._waiting_by_key.get(key, 0) + delta
+        if n:
+            self._waiting_by_key[key] = n
+        else:
+            self._waiting_by_key.pop(key, None)
+            self._by_key.pop(key, None)
+        driver = key[1]
+        m = self._waiting_by_driver.get(driver, 0) + delta
+        if m:
+            self._waiting_by_driver[driver] = m
+        else:
+            self._waiting_by_driver.pop(driver, None)
+            self._by_driver.pop(driver, None)
+        if not self.waiting:
+            self._queue.clear()
+
+    def _peek_head(self) -> Waiter | None:
+        return self._peek_oldest(self._queue)
+
+    @staticmethod
+    def _peek_oldest(queue: deque[Waiter] | None) -> Waiter | None:
+        """The oldest live waiter of `queue` (dropping departed ones from its front)."""
+        while queue:
+            if queue[0].state == WAITING:
+                return queue[0]
+            queue.popleft()
+        return None
+
+    def _pop_oldest(self, queue: deque[Waiter] | None) -> Waiter | None:
+        waiter = self._peek_oldest(queue)
+        if waiter is not None:
+            assert queue is not None
+            queue.popleft()
+        return waiter
+
+    def _compact_if_sparse(self) -> None:
+        """Drop departed waiters from the deques once they outnumber the live ones."""
+        if len(self._queue) > 2 * self.waiting + 64:
+            live = [w for w in self._queue if w.state == WAITING]
+            self._queue = deque(live)
+            for key in list(self._by_key):
+                self._by_key[key] = deque(w for w in self._by_key[key] if w.state == WAITING)
+            for driver in list(self._by_driver):
+                self._by_driver[driver] = deque(
+                    w for w in self._by_driver[driver] if w.state == WAITING
+                )

@@ -1,0 +1,70 @@
+"""httpx requests into HTTP/1.1 bytes, and parsed response heads into httpx responses.
+
+Shared by the asyncio and thread drivers, so both send the same bytes and build the same
+`httpx.Response` objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from toolpool._http11 import ResponseHead, encode_request_head
+
+__all__ = ["NO_TIMEOUTS", "RequestBytes", "make_response", "prepare"]
+
+NO_TIMEOUTS: dict[str, float | None] = {}
+
+
+class RequestBytes:
+    """What a driver sends for one request: the head, and a fixed body or a stream."""
+
+    __slots__ = ("body", "chunked", "head", "head_request", "stream")
+
+    def __init__(self, request: httpx.Request) -> None:
+        try:
+            self.head = encode_request_head(
+                request.method.encode("ascii"), request.url.raw_path, request.headers.raw
+            )
+        except ValueError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from None
+        stream = request.stream
+        self.head_request = request.method == "HEAD"
+        self.chunked = False
+        if isinstance(stream, httpx.ByteStream):
+            # Fixed content: sent with the head in one write, and replayable on a retry.
+            self.body: bytes | None = b"".join(stream)
+            self.stream: Any = None
+        else:
+            self.body = None
+            self.stream = stream
+            self.chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+
+    @property
+    def replayable(self) -> bool:
+        """True if the request can be sent again (its body is not a one-shot stream)."""
+        return self.body is not None
+
+
+def prepare(request: httpx.Request) -> RequestBytes:
+    return RequestBytes(request)
+
+
+def make_response(
+    head: ResponseHead, stream: Any, destination: str, connection_id: int, reused: bool
+) -> httpx.Response:
+    return httpx.Response(
+        head.status,
+        headers=head.headers,
+        stream=stream,
+        extensions={
+            "http_version": head.http_version,
+            "reason_phrase": head.reason,
+            "toolpool": {
+                "destination": destination,
+                "connection_id": connection_id,
+                "reused": reused,
+            },
+        },
+    )

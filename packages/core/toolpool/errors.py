@@ -1,0 +1,120 @@
+"""The exceptions toolpool raises, each saying what to change.
+
+Errors raised while a request is on its way are also `httpx` exceptions, so tool code that
+already handles `httpx.HTTPError` (or `httpx.TimeoutException`) keeps working when it is
+pooled. No message ever contains a secret: only destination names, tenant names and numbers.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "DestinationUnavailable",
+    "PoolClosed",
+    "PoolSaturated",
+    "PoolTimeout",
+    "ToolpoolError",
+    "UnknownDestination",
+]
+
+
+class ToolpoolError(Exception):
+    """Base class of every toolpool error."""
+
+
+class ConfigError(ToolpoolError, ValueError):
+    """Invalid configuration, raised when the `Pool` or `Destination` is built."""
+
+
+class PoolClosed(ToolpoolError, httpx.TransportError):
+    """The pool was closed; requests can no longer be sent through it."""
+
+    def __init__(self, message: str = "the pool is closed; create a new toolpool.Pool") -> None:
+        super().__init__(message)
+
+
+class UnknownDestination(ToolpoolError, httpx.TransportError):
+    """The request's origin is not a configured destination and the pool rejects unknown ones."""
+
+    def __init__(self, origin: str, known: list[str]) -> None:
+        self.origin = origin
+        listed = ", ".join(known) if known else "none"
+        super().__init__(
+            f"{origin} is not a configured destination (configured: {listed}); add "
+            f"toolpool.Destination(name, {origin!r}) or create the pool with "
+            f"unknown_destinations='pool'"
+        )
+
+
+class PoolSaturated(ToolpoolError, httpx.TransportError):
+    """The destination's wait queue is full: the request was not sent.
+
+    `retry_after` estimates, in seconds, when a slot is likely to be free. Agent adapters turn
+    this into a readable "busy, retry in N s" tool result instead of failing the run.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        in_use: int,
+        waiting: int,
+        max_connections: int,
+        queue_limit: int,
+        retry_after: float,
+        reason: str = "queue_full",
+    ) -> None:
+        self.destination = destination
+        self.in_use = in_use
+        self.waiting = waiting
+        self.max_connections = max_connections
+        self.queue_limit = queue_limit
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(
+            f"destination {destination!r} is saturated: {in_use} in use of {max_connections}, "
+            f"{waiting} waiting (queue limit {queue_limit}); retry after {retry_after:.1f} s, "
+            f"or raise max_connections / queue_factor if the downstream allows it"
+        )
+
+
+class PoolTimeout(ToolpoolError, httpx.PoolTimeout):
+    """No connection became free within the acquire timeout."""
+
+    def __init__(self, destination: str, timeout: float, *, in_use: int, waiting: int) -> None:
+        self.destination = destination
+        self.timeout = timeout
+        super().__init__(
+            f"no connection to destination {destination!r} became free within {timeout:g} s "
+            f"({in_use} in use, {waiting} waiting); raise acquire_timeout (or httpx's pool "
+            f"timeout) or max_connections, or slow down the callers"
+        )
+
+
+class DestinationUnavailable(ToolpoolError, httpx.TransportError):
+    """The destination's circuit breaker is open: calls fail fast until it half-opens."""
+
+    def __init__(self, destination: str, retry_after: float, reason: str) -> None:
+        self.destination = destination
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(
+            f"destination {destination!r} is unavailable ({reason}); retry after "
+            f"{retry_after:.1f} s"
+        )
+
+
+class AuthError(ToolpoolError, httpx.TransportError):
+    """Credentials for a (destination, tenant) could not be obtained or were rejected."""
+
+    def __init__(self, destination: str, tenant: str | None, detail: str) -> None:
+        self.destination = destination
+        self.tenant = tenant
+        self.detail = detail
+        who = f"tenant {tenant!r}" if tenant is not None else "the shared identity"
+        super().__init__(
+            f"authentication for {who} at destination {destination!r} failed: {detail}"
+        )
