@@ -472,26 +472,31 @@ async def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext
 
 
 async def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
-    """Send one request through the pool (the body of AsyncTransport.handle_async_request)."""
+    """Send one request through the pool (the body of AsyncTransport.handle_async_request).
+
+    The destination's `async_send` is `send` below, possibly wrapped by its auth provider
+    and resilience policy (each wraps the one inside it once, when the pool is built).
+    """
     dest = pool._route(request.url)
-    ctx = _current_auth.get()
+    return await dest.async_send(request, _current_auth.get())
+
+
+async def send(
+    dest: DestinationPool, request: httpx.Request, ctx: _auth_context.AuthContext | None
+) -> httpx.Response:
+    """Send one request on a pooled connection of `ctx`'s key: acquire, open if needed,
+    exchange, and retry once on a new connection if a reused one turns out closed."""
     loop = asyncio.get_running_loop()
     key = (ctx._fingerprint if ctx is not None else "", loop)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
-    if dest.auth is not None:
-        await dest.auth.aprepare(request, ctx)
     req = RequestBytes(request)
-    pool_timeout = timeouts.get("pool")
-    wait_limit = dest.settings.acquire_timeout
-    if pool_timeout is not None and pool_timeout < wait_limit:
-        wait_limit = pool_timeout
-    slot = await acquire(dest, key, loop, wait_limit)
+    slot = await acquire(dest, key, loop, _wait_limit(dest, timeouts))
     retried = False
     while True:
         conn: AsyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
-            conn = await open_slot(dest, slot, loop, ctx, timeouts.get("connect"))
+            conn = await open_slot(dest, slot, loop, ctx, _connect_limit(dest, timeouts))
         elif not conn.alive or (
             monotonic() - slot.idle_since > _CHECK_AFTER_IDLE and not conn.probe()
         ):
@@ -515,3 +520,37 @@ async def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
         break
     stream = AsyncResponseStream(dest, slot, conn, timeouts.get("read"))
     return make_response(head, stream, dest.name, slot.id, not fresh)
+
+
+async def preconnect(
+    dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
+) -> None:
+    """Make sure an idle connection of `ctx`'s key exists (open one if the cap allows),
+    without sending anything. Auth providers call it while fetching a token, so that a
+    cold call pays for connection setup and token fetch at the same time, not in turn."""
+    loop = asyncio.get_running_loop()
+    key = (ctx._fingerprint if ctx is not None else "", loop)
+    with dest.lock:
+        got = dest.state.acquire(key, monotonic()) if dest.state.total < dest.state.cap else None
+    if got is None:
+        return  # at the cap: the request will queue like any other
+    assert isinstance(got, Slot)
+    if got.conn is None:
+        try:
+            await open_slot(dest, got, loop, ctx, timeout or dest.settings.connect_timeout)
+        except httpx.TransportError:
+            return  # the request itself will meet (and report) the failure
+    dest.release(got, True)
+
+
+def _wait_limit(dest: DestinationPool, timeouts: dict[str, float | None]) -> float:
+    """How long a request may wait for a slot: the pool's bound and httpx's, the smaller."""
+    pool_timeout = timeouts.get("pool")
+    limit = dest.settings.acquire_timeout
+    return pool_timeout if pool_timeout is not None and pool_timeout < limit else limit
+
+
+def _connect_limit(dest: DestinationPool, timeouts: dict[str, float | None]) -> float:
+    connect = timeouts.get("connect")
+    limit = dest.settings.connect_timeout
+    return connect if connect is not None and connect < limit else limit

@@ -12,7 +12,11 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from toolpool import _state
 from toolpool._auth_context import AuthContext
@@ -56,6 +60,15 @@ class DestinationPool:
         self.auth: Any = None
         # Set by toolpool.resilience when the destination has policies.
         self.policy: Any = None
+        # How a request is sent: the drivers' pooled send, which an auth provider and a
+        # resilience policy may each wrap once at bind time. `base_*` stay unwrapped (for
+        # requests that must skip the wrappers, such as token requests).
+        from toolpool import _aio, _sio
+
+        self.base_async_send: Callable[..., Awaitable[httpx.Response]] = partial(_aio.send, self)
+        self.base_sync_send: Callable[..., httpx.Response] = partial(_sio.send, self)
+        self.async_send = self.base_async_send
+        self.sync_send = self.base_sync_send
 
     def __repr__(self) -> str:
         return f"<DestinationPool {self.name!r} {self.settings.url}>"

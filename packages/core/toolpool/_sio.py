@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from toolpool import _auth_context
+from toolpool._aio import _connect_limit, _wait_limit
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool
 from toolpool._state import Slot, Waiter
@@ -296,25 +297,26 @@ def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext | Non
 
 
 def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
-    """Send one request through the pool (the body of Transport.handle_request)."""
+    """Send one request through the pool (the body of Transport.handle_request); see
+    `_aio.handle_request` for the layering of `sync_send`."""
     dest = pool._route(request.url)
-    ctx = _current_auth.get()
+    return dest.sync_send(request, _current_auth.get())
+
+
+def send(
+    dest: DestinationPool, request: httpx.Request, ctx: _auth_context.AuthContext | None
+) -> httpx.Response:
+    """Send one request on a pooled connection of `ctx`'s key (see `_aio.send`)."""
     key = (ctx._fingerprint if ctx is not None else "", SYNC_DRIVER)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
-    if dest.auth is not None:
-        dest.auth.prepare(request, ctx)
     req = RequestBytes(request)
-    pool_timeout = timeouts.get("pool")
-    wait_limit = dest.settings.acquire_timeout
-    if pool_timeout is not None and pool_timeout < wait_limit:
-        wait_limit = pool_timeout
-    slot = acquire(dest, key, wait_limit)
+    slot = acquire(dest, key, _wait_limit(dest, timeouts))
     retried = False
     while True:
         conn: SyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
-            conn = open_slot(dest, slot, ctx, timeouts.get("connect"))
+            conn = open_slot(dest, slot, ctx, _connect_limit(dest, timeouts))
         elif not conn.alive or (
             monotonic() - slot.idle_since > _CHECK_AFTER_IDLE and not conn.probe()
         ):
@@ -337,3 +339,21 @@ def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
         break
     stream = SyncResponseStream(dest, slot, conn)
     return make_response(head, stream, dest.name, slot.id, not fresh)
+
+
+def preconnect(
+    dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
+) -> None:
+    """Make sure an idle connection of `ctx`'s key exists (see `_aio.preconnect`)."""
+    key = (ctx._fingerprint if ctx is not None else "", SYNC_DRIVER)
+    with dest.lock:
+        got = dest.state.acquire(key, monotonic()) if dest.state.total < dest.state.cap else None
+    if got is None:
+        return
+    assert isinstance(got, Slot)
+    if got.conn is None:
+        try:
+            open_slot(dest, got, ctx, timeout or dest.settings.connect_timeout)
+        except httpx.TransportError:
+            return
+    dest.release(got, True)

@@ -42,13 +42,19 @@ is passed over it counts one *bypass*, and once the head has been passed over `m
 times, the released connection is closed instead so that its capacity reaches the head.
 Every waiter is therefore served after a bounded number of grants.
 
+The *cap* is `max_connections` unless an adaptive limit (toolpool.resilience) lowered it with
+`set_cap`: then new permits stop until the total is under the new cap, connections coming
+back while the total is over it are closed (reason "limit"), and so are idle ones. Raising
+the cap grants permits to waiters at once.
+
 Idle connections of other keys block nobody: when waiters exist but no closing slot is on its
 way to them (`closing < waiting`), the least recently used idle slot is closed to make room
 (reason "affinity"). Invariants, checked by the hypothesis tests in tests/core:
 
-    I1  opening + idle + in_use + closing <= max_connections
+    I1  opening + idle + in_use + closing <= max_connections, and <= cap unless the cap
+        was lowered and connections in use have not come back yet
     I2  no waiter while an idle slot it could use exists
-    I3  waiters exist only while the destination is at its cap
+    I3  waiters exist only while the destination is at (or over) its cap
     I4  waiting > closing implies no idle slot
     I5  waiting <= queue_limit
 """
@@ -90,7 +96,8 @@ HEALTH = "health"
 AFFINITY = "affinity"
 ERROR = "error"
 SHUTDOWN = "shutdown"
-CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN)
+LIMIT = "limit"
+CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN, LIMIT)
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is +Inf.
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -187,6 +194,8 @@ class DestinationState:
     def __init__(self, limits: Limits, rng: Callable[[], float] | None = None) -> None:
         self.limits = limits
         self._rng = rng if rng is not None else random.random
+        # The effective connection limit (<= max_connections); see `set_cap`.
+        self.cap = limits.max_connections
         self._next_id = 1
         # Counts by state; `total` is everything that counts against the cap.
         self.opening = 0
@@ -231,17 +240,18 @@ class DestinationState:
 
     def retry_after(self) -> float:
         """Seconds until a new request would likely be served, from the recent hold time."""
-        cap = max(self.limits.max_connections, 1)
-        return max(0.05, self.hold_ewma * (self.waiting + 1) / cap)
+        return max(0.05, self.hold_ewma * (self.waiting + 1) / self.cap)
 
     def check(self) -> None:
         """Assert the invariants I1–I5 (used by tests; O(slots + waiters))."""
         lim = self.limits
         assert self.total == self.opening + self.idle + self.in_use + self.closing, "counts"
         assert self.total <= lim.max_connections, "I1: cap exceeded"
+        over = self.in_use + self.closing + self.opening
+        assert self.total <= max(self.cap, over), "I1: over lowered cap"
         assert self.waiting <= lim.queue_limit, "I5: queue bound exceeded"
         if self.waiting:
-            assert self.total == lim.max_connections, "I3: waiter while under cap"
+            assert self.total >= self.cap, "I3: waiter while under cap"
             assert self.closing >= self.waiting or not self._idle_lru, "I4: idle blocks waiter"
             for key, n in self._waiting_by_key.items():
                 if n:
@@ -271,7 +281,7 @@ class DestinationState:
             slot = unbound.popitem()[0]
             slot.key = key
             return self._lease(slot, now)
-        if self.total < self.limits.max_connections:
+        if self.total < self.cap:
             self._record_wait(0.0)
             self.acquired_total += 1
             return self._new_slot(key, now)
@@ -424,8 +434,21 @@ class DestinationState:
 
     def warm(self, key: Key, count: int, now: float) -> list[Slot]:
         """Permits for up to `count` warm-up connections (as far as the cap allows)."""
-        room = self.limits.max_connections - self.total
+        room = self.cap - self.total
         return [self._new_slot(key, now) for _ in range(max(0, min(count, room)))]
+
+    def set_cap(self, cap: int, now: float) -> list[Action]:
+        """Change the effective connection limit (clamped to 1..max_connections)."""
+        self.cap = max(1, min(int(cap), self.limits.max_connections))
+        actions: list[Action] = []
+        while self.total < self.cap and self.waiting:
+            head = self._pop_oldest(self._queue)
+            if head is None:
+                break
+            actions.append(Wake(self._grant(head, self._new_slot(head.key, now), now)))
+        while self.total - self.closing > self.cap and self._idle_lru:
+            actions.extend(self._close_idle(next(iter(self._idle_lru)), LIMIT))
+        return actions
 
     def close_all_idle(self, now: float, reason: str = SHUTDOWN) -> list[Action]:
         """Close every idle slot (pool shutdown)."""
@@ -472,6 +495,8 @@ class DestinationState:
     def _return(self, slot: Slot, now: float) -> list[Action]:
         """An open, reusable IN_USE slot comes back: hand it over, idle it, or close it."""
         identity, driver = slot.key
+        if self.total > self.cap:
+            return self._close(slot, LIMIT)
         if self.waiting:
             # Who can take it: the oldest waiter of its key; any waiter of its driver if
             # it is unbound.
@@ -527,6 +552,8 @@ class DestinationState:
     def _free_capacity(self, now: float) -> list[Action]:
         """One slot's worth of capacity is free: the head of the queue gets a permit."""
         self.total -= 1
+        if self.total >= self.cap:
+            return _NO_ACTIONS
         head = self._pop_oldest(self._queue)
         if head is None:
             return _NO_ACTIONS
