@@ -128,8 +128,12 @@ class Pool:
                 f"{origin_text(settings.origin)}; give each origin one destination"
             )
         dest = DestinationPool(self, settings)
-        if settings.auth is not None or settings.policy is not None:
-            raise ConfigError("Destination(auth=..., policy=...) are not available yet")
+        # The auth provider wraps the pooled send first (inner), the resilience policy
+        # second (outer): retries and breakers see requests that already carry credentials.
+        if settings.auth is not None:
+            settings.auth.bind(dest)
+        if settings.policy is not None:
+            settings.policy.bind(dest)
         self._by_name[settings.name] = dest
         self._routes[(scheme, host, port)] = dest
         if _DEFAULT_PORTS.get(scheme) == port:
