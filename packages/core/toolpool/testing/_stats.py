@@ -1,0 +1,259 @@
+"""Exact per-service event counters, and the frozen ServiceStats snapshot they produce."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """A consistent snapshot of one service's counters (``Downstream.stats(name)``).
+
+    Every number is counted from events, never sampled. ``requests_total`` counts every API and
+    token request (not the ``/_testbed`` admin ones); ``requests_in_progress`` and its peak count
+    API requests only, the ones ``concurrency_limit`` governs (the token endpoint stands for a
+    separate identity provider that happens to share the port).
+    """
+
+    connections_accepted: int = 0
+    #: Open right now (a gauge, not reset by ``reset_stats``).
+    connections_open: int = 0
+    #: Highest number of simultaneously open connections.
+    peak_connections: int = 0
+    #: Connections the server closed because they sat idle for ``keepalive_timeout``.
+    connections_closed_by_server_idle: int = 0
+    requests_total: int = 0
+    #: API requests admitted and not yet answered (a gauge).
+    requests_in_progress: int = 0
+    peak_requests_in_progress: int = 0
+    #: API requests answered 503 because ``concurrency_limit`` requests were in progress.
+    rejected_over_limit: int = 0
+    token_requests: int = 0
+    #: Token requests of an identified tenant (valid client or subject token), per tenant.
+    token_requests_by_tenant: Mapping[str, int] = field(default_factory=dict)
+    responses_by_status: Mapping[int, int] = field(default_factory=dict)
+    http_503: int = 0
+    http_429: int = 0
+    http_401: int = 0
+    #: connection id -> every tenant (``None``: no tenant) whose requests that connection carried.
+    connection_tenants: Mapping[int, frozenset[str | None]] = field(default_factory=dict)
+    #: fault kind -> times it fired.
+    faults_fired: Mapping[str, int] = field(default_factory=dict)
+
+    def mixed_connections(self) -> dict[int, frozenset[str | None]]:
+        """Connections that carried more than one tenant (empty when affinity held)."""
+        return {cid: t for cid, t in self.connection_tenants.items() if len(t) > 1}
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``/_testbed/stats`` body); :meth:`from_json` reverses it."""
+        data = asdict(self)
+        data["token_requests_by_tenant"] = dict(self.token_requests_by_tenant)
+        data["responses_by_status"] = {str(k): v for k, v in self.responses_by_status.items()}
+        data["connection_tenants"] = {
+            str(cid): sorted(tenants, key=lambda t: (t is not None, t or ""))
+            for cid, tenants in self.connection_tenants.items()
+        }
+        data["faults_fired"] = dict(self.faults_fired)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServiceStats:
+        """Rebuild a snapshot from :meth:`to_json` output (e.g. from another process)."""
+        values = dict(data)
+        values["responses_by_status"] = {
+            int(k): int(v) for k, v in data["responses_by_status"].items()
+        }
+        values["connection_tenants"] = {
+            int(k): frozenset(v) for k, v in data["connection_tenants"].items()
+        }
+        values["token_requests_by_tenant"] = dict(data["token_requests_by_tenant"])
+        values["faults_fired"] = dict(data["faults_fired"])
+        return cls(**values)
+
+
+class Counters:
+    """The mutable counters behind :class:`ServiceStats`.
+
+    Written by the server loop only, read from any thread: every change and every snapshot holds
+    one lock, so a snapshot is consistent. Waiters (tests) are woken on every change, which lets
+    them wait for a condition instead of sleeping.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
+        self._next_connection_id = 0
+        self.connections_open = 0
+        self.requests_in_progress = 0
+        self._zero()
+
+    def _zero(self) -> None:
+        self.connections_accepted = 0
+        self.peak_connections = self.connections_open
+        self.connections_closed_by_server_idle = 0
+        self.requests_total = 0
+        self.peak_requests_in_progress = self.requests_in_progress
+        self.rejected_over_limit = 0
+        self.token_requests = 0
+        self.token_requests_by_tenant: dict[str, int] = {}
+        self.responses_by_status: dict[int, int] = {}
+        self.connection_tenants: dict[int, set[str | None]] = {}
+        self.faults_fired: dict[str, int] = {}
+
+    # -- events (server loop) ------------------------------------------------------------
+
+    def connection_opened(self) -> int:
+        """Count an accepted connection; return its id (1, 2, ... per service)."""
+        with self._lock:
+            self._next_connection_id += 1
+            self.connections_accepted += 1
+            self.connections_open += 1
+            if self.connections_open > self.peak_connections:
+                self.peak_connections = self.connections_open
+            if self._waiters:
+                self._cond.notify_all()
+            return self._next_connection_id
+
+    def connection_closed(self, *, idle_timeout: bool) -> None:
+        with self._lock:
+            self.connections_open -= 1
+            if idle_timeout:
+                self.connections_closed_by_server_idle += 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    def request_received(self, connection_id: int, tenant_known: bool, tenant: str | None) -> None:
+        """Count an API request that is not admitted (a fault took it); record its tenant."""
+        with self._lock:
+            self.requests_total += 1
+            if tenant_known:
+                self._tenant_locked(connection_id, tenant)
+            if self._waiters:
+                self._cond.notify_all()
+
+    def api_request(
+        self, connection_id: int, authorized: bool, tenant: str | None, limit: int | None
+    ) -> bool | None:
+        """Count an API request and decide its admission, atomically.
+
+        Returns None when ``limit`` requests are already in progress (answer 503), False when
+        unauthorized (answer 401), True when admitted (now in progress).
+        """
+        with self._lock:
+            self.requests_total += 1
+            if authorized:
+                self._tenant_locked(connection_id, tenant)
+            if limit is not None and self.requests_in_progress >= limit:
+                self.rejected_over_limit += 1
+                admitted: bool | None = None
+            elif authorized:
+                self.requests_in_progress += 1
+                if self.requests_in_progress > self.peak_requests_in_progress:
+                    self.peak_requests_in_progress = self.requests_in_progress
+                admitted = True
+            else:
+                admitted = False
+            if self._waiters:
+                self._cond.notify_all()
+            return admitted
+
+    def _tenant_locked(self, connection_id: int, tenant: str | None) -> None:
+        seen = self.connection_tenants.get(connection_id)
+        if seen is None:
+            self.connection_tenants[connection_id] = {tenant}
+        else:
+            seen.add(tenant)
+
+    def api_finished(self) -> None:
+        """An admitted API request ended without a response (its connection went away)."""
+        with self._lock:
+            self.requests_in_progress -= 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    def responded(self, status: int, *, api_finished: bool = False) -> None:
+        """Count a response (and, with ``api_finished``, the end of an admitted API request)."""
+        with self._lock:
+            if api_finished:
+                self.requests_in_progress -= 1
+            self.responses_by_status[status] = self.responses_by_status.get(status, 0) + 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    def token_request(self, connection_id: int, tenant_known: bool, tenant: str | None) -> None:
+        """Count a token request; with a known tenant, per tenant and on its connection."""
+        with self._lock:
+            self.requests_total += 1
+            self.token_requests += 1
+            if tenant_known:
+                self._tenant_locked(connection_id, tenant)
+                if tenant is not None:
+                    by = self.token_requests_by_tenant
+                    by[tenant] = by.get(tenant, 0) + 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    def fault_fired(self, kind: str) -> None:
+        with self._lock:
+            self.faults_fired[kind] = self.faults_fired.get(kind, 0) + 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    # -- reading (any thread) ----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Zero the counters; gauges (open connections, requests in progress) stay true."""
+        with self._lock:
+            self._zero()
+            if self._waiters:
+                self._cond.notify_all()
+
+    def snapshot(self) -> ServiceStats:
+        with self._lock:
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> ServiceStats:
+        by_status = dict(self.responses_by_status)
+        return ServiceStats(
+            connections_accepted=self.connections_accepted,
+            connections_open=self.connections_open,
+            peak_connections=self.peak_connections,
+            connections_closed_by_server_idle=self.connections_closed_by_server_idle,
+            requests_total=self.requests_total,
+            requests_in_progress=self.requests_in_progress,
+            peak_requests_in_progress=self.peak_requests_in_progress,
+            rejected_over_limit=self.rejected_over_limit,
+            token_requests=self.token_requests,
+            token_requests_by_tenant=dict(self.token_requests_by_tenant),
+            responses_by_status=by_status,
+            http_503=by_status.get(503, 0),
+            http_429=by_status.get(429, 0),
+            http_401=by_status.get(401, 0),
+            connection_tenants={c: frozenset(t) for c, t in self.connection_tenants.items()},
+            faults_fired=dict(self.faults_fired),
+        )
+
+    def wait(self, predicate: Callable[[ServiceStats], bool], timeout: float) -> ServiceStats:
+        """Block until ``predicate(snapshot)`` holds; raise ``TimeoutError`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiters += 1
+            try:
+                while True:
+                    snap = self._snapshot_locked()
+                    if predicate(snap):
+                        return snap
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(
+                            f"service stats did not reach the expected state in {timeout} s; "
+                            f"last snapshot: {snap}"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._waiters -= 1
