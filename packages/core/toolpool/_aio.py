@@ -455,19 +455,21 @@ async def open_slot(
     timeout: float | None,
 ) -> AsyncConnection:
     """Open the permit's connection for the request holding it."""
+    started = monotonic()
     conn = await _connect(dest, slot, loop, ctx, timeout)
-    dest.opened(slot, conn)
+    dest.opened(slot, conn, monotonic() - started)
     return conn
 
 
 async def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext | None) -> bool:
     """Open one warm-up connection into the idle pool; True if it opened."""
     loop = asyncio.get_running_loop()
+    started = monotonic()
     try:
         conn = await _connect(dest, slot, loop, ctx, dest.settings.connect_timeout)
     except httpx.TransportError:
         return False
-    dest.warmed(slot, conn)
+    dest.warmed(slot, conn, monotonic() - started)
     return True
 
 

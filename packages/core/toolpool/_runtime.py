@@ -92,13 +92,17 @@ class DestinationPool:
 
     # ------------------------------------------------------------------ reports from drivers
 
-    def opened(self, slot: Slot, conn: Any) -> None:
+    def opened(self, slot: Slot, conn: Any, connect_seconds: float | None = None) -> None:
         with self.lock:
             self.state.opened(slot, conn, monotonic())
+            if connect_seconds is not None:
+                self.state.create_time.observe(connect_seconds)
 
-    def warmed(self, slot: Slot, conn: Any) -> None:
+    def warmed(self, slot: Slot, conn: Any, connect_seconds: float | None = None) -> None:
         with self.lock:
             actions = self.state.warmed(slot, conn, monotonic())
+            if connect_seconds is not None:
+                self.state.create_time.observe(connect_seconds)
         if actions:
             self.execute(actions)
 

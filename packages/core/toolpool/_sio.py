@@ -281,18 +281,20 @@ def open_slot(
     timeout: float | None,
 ) -> SyncConnection:
     """Open the permit's connection for the request holding it."""
+    started = monotonic()
     conn = connect(dest, slot, ctx, timeout)
-    dest.opened(slot, conn)
+    dest.opened(slot, conn, monotonic() - started)
     return conn
 
 
 def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext | None) -> bool:
     """Open one warm-up connection into the idle pool; True if it opened."""
+    started = monotonic()
     try:
         conn = connect(dest, slot, ctx, dest.settings.connect_timeout)
     except httpx.TransportError:
         return False
-    dest.warmed(slot, conn)
+    dest.warmed(slot, conn, monotonic() - started)
     return True
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "OPENING",
     "Close",
     "DestinationState",
+    "Durations",
     "Limits",
     "Slot",
     "Waiter",
@@ -101,6 +102,9 @@ CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN, LIMIT)
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is +Inf.
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Bounds of the connection create-time (TCP + TLS) and use-time (lease to release) histograms.
+CREATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+USE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,26 @@ class Limits:
     @property
     def bypass_limit(self) -> int:
         return self.max_bypass if self.max_bypass is not None else self.max_connections
+
+
+class Durations:
+    """A fixed-bucket histogram of durations in seconds; `observe` is O(1) and allocates no
+    container, so the request path can afford it. `buckets[i]` counts observations <=
+    `bounds[i]` (and above the bound before it); the last bucket is +Inf. Like every counter
+    here it is updated and read under the destination's lock."""
+
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
 
 
 class Slot:
@@ -225,6 +249,9 @@ class DestinationState:
         self.wait_sum = 0.0
         self.wait_count = 0
         self.recent_waits: deque[float] = deque(maxlen=2048)
+        # Connection create time (recorded by the drivers) and use time (lease to release).
+        self.create_time = Durations(CREATE_BUCKETS)
+        self.use_time = Durations(USE_BUCKETS)
         # Exponentially weighted mean time a slot is held by a request, for retry-after.
         self.hold_ewma = 0.05
 
@@ -366,6 +393,7 @@ class DestinationState:
         assert slot.state == IN_USE, slot
         held = now - slot.leased_at
         self.hold_ewma += 0.1 * (held - self.hold_ewma)
+        self.use_time.observe(held)
         if not reusable:
             return self._close(slot, ERROR)
         if slot.expires_at <= now:
