@@ -241,4 +241,94 @@ def _init(self: PoolRules) -> None:
 PoolRules.__init__ = _init  # type: ignore[method-assign]
 
 TestPoolRules = PoolRules.TestCase
-TestPoolRules.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+TestPoolRules.settings = settings(max_examples=400, stateful_step_count=80, deadline=None)
+
+
+# ---------------------------------------------------------------------- worked examples
+
+
+def _limits(cap: int, queue: int, bypass: int | None = None) -> Limits:
+    return Limits(
+        max_connections=cap, queue_limit=queue, idle_ttl=10.0, max_lifetime=100.0,
+        max_bypass=bypass,
+    )
+
+
+def _open(state: DestinationState, key: tuple[str, str], now: float = 0.0) -> Slot:
+    slot = state.acquire(key, now)
+    assert isinstance(slot, Slot) and slot.state == _state.OPENING
+    state.opened(slot, object(), now)
+    return slot
+
+
+def test_released_connection_goes_to_its_key_then_the_starved_head_gets_capacity() -> None:
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=10, bypass=1))
+    conn_a, conn_b = _open(state, a), _open(state, b)
+    head = state.acquire(a, 1.0)
+    b1 = state.acquire(b, 1.1)
+    b2 = state.acquire(b, 1.2)
+    assert isinstance(head, Waiter) and isinstance(b1, Waiter) and isinstance(b2, Waiter)
+    # B's connection comes back: B1 takes it although A waits longer (one bypass allowed).
+    (wake,) = state.release(conn_b, 2.0, reusable=True)
+    assert isinstance(wake, Wake) and wake.waiter is b1 and b1.grant is conn_b
+    assert head.bypassed == 1
+    # Again: the head has been passed over enough, so the connection is closed instead...
+    (close,) = state.release(conn_b, 3.0, reusable=True)
+    assert isinstance(close, Close) and close.reason == _state.AFFINITY
+    assert b2.state == _state.WAITING
+    # ...and when the close completes, the capacity goes to the head as a permit.
+    (wake,) = state.closed(conn_b, 3.1)
+    assert wake.waiter is head and head.grant is not None
+    assert head.grant.state == _state.OPENING and head.grant.key == a
+    assert conn_a.state == _state.IN_USE
+    state.check()
+
+
+def test_idle_connection_of_another_context_is_closed_to_make_room() -> None:
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=4))
+    for slot in (_open(state, a), _open(state, a)):
+        state.release(slot, 1.0, reusable=True)
+    state.acquire(a, 1.5)  # touch: the other A connection is now the least recently used
+    waiter = state.acquire(b, 2.0)
+    assert isinstance(waiter, Waiter)
+    (close,) = state.take_actions()
+    assert isinstance(close, Close) and close.reason == _state.AFFINITY
+    assert close.slot.state == _state.CLOSING and state.closing == 1
+    (wake,) = state.closed(close.slot, 2.1)
+    assert wake.waiter is waiter and waiter.grant is not None and waiter.grant.key == b
+    state.check()
+
+
+def test_queue_bound_then_saturated() -> None:
+    key = ("A", "loop")
+    state = DestinationState(_limits(cap=1, queue=2))
+    _open(state, key)
+    assert isinstance(state.acquire(key, 0.1), Waiter)
+    assert isinstance(state.acquire(key, 0.2), Waiter)
+    assert state.acquire(key, 0.3) is None
+    assert state.saturated_total == 1 and state.waiting == 2
+
+
+def test_lifo_reuse_and_idle_ttl() -> None:
+    key = ("A", "loop")
+    state = DestinationState(_limits(cap=3, queue=0))
+    first, second = _open(state, key), _open(state, key)
+    state.release(first, 1.0, reusable=True)
+    state.release(second, 2.0, reusable=True)
+    assert state.acquire(key, 3.0) is second  # most recently used first
+    state.release(second, 4.0, reusable=True)
+    assert state.expire(10.9) == []
+    (close,) = state.expire(11.0)  # first has been idle since t=1 with a 10 s TTL
+    assert close.slot is first and close.reason == _state.IDLE_TTL
+    assert state.next_deadline() == 14.0
+
+
+def test_lifetime_has_jitter_and_closes_on_release() -> None:
+    key = ("A", "loop")
+    state = DestinationState(_limits(cap=2, queue=0), rng=lambda: 1.0)
+    slot = _open(state, key)
+    assert slot.expires_at == 90.0  # 100 s lifetime shortened by the full 10 % jitter
+    (close,) = state.release(slot, 95.0, reusable=True)
+    assert close.reason == _state.LIFETIME
