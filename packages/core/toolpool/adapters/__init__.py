@@ -1,0 +1,63 @@
+"""toolpool.adapters: what every agent-framework adapter needs, written once.
+
+The LangChain, CrewAI and AutoGen adapters only translate their framework's hooks into these
+helpers; none of them is imported here, and this package imports no agent framework.
+
+```python
+from toolpool.adapters import (
+    Admission, AdaptiveToolConcurrency, BUSY_ERRORS, busy_message, resolve_auth, tool_call_scope,
+)
+
+ctx = resolve_auth(auth, run_input, framework="myframework", hint="pass tenant=... to run()")
+admission.admit_sync(tool_name)                    # waits while a used destination saturates
+with limiter.slot_sync() as slot, tool_call_scope(pool, ctx, tool_name=tool_name,
+                                                  admission=admission):
+    try:
+        result = tool(**args)                      # its own httpx.Client() is pooled
+    except BUSY_ERRORS as exc:
+        slot.busy()
+        result = busy_message(exc, tool_name)      # what the model reads
+    else:
+        slot.success()
+```
+
+- `AuthSource`, `resolve_auth`: which `AuthContext` a run acts for.
+- `tool_call_scope`, `atool_call_scope`: run a tool body as one tool call (auth context,
+  transparent pooling of the httpx clients it builds, destination learning).
+- `run_in_thread_with_context`: run a sync tool in a worker thread, context copied.
+- `Admission`: wait (boundedly) while a destination the tool uses is saturated.
+- `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
+- `BUSY_ERRORS`, `busy_message`: which errors mean "busy" and what the model reads.
+"""
+
+from __future__ import annotations
+
+from toolpool.adapters._admission import Admission
+from toolpool.adapters._auth import AuthSource, resolve_auth
+from toolpool.adapters._busy import BUSY_ERRORS, busy_message, retry_after_of
+from toolpool.adapters._concurrency import AdaptiveToolConcurrency, ToolSlot
+from toolpool.adapters._scope import (
+    ToolCall,
+    atool_call_scope,
+    current_tool_call,
+    install_httpx_patch,
+    run_in_thread_with_context,
+    tool_call_scope,
+)
+
+__all__ = [
+    "BUSY_ERRORS",
+    "AdaptiveToolConcurrency",
+    "Admission",
+    "AuthSource",
+    "ToolCall",
+    "ToolSlot",
+    "atool_call_scope",
+    "busy_message",
+    "current_tool_call",
+    "install_httpx_patch",
+    "resolve_auth",
+    "retry_after_of",
+    "run_in_thread_with_context",
+    "tool_call_scope",
+]

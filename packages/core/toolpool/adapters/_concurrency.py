@@ -1,0 +1,276 @@
+"""An AIMD limit on parallel tool calls, fed by the pool's saturation signals.
+
+Frameworks fix their parallelism per run (LangGraph's `max_concurrency`, a thread pool's
+size). When destinations saturate, firing every tool call of a turn at once only fills wait
+queues and earns "busy" results; this limiter lets fewer run at a time after a busy signal
+and grows back as calls succeed (additive increase, multiplicative decrease, as TCP does).
+
+Rules:
+  - a call takes a slot (`slot()` / `slot_sync()`) before it runs; slots are granted in FIFO
+    order while fewer than `limit` are in flight;
+  - a busy signal halves the limit (not below `minimum`), at most once per *generation*:
+    calls that started before the last decrease do not decrease it again, so a burst of
+    twenty refusals counts as one signal, not twenty;
+  - `limit` successes in a row raise the limit by one, up to the initial limit;
+  - a call made from inside a call holding a slot of the same limiter (a tool that runs a
+    nested agent) does not take another slot, so nesting cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+
+__all__ = ["AdaptiveToolConcurrency", "ToolSlot"]
+
+_held: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "toolpool_tool_slots", default=frozenset()
+)
+
+
+class ToolSlot:
+    """A granted slot: report how its call went with `busy()` or `success()` (once)."""
+
+    __slots__ = ("_limiter", "_reported", "generation", "nested")
+
+    def __init__(self, limiter: AdaptiveToolConcurrency, generation: int, nested: bool) -> None:
+        self._limiter = limiter
+        self.generation = generation
+        self.nested = nested
+        self._reported = False
+
+    def busy(self) -> None:
+        """The call met a busy destination: lower the limit (once per generation)."""
+        if not self._reported:
+            self._reported = True
+            self._limiter.on_busy(self.generation)
+
+    def success(self) -> None:
+        """The call ran without meeting a busy destination."""
+        if not self._reported:
+            self._reported = True
+            self._limiter.on_success()
+
+
+class _Waiter:
+    __slots__ = ("event", "fut", "generation", "granted", "loop", "thread")
+
+    def __init__(
+        self,
+        event: threading.Event | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        fut: asyncio.Future[None] | None = None,
+    ) -> None:
+        self.granted = False
+        self.generation = 0
+        self.thread = threading.get_ident()
+        self.event = event
+        self.loop = loop
+        self.fut = fut
+
+    def wake(self) -> bool:
+        if self.event is not None:
+            self.event.set()
+            return True
+        assert self.fut is not None
+        assert self.loop is not None
+        if threading.get_ident() == self.thread:
+            _resolve(self.fut)
+            return True
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.fut)
+        except RuntimeError:  # its loop is closed: nobody takes the grant
+            return False
+        return True
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AdaptiveToolConcurrency:
+    """An adaptive (AIMD) cap on tool calls in flight, shared by the runs of an agent.
+
+    ```python
+    limiter = AdaptiveToolConcurrency(16)
+    async with limiter.slot() as slot:
+        try:
+            result = await run_tool()
+        except toolpool.PoolSaturated:
+            slot.busy()            # halves the limit
+            raise
+        slot.success()             # +1 after `limit` successes
+    ```
+
+    Works from asyncio tasks (any event loop) and threads at once.
+    """
+
+    def __init__(self, limit: int, *, minimum: int = 1) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        if isinstance(minimum, bool) or not isinstance(minimum, int) or not 1 <= minimum <= limit:
+            raise ValueError(f"minimum must be an int in 1..{limit} (the limit), got {minimum!r}")
+        self.initial = limit
+        self.minimum = minimum
+        self._limit = limit
+        self._in_flight = 0
+        self._generation = 0
+        self._successes = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
+        self.decreases_total = 0
+        self.increases_total = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<AdaptiveToolConcurrency limit={self._limit}/{self.initial} "
+            f"in_flight={self._in_flight} waiting={len(self._waiters)}>"
+        )
+
+    @property
+    def limit(self) -> int:
+        """The current limit (between `minimum` and the initial limit)."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot now."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a slot now."""
+        return len(self._waiters)
+
+    # ------------------------------------------------------------------ signals
+
+    def on_busy(self, generation: int | None = None) -> None:
+        """A busy signal: halve the limit (min `minimum`). With the `generation` a slot was
+        granted in, signals from calls that started before the last decrease are ignored."""
+        with self._lock:
+            if generation is not None and generation < self._generation:
+                return
+            self._generation += 1
+            self._successes = 0
+            new = max(self.minimum, self._limit // 2)
+            if new < self._limit:
+                self._limit = new
+                self.decreases_total += 1
+
+    def on_success(self) -> None:
+        """A call succeeded: after `limit` successes, raise the limit by one (max initial)."""
+        with self._lock:
+            self._successes += 1
+            if self._successes < self._limit or self._limit >= self.initial:
+                return
+            self._successes = 0
+            self._limit += 1
+            self.increases_total += 1
+            granted = self._grant_locked()
+        self._wake(granted)
+
+    # ------------------------------------------------------------------ slots
+
+    def _grant_locked(self) -> list[_Waiter]:
+        granted = []
+        while self._waiters and self._in_flight < self._limit:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            waiter.generation = self._generation
+            self._in_flight += 1
+            granted.append(waiter)
+        return granted
+
+    def _wake(self, granted: list[_Waiter]) -> None:
+        for waiter in granted:
+            if not waiter.wake():
+                self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            granted = self._grant_locked()
+        self._wake(granted)
+
+    def _take(self) -> int | None:
+        """Take a slot at once (returns the generation) or None when the caller must queue."""
+        with self._lock:
+            if self._in_flight < self._limit and not self._waiters:
+                self._in_flight += 1
+                return self._generation
+            return None
+
+    def _queue(self, waiter: _Waiter) -> None:
+        with self._lock:
+            if self._in_flight < self._limit and not self._waiters:
+                waiter.granted = True
+                waiter.generation = self._generation
+                self._in_flight += 1
+            else:
+                self._waiters.append(waiter)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gave up (cancelled, interrupted): return its grant or leave the queue."""
+        with self._lock:
+            if not waiter.granted:
+                self._waiters.remove(waiter)
+                return
+        self._release()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[ToolSlot]:
+        """Hold one slot for the enclosed async tool call (waits FIFO for it)."""
+        held = _held.get()
+        if id(self) in held:
+            yield ToolSlot(self, self._generation, nested=True)
+            return
+        generation = self._take()
+        if generation is None:
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop=loop, fut=loop.create_future())
+            self._queue(waiter)
+            if not waiter.granted:
+                assert waiter.fut is not None
+                try:
+                    await waiter.fut
+                except BaseException:
+                    self._abandon(waiter)
+                    raise
+            generation = waiter.generation
+        token = _held.set(held | {id(self)})
+        try:
+            yield ToolSlot(self, generation, nested=False)
+        finally:
+            _held.reset(token)
+            self._release()
+
+    @contextlib.contextmanager
+    def slot_sync(self) -> Iterator[ToolSlot]:
+        """Hold one slot for the enclosed sync tool call (blocks the thread while waiting)."""
+        held = _held.get()
+        if id(self) in held:
+            yield ToolSlot(self, self._generation, nested=True)
+            return
+        generation = self._take()
+        if generation is None:
+            waiter = _Waiter(event=threading.Event())
+            self._queue(waiter)
+            if not waiter.granted:
+                assert waiter.event is not None
+                try:
+                    waiter.event.wait()
+                except BaseException:
+                    self._abandon(waiter)
+                    raise
+            generation = waiter.generation
+        token = _held.set(held | {id(self)})
+        try:
+            yield ToolSlot(self, generation, nested=False)
+        finally:
+            _held.reset(token)
+            self._release()
