@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 )
 
 from toolpool import _state
-from toolpool._state import Close, DestinationState, Limits, Slot, Wake, Waiter
+from toolpool._state import Close, DestinationState, Limits, Slot, Waiter, Wake
 
 IDENTITIES = ["A", "B", "C", ""]
 DRIVERS = ["loop1", "threads"]
@@ -249,7 +249,10 @@ TestPoolRules.settings = settings(max_examples=400, stateful_step_count=80, dead
 
 def _limits(cap: int, queue: int, bypass: int | None = None) -> Limits:
     return Limits(
-        max_connections=cap, queue_limit=queue, idle_ttl=10.0, max_lifetime=100.0,
+        max_connections=cap,
+        queue_limit=queue,
+        idle_ttl=10.0,
+        max_lifetime=100.0,
         max_bypass=bypass,
     )
 
