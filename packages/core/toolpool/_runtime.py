@@ -67,8 +67,8 @@ class DestinationPool:
 
         self.base_async_send: Callable[..., Awaitable[httpx.Response]] = partial(_aio.send, self)
         self.base_sync_send: Callable[..., httpx.Response] = partial(_sio.send, self)
-        self.async_send = self.base_async_send
-        self.sync_send = self.base_sync_send
+        self.async_send: Callable[..., Awaitable[httpx.Response]] = self.base_async_send
+        self.sync_send: Callable[..., httpx.Response] = self.base_sync_send
 
     def __repr__(self) -> str:
         return f"<DestinationPool {self.name!r} {self.settings.url}>"
