@@ -1,0 +1,317 @@
+"""Scrape-time readings of one destination: every number the metrics export, copied from the
+pool's own counters (and its auth provider's and resilience policy's) in one short critical
+section, so that a scrape never slows the request path down and never sees half an update."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolpool._runtime import DestinationPool
+from toolpool._state import CLOSE_REASONS, WAIT_BUCKETS, Durations
+
+__all__ = ["AuthReading", "DestinationReading", "HistogramReading", "PolicyReading", "read"]
+
+log = logging.getLogger("toolpool.metrics")
+
+# The breaker states the exposition knows, in order of severity (a merge keeps the worst).
+BREAKER_STATES = ("closed", "half_open", "open")
+
+
+@dataclass
+class HistogramReading:
+    """A copied fixed-bucket histogram: per-bucket counts (not cumulative), +Inf last."""
+
+    bounds: tuple[float, ...]
+    buckets: list[int]
+    sum: float
+    count: int
+
+    @classmethod
+    def of(cls, hist: Durations) -> HistogramReading:
+        return cls(hist.bounds, list(hist.buckets), hist.sum, hist.count)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus `le` buckets: cumulative counts, ending with +Inf."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.buckets, strict=False):
+            running += n
+            out.append((_le(bound), float(running)))
+        out.append(("+Inf", float(running + self.buckets[-1])))
+        return out
+
+    def merge(self, other: HistogramReading) -> None:
+        if other.bounds != self.bounds:
+            return  # cannot add histograms over different buckets; keep the first
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.sum += other.sum
+        self.count += other.count
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+@dataclass
+class AuthReading:
+    """The auth provider's counters (`dest.auth.stats()`), read defensively."""
+
+    refreshes: dict[str, int]
+    failures: int
+    retries: int
+    rejected: int
+    negative_hits: int
+    contexts: int
+    fetch: HistogramReading | None
+
+    def merge(self, other: AuthReading) -> None:
+        for reason, n in other.refreshes.items():
+            self.refreshes[reason] = self.refreshes.get(reason, 0) + n
+        self.failures += other.failures
+        self.retries += other.retries
+        self.rejected += other.rejected
+        self.negative_hits += other.negative_hits
+        self.contexts += other.contexts
+        if self.fetch is None:
+            self.fetch = other.fetch
+        elif other.fetch is not None:
+            self.fetch.merge(other.fetch)
+
+
+@dataclass
+class PolicyReading:
+    """The resilience policy's counters (`dest.policy.stats()`), read defensively.
+
+    Any field the policy does not report stays None (and is then not exported)."""
+
+    retries: dict[str, int] | None = None
+    breaker_state: str | None = None
+    breaker_rejections: int | None = None
+    rate_limited: int | None = None
+    limit_reason: str | None = None
+
+    def merge(self, other: PolicyReading) -> None:
+        if other.retries is not None:
+            merged = dict(self.retries or {})
+            for reason, n in other.retries.items():
+                merged[reason] = merged.get(reason, 0) + n
+            self.retries = merged
+        if other.breaker_state is not None and (
+            self.breaker_state is None
+            or _severity(other.breaker_state) > _severity(self.breaker_state)
+        ):
+            self.breaker_state = other.breaker_state
+        self.breaker_rejections = _add(self.breaker_rejections, other.breaker_rejections)
+        self.rate_limited = _add(self.rate_limited, other.rate_limited)
+        if self.limit_reason is None:
+            self.limit_reason = other.limit_reason
+
+
+def _severity(state: str) -> int:
+    return BREAKER_STATES.index(state) if state in BREAKER_STATES else -1
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+@dataclass
+class DestinationReading:
+    """One destination's numbers at one scrape."""
+
+    name: str
+    idle: int
+    used: int
+    opening: int
+    closing: int
+    waiting: int
+    max_connections: int
+    limit: int
+    queue_limit: int
+    created: int
+    closed: dict[str, int]
+    acquired: int
+    reused: int
+    saturated: int
+    timeouts: int
+    wait: HistogramReading
+    create: HistogramReading
+    use: HistogramReading
+    auth: AuthReading | None = None
+    policy: PolicyReading | None = None
+    # Same-named destinations of other pools registered in the same registry were added in.
+    merged: int = field(default=1)
+
+    def merge(self, other: DestinationReading) -> None:
+        """Add another pool's destination of the same name (one registry, several pools)."""
+        for name in (
+            "idle",
+            "used",
+            "opening",
+            "closing",
+            "waiting",
+            "max_connections",
+            "limit",
+            "queue_limit",
+            "created",
+            "acquired",
+            "reused",
+            "saturated",
+            "timeouts",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.closed.items():
+            self.closed[reason] = self.closed.get(reason, 0) + n
+        self.wait.merge(other.wait)
+        self.create.merge(other.create)
+        self.use.merge(other.use)
+        if self.auth is None:
+            self.auth = other.auth
+        elif other.auth is not None:
+            self.auth.merge(other.auth)
+        if self.policy is None:
+            self.policy = other.policy
+        elif other.policy is not None:
+            self.policy.merge(other.policy)
+        self.merged += other.merged
+
+
+def read(dest: DestinationPool) -> DestinationReading:
+    """Copy one destination's counters (O(buckets); the lock is held for the copy only)."""
+    with dest.lock:
+        st = dest.state
+        reading = DestinationReading(
+            name=dest.name,
+            idle=st.idle,
+            used=st.in_use,
+            opening=st.opening,
+            closing=st.closing,
+            waiting=st.waiting,
+            max_connections=st.limits.max_connections,
+            limit=st.cap,
+            queue_limit=st.limits.queue_limit,
+            created=st.created_total,
+            closed=dict(st.closed_total),
+            acquired=st.acquired_total,
+            reused=st.reused_total,
+            saturated=st.saturated_total,
+            timeouts=st.timeouts_total,
+            wait=HistogramReading(WAIT_BUCKETS, list(st.wait_buckets), st.wait_sum, st.wait_count),
+            create=HistogramReading.of(st.create_time),
+            use=HistogramReading.of(st.use_time),
+        )
+    for reason in CLOSE_REASONS:
+        reading.closed.setdefault(reason, 0)
+    reading.auth = read_auth(dest.auth)
+    reading.policy = read_policy(dest.policy)
+    return reading
+
+
+# ---------------------------------------------------------------------- auth and policy
+#
+# The auth provider and the resilience policy are other modules' objects that may or may
+# not report stats, and whose snapshots may grow fields over time. They are read by field
+# name, tolerating absence, and a failing `stats()` never breaks a scrape (it drops that
+# destination's auth or policy series for this scrape and logs at debug level).
+
+
+def _stats_of(obj: Any) -> Any:
+    stats: Callable[[], Any] | None = getattr(obj, "stats", None)
+    if obj is None or not callable(stats):
+        return None
+    try:
+        return stats()
+    except Exception:
+        log.debug("stats() of %s failed; its series are skipped this scrape", type(obj).__name__)
+        return None
+
+
+def _get(snapshot: Any, *names: str) -> Any:
+    """The first of `names` the snapshot has (attribute or mapping key), else None."""
+    for name in names:
+        if isinstance(snapshot, Mapping):
+            if name in snapshot:
+                return snapshot[name]
+        elif hasattr(snapshot, name):
+            return getattr(snapshot, name)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def _counts(value: Any) -> dict[str, int] | None:
+    """A mapping of reason -> count (or a bare number, reported as reason "all")."""
+    if isinstance(value, Mapping):
+        out = {str(k): n for k, v in value.items() if (n := _int(v)) is not None}
+        return out
+    number = _int(value)
+    return None if number is None else {"all": number}
+
+
+def read_auth(auth: Any) -> AuthReading | None:
+    snap = _stats_of(auth)
+    if snap is None:
+        return None
+    refreshes = _counts(_get(snap, "refreshes_total")) or {}
+    fetch: HistogramReading | None = None
+    buckets = _get(snap, "fetch_duration_buckets")
+    bounds = _get(snap, "bucket_bounds", "fetch_duration_bounds")
+    count = _int(_get(snap, "fetch_duration_count"))
+    total = _get(snap, "fetch_duration_sum_seconds")
+    if (
+        isinstance(buckets, tuple | list)
+        and isinstance(bounds, tuple | list)
+        and len(buckets) == len(bounds) + 1
+        and count is not None
+        and isinstance(total, int | float)
+    ):
+        fetch = HistogramReading(
+            tuple(float(b) for b in bounds), [int(n) for n in buckets], float(total), count
+        )
+    return AuthReading(
+        refreshes=refreshes,
+        failures=_int(_get(snap, "failures_total")) or 0,
+        retries=_int(_get(snap, "retries_total")) or 0,
+        rejected=_int(_get(snap, "rejected_total")) or 0,
+        negative_hits=_int(_get(snap, "negative_hits_total")) or 0,
+        contexts=_int(_get(snap, "contexts")) or 0,
+        fetch=fetch,
+    )
+
+
+def _state_name(value: Any) -> str | None:
+    """A breaker state as one of BREAKER_STATES ("half-open", enums and the like mapped)."""
+    if value is None:
+        return None
+    text = str(getattr(value, "value", value)).lower().replace("-", "_").replace(" ", "_")
+    text = text.rsplit(".", 1)[-1]
+    return text if text in BREAKER_STATES else None
+
+
+def read_policy(policy: Any) -> PolicyReading | None:
+    snap = _stats_of(policy)
+    if snap is None:
+        return None
+    breaker = _get(snap, "breaker")
+    state = _get(snap, "breaker_state", "state")
+    if state is None and breaker is not None:
+        state = _get(breaker, "state")
+    reason = _get(snap, "limit_reason", "effective_limit_reason")
+    return PolicyReading(
+        retries=_counts(_get(snap, "retries_total", "retries")),
+        breaker_state=_state_name(state),
+        breaker_rejections=_int(
+            _get(snap, "breaker_rejections_total", "breaker_open_total", "short_circuited_total")
+        ),
+        rate_limited=_int(_get(snap, "rate_limited_total", "rate_limit_rejections_total")),
+        limit_reason=str(reason) if isinstance(reason, str) and reason else None,
+    )

@@ -1,0 +1,200 @@
+"""Opt-in per-tenant series: the tenant id becomes a keyed hash before it becomes a label, and
+a thin wrapper around each destination's send counts requests per hashed tenant.
+
+This is the one piece of metrics work on the request path, which is why it is off by
+default. Where the numbers come from: the pool's own counters are per destination and its
+state machine knows identities only as salted fingerprints of the whole auth context, so
+per-tenant numbers need the request's `AuthContext`, which only the send path sees. The
+wrapper costs a dict lookup (fingerprint -> tenant record), two clock reads and a short
+uncontended lock per request; the label itself (a keyed BLAKE2b hash) is computed once per
+auth context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from toolpool._auth_context import AuthContext
+from toolpool._runtime import DestinationPool
+from toolpool._state import USE_BUCKETS, Durations
+from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
+from toolpool.metrics._readings import HistogramReading
+
+__all__ = ["TenantCounters", "TenantLabels", "install", "uninstall"]
+
+monotonic = time.monotonic
+
+# Errors that mean the request was refused without being sent (the pool or its policy).
+_REFUSED = (PoolSaturated, PoolTimeout, DestinationUnavailable)
+# Fingerprints remembered per destination before the cache starts over (each maps to its
+# tenant's record; forgetting them only costs recomputing a hash).
+_MAX_FINGERPRINTS = 10_000
+# The label of requests with no auth context or a context without a tenant.
+NO_TENANT = "none"
+# The label of tenants beyond `max_tenants`.
+OTHER_TENANTS = "other"
+
+
+@dataclass(frozen=True)
+class TenantLabels:
+    """Per-tenant series with a hashed `tenant` label, for small fleets (opt-in).
+
+    ```python
+    labels = toolpool.metrics.TenantLabels(salt=os.environ["TOOLPOOL_TENANT_SALT"])
+    toolpool.metrics.register(pool, tenants=labels)
+    labels.label("acme")   # '3f9c0a1b7d2e': the value to look for in dashboards
+    ```
+
+    The label is a keyed BLAKE2b hash of the tenant id (12 hex digits), so the exposition
+    never contains a raw tenant id and nobody without the salt can confirm a guess. Use the
+    same salt in every replica (labels stay comparable) and keep it out of the exposition
+    and the logs like any secret. Requests with no tenant are labelled "none"; tenants
+    beyond `max_tenants` per destination share the label "other", which bounds the number
+    of series whatever the traffic.
+    """
+
+    salt: str | bytes = field(repr=False)
+    # Each tenant adds ~30 series per destination; 50 keeps a small fleet within a few
+    # thousand series.
+    max_tenants: int = 50
+
+    def __post_init__(self) -> None:
+        if len(self._key) < 8:
+            raise ConfigError(
+                "TenantLabels needs a salt of at least 8 bytes (a secret shared by the "
+                "replicas), so that hashed tenant labels cannot be reversed by guessing"
+            )
+        if self.max_tenants < 1:
+            raise ConfigError(f"max_tenants must be >= 1, got {self.max_tenants}")
+
+    @property
+    def _key(self) -> bytes:
+        key = self.salt.encode() if isinstance(self.salt, str) else bytes(self.salt)
+        return key if len(key) <= 64 else hashlib.sha256(key).digest()
+
+    def label(self, tenant: str | None) -> str:
+        """The label value of `tenant` (compute it for a known tenant to find its series)."""
+        if tenant is None:
+            return NO_TENANT
+        return hashlib.blake2b(tenant.encode(), key=self._key, digest_size=6).hexdigest()
+
+
+class _Tenant:
+    """One hashed tenant's counters at one destination."""
+
+    __slots__ = ("label", "outcomes", "seconds")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.outcomes: dict[str, int] = {}
+        self.seconds = Durations(USE_BUCKETS)
+
+
+class TenantCounters:
+    """Per-tenant request counters of one destination (filled by the send wrapper)."""
+
+    def __init__(self, destination: str, labels: TenantLabels) -> None:
+        self.destination = destination
+        self.labels = labels
+        self._lock = threading.Lock()
+        self._by_fingerprint: dict[str, _Tenant] = {}
+        self._by_label: dict[str, _Tenant] = {}
+        self.wrapped_async: Callable[..., Awaitable[httpx.Response]] | None = None
+        self.wrapped_sync: Callable[..., httpx.Response] | None = None
+        self.inner_async: Callable[..., Awaitable[httpx.Response]] | None = None
+        self.inner_sync: Callable[..., httpx.Response] | None = None
+
+    def tenant(self, ctx: AuthContext | None) -> _Tenant:
+        fingerprint = ctx._fingerprint if ctx is not None else ""
+        record = self._by_fingerprint.get(fingerprint)
+        if record is None:
+            record = self._learn(fingerprint, ctx)
+        return record
+
+    def _learn(self, fingerprint: str, ctx: AuthContext | None) -> _Tenant:
+        label = self.labels.label(ctx.tenant if ctx is not None else None)
+        with self._lock:
+            record = self._by_label.get(label)
+            if record is None:
+                if len(self._by_label) >= self.labels.max_tenants:
+                    label = OTHER_TENANTS
+                    record = self._by_label.get(label)
+                if record is None:
+                    record = self._by_label[label] = _Tenant(label)
+            if len(self._by_fingerprint) >= _MAX_FINGERPRINTS:
+                self._by_fingerprint = {}
+            self._by_fingerprint[fingerprint] = record
+        return record
+
+    def finish(self, record: _Tenant, outcome: str, seconds: float | None) -> None:
+        with self._lock:
+            record.outcomes[outcome] = record.outcomes.get(outcome, 0) + 1
+            if seconds is not None:
+                record.seconds.observe(seconds)
+
+    def read(self) -> list[tuple[str, dict[str, int], HistogramReading]]:
+        """(label, outcome counts, time-to-response histogram) per hashed tenant."""
+        with self._lock:
+            return [
+                (t.label, dict(t.outcomes), HistogramReading.of(t.seconds))
+                for t in self._by_label.values()
+            ]
+
+
+def _outcome(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, _REFUSED):
+        return "rejected"
+    return "error" if isinstance(exc, Exception) else "cancelled"
+
+
+def install(dest: DestinationPool, labels: TenantLabels) -> TenantCounters:
+    """Wrap `dest`'s send (outermost, around auth and policy) to count per hashed tenant."""
+    counters = TenantCounters(dest.name, labels)
+    inner_async = dest.async_send
+    inner_sync = dest.sync_send
+
+    async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        record = counters.tenant(ctx)
+        started = monotonic()
+        try:
+            response = await inner_async(request, ctx)
+        except BaseException as exc:
+            counters.finish(record, _failure(exc), None)
+            raise
+        counters.finish(record, _outcome(response.status_code), monotonic() - started)
+        return response
+
+    def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        record = counters.tenant(ctx)
+        started = monotonic()
+        try:
+            response = inner_sync(request, ctx)
+        except BaseException as exc:
+            counters.finish(record, _failure(exc), None)
+            raise
+        counters.finish(record, _outcome(response.status_code), monotonic() - started)
+        return response
+
+    counters.inner_async, counters.inner_sync = inner_async, inner_sync
+    counters.wrapped_async, counters.wrapped_sync = async_send, sync_send
+    dest.async_send = async_send
+    dest.sync_send = sync_send
+    return counters
+
+
+def uninstall(dest: DestinationPool, counters: TenantCounters) -> None:
+    """Undo `install`, if nothing wrapped the send again since (then it stays, harmless)."""
+    if dest.async_send is counters.wrapped_async and counters.inner_async is not None:
+        dest.async_send = counters.inner_async
+    if dest.sync_send is counters.wrapped_sync and counters.inner_sync is not None:
+        dest.sync_send = counters.inner_sync
