@@ -1,0 +1,38 @@
+"""Fixtures of the adapter-helper tests: a loopback downstream and a pool in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import toolpool
+from toolpool.testing import Downstream, ServiceSpec
+
+
+@pytest.fixture(scope="module")
+def downstream() -> Iterator[Downstream]:
+    """Two services on 127.0.0.1; the tenant of a request is its X-Tenant header."""
+    with Downstream(
+        {"crm": ServiceSpec(require_auth=False), "search": ServiceSpec(require_auth=False)}
+    ) as ds:
+        yield ds
+
+
+@pytest.fixture
+def ds(downstream: Downstream) -> Downstream:
+    downstream.reset_stats()
+    return downstream
+
+
+@pytest.fixture
+async def pool(ds: Downstream) -> AsyncIterator[toolpool.Pool]:
+    p = toolpool.Pool(
+        [
+            toolpool.Destination("crm", ds.url("crm"), max_connections=8),
+            toolpool.Destination("search", ds.url("search"), max_connections=8),
+        ],
+        warmup=0,
+    )
+    async with p:
+        yield p

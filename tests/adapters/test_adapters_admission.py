@@ -1,0 +1,194 @@
+"""Admission: learned and declared destinations, waiting while saturated, refusing after
+max_wait; busy messages; resolve_auth."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+import toolpool
+from toolpool.adapters import (
+    BUSY_ERRORS,
+    Admission,
+    busy_message,
+    resolve_auth,
+)
+from toolpool.testing import Downstream
+
+ACME = toolpool.AuthContext(tenant="acme", credentials={"api_key": "sk-live-SECRET"})
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def tight(ds: Downstream) -> AsyncIterator[toolpool.Pool]:
+    """'crm' with one connection and a queue of one."""
+    pool = toolpool.Pool(
+        [
+            toolpool.Destination("crm", ds.url("crm"), max_connections=1, queue_factor=1),
+            toolpool.Destination("search", ds.url("search")),
+        ],
+        warmup=0,
+    )
+    async with pool:
+        yield pool
+
+
+async def _saturate(
+    pool: toolpool.Pool, ds: Downstream
+) -> tuple[httpx.AsyncClient, list[asyncio.Task[httpx.Response]]]:
+    client = pool.client(timeout=httpx.Timeout(30.0, pool=None))
+    with toolpool.auth_context(ACME):
+        tasks = [asyncio.create_task(client.get(ds.url("crm") + "/hang")) for _ in range(2)]
+    st = pool.destination("crm").state
+    await _until(lambda: st.in_use == 1 and st.waiting == 1)
+    return client, tasks
+
+
+def test_declare_and_learn() -> None:
+    admission = Admission(toolpool.Pool(), max_wait=0)
+    assert admission.destinations("t") == frozenset()
+    admission.declare("t", ["crm"])
+    admission.learn("t", "search")
+    admission.learn("t", "search")
+    assert admission.destinations("t") == frozenset({"crm", "search"})
+    assert admission.destinations("other") == frozenset()
+    with pytest.raises(TypeError, match="iterable"):
+        admission.declare("t", "crm")
+    with pytest.raises(ValueError, match="max_wait"):
+        Admission(toolpool.Pool(), max_wait=-1)
+
+
+async def test_admit_passes_when_nothing_is_saturated(tight: toolpool.Pool) -> None:
+    admission = Admission(tight, max_wait=0)
+    admission.declare("t", ["crm", "search", "never-used-destination"])
+    await admission.admit("t")
+    admission.admit_sync("t")
+    await admission.admit("unknown-tool")
+
+
+async def test_admit_refuses_a_saturated_destination_after_max_wait(
+    tight: toolpool.Pool, ds: Downstream
+) -> None:
+    client, tasks = await _saturate(tight, ds)
+    admission = Admission(tight, max_wait=0)
+    admission.learn("t", "crm")
+    with pytest.raises(toolpool.PoolSaturated) as info:
+        await admission.admit("t")
+    assert info.value.destination == "crm"
+    assert info.value.reason == "admission"
+    assert info.value.retry_after > 0
+    assert isinstance(info.value, BUSY_ERRORS)
+    # A tool that does not use 'crm' is not held back.
+    admission.learn("other", "search")
+    await admission.admit("other")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.aclose()
+
+
+async def test_admit_waits_until_the_queue_drains(tight: toolpool.Pool, ds: Downstream) -> None:
+    client, tasks = await _saturate(tight, ds)
+    admission = Admission(tight, max_wait=60)
+    admission.declare("t", ["crm"])
+    waiting = asyncio.create_task(admission.admit("t"))
+    started = threading.Event()
+    finished: list[bool] = []  # whether the queue had drained when admit_sync returned
+    drained = False
+
+    def sync_admit() -> None:
+        started.set()
+        admission.admit_sync("t")
+        finished.append(drained)
+
+    thread = threading.Thread(target=sync_admit)
+    thread.start()
+    assert await asyncio.to_thread(started.wait, 30)
+    # Both stay blocked while the queue is full (a correct admit never returns here, however
+    # long this takes; a broken one returns at once).
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    assert finished == []
+    drained = True
+    tasks[1].cancel()  # the queued request leaves: no longer saturated
+    await asyncio.wait_for(waiting, 30)
+    await asyncio.to_thread(thread.join, 30)
+    assert finished == [True]
+    tasks[0].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.aclose()
+    thread.join(10)
+
+
+def test_busy_messages_are_readable_and_secret_free() -> None:
+    saturated = toolpool.PoolSaturated(
+        "crm", in_use=50, waiting=12, max_connections=50, queue_limit=100, retry_after=0.42
+    )
+    assert busy_message(saturated, "search_crm") == (
+        "tool 'search_crm' could not run: destination 'crm' is busy (12 waiting); retry in 0.4 s"
+    )
+    timeout = toolpool.PoolTimeout("crm", 5.0, in_use=2, waiting=4)
+    msg = busy_message(timeout, "t")
+    assert "destination 'crm' is busy" in msg
+    assert "within 5 s" in msg
+    assert "retry in 1.0 s" in msg
+    down = toolpool.DestinationUnavailable("crm", 12.5, "circuit open")
+    assert busy_message(down, "t") == (
+        "tool 't' could not run: destination 'crm' is unavailable (circuit open); retry in 12 s"
+    )
+    for exc in (saturated, timeout, down):
+        assert "SECRET" not in busy_message(exc, "t")
+        assert isinstance(exc, BUSY_ERRORS)
+
+
+def test_resolve_auth_sources() -> None:
+    hint = "pass context=Ctx(tenant_id=...) to invoke()"
+    assert resolve_auth(ACME, None, framework="x", hint=hint) is ACME
+    assert resolve_auth(None, None, framework="x", hint=hint) is None
+    with toolpool.auth_context(ACME):
+        assert resolve_auth(None, None, framework="x", hint=hint) is ACME
+    got = resolve_auth(
+        lambda run: toolpool.AuthContext(tenant=run["tenant"]),
+        {"tenant": "globex"},
+        framework="x",
+        hint=hint,
+    )
+    assert got == toolpool.AuthContext(tenant="globex")
+    assert resolve_auth(lambda run: None, {}, framework="x", hint=hint) is None
+
+
+@pytest.mark.parametrize(
+    ("resolver", "expected"),
+    [
+        (lambda run: toolpool.AuthContext(tenant=run["tenant"]), "KeyError"),
+        (lambda run: toolpool.AuthContext(tenant=run.tenant_id), "AttributeError"),
+        (lambda run: "acme", "returned str"),
+    ],
+)
+def test_resolve_auth_says_what_to_pass(
+    resolver: Callable[[object], object], expected: str
+) -> None:
+    hint = "pass context=Ctx(tenant_id=...) to invoke()"
+    with pytest.raises(toolpool.ConfigError) as info:
+        resolve_auth(resolver, {}, framework="langchain", hint=hint)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert expected in message
+    assert message.endswith(hint)
+    assert message.startswith("toolpool.langchain:")
+
+
+def test_resolve_auth_rejects_other_types() -> None:
+    with pytest.raises(toolpool.ConfigError, match="auth= must be"):
+        resolve_auth("acme", None, framework="crewai", hint="h")  # type: ignore[arg-type]
