@@ -22,6 +22,7 @@ import pkgutil
 # package path is extended over them. In a wheel they sit inside this folder already.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
+from toolpool import auth
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool._config import Destination, PoolDefaults
 from toolpool._pool import Pool
@@ -57,6 +58,7 @@ __all__ = [
     "Transport",
     "UnknownDestination",
     "__version__",
+    "auth",
     "auth_context",
     "current_auth",
 ]

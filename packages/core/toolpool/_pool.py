@@ -7,7 +7,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal
@@ -102,6 +102,8 @@ class Pool:
         self._maint: Maintenance | None = None
         self._started = False
         self.closed = False
+        # Called once when the pool starts closing (auth providers stop background refreshes).
+        self._close_callbacks: list[Callable[[], None]] = []
         for dest in destinations:
             if not isinstance(dest, Destination):
                 raise ConfigError(
@@ -325,6 +327,8 @@ class Pool:
             if self.closed:
                 return
             self.closed = True
+        for callback in list(self._close_callbacks):
+            callback()
         now = monotonic()
         for dest in list(self._by_name.values()):
             with dest.lock:
