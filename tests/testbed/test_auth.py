@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from toolpool.testing import Downstream, ServiceSpec
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 from rawhttp import RawClient
+
 from toolpool.testing import Downstream, ServiceSpec
 
 

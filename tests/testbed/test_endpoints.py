@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from rawhttp import RawClient
+
 from toolpool.testing import Downstream, ServiceSpec, ServiceStats
 
 BASE_FIELDS = {

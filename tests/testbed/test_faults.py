@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from rawhttp import RawClient
+
 from toolpool.testing import Downstream, ServiceSpec
 from toolpool.testing._loop import LoopName
 

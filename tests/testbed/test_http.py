@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rawhttp import RawClient
+
 from toolpool.testing import Downstream, ServiceSpec
 from toolpool.testing._http import MAX_HEAD, ProtocolError, Request, RequestParser
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
 from toolpool.testing import Downstream, ServiceSpec
 
 OPEN = ServiceSpec(require_auth=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -94,8 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _set_on_eof(stop: threading.Event) -> None:
+    # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader holds its lock,
+    # and the interpreter aborts when it finds that lock taken at exit.
     try:
-        while sys.stdin.buffer.read(65536):
+        fd = sys.stdin.fileno()
+        while os.read(fd, 65536):
             pass
     except (OSError, ValueError):
         pass

@@ -19,10 +19,14 @@ logger = logging.getLogger("toolpool.testing")
 LoopName = Literal["auto", "asyncio", "uvloop"]
 
 
-def new_event_loop(name: LoopName) -> asyncio.AbstractEventLoop:
-    """A new event loop of the requested implementation."""
+def check_loop_name(name: str) -> None:
     if name not in ("auto", "asyncio", "uvloop"):
         raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', got {name!r}")
+
+
+def new_event_loop(name: LoopName) -> asyncio.AbstractEventLoop:
+    """A new event loop of the requested implementation."""
+    check_loop_name(name)
     if name != "asyncio":
         try:
             import uvloop
@@ -49,6 +53,7 @@ class LoopThread:
         setup: Callable[[], Awaitable[None]],
         teardown: Callable[[], Awaitable[None]],
     ) -> None:
+        check_loop_name(loop)
         self._name = name
         self._loop_name = loop
         self._setup = setup

@@ -3,7 +3,8 @@
 Every chunk is delivered ``one_way`` seconds after it arrived, in order, in both directions
 (a queue per direction drained by one timer, so chunks overlap in flight instead of
 serialising behind per-chunk sleeps). Loopback connects are free, so the first client bytes of
-each connection wait one extra round trip, standing in for the TCP handshake. EOF, half-close
+each connection wait one extra round trip, standing in for the TCP handshake (and the server
+sees the connection one way after the client opened it, when its SYN would arrive). EOF, half-close
 and resets cross the relay after the same delay. Each client connection gets its own upstream
 connection.
 """
@@ -185,6 +186,8 @@ class _ClientSide(_Side):
     async def _connect(self) -> None:
         relay = self.relay
         upstream = _Side(relay, 0.0)
+        # The server hears of the connection when the SYN would arrive, one way after.
+        await asyncio.sleep(relay.one_way)
         try:
             await relay._loop_or_raise().create_connection(
                 lambda: upstream, relay.target_host, relay.target_port
