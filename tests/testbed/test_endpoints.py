@@ -95,6 +95,7 @@ def test_status_route(client: httpx.Client) -> None:
     assert (response.status_code, response.headers["retry-after"]) == (503, "2")
     no_content = client.get("/status/204")
     assert (no_content.status_code, no_content.content) == (204, b"")
+    assert "content-length" not in no_content.headers
     assert client.get("/status/abc").status_code == 400
 
 

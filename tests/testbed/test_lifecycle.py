@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -111,3 +113,11 @@ def test_service_time_is_applied_per_request() -> None:
         for _ in range(3):
             response = client.get(ds.url("api") + "/anything")
             assert response.elapsed.total_seconds() >= 0.1
+
+
+def test_importing_toolpool_stays_light() -> None:
+    code = (
+        "import sys, toolpool; assert 'toolpool.testing' not in sys.modules; "
+        "import toolpool.testing; assert 'trustme' not in sys.modules, 'trustme imported eagerly'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

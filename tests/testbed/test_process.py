@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from toolpool.testing import ServiceSpec, spawn_downstream
+from toolpool.testing._loadgen import measure
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -188,3 +189,11 @@ _seconds = st.floats(min_value=0, max_value=1e4, allow_nan=False, allow_infinity
 def test_service_spec_text_form_round_trips(**fields: object) -> None:
     spec = ServiceSpec(**fields)  # type: ignore[arg-type]
     assert ServiceSpec.from_text(spec.to_text()) == spec
+
+
+def test_bench_measures_throughput_and_the_server_counts_every_request() -> None:
+    result = measure(connections=4, seconds=0.5, server_loop="auto")
+    assert result.requests > 100
+    assert result.errors == 0
+    assert result.server_requests == result.requests  # exact across processes
+    assert result.requests_per_second > 0

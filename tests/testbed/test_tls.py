@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from toolpool.testing import Downstream, ServiceSpec
+from toolpool.testing import Downstream, LoopName, ServiceSpec
 
 OPEN = ServiceSpec(require_auth=False)
 MTLS = ServiceSpec(require_auth=False, mtls=True)
@@ -32,8 +32,9 @@ def test_tls_service_is_https_and_trusts_only_the_test_ca() -> None:
     assert not os.path.exists(ca_path)  # the Downstream removes its files
 
 
-def test_mtls_identifies_the_tenant_by_certificate_common_name() -> None:
-    with Downstream({"api": MTLS}, tls=True) as ds:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_mtls_identifies_the_tenant_by_certificate_common_name(loop: LoopName) -> None:
+    with Downstream({"api": MTLS}, tls=True, loop=loop) as ds:
         url = ds.url("api") + "/anything"
         for tenant in ("acme", "beta"):
             with httpx.Client(verify=ds.client_ssl_context(tenant)) as client:

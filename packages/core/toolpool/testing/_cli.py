@@ -1,7 +1,8 @@
-"""``python -m toolpool.testing serve``: run a Downstream as its own process.
+"""The test bed's command line: ``serve`` a Downstream as its own process, or ``bench`` it.
 
-Prints one line of JSON (the addresses) to stdout, then serves until SIGTERM/SIGINT or until
-stdin closes (so a parent that dies takes the server with it).
+``serve`` prints one line of JSON (the addresses) to stdout, then serves until SIGTERM/SIGINT
+or until stdin closes (so a parent that dies takes the server with it). ``bench`` prints one
+line of JSON with the measured throughput.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from toolpool.testing._downstream import Downstream
+from toolpool.testing._loadgen import measure, result_json
 from toolpool.testing._loop import LoopName
 from toolpool.testing._spec import ServiceSpec
 
@@ -58,12 +60,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=None, help="seed for the random draws")
     serve.add_argument("--ignore-stdin", action="store_true", help="keep serving when stdin closes")
     serve.add_argument("--log-level", default="WARNING")
+    bench = sub.add_parser(
+        "bench", help="measure the test bed's keep-alive throughput (server in a child process)"
+    )
+    bench.add_argument("--connections", type=int, default=32)
+    bench.add_argument("--seconds", type=float, default=5.0)
+    bench.add_argument("--loop", choices=get_args(LoopName), default="auto", help="server loop")
+    bench.add_argument("--client-loop", choices=get_args(LoopName), default="auto")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m toolpool.testing``."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        result = measure(
+            connections=args.connections,
+            seconds=args.seconds,
+            server_loop=args.loop,
+            client_loop=args.client_loop,
+        )
+        sys.stdout.write(json.dumps(result_json(result)) + "\n")
+        return 0 if result.errors == 0 else 1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     specs = dict(parse_service(text) for text in args.service)
     clients = []

@@ -17,6 +17,7 @@ from toolpool.testing._http import ProtocolError, Request, RequestParser, reason
 #: Stop reading from a peer that pipelines more than this while a request is in progress.
 _MAX_PIPELINED = 1024 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_NO_BODY = frozenset({204, 304})
 
 
 class InFlight(Protocol):
@@ -157,7 +158,11 @@ class HttpConnection(asyncio.Protocol):
         if self.closed or transport is None:
             return
         close = close or self._close_after
-        head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
+        if status in _NO_BODY or status < 200:
+            head = list(headers)  # RFC 9110 8.6: no Content-Length on 1xx, 204 (or 304)
+            body = b""
+        else:
+            head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
         if close:
             head.append(("connection", "close"))
         data = response_head(status, head)

@@ -34,7 +34,6 @@ _INVALID_TOKEN = (("www-authenticate", 'Bearer error="invalid_token"'),)
 _INVALID_TOKEN_BODY = b'{"error":"invalid_token"}'
 _OVER_LIMIT_BODY = b'{"error":"over_concurrency_limit"}'
 _PATTERN = bytes(range(256))
-_NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def _dumps(value: object) -> bytes:
@@ -140,10 +139,8 @@ class Service:
             self._admin(conn, request)
             return
         is_token = path == TOKEN_PATH
-        effects: Effects | None = None
         fired: list[str] = []
-        if self.faults._armed:
-            effects = self.faults.on_request("token" if is_token else "api", fired)
+        effects = self.faults.on_request("token" if is_token else "api", fired)
         header_fault = request.headers.get(FAULT_HEADER)
         if header_fault is not None:
             try:
@@ -298,7 +295,7 @@ class Service:
             retry_after = _query(request.query).get("retry_after")
             if retry_after is not None:
                 headers.append(("retry-after", retry_after))
-            body = b"" if status in _NO_BODY_STATUSES else _dumps(info)
+            body = _dumps(info)  # dropped by respond() for 204 and 304
         elif path == "/redirect":
             target = _query(request.query).get("to", "/anything")
             if not target.startswith("/") or target.startswith("//"):

@@ -16,7 +16,8 @@ class ServiceStats:
     Every number is counted from events, never sampled. ``requests_total`` counts every API and
     token request (not the ``/_testbed`` admin ones); ``requests_in_progress`` and its peak count
     API requests only, the ones ``concurrency_limit`` governs (the token endpoint stands for a
-    separate identity provider that happens to share the port).
+    separate identity provider that happens to share the port). A malformed request is
+    answered 400 and closed without being counted.
     """
 
     connections_accepted: int = 0
