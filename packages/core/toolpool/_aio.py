@@ -492,7 +492,9 @@ async def send(
     key = (ctx._fingerprint if ctx is not None else "", loop)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
+    asked = monotonic()
     slot = await acquire(dest, key, loop, _wait_limit(dest, timeouts))
+    waited = monotonic() - asked
     retried = False
     while True:
         conn: AsyncConnection | None = slot.conn
@@ -521,7 +523,7 @@ async def send(
             raise
         break
     stream = AsyncResponseStream(dest, slot, conn, timeouts.get("read"))
-    return make_response(head, stream, dest.name, slot.id, not fresh)
+    return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 
 
 async def preconnect(

@@ -312,7 +312,9 @@ def send(
     key = (ctx._fingerprint if ctx is not None else "", SYNC_DRIVER)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
+    asked = monotonic()
     slot = acquire(dest, key, _wait_limit(dest, timeouts))
+    waited = monotonic() - asked
     retried = False
     while True:
         conn: SyncConnection | None = slot.conn
@@ -340,7 +342,7 @@ def send(
             raise
         break
     stream = SyncResponseStream(dest, slot, conn)
-    return make_response(head, stream, dest.name, slot.id, not fresh)
+    return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 
 
 def preconnect(

@@ -52,7 +52,12 @@ def prepare(request: httpx.Request) -> RequestBytes:
 
 
 def make_response(
-    head: ResponseHead, stream: Any, destination: str, connection_id: int, reused: bool
+    head: ResponseHead,
+    stream: Any,
+    destination: str,
+    connection_id: int,
+    reused: bool,
+    wait_seconds: float = 0.0,
 ) -> httpx.Response:
     return httpx.Response(
         head.status,
@@ -65,6 +70,9 @@ def make_response(
                 "destination": destination,
                 "connection_id": connection_id,
                 "reused": reused,
+                # Time the request waited for a connection (the adaptive limit subtracts it
+                # to measure the downstream's service time alone).
+                "wait_seconds": wait_seconds,
             },
         },
     )
