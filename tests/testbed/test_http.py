@@ -163,3 +163,15 @@ def test_large_request_and_response_bodies_cross_intact() -> None:
 
         assert client.post("/anything", content=gen()).json()["body_size"] == len(body)
         assert client.get("/bytes", params={"n": len(body)}).content == body
+
+
+def test_nothing_is_answered_after_a_connection_close_response(raw: RawClient) -> None:
+    with Downstream({"api": OPEN}) as ds:
+        conn = raw.connect(ds.address("api"))
+        conn.send(
+            b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert conn.response().headers["connection"] == "close"
+        assert conn.at_eof()
+        assert ds.stats("api").requests_total == 1

@@ -211,14 +211,20 @@ class HttpConnection(asyncio.Protocol):
     def drop(self) -> None:
         """Close the connection (FIN) without answering the request in progress."""
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        # From here on nothing is read or written, not even an already pipelined request.
+        self.closed = True
+        assert self.transport is not None
+        self.transport.close()
 
     def _finished(self, close: bool) -> None:
         self.in_flight = None
         self._busy = False
         assert self.transport is not None
         if close:
-            self.transport.close()
+            self._close()
             return
         self._last_activity = self._loop.time()
         if self._reading_paused:
@@ -248,5 +254,4 @@ class HttpConnection(asyncio.Protocol):
             self._arm_idle_timer(remaining)
             return
         self.closed_for_idle = True
-        assert self.transport is not None
-        self.transport.close()
+        self._close()

@@ -146,6 +146,8 @@ class Service:
             try:
                 fault = parse_fault_header(header_fault)
             except ValueError as exc:
+                self.counters.request_received(conn.id, False, None)
+                self.counters.responded(400)
                 conn.respond(400, _error("bad_fault_header", str(exc)))
                 return
             effects = effects or Effects()
