@@ -27,14 +27,15 @@ with limiter.slot_sync() as slot, tool_call_scope(pool, ctx, tool_name=tool_name
 - `run_in_thread_with_context`: run a sync tool in a worker thread, context copied.
 - `Admission`: wait (boundedly) while a destination the tool uses is saturated.
 - `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
-- `BUSY_ERRORS`, `busy_message`: which errors mean "busy" and what the model reads.
+- `BUSY_ERRORS`, `find_busy`, `busy_message`: which errors mean "busy" (also when wrapped
+  in another error or an exception group) and what the model reads.
 """
 
 from __future__ import annotations
 
 from toolpool.adapters._admission import Admission
 from toolpool.adapters._auth import AuthSource, resolve_auth
-from toolpool.adapters._busy import BUSY_ERRORS, busy_message, retry_after_of
+from toolpool.adapters._busy import BUSY_ERRORS, busy_message, find_busy, retry_after_of
 from toolpool.adapters._concurrency import AdaptiveToolConcurrency, ToolSlot
 from toolpool.adapters._scope import (
     ToolCall,
@@ -55,6 +56,7 @@ __all__ = [
     "atool_call_scope",
     "busy_message",
     "current_tool_call",
+    "find_busy",
     "install_httpx_patch",
     "resolve_auth",
     "retry_after_of",

@@ -6,7 +6,7 @@ import math
 
 from toolpool.errors import DestinationUnavailable, PoolSaturated, PoolTimeout
 
-__all__ = ["BUSY_ERRORS", "busy_message", "retry_after_of"]
+__all__ = ["BUSY_ERRORS", "busy_message", "find_busy", "retry_after_of"]
 
 #: The errors that mean "the destination is busy or resting, try again later": adapters turn
 #: them into the framework's readable error result instead of failing the run.
@@ -15,6 +15,32 @@ BUSY_ERRORS: tuple[type[Exception], ...] = (PoolSaturated, PoolTimeout, Destinat
 # A PoolTimeout carries no estimate of its own; the caller already waited its whole acquire
 # timeout, so suggesting a short pause (not another full timeout) keeps the run moving.
 _TIMEOUT_RETRY_AFTER = 1.0
+
+
+def find_busy(exc: BaseException) -> BaseException | None:
+    """The busy error (`BUSY_ERRORS`) behind `exc`, or None.
+
+    Looks at `exc` itself, its causes and contexts, and inside exception groups: SDKs that run
+    requests in task groups (MCP clients, for one) or tools that re-raise their own error
+    while handling an httpx one still report a busy destination as busy.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BUSY_ERRORS):
+            return current
+        inner = getattr(current, "exceptions", None)  # an ExceptionGroup (3.11+)
+        if isinstance(inner, tuple):
+            stack.extend(e for e in inner if isinstance(e, BaseException))
+        if current.__cause__ is not None:
+            stack.append(current.__cause__)
+        if current.__context__ is not None and not current.__suppress_context__:
+            stack.append(current.__context__)
+    return None
 
 
 def retry_after_of(exc: BaseException) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,13 +23,13 @@ from langchain.agents.middleware import AgentMiddleware
 from toolpool._auth_context import AuthContext
 from toolpool._pool import Pool
 from toolpool.adapters import (
-    BUSY_ERRORS,
     AdaptiveToolConcurrency,
     Admission,
     ToolCall,
     ToolSlot,
     atool_call_scope,
     busy_message,
+    find_busy,
     resolve_auth,
     tool_call_scope,
 )
@@ -106,6 +107,9 @@ class ToolpoolMiddleware(AgentMiddleware):
         self.auth = auth
         self.pool_httpx = pool_httpx
         self.admission = Admission(pool, max_wait=max_wait)
+        self._lock = threading.Lock()
+        #: Tool calls answered "busy" instead of running to the end.
+        self.busy_total = 0
         self.concurrency = (
             AdaptiveToolConcurrency(tool_concurrency) if tool_concurrency is not None else None
         )
@@ -150,6 +154,8 @@ class ToolpoolMiddleware(AgentMiddleware):
     ) -> ToolMessage:
         if slot is not None:
             slot.busy()
+        with self._lock:
+            self.busy_total += 1
         name = request.tool_call["name"]
         text = busy_message(exc, name)
         log.info("%s", text)
@@ -182,8 +188,11 @@ class ToolpoolMiddleware(AgentMiddleware):
                     admission=self.admission,
                 ) as call:
                     result = handler(request)
-            except BUSY_ERRORS as exc:
-                return self._busy_result(request, exc, slot)
+            except Exception as exc:
+                busy = find_busy(exc)
+                if busy is None:
+                    raise
+                return self._busy_result(request, busy, slot)
             self._settle(slot, call)
             return result
 
@@ -207,7 +216,10 @@ class ToolpoolMiddleware(AgentMiddleware):
                     admission=self.admission,
                 ) as call:
                     result = await handler(request)
-            except BUSY_ERRORS as exc:
-                return self._busy_result(request, exc, slot)
+            except Exception as exc:
+                busy = find_busy(exc)
+                if busy is None:
+                    raise
+                return self._busy_result(request, busy, slot)
             self._settle(slot, call)
             return result
