@@ -55,8 +55,8 @@ class TenantLabels:
     never contains a raw tenant id and nobody without the salt can confirm a guess. Use the
     same salt in every replica (labels stay comparable) and keep it out of the exposition
     and the logs like any secret. Requests with no tenant are labelled "none"; tenants
-    beyond `max_tenants` per destination share the label "other", which bounds the number
-    of series whatever the traffic.
+    beyond the first `max_tenants` seen per destination share the label "other", which
+    bounds the number of series whatever the traffic.
     """
 
     salt: str | bytes = field(repr=False)
@@ -105,6 +105,7 @@ class TenantCounters:
         self._lock = threading.Lock()
         self._by_fingerprint: dict[str, _Tenant] = {}
         self._by_label: dict[str, _Tenant] = {}
+        self._hashed = 0  # hashed labels handed out (at most max_tenants)
         self.wrapped_async: Callable[..., Awaitable[httpx.Response]] | None = None
         self.wrapped_sync: Callable[..., httpx.Response] | None = None
         self.inner_async: Callable[..., Awaitable[httpx.Response]] | None = None
@@ -122,9 +123,12 @@ class TenantCounters:
         with self._lock:
             record = self._by_label.get(label)
             if record is None:
-                if len(self._by_label) >= self.labels.max_tenants:
-                    label = OTHER_TENANTS
-                    record = self._by_label.get(label)
+                if label != NO_TENANT:
+                    if self._hashed >= self.labels.max_tenants:
+                        label = OTHER_TENANTS
+                        record = self._by_label.get(label)
+                    else:
+                        self._hashed += 1
                 if record is None:
                     record = self._by_label[label] = _Tenant(label)
             if len(self._by_fingerprint) >= _MAX_FINGERPRINTS:
