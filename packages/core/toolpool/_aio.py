@@ -12,7 +12,8 @@ import math
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
@@ -38,6 +39,8 @@ _HIGH_WATER = 256 * 1024
 _CLOSE_GRACE = 2.0
 # Idle this long or more, a connection's liveness is checked before it is reused.
 _CHECK_AFTER_IDLE = 1.0
+# How often pending read timeouts are checked (their resolution).
+_SWEEP = 0.05
 
 
 class _Stale(httpx.RemoteProtocolError):
@@ -75,6 +78,49 @@ class _Notifier:
         return True
 
 
+class _ReadDeadlines:
+    """Read timeouts of one event loop's connections, checked by one periodic timer.
+
+    A timer per wait (call_later + cancel) costs more than the rest of a small request's
+    bookkeeping; a dict entry per waiting connection and one sweep every `_SWEEP` seconds
+    while any wait is pending cost almost nothing. Timeouts fire up to `_SWEEP` late.
+    """
+
+    __slots__ = ("__weakref__", "handle", "loop", "waiting")
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ReadDeadlines]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: dict[AsyncConnection, float] = {}
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _ReadDeadlines:
+        sweep = cls._by_loop.get(loop)
+        if sweep is None:
+            sweep = cls._by_loop[loop] = cls(loop)
+        return sweep
+
+    def start(self) -> None:
+        self.handle = self.loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        for conn, deadline in list(self.waiting.items()):
+            if deadline <= now:
+                del self.waiting[conn]
+                waiter = conn.waiter
+                if waiter is not None:
+                    conn.waiter = None
+                    _time_out(waiter, httpx.ReadTimeout("read timed out"))
+        if self.waiting:
+            self.start()
+
+
 class AsyncConnection(asyncio.Protocol):
     """One HTTP/1.1 connection on an asyncio transport."""
 
@@ -95,6 +141,7 @@ class AsyncConnection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self.sweep = _ReadDeadlines.of(loop)
 
     # ------------------------------------------------------------------ protocol callbacks
 
@@ -169,11 +216,14 @@ class AsyncConnection(asyncio.Protocol):
         if timeout is None:
             await fut
             return
-        handle = self.loop.call_later(timeout, _time_out, fut, httpx.ReadTimeout("read timed out"))
+        sweep = self.sweep
+        sweep.waiting[self] = self.loop.time() + timeout
+        if sweep.handle is None:
+            sweep.start()
         try:
             await fut
         finally:
-            handle.cancel()
+            sweep.waiting.pop(self, None)
 
     async def _drain(self, timeout: float | None) -> None:
         while self.writing_paused and not self.lost:

@@ -60,6 +60,9 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+_WHITESPACE = frozenset(b" \t")
+_C_OR_T = frozenset(b"cCtT")
+
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
@@ -226,39 +229,42 @@ class ResponseParser:
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
             raise ProtocolError(f"invalid status line {status_line[:40]!r}")
         version = parts[0]
-        try:
-            status = int(parts[1])
-        except ValueError:
-            raise ProtocolError(f"invalid status code in {status_line[:40]!r}") from None
-        if not 100 <= status <= 999 or len(parts[1]) != 3:
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit():
+            raise ProtocolError(f"invalid status code in {status_line[:40]!r}")
+        status = int(code)
+        if status < 100:
             raise ProtocolError(f"invalid status code in {status_line[:40]!r}")
         reason = parts[2] if len(parts) == 3 else b""
         headers: list[tuple[bytes, bytes]] = []
+        append = headers.append
         length: int | None = None
         chunked = False
         close = version == b"HTTP/1.0"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+            if not sep or not name or name[-1] in _WHITESPACE or line[0] in _WHITESPACE:
                 raise ProtocolError(f"invalid header line {line[:40]!r}")
             value = value.strip(b" \t")
-            headers.append((name, value))
-            lname = name.lower()
-            if lname == b"content-length":
-                if not value.isdigit():
-                    raise ProtocolError(f"invalid Content-Length {value[:20]!r}")
-                n = int(value)
-                if length is not None and n != length:
-                    raise ProtocolError("conflicting Content-Length headers")
-                length = n
-            elif lname == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            elif lname == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    close = True
-                elif b"keep-alive" in tokens:
-                    close = False
+            append((name, value))
+            # Only three header names frame the message; all start with c or t.
+            if name[0] in _C_OR_T:
+                lname = name.lower()
+                if lname == b"content-length":
+                    if not value.isdigit():
+                        raise ProtocolError(f"invalid Content-Length {value[:20]!r}")
+                    n = int(value)
+                    if length is not None and n != length:
+                        raise ProtocolError("conflicting Content-Length headers")
+                    length = n
+                elif lname == b"transfer-encoding":
+                    chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                elif lname == b"connection":
+                    tokens = value.lower()
+                    if b"close" in tokens:
+                        close = True
+                    elif b"keep-alive" in tokens:
+                        close = False
         if status < 200:
             # Interim response (100 Continue, 103 Early Hints): the real one follows.
             if status == 101:

@@ -1,0 +1,213 @@
+"""Per-request overhead of toolpool against other HTTP clients, on a loopback server.
+
+The server (toolpool.testing, uvloop) runs in another process, so this process's CPU time is
+the client's alone. For each concurrency level, plain HTTP and TLS, every client runs the same
+closed loop (N tasks each sending GET /anything back to back for a fixed time) and we record
+requests/s, errors and client CPU per request. Ratios are taken within one run.
+
+    python benchmarks/overhead.py --repeat 3 --json benchmarks/out/overhead.json
+
+Clients:
+  httpx-default   httpx.AsyncClient() with its own (httpcore) pool, default limits
+  httpx+toolpool  httpx.AsyncClient(transport=toolpool.AsyncTransport(pool))
+  aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
+All pools are capped at 100 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import ssl
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import toolpool
+from toolpool.testing import ServiceSpec, spawn_downstream
+
+Send = Callable[[], Awaitable[None]]
+CLIENTS = ("httpx-default", "httpx+toolpool", "aiohttp")
+
+
+async def _closed_loop(send: Send, concurrency: int, seconds: float) -> tuple[int, int]:
+    done = 0
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while time.perf_counter() < deadline:
+            try:
+                await send()
+                done += 1
+            except Exception:
+                errors += 1
+
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return done, errors
+
+
+async def _run_client(
+    name: str,
+    url: str,
+    sslctx: ssl.SSLContext | None,
+    ca_path: str | None,
+    concurrency: int,
+    seconds: float,
+) -> dict[str, Any]:
+    target = url + "/anything"
+    cleanup: Callable[[], Awaitable[None]]
+    if name == "httpx-default":
+        client = httpx.AsyncClient(verify=sslctx if sslctx is not None else True)
+
+        async def send() -> None:
+            r = await client.get(target)
+            r.raise_for_status()
+
+        cleanup = client.aclose
+    elif name == "httpx+toolpool":
+        pool = toolpool.Pool(
+            [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
+            queue_factor=4,
+            warmup=0,
+        )
+        await pool.astart()
+        client = pool.client()
+
+        async def send() -> None:
+            r = await client.get(target)
+            r.raise_for_status()
+
+        async def cleanup() -> None:
+            await client.aclose()
+            await pool.aclose()
+    elif name == "aiohttp":
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100, ssl=sslctx if sslctx is not None else True)
+        )
+
+        async def send() -> None:
+            async with session.get(target) as r:
+                await r.read()
+                r.raise_for_status()
+
+        cleanup = session.close
+    else:
+        raise SystemExit(f"unknown client {name!r}")
+    try:
+        await _closed_loop(send, min(concurrency, 20), 0.3)  # warm connections and caches
+        gc.collect()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        done, errors = await _closed_loop(send, concurrency, seconds)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    finally:
+        await cleanup()
+    return {
+        "client": name,
+        "concurrency": concurrency,
+        "requests_per_s": done / wall,
+        "errors": errors,
+        "cpu_us_per_request": 1e6 * cpu / max(done, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", default="1,10,100,400")
+    parser.add_argument("--clients", default=",".join(CLIENTS))
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured time per cell")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tls", choices=["both", "plain", "tls"], default="both")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    clients = args.clients.split(",")
+    modes = ["plain", "tls"] if args.tls == "both" else [args.tls]
+    rows: list[dict[str, Any]] = []
+    for mode in modes:
+        with spawn_downstream({"api": ServiceSpec(require_auth=False)}, tls=mode == "tls") as ds:
+            sslctx = ds.client_ssl_context() if mode == "tls" else None
+            ca_path = ds.ca_pem_path if mode == "tls" else None
+            for level in levels:
+                for rep in range(args.repeat):
+                    for name in clients:
+                        row = asyncio.run(
+                            _run_client(name, ds.url("api"), sslctx, ca_path, level, args.seconds)
+                        )
+                        row.update(mode=mode, repeat=rep)
+                        rows.append(row)
+                        print(
+                            f"{mode:5} c={level:<4} {name:15} {row['requests_per_s']:9.0f} req/s "
+                            f"{row['cpu_us_per_request']:7.1f} us cpu/req  errors={row['errors']}",
+                            file=sys.stderr,
+                        )
+    summary = summarize(rows)
+    print(render(summary, args))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median and spread per (mode, concurrency, client), plus ratios against the others."""
+    cells: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["mode"], row["concurrency"], row["client"]), []).append(row)
+    out = []
+    for (mode, level, name), runs in cells.items():
+        rates = [r["requests_per_s"] for r in runs]
+        out.append(
+            {
+                "mode": mode,
+                "concurrency": level,
+                "client": name,
+                "rps_median": statistics.median(rates),
+                "rps_min": min(rates),
+                "rps_max": max(rates),
+                "cpu_us_median": statistics.median(r["cpu_us_per_request"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+            }
+        )
+    by = {(c["mode"], c["concurrency"], c["client"]): c for c in out}
+    for cell in out:
+        for other in CLIENTS:
+            base = by.get((cell["mode"], cell["concurrency"], other))
+            if base and other != cell["client"] and base["rps_median"]:
+                cell[f"vs_{other}"] = cell["rps_median"] / base["rps_median"]
+    return out
+
+
+def render(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"overhead benchmark, {os.cpu_count()} cores, {args.seconds} s per cell, "
+        f"repeat {args.repeat} (median [min-max])",
+        "",
+        "| mode | conc. | client | req/s | client CPU µs/req | errors "
+        "| × httpx-default | × aiohttp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(summary, key=lambda c: (c["mode"], c["concurrency"], c["client"])):
+        ratio_h = c.get("vs_httpx-default")
+        ratio_a = c.get("vs_aiohttp")
+        lines.append(
+            f"| {c['mode']} | {c['concurrency']} | {c['client']} | {c['rps_median']:.0f} "
+            f"[{c['rps_min']:.0f}-{c['rps_max']:.0f}] | {c['cpu_us_median']:.0f} | {c['errors']} "
+            f"| {'' if ratio_h is None else f'{ratio_h:.2f}'} "
+            f"| {'' if ratio_a is None else f'{ratio_a:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
