@@ -7,11 +7,10 @@ context inside this process without revealing its credentials, and it is safe to
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -116,20 +115,34 @@ def current_auth() -> AuthContext | None:
     return _current.get()
 
 
-@contextlib.contextmanager
-def auth_context(ctx: AuthContext | None) -> Iterator[AuthContext | None]:
+class auth_context:
     """Run the enclosed code (and the asyncio tasks it starts) on behalf of `ctx`.
 
     >>> with auth_context(AuthContext(tenant="acme")):
     ...     current_auth().tenant
     'acme'
+
+    Contexts nest; leaving the block restores the one before. `None` runs the block with no
+    context (the destination's shared identity, if it has one).
     """
-    if ctx is not None and not isinstance(ctx, AuthContext):
-        raise TypeError(
-            f"auth_context() takes a toolpool.AuthContext or None, not {type(ctx).__name__}"
-        )
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: AuthContext | None) -> None:
+        if ctx is not None and not isinstance(ctx, AuthContext):
+            raise TypeError(
+                f"auth_context() takes a toolpool.AuthContext or None, not {type(ctx).__name__}"
+            )
+        self._ctx = ctx
+        self._token: contextvars.Token[AuthContext | None] | None = None
+
+    def __enter__(self) -> AuthContext | None:
+        if self._token is not None:
+            raise RuntimeError("this auth_context() block is already active; create a new one")
+        self._token = _current.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
