@@ -3,11 +3,37 @@
 Import it explicitly (``import toolpool`` does not); TLS needs ``trustme``
 (``pip install 'toolpool[testing]'``)::
 
+    import httpx
     from toolpool.testing import Downstream, ServiceSpec
 
-    with Downstream({"crm": ServiceSpec(), "search": ServiceSpec(require_auth=False)}) as ds:
+    services = {"crm": ServiceSpec(), "search": ServiceSpec(require_auth=False)}
+    with Downstream(services, tls=True) as ds:
         ds.register_client("crm", client_id="acme-app", client_secret="s3cret", tenant="acme")
-        ...
+        with httpx.Client(verify=ds.client_ssl_context()) as client:
+            grant = client.post(
+                ds.token_url("crm"),
+                data={"grant_type": "client_credentials"},
+                auth=("acme-app", "s3cret"),
+            ).json()
+            headers = {"Authorization": f"Bearer {grant['access_token']}"}
+            client.get(ds.url("crm") + "/anything", headers=headers).json()["tenant"]  # "acme"
+        assert ds.stats("crm").mixed_connections() == {}
+
+What is here:
+
+- :class:`Downstream`: named services, each on its own 127.0.0.1 port, served from a loop
+  thread it owns (sync and async context manager). Token endpoint (client credentials,
+  RFC 8693 exchange), bearer / ``X-Tenant`` / mTLS tenants, API routes (``/anything``,
+  ``/echo``, ``/bytes``, ``/stream``, ``/status/<code>``, ``/redirect``, ``/cookies``,
+  ``/delay``, ``/hang``, ``/close``), faults (:meth:`Downstream.set_fault`), exact counters
+  (:class:`ServiceStats`, :meth:`Downstream.wait_stats`).
+- :class:`ServiceSpec`: one service's behaviour (service time, concurrency limit, keep-alive
+  timeout, auth, token latency and lifetime, mTLS).
+- :class:`LatencyRelay`: a TCP wire with a one-way delay (``Downstream(latency=...)`` puts
+  one in front of every service).
+- :func:`spawn_downstream`: the same Downstream in a child process
+  (``python -m toolpool.testing serve``), driven over its admin endpoint; and
+  ``python -m toolpool.testing bench`` to measure the test bed's own throughput.
 """
 
 from __future__ import annotations

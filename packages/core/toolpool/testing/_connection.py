@@ -8,6 +8,7 @@ The connection knows HTTP/1.1 framing and keep-alive; what a request means is th
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from typing import Protocol, cast
@@ -132,7 +133,7 @@ class HttpConnection(asyncio.Protocol):
             self._dispatching = False
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        body = f'{{"error": "{reason(exc.status)}", "detail": "{exc}"}}'.encode()
+        body = json.dumps({"error": reason(exc.status), "detail": str(exc)}).encode()
         self._busy = True
         self.respond(exc.status, body, close=True)
 
