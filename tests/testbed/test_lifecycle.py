@@ -121,3 +121,13 @@ def test_importing_toolpool_stays_light() -> None:
         "import toolpool.testing; assert 'trustme' not in sys.modules, 'trustme imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_package_docstring_example_runs() -> None:
+    import textwrap
+
+    import toolpool.testing
+
+    doc = toolpool.testing.__doc__ or ""
+    example = doc.split("::\n\n", 1)[1].split("\n\nWhat is here", 1)[0]
+    exec(compile(textwrap.dedent(example), "toolpool.testing docstring", "exec"), {})
