@@ -1,0 +1,421 @@
+"""`PooledWorkbench`: an AutoGen workbench whose tool calls run on a toolpool `Pool`.
+
+AutoGen 0.7 fans a model turn's tool calls out with an unbounded `asyncio.gather`, each call
+going to `workbench.call_tool_stream(...)` (for a `StaticStreamWorkbench`) or
+`workbench.call_tool(...)`. This workbench is therefore the one place where a call can be
+gated: per call it
+
+1. waits for a slot of the agent's adaptive (AIMD) tool-call limit,
+2. asks the pool's admission (waits while the tool's destinations are saturated),
+3. runs the tool inside `toolpool.adapters.atool_call_scope`: the call's `AuthContext` is
+   current and `httpx.Client()` / `httpx.AsyncClient()` built by the tool use the pool,
+4. turns a busy destination (`PoolSaturated`, `PoolTimeout`, `DestinationUnavailable`) into
+   `ToolResult(is_error=True)` with a "retry in N s" text the model reads, and halves the limit.
+
+It subclasses `StaticStreamWorkbench` so that `AssistantAgent` keeps using its streaming branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from typing import Any
+
+from autogen_core import CancellationToken, ComponentModel
+from autogen_core.tools import (
+    StaticStreamWorkbench,
+    StaticWorkbench,
+    StreamTool,
+    TextResultContent,
+    ToolResult,
+    ToolSchema,
+    Workbench,
+)
+from autogen_core.tools._workbench import StreamWorkbench  # not re-exported by autogen_core.tools
+
+from toolpool._auth_context import AuthContext
+from toolpool._pool import Pool
+from toolpool.adapters import (
+    BUSY_ERRORS,
+    AdaptiveToolConcurrency,
+    Admission,
+    AuthSource,
+    ToolCall,
+    atool_call_scope,
+    busy_message,
+    resolve_auth,
+)
+from toolpool.autogen._function_tool import with_thread_context
+from toolpool.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_PARALLEL_TOOL_CALLS", "PooledWorkbench"]
+
+log = logging.getLogger("toolpool.autogen")
+
+# AutoGen runs every tool call of a model turn at once; models rarely ask for more than a
+# handful, so 16 never slows a normal turn but bounds a runaway fan-out. The AIMD limit
+# starts here and halves on every busy destination.
+DEFAULT_MAX_PARALLEL_TOOL_CALLS = 16
+
+# The same bound as toolpool.adapters.Admission's default: long enough to ride out a burst,
+# short enough that the model hears "busy" while retrying still makes sense.
+DEFAULT_MAX_WAIT = 5.0
+
+_AUTH_HINT = (
+    "pass auth=toolpool.AuthContext(...) to toolpool.autogen.wrap(), a function of the agent "
+    "returning one, or run the agent inside `with toolpool.auth_context(ctx):`"
+)
+
+_DONE = object()
+
+
+def _busy_cause(exc: BaseException) -> BaseException | None:
+    """The busy-destination error behind `exc`, following causes and exception groups.
+
+    Tools often wrap transport errors (`raise ToolError(...) from exc`) and anyio task groups
+    raise exception groups; the model should still read "busy, retry in N s" then.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, BUSY_ERRORS):
+            return err
+        if isinstance(err, builtins.BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        for linked in (err.__cause__, err.__context__):
+            if linked is not None:
+                todo.append(linked)
+    return None
+
+
+def _text_result(name: str, text: str, *, is_error: bool) -> ToolResult:
+    return ToolResult(name=name, result=[TextResultContent(content=text)], is_error=is_error)
+
+
+class PooledWorkbench(StaticStreamWorkbench):
+    """Wraps a workbench so that every tool call runs on `pool`, for the right tenant.
+
+    ```python
+    from autogen_core.tools import StaticStreamWorkbench
+    from toolpool.autogen import PooledWorkbench
+
+    agent._workbench = [PooledWorkbench(StaticStreamWorkbench(tools), pool)]
+    # or, the same in one call:  toolpool.autogen.wrap(agent, pool)
+    ```
+
+    `auth`: the `AuthContext` the calls act for, a function of `run_input` (the agent, when
+    `wrap` built this workbench) returning one, or None for the context current around the
+    run (`with toolpool.auth_context(ctx): await agent.run(...)`). The context is resolved
+    per tool call.
+
+    `admission` / `concurrency`: share one `toolpool.adapters.Admission` or
+    `AdaptiveToolConcurrency` between workbenches (`wrap` shares them across a team); by
+    default each workbench makes its own, from `max_wait` and `max_parallel_tool_calls`.
+    `destinations` declares which destination names a tool uses, so admission applies from its
+    first call (otherwise it learns them from the tool's pooled traffic). `pool_httpx=False`
+    leaves httpx clients built by tools alone (they then reach the pool only if they pass a
+    toolpool transport themselves).
+
+    Tools of a static workbench run here directly; a sync `FunctionTool` runs in a worker
+    thread that keeps the call's context variables. Any other workbench (`McpWorkbench`, your
+    own) gets the same admission, limit and auth context around its `call_tool`.
+
+    `dump_component()` returns the inner workbench's component: a saved agent loads back
+    unpooled (a pool cannot be serialized); wrap it again after loading.
+    """
+
+    def __init__(
+        self,
+        workbench: Workbench,
+        pool: Pool,
+        *,
+        auth: AuthSource = None,
+        admission: Admission | None = None,
+        concurrency: AdaptiveToolConcurrency | None = None,
+        max_parallel_tool_calls: int = DEFAULT_MAX_PARALLEL_TOOL_CALLS,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        destinations: Mapping[str, Iterable[str]] | None = None,
+        pool_httpx: bool = True,
+        run_input: Any = None,
+    ) -> None:
+        if isinstance(workbench, PooledWorkbench):
+            raise ConfigError(
+                "this workbench is already a toolpool.autogen.PooledWorkbench; wrap its "
+                "`.inner` workbench (or call toolpool.autogen.unwrap first)"
+            )
+        if not isinstance(workbench, Workbench):
+            raise ConfigError(
+                f"PooledWorkbench wraps an autogen_core.tools.Workbench, not "
+                f"{type(workbench).__name__}"
+            )
+        if not isinstance(pool, Pool):
+            raise ConfigError(f"pool must be a toolpool.Pool, not {type(pool).__name__}")
+        if isinstance(workbench, StaticWorkbench):
+            tools = [with_thread_context(tool) for tool in workbench._tools]
+            super().__init__(tools, tool_overrides=dict(workbench._tool_overrides))
+            self._static = True
+        else:
+            super().__init__([])
+            self._static = False
+        self._inner = workbench
+        self._pool = pool
+        self._auth = auth
+        self._run_input = run_input
+        self._pool_httpx = pool_httpx
+        self._admission = admission if admission is not None else Admission(pool, max_wait=max_wait)
+        self._concurrency = (
+            concurrency
+            if concurrency is not None
+            else AdaptiveToolConcurrency(max_parallel_tool_calls)
+        )
+        for tool_name, names in (destinations or {}).items():
+            self._admission.declare(tool_name, list(names))
+
+    def __repr__(self) -> str:
+        inner = type(self._inner).__name__
+        return f"<toolpool.autogen.PooledWorkbench over {inner} {self._pool!r}>"
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def inner(self) -> Workbench:
+        """The wrapped workbench (what `unwrap` puts back)."""
+        return self._inner
+
+    @property
+    def pool(self) -> Pool:
+        """The pool the tool calls run on."""
+        return self._pool
+
+    @property
+    def admission(self) -> Admission:
+        """The admission gate asked before each tool call."""
+        return self._admission
+
+    @property
+    def concurrency(self) -> AdaptiveToolConcurrency:
+        """The AIMD limit on this workbench's parallel tool calls."""
+        return self._concurrency
+
+    def current_auth(self) -> AuthContext | None:
+        """The `AuthContext` a tool call starting now acts for."""
+        return resolve_auth(self._auth, self._run_input, framework="autogen", hint=_AUTH_HINT)
+
+    # ------------------------------------------------------------------ Workbench API
+
+    async def list_tools(self) -> list[ToolSchema]:
+        """The inner workbench's tools, unchanged."""
+        if self._static:
+            return await super().list_tools()
+        return await self._inner.list_tools()
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+        call_id: str | None = None,
+    ) -> ToolResult:
+        """Run one tool call on the pool; a busy destination gives an error `ToolResult`."""
+        return await self._gated_call(
+            name, arguments or {}, cancellation_token or CancellationToken(), call_id, None
+        )
+
+    async def call_tool_stream(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+        call_id: str | None = None,
+    ) -> AsyncGenerator[Any | ToolResult, None]:
+        """`call_tool`, yielding a stream tool's intermediate results before the `ToolResult`.
+
+        The call runs in its own task so that its auth context and pooling scope never
+        leak into the agent's code between two yields.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def run() -> ToolResult:
+            try:
+                return await self._gated_call(
+                    name,
+                    arguments or {},
+                    cancellation_token or CancellationToken(),
+                    call_id,
+                    queue.put_nowait,
+                )
+            finally:
+                queue.put_nowait(_DONE)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                yield item
+            result = await task
+        finally:
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
+        yield result
+
+    async def start(self) -> None:
+        """Start the inner workbench."""
+        await self._inner.start()
+
+    async def stop(self) -> None:
+        """Stop the inner workbench."""
+        await self._inner.stop()
+
+    async def reset(self) -> None:
+        """Reset the inner workbench."""
+        await self._inner.reset()
+
+    async def save_state(self) -> Mapping[str, Any]:
+        """The inner workbench's state."""
+        return await self._inner.save_state()
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        """Load state into the inner workbench."""
+        await self._inner.load_state(state)
+
+    def dump_component(self) -> ComponentModel:
+        """The inner workbench's component: pools do not serialize; wrap again after loading."""
+        return self._inner.dump_component()
+
+    # ------------------------------------------------------------------ one tool call
+
+    async def _gated_call(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None,
+        emit: Callable[[Any], None] | None,
+    ) -> ToolResult:
+        try:
+            ctx = self.current_auth()
+        except ConfigError as exc:
+            # An exception escaping a workbench makes AutoGen 0.7's run wait forever (its
+            # tool-call task dies before signalling the end of its stream), so a
+            # misconfiguration is reported as the call's error result and logged.
+            log.error("tool %r not run: %s", name, exc)
+            return _text_result(name, str(exc), is_error=True)
+        async with self._concurrency.slot() as slot:
+            call: ToolCall | None = None
+            try:
+                await self._admission.admit(name)
+                async with atool_call_scope(
+                    self._pool,
+                    ctx,
+                    tool_name=name,
+                    pool_httpx=self._pool_httpx,
+                    admission=self._admission,
+                ) as call:
+                    result = await self._run(
+                        name, arguments, cancellation_token, call_id, emit, call
+                    )
+            except Exception as exc:
+                # Tool errors are already error results (as in AutoGen); what arrives here is
+                # a busy destination, or a failure of the gate itself, which must not escape
+                # either (see above): it becomes the call's error result.
+                busy = _busy_cause(exc) or (call.busy if call is not None else None)
+                if busy is None:
+                    log.exception("tool %r failed outside its body", name)
+                    return _text_result(name, self._format_errors(exc), is_error=True)
+                slot.busy()
+                text = busy_message(busy, name)
+                log.info("%s", text)
+                return _text_result(name, text, is_error=True)
+            if call is not None and call.busy is not None:
+                slot.busy()  # the tool met a busy destination and handled it itself
+            else:
+                slot.success()
+            return result
+
+    async def _run(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None,
+        emit: Callable[[Any], None] | None,
+        call: ToolCall,
+    ) -> ToolResult:
+        if not self._static:
+            return await self._run_inner(name, arguments, cancellation_token, call_id, emit)
+        original = self._override_name_to_original.get(name, name)
+        tool = next((t for t in self._tools if t.name == original), None)
+        if tool is None:
+            return _text_result(name, f"Tool {name} not found.", is_error=True)
+        try:
+            if emit is not None and isinstance(tool, StreamTool):
+                output = await self._run_stream_tool(
+                    tool, arguments, cancellation_token, call_id, emit
+                )
+            else:
+                future = asyncio.ensure_future(
+                    tool.run_json(arguments, cancellation_token, call_id=call_id)
+                )
+                cancellation_token.link_future(future)
+                output = await future
+        except Exception as exc:
+            if _busy_cause(exc) is not None or call.busy is not None:
+                raise  # the caller turns it into the "busy, retry in N s" result
+            return _text_result(name, self._format_errors(exc), is_error=True)
+        return _text_result(name, tool.return_value_as_string(output), is_error=False)
+
+    @staticmethod
+    async def _run_stream_tool(
+        tool: StreamTool,
+        arguments: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None,
+        emit: Callable[[Any], None],
+    ) -> Any:
+        # The last value a stream tool yields is its return value; the ones before it are
+        # progress the agent forwards to its own stream.
+        last: Any = None
+        have_last = False
+        try:
+            async for item in tool.run_json_stream(arguments, cancellation_token, call_id=call_id):
+                if have_last:
+                    emit(last)
+                last, have_last = item, True
+        except Exception:
+            if have_last:
+                emit(last)
+            raise
+        return last
+
+    async def _run_inner(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None,
+        emit: Callable[[Any], None] | None,
+    ) -> ToolResult:
+        inner = self._inner
+        if emit is None or not isinstance(inner, StreamWorkbench):
+            return await inner.call_tool(name, arguments, cancellation_token, call_id)
+        result: ToolResult | None = None
+        async for item in inner.call_tool_stream(name, arguments, cancellation_token, call_id):
+            if isinstance(item, ToolResult):
+                result = item
+            else:
+                emit(item)
+        if result is None:
+            return _text_result(name, f"Tool {name} returned no result.", is_error=True)
+        return result
