@@ -4,7 +4,6 @@ destination state; this module reads them when Prometheus asks."""
 
 from __future__ import annotations
 
-import re
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -20,8 +19,11 @@ from prometheus_client.metrics_core import (
 from toolpool.errors import ConfigError
 from toolpool.metrics._readings import (
     BREAKER_STATES,
+    LABEL_VALUE,
+    SATURATION_STATES,
     DestinationReading,
     HistogramReading,
+    PolicyReading,
     read,
 )
 from toolpool.metrics._tenants import TenantCounters, TenantLabels, install, uninstall
@@ -75,17 +77,53 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "toolpool_rejections_total": (
         "counter",
-        "Requests refused without being sent, by reason: queue_full, timeout (waited "
-        "acquire_timeout), breaker_open, rate_limited.",
+        "Calls refused without being sent, by reason: queue_full, timeout (no connection "
+        "within acquire_timeout), breaker_open, rate_limited. With a resilience policy, as "
+        "the policy counts them (admission refusals included); else the pool's own counts.",
     ),
-    "toolpool_retries_total": ("counter", "Requests re-sent by the resilience policy."),
+    "toolpool_retries_total": (
+        "counter",
+        "Requests re-sent by the resilience policy, by why the previous attempt failed.",
+    ),
+    "toolpool_retries_denied_total": (
+        "counter",
+        "Retries the retry budget refused (the failure went back to the caller).",
+    ),
+    "toolpool_retry_budget_available": ("gauge", "Retries the retry budget would grant now."),
     "toolpool_breaker_state": (
         "gauge",
         "Circuit breaker state: 1 for the current state (closed, half_open, open), else 0.",
     ),
+    "toolpool_breaker_transitions_total": (
+        "counter",
+        "Times the circuit breaker entered each state.",
+    ),
+    "toolpool_rate_limit_waits_total": (
+        "counter",
+        "Requests that waited for a rate-limit token or a Retry-After pause.",
+    ),
+    "toolpool_rate_limit_wait_seconds_total": (
+        "counter",
+        "Seconds requests spent waiting for rate-limit tokens or Retry-After pauses.",
+    ),
     "toolpool_connections_limit_reason": (
         "gauge",
-        "Why the effective limit is what it is (1 for the current reason).",
+        "Why the effective limit last changed (1 for the current reason: initial, recovery, "
+        "latency, http_429, http_503, timeout).",
+    ),
+    "toolpool_connections_limit_changes_total": (
+        "counter",
+        "Changes of the adaptive connection limit, by direction (decrease, increase).",
+    ),
+    "toolpool_admissions_total": ("counter", "Calls admitted by pool.admit()."),
+    "toolpool_admission_waits_total": (
+        "counter",
+        "Calls that had to wait in pool.admit() before being admitted or refused.",
+    ),
+    "toolpool_admitted_calls": ("gauge", "Calls inside pool.admit() now."),
+    "toolpool_saturation_state": (
+        "gauge",
+        "Saturation level as adapters see it: 1 for the current one (ok, busy, saturated).",
     ),
     "toolpool_auth_refreshes_total": (
         "counter",
@@ -113,8 +151,6 @@ METRICS: dict[str, tuple[str, str]] = {
         "head (wait, connect, credential, retries and server time).",
     ),
 }
-
-_LABEL_VALUE = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
 class _Entry:
@@ -297,31 +333,25 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
         _observe(use, [d], r.use)
         acquired.add_metric([d, "idle"], r.reused)
         acquired.add_metric([d, "new"], r.acquired - r.reused)
-        rejected.add_metric([d, "queue_full"], r.saturated)
-        rejected.add_metric([d, "timeout"], r.timeouts)
         policy = r.policy
+        if policy is not None and policy.rejections is not None:
+            refused = {"queue_full": 0, "timeout": 0, **policy.rejections}
+        else:
+            refused = {"queue_full": r.saturated, "timeout": r.timeouts}
+            if policy is not None and policy.breaker_rejections is not None:
+                refused["breaker_open"] = policy.breaker_rejections
+            if policy is not None and policy.rate_limited is not None:
+                refused["rate_limited"] = policy.rate_limited
+        for reason, n in sorted(refused.items()):
+            if LABEL_VALUE.match(reason):
+                rejected.add_metric([d, reason], n)
         if policy is not None:
-            if policy.breaker_rejections is not None:
-                rejected.add_metric([d, "breaker_open"], policy.breaker_rejections)
-            if policy.rate_limited is not None:
-                rejected.add_metric([d, "rate_limited"], policy.rate_limited)
-            if policy.retries is not None:
-                retries = f.counter("toolpool_retries_total", "destination", "reason")
-                for reason, n in sorted(policy.retries.items()):
-                    if _LABEL_VALUE.match(reason):
-                        retries.add_metric([d, reason], n)
-            if policy.breaker_state is not None:
-                breaker = f.gauge("toolpool_breaker_state", "destination", "state")
-                for state in BREAKER_STATES:
-                    breaker.add_metric([d, state], 1.0 if state == policy.breaker_state else 0.0)
-            if policy.limit_reason is not None and _LABEL_VALUE.match(policy.limit_reason):
-                why = f.gauge("toolpool_connections_limit_reason", "destination", "reason")
-                why.add_metric([d, policy.limit_reason], 1.0)
+            _policy_families(f, d, policy)
         auth = r.auth
         if auth is not None:
             refreshes = f.counter("toolpool_auth_refreshes_total", "destination", "reason")
             for reason, n in sorted(auth.refreshes.items()):
-                if _LABEL_VALUE.match(reason):
+                if LABEL_VALUE.match(reason):
                     refreshes.add_metric([d, reason], n)
             if auth.fetch is not None:
                 _observe(f.histogram("toolpool_auth_fetch_seconds", "destination"), [d], auth.fetch)
@@ -332,6 +362,56 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
             errors.add_metric([d, "negative_cache"], auth.negative_hits)
             f.gauge("toolpool_auth_contexts", "destination").add_metric([d], auth.contexts)
     yield from f
+
+
+def _by_reason(f: _Families, name: str, label: str, d: str, counts: dict[str, int] | None) -> None:
+    if counts is not None:
+        fam = f.counter(name, "destination", label)
+        for value, n in sorted(counts.items()):
+            if LABEL_VALUE.match(value):
+                fam.add_metric([d, value], n)
+
+
+def _policy_families(f: _Families, d: str, policy: PolicyReading) -> None:
+    _by_reason(f, "toolpool_retries_total", "reason", d, policy.retries)
+    if policy.retries_denied is not None:
+        f.counter("toolpool_retries_denied_total", "destination").add_metric(
+            [d], policy.retries_denied
+        )
+    if policy.retry_budget is not None:
+        f.gauge("toolpool_retry_budget_available", "destination").add_metric(
+            [d], policy.retry_budget
+        )
+    if policy.breaker_state is not None:
+        breaker = f.gauge("toolpool_breaker_state", "destination", "state")
+        for state in BREAKER_STATES:
+            breaker.add_metric([d, state], 1.0 if state == policy.breaker_state else 0.0)
+    _by_reason(f, "toolpool_breaker_transitions_total", "state", d, policy.breaker_transitions)
+    if policy.rate_limit_waits is not None:
+        f.counter("toolpool_rate_limit_waits_total", "destination").add_metric(
+            [d], policy.rate_limit_waits
+        )
+    if policy.rate_limit_wait_seconds is not None:
+        f.counter("toolpool_rate_limit_wait_seconds_total", "destination").add_metric(
+            [d], policy.rate_limit_wait_seconds
+        )
+    if policy.limit_reason is not None:
+        f.gauge("toolpool_connections_limit_reason", "destination", "reason").add_metric(
+            [d, policy.limit_reason], 1.0
+        )
+    _by_reason(f, "toolpool_connections_limit_changes_total", "direction", d, policy.limit_changes)
+    if policy.admitted_total is not None:
+        f.counter("toolpool_admissions_total", "destination").add_metric([d], policy.admitted_total)
+    if policy.admission_waits is not None:
+        f.counter("toolpool_admission_waits_total", "destination").add_metric(
+            [d], policy.admission_waits
+        )
+    if policy.admitted is not None:
+        f.gauge("toolpool_admitted_calls", "destination").add_metric([d], policy.admitted)
+    if policy.saturation is not None:
+        level = f.gauge("toolpool_saturation_state", "destination", "state")
+        for state in SATURATION_STATES:
+            level.add_metric([d, state], 1.0 if state == policy.saturation else 0.0)
 
 
 def _tenant_families(counters: list[TenantCounters]) -> Iterator[Metric]:

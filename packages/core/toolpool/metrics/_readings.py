@@ -5,6 +5,7 @@ section, so that a scrape never slows the request path down and never sees half 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,13 @@ __all__ = ["AuthReading", "DestinationReading", "HistogramReading", "PolicyReadi
 
 log = logging.getLogger("toolpool.metrics")
 
+# What a label value taken from another module's stats may look like (bounded, no free text).
+LABEL_VALUE = re.compile(r"^[a-z0-9_]{1,32}$")
+
 # The breaker states the exposition knows, in order of severity (a merge keeps the worst).
 BREAKER_STATES = ("closed", "half_open", "open")
+# Saturation levels of toolpool.resilience, in order of severity.
+SATURATION_STATES = ("ok", "busy", "saturated")
 
 
 @dataclass
@@ -88,26 +94,60 @@ class PolicyReading:
     Any field the policy does not report stays None (and is then not exported)."""
 
     retries: dict[str, int] | None = None
+    retries_denied: int | None = None
+    retry_budget: float | None = None
     breaker_state: str | None = None
+    breaker_transitions: dict[str, int] | None = None
+    # Refusals by reason as the policy counts them (None: use the pool's own counts).
+    rejections: dict[str, int] | None = None
     breaker_rejections: int | None = None
     rate_limited: int | None = None
+    rate_limit_waits: int | None = None
+    rate_limit_wait_seconds: float | None = None
     limit_reason: str | None = None
+    limit_changes: dict[str, int] | None = None
+    admitted_total: int | None = None
+    admission_waits: int | None = None
+    admitted: int | None = None
+    saturation: str | None = None
 
     def merge(self, other: PolicyReading) -> None:
-        if other.retries is not None:
-            merged = dict(self.retries or {})
-            for reason, n in other.retries.items():
-                merged[reason] = merged.get(reason, 0) + n
-            self.retries = merged
+        for name in ("retries", "breaker_transitions", "rejections", "limit_changes"):
+            setattr(self, name, _add_counts(getattr(self, name), getattr(other, name)))
+        for name in (
+            "retries_denied",
+            "breaker_rejections",
+            "rate_limited",
+            "rate_limit_waits",
+            "admitted_total",
+            "admission_waits",
+            "admitted",
+        ):
+            setattr(self, name, _add(getattr(self, name), getattr(other, name)))
+        for name in ("retry_budget", "rate_limit_wait_seconds"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, theirs if mine is None else mine + (theirs or 0.0))
         if other.breaker_state is not None and (
             self.breaker_state is None
             or _severity(other.breaker_state) > _severity(self.breaker_state)
         ):
             self.breaker_state = other.breaker_state
-        self.breaker_rejections = _add(self.breaker_rejections, other.breaker_rejections)
-        self.rate_limited = _add(self.rate_limited, other.rate_limited)
+        if other.saturation is not None and (
+            self.saturation is None
+            or SATURATION_STATES.index(other.saturation) > SATURATION_STATES.index(self.saturation)
+        ):
+            self.saturation = other.saturation
         if self.limit_reason is None:
             self.limit_reason = other.limit_reason
+
+
+def _add_counts(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    if a is None or b is None:
+        return b if a is None else a
+    merged = dict(a)
+    for key, n in b.items():
+        merged[key] = merged.get(key, 0) + n
+    return merged
 
 
 def _severity(state: str) -> int:
@@ -297,21 +337,47 @@ def _state_name(value: Any) -> str | None:
     return text if text in BREAKER_STATES else None
 
 
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _label(value: Any, allowed: tuple[str, ...] | None = None) -> str | None:
+    """A short lowercase label value, or None (never arbitrary text in a label)."""
+    if not isinstance(value, str):
+        return None
+    text = value.lower().replace("-", "_").replace(" ", "_")
+    if allowed is not None:
+        return text if text in allowed else None
+    return text if LABEL_VALUE.match(text) else None
+
+
 def read_policy(policy: Any) -> PolicyReading | None:
     snap = _stats_of(policy)
     if snap is None:
         return None
-    breaker = _get(snap, "breaker")
-    state = _get(snap, "breaker_state", "state")
-    if state is None and breaker is not None:
-        state = _get(breaker, "state")
-    reason = _get(snap, "limit_reason", "effective_limit_reason")
+    state = _get(snap, "breaker_state")
+    changes = None
+    down, up = _int(_get(snap, "limit_decreases_total")), _int(_get(snap, "limit_increases_total"))
+    if down is not None and up is not None:
+        changes = {"decrease": down, "increase": up}
+    rejections = _counts(_get(snap, "rejections_total"))
     return PolicyReading(
-        retries=_counts(_get(snap, "retries_total", "retries")),
+        retries=_counts(_get(snap, "retries_total")),
+        retries_denied=_int(_get(snap, "retries_denied_total")),
+        retry_budget=_float(_get(snap, "retry_budget_available")),
         breaker_state=_state_name(state),
-        breaker_rejections=_int(
-            _get(snap, "breaker_rejections_total", "breaker_open_total", "short_circuited_total")
-        ),
-        rate_limited=_int(_get(snap, "rate_limited_total", "rate_limit_rejections_total")),
-        limit_reason=str(reason) if isinstance(reason, str) and reason else None,
+        breaker_transitions=_counts(_get(snap, "breaker_transitions_total")),
+        rejections=rejections if rejections and "all" not in rejections else None,
+        breaker_rejections=_int(_get(snap, "breaker_rejections_total")),
+        rate_limited=_int(_get(snap, "rate_limited_total")),
+        rate_limit_waits=_int(_get(snap, "rate_limit_waits_total")),
+        rate_limit_wait_seconds=_float(_get(snap, "rate_limit_wait_seconds_total")),
+        limit_reason=_label(_get(snap, "limit_reason")),
+        limit_changes=changes,
+        admitted_total=_int(_get(snap, "admitted_total")),
+        admission_waits=_int(_get(snap, "admission_waits_total")),
+        admitted=_int(_get(snap, "admitted")),
+        saturation=_label(_get(snap, "saturation_state"), SATURATION_STATES),
     )
