@@ -97,6 +97,9 @@ async def test_top_rows_and_frame_match_the_real_counters() -> None:
                     assert all(r.status_code == 200 for r in await asyncio.gather(*slow))
                     second = await asyncio.to_thread(_top.fetch, server.url)
                     stats = pool.stats()
+                    # The pool's default resilience policy (if any) reports a breaker state.
+                    policy = pool.destination("crm").policy
+                    breaker = policy.stats().breaker_state if policy is not None else None
                     crm_server, slow_server = ds.stats("crm"), ds.stats("slow")
                     for response in held:
                         await response.aread()
@@ -121,7 +124,7 @@ async def test_top_rows_and_frame_match_the_real_counters() -> None:
     assert crm_server.token_requests == 1
     assert crm.auth_refreshes_per_s == 1 / WINDOW
     assert crm.requests_per_s == stats["crm"].wait_count / WINDOW
-    assert crm.breaker is None  # no resilience policy on this pool
+    assert crm.breaker == breaker
 
     slow = rows["slow"]
     assert (slow.used, slow.idle, slow.max_connections) == (0, 1, 1)
@@ -151,7 +154,7 @@ async def test_top_rows_and_frame_match_the_real_counters() -> None:
         f"{(accepted - 2) / WINDOW:.1f}",
         "0.5",
     ]
-    assert c[10] == "–"
+    assert c[10] == (breaker or "–")
     s = cells(text, "slow")
     assert s[1] == "░░░░░░░░░░░░   0%"
     assert s[2:4] == ["0/1/1", "0/20"]
