@@ -97,6 +97,20 @@ def test_keepalive_timeout_closes_idle_connections(raw: RawClient) -> None:
         assert stats.connections_open == 0
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("path", ["/anything", "/close"])
+def test_tls_connections_closed_by_the_server_are_gone_promptly(loop: str, path: str) -> None:
+    """A client that never answers close_notify (httpx, idle) must not keep them open."""
+    spec = ServiceSpec(require_auth=False, mtls=True, keepalive_timeout=0.3)
+    with Downstream({"api": spec}, tls=True, loop=loop) as ds:  # type: ignore[arg-type]
+        with httpx.Client(verify=ds.client_ssl_context("acme")) as client:
+            assert client.get(ds.url("api") + path).status_code == 200
+            if path == "/anything":
+                ds.wait_stats("api", lambda s: s.connections_closed_by_server_idle == 1)
+            # The client still holds its socket; the server gives up on close_notify.
+            ds.wait_stats("api", lambda s: s.connections_open == 0, timeout=10)
+
+
 def test_keepalive_timeout_never_cuts_a_request_in_progress(raw: RawClient) -> None:
     with Downstream({"api": ServiceSpec(require_auth=False, keepalive_timeout=0.2)}) as ds:
         conn = raw.connect(ds.address("api"))

@@ -81,6 +81,9 @@ class AdminHandler:
     def connection_lost(self, conn: HttpConnection) -> None:
         self._connections.discard(conn)
 
+    def connection_idle_closed(self, conn: HttpConnection) -> None:
+        pass
+
     def handle(self, conn: HttpConnection, request: Request) -> None:
         try:
             status, body = self._route(request)

@@ -36,6 +36,10 @@ class Handler(Protocol):
 
     def connection_lost(self, conn: HttpConnection) -> None: ...
 
+    def connection_idle_closed(self, conn: HttpConnection) -> None:
+        """The server is closing ``conn`` because it sat idle for the keep-alive timeout."""
+        ...
+
     def handle(self, conn: HttpConnection, request: Request) -> None:
         """Answer ``request`` now or later, exactly once, through ``conn``."""
         ...
@@ -255,4 +259,5 @@ class HttpConnection(asyncio.Protocol):
             self._arm_idle_timer(remaining)
             return
         self.closed_for_idle = True
+        self._handler.connection_idle_closed(self)
         self._close()

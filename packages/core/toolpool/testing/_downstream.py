@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,10 @@ logger = logging.getLogger("toolpool.testing")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HOST = "127.0.0.1"
+#: Seconds a server-side TLS close waits for the client's close_notify before dropping the TCP
+#: connection. Clients rarely answer it on an idle connection, and asyncio's default (30 s)
+#: would keep closed connections counted as open; nginx does not wait at all.
+TLS_SHUTDOWN_TIMEOUT = 1.0
 
 
 class Downstream:
@@ -171,9 +176,14 @@ class Downstream:
                 ssl_context = self._ca.server_context(require_client_cert=spec.mtls)
             sock = listen_socket(_HOST)
             self._addresses[name] = sock.getsockname()[:2]
+            tls_options: dict[str, Any] = {}
+            if ssl_context is not None:
+                tls_options["ssl"] = ssl_context
+                if sys.version_info >= (3, 11):
+                    tls_options["ssl_shutdown_timeout"] = TLS_SHUTDOWN_TIMEOUT
             try:
                 server = await loop.create_server(
-                    service.protocol, sock=sock, ssl=ssl_context, backlog=4096
+                    service.protocol, sock=sock, backlog=4096, **tls_options
                 )
             except BaseException:
                 sock.close()

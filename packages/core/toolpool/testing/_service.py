@@ -131,7 +131,12 @@ class Service:
 
     def connection_lost(self, conn: HttpConnection) -> None:
         self._connections.discard(conn)
-        self.counters.connection_closed(idle_timeout=conn.closed_for_idle)
+        self.counters.connection_closed()
+
+    def connection_idle_closed(self, conn: HttpConnection) -> None:
+        # Counted when decided: a TLS close waits for the client's close_notify (or a
+        # timeout) before the TCP connection is gone.
+        self.counters.closed_for_idle()
 
     def handle(self, conn: HttpConnection, request: Request) -> None:
         path = request.path

@@ -25,7 +25,9 @@ class ServiceStats:
     connections_open: int = 0
     #: Highest number of simultaneously open connections.
     peak_connections: int = 0
-    #: Connections the server closed because they sat idle for ``keepalive_timeout``.
+    #: Connections the server closed because they sat idle for ``keepalive_timeout`` (counted
+    #: when it closes them; a TLS connection leaves ``connections_open`` up to 1 s later, after
+    #: the close_notify exchange).
     connections_closed_by_server_idle: int = 0
     requests_total: int = 0
     #: API requests admitted and not yet answered (a gauge).
@@ -120,11 +122,16 @@ class Counters:
                 self._cond.notify_all()
             return self._next_connection_id
 
-    def connection_closed(self, *, idle_timeout: bool) -> None:
+    def connection_closed(self) -> None:
         with self._lock:
             self.connections_open -= 1
-            if idle_timeout:
-                self.connections_closed_by_server_idle += 1
+            if self._waiters:
+                self._cond.notify_all()
+
+    def closed_for_idle(self) -> None:
+        """The server decided to close a connection idle for ``keepalive_timeout``."""
+        with self._lock:
+            self.connections_closed_by_server_idle += 1
             if self._waiters:
                 self._cond.notify_all()
 
