@@ -34,8 +34,8 @@ def cells(text: str, destination: str) -> list[str]:
     """The cells of a destination's row in a rendered table."""
     for line in text.splitlines():
         parts = [c.strip() for c in line.split("│")]
-        if len(parts) > 2 and parts[1] == destination:
-            return parts[1:-1]
+        if len(parts) > 2 and parts[0] == destination:
+            return parts
     raise AssertionError(f"no row for {destination!r} in:\n{text}")
 
 
@@ -146,20 +146,20 @@ async def test_top_rows_and_frame_match_the_real_counters() -> None:
     text = console.export_text()
     assert f"toolpool top · {server.url}" in text
     c = cells(text, "crm")
-    assert c[1] == "█████░░░░░░░  40%"
+    assert c[1] == "████░░░░░░  40%"
     assert c[2:4] == ["2/0/5", "0/10"]
-    assert c[6:10] == [
+    assert c[5:9] == [
         f"{stats['crm'].wait_count / WINDOW:.1f}",
         f"{accepted / WINDOW:.1f}",
         f"{(accepted - 2) / WINDOW:.1f}",
         "0.5",
     ]
-    assert c[10] == (breaker or "–")
+    assert c[9] == (breaker or "–")
     s = cells(text, "slow")
-    assert s[1] == "░░░░░░░░░░░░   0%"
+    assert s[1] == "░░░░░░░░░░   0%"
     assert s[2:4] == ["0/1/1", "0/20"]
-    assert s[4:6] == [_top.format_seconds(slow.wait_p50), _top.format_seconds(slow.wait_p99)]
-    assert s[6:10] == ["4.5", "0.5", "0", "–"]
+    assert s[4] == f"{_top.format_seconds(slow.wait_p50)}/{_top.format_seconds(slow.wait_p99)}"
+    assert s[5:9] == ["4.5", "0.5", "0", "–"]
 
 
 def test_quantile_matches_histogram_quantile_rules() -> None:
@@ -194,7 +194,7 @@ def test_python_m_toolpool_top_once_against_a_live_process() -> None:
         assert "toolpool top" in done.stdout
         row = cells(done.stdout, "crm")
         assert row[2:4] == ["0/1/3", "0/6"]  # one connection, reused three times, now idle
-        assert row[6:10] == ["0", "0", "0", "–"]  # nothing happened during the window
+        assert row[4:9] == ["–", "0", "0", "0", "–"]  # nothing happened during the window
 
         # Nothing listens there any more: a clear error and a failing status.
         failed = subprocess.run(

@@ -43,7 +43,7 @@ DEFAULT_URL = "http://127.0.0.1:9464/metrics"
 # Closes the pool decided on (as opposed to broken connections and shutdown): the seed's
 # "eviction rate".
 EVICTION_REASONS = ("idle_ttl", "lifetime", "health", "affinity", "limit")
-_BAR_WIDTH = 12
+_BAR_WIDTH = 10
 
 
 @dataclass
@@ -258,6 +258,13 @@ def format_rate(value: float | None) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+def _waits(row: Row) -> str:
+    if row.wait_p50 is None or row.wait_p99 is None:
+        return _DASH
+    p50 = format_seconds(row.wait_p50, row.wait_floor)
+    return f"{p50}/{format_seconds(row.wait_p99, row.wait_floor)}"
+
+
 def _bar(utilization: float) -> str:
     filled = max(0, min(_BAR_WIDTH, round(utilization * _BAR_WIDTH)))
     return "█" * filled + "░" * (_BAR_WIDTH - filled)
@@ -277,30 +284,33 @@ def render(
     table_rows: Iterable[Row], *, url: str, window: float | None, error: str | None = None
 ) -> RenderableType:
     """The frame for `rows` (a rich renderable)."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     title = f"toolpool top · {url}"
     caption = f"rates and waits over the last {window:.1f} s" if window else "first scrape"
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-    table.add_column("destination", no_wrap=True)
+    table = Table(
+        title=title,
+        caption=caption,
+        title_justify="left",
+        caption_justify="left",
+        box=box.MINIMAL_HEAVY_HEAD,
+        show_edge=False,
+    )
+    table.add_column("destination", no_wrap=True, overflow="ellipsis", max_width=32)
     table.add_column("utilization", no_wrap=True)
-    table.add_column("used/idle/max", justify="right", no_wrap=True)
-    table.add_column("queue", justify="right")
-    table.add_column("wait p50", justify="right")
-    table.add_column("wait p99", justify="right")
-    table.add_column("req/s", justify="right")
-    table.add_column("new/s", justify="right")
-    table.add_column("evict/s", justify="right")
-    table.add_column("auth/s", justify="right")
-    table.add_column("breaker")
+    for header in ("used/idle/max", "queue", "wait p50/p99", "req/s", "new/s", "evict/s"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("auth/s", justify="right", no_wrap=True)
+    table.add_column("breaker", no_wrap=True)
     any_row = False
     for r in table_rows:
         any_row = True
         usage = f"{r.used}/{r.idle}/{r.max_connections}"
         if r.limit is not None and r.limit < r.max_connections:
-            usage += f" (limit {r.limit})"
+            usage += f" ↓{r.limit}"  # the adaptive limit is below max_connections
         queue = str(r.pending) if r.pending_max is None else f"{r.pending}/{r.pending_max}"
         bar = Text(_bar(r.utilization), style=_style(r.utilization))
         bar.append(f" {r.utilization * 100:3.0f}%")
@@ -314,8 +324,7 @@ def render(
             bar,
             usage,
             queue,
-            format_seconds(r.wait_p50, r.wait_floor),
-            format_seconds(r.wait_p99, r.wait_floor),
+            _waits(r),
             format_rate(r.requests_per_s),
             format_rate(r.created_per_s),
             format_rate(r.evicted_per_s),
