@@ -1,41 +1,35 @@
 """Admission per tool call: wait (boundedly) while a destination the tool uses is saturated.
 
 Which destinations a tool uses is learned from its pooled traffic (`tool_call_scope` reports
-it) or declared up front. Before a tool call runs, `admit` checks each of them; while one is
-saturated (its wait queue is full, so a new request would be refused at once) the call waits,
-up to `max_wait` in total, and then gives up with `PoolSaturated` carrying a retry-after that
-adapters turn into a readable "busy, retry in N s" tool result.
+it) or declared up front. Before a tool call runs, admission is asked of each of them through
+the pool's admission API (`pool.admit` / `pool.admit_sync`, toolpool.resilience): while one is
+saturated the call waits in FIFO order, up to `max_wait` in total, then gives up with
+`PoolSaturated` carrying a retry-after that adapters turn into a readable "busy, retry in N s"
+tool result.
 
-When the pool offers the resilience admission API (`pool.admit` / `pool.admit_sync`), that is
-used; otherwise the destination's state is read under its lock.
+`hold` / `hold_sync` keep the admissions for the whole tool call, so the pool counts the call
+against the destination's capacity and its requests do not meet a full queue; `admit` /
+`admit_sync` only wait for the gate to open and let go at once. Destinations are admitted in
+name order, so two calls never wait on each other's destinations crosswise.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
-from toolpool.errors import PoolSaturated
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
-    from toolpool._runtime import DestinationPool
 
 __all__ = ["Admission"]
 
 log = logging.getLogger("toolpool.adapters")
 
 monotonic = time.monotonic
-
-# How often a waiting call looks at the destination again when the pool has no admission
-# API: often enough to follow a queue that drains in tens of milliseconds, rarely enough to
-# cost nothing next to a tool call.
-_POLL_MIN = 0.005
-_POLL_MAX = 0.05
 
 
 class Admission:
@@ -44,7 +38,8 @@ class Admission:
     ```python
     admission = Admission(pool, max_wait=5.0)
     admission.declare("search_crm", ["crm"])       # optional: learned from traffic otherwise
-    await admission.admit("search_crm")            # waits while 'crm' is saturated, or raises
+    async with admission.hold("search_crm"):       # waits while 'crm' is saturated, or raises
+        result = await search_crm(...)             # counted against 'crm' capacity meanwhile
     ```
 
     `max_wait` bounds the total wait of one call (seconds); 0 checks without waiting.
@@ -93,74 +88,45 @@ class Admission:
 
     # ------------------------------------------------------------------ admission
 
-    def _resolve(self, name: str) -> DestinationPool | None:
-        try:
-            return self.pool.destination(name)
-        except KeyError:
-            return None  # declared but never used yet: nothing to be saturated
+    def _names(self, tool_name: str) -> list[str]:
+        """The tool's destinations that the pool knows (declared ones may not exist yet)."""
+        names = []
+        for name in sorted(self.destinations(tool_name)):
+            try:
+                names.append(self.pool.destination(name).name)
+            except KeyError:
+                continue  # declared, never used yet: nothing to be saturated
+        return sorted(set(names))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tool_name: str) -> AsyncIterator[None]:
+        """Be admitted to every destination of `tool_name` and stay admitted (counted against
+        their capacity) for the enclosed tool call. Waits at most `max_wait` seconds in
+        total, then raises `PoolSaturated` (with `retry_after` and `reason`)."""
+        deadline = monotonic() + self.max_wait
+        async with contextlib.AsyncExitStack() as stack:
+            for name in self._names(tool_name):
+                remaining = max(0.0, deadline - monotonic())
+                await stack.enter_async_context(self.pool.admit(name, timeout=remaining))
+            yield
+
+    @contextlib.contextmanager
+    def hold_sync(self, tool_name: str) -> Iterator[None]:
+        """`hold` for sync tool calls (blocks the calling thread while waiting)."""
+        deadline = monotonic() + self.max_wait
+        with contextlib.ExitStack() as stack:
+            for name in self._names(tool_name):
+                remaining = max(0.0, deadline - monotonic())
+                stack.enter_context(self.pool.admit_sync(name, timeout=remaining))
+            yield
 
     async def admit(self, tool_name: str) -> None:
-        """Wait until no destination of `tool_name` is saturated; `PoolSaturated` after
-        `max_wait` seconds if one stays saturated."""
-        deadline = monotonic() + self.max_wait
-        for name in sorted(self.destinations(tool_name)):
-            dest = self._resolve(name)
-            if dest is None:
-                continue
-            remaining = max(0.0, deadline - monotonic())
-            pool_admit: Any = getattr(self.pool, "admit", None)
-            if pool_admit is not None:
-                async with pool_admit(dest.name, timeout=remaining):
-                    pass
-                continue
-            while _saturated(dest):
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise _refusal(dest)
-                await asyncio.sleep(_poll_delay(dest, remaining))
+        """Wait until every destination of `tool_name` admits a call, then let go at once;
+        `PoolSaturated` after `max_wait` seconds if one stays saturated. Prefer `hold`."""
+        async with self.hold(tool_name):
+            pass
 
     def admit_sync(self, tool_name: str) -> None:
-        """`admit` for sync tool calls (blocks the calling thread)."""
-        deadline = monotonic() + self.max_wait
-        for name in sorted(self.destinations(tool_name)):
-            dest = self._resolve(name)
-            if dest is None:
-                continue
-            remaining = max(0.0, deadline - monotonic())
-            pool_admit: Any = getattr(self.pool, "admit_sync", None)
-            if pool_admit is not None:
-                with pool_admit(dest.name, timeout=remaining):
-                    pass
-                continue
-            while _saturated(dest):
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise _refusal(dest)
-                time.sleep(_poll_delay(dest, remaining))
-
-
-def _saturated(dest: DestinationPool) -> bool:
-    """A new request would be refused at once: at the cap with a full wait queue."""
-    with dest.lock:
-        st = dest.state
-        return st.total >= st.cap and st.waiting >= st.limits.queue_limit
-
-
-def _poll_delay(dest: DestinationPool, remaining: float) -> float:
-    with dest.lock:
-        hint = dest.state.retry_after()
-    return max(_POLL_MIN, min(_POLL_MAX, hint, remaining))
-
-
-def _refusal(dest: DestinationPool) -> PoolSaturated:
-    with dest.lock:
-        st = dest.state
-        return PoolSaturated(
-            dest.name,
-            in_use=st.in_use,
-            waiting=st.waiting,
-            max_connections=st.limits.max_connections,
-            queue_limit=st.limits.queue_limit,
-            retry_after=round(st.retry_after(), 3),
-            reason="admission",
-        )
+        """`admit` for sync tool calls (blocks the calling thread). Prefer `hold_sync`."""
+        with self.hold_sync(tool_name):
+            pass
