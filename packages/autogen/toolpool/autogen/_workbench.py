@@ -6,7 +6,8 @@ going to `workbench.call_tool_stream(...)` (for a `StaticStreamWorkbench`) or
 gated: per call it
 
 1. waits for a slot of the agent's adaptive (AIMD) tool-call limit,
-2. asks the pool's admission (waits while the tool's destinations are saturated),
+2. holds a place in the pool's admission for the tool's destinations (waiting, boundedly,
+   while they are saturated),
 3. runs the tool inside `toolpool.adapters.atool_call_scope`: the call's `AuthContext` is
    current and `httpx.Client()` / `httpx.AsyncClient()` built by the tool use the pool,
 4. turns a busy destination (`PoolSaturated`, `PoolTimeout`, `DestinationUnavailable`) into
@@ -18,7 +19,6 @@ It subclasses `StaticStreamWorkbench` so that `AssistantAgent` keeps using its s
 from __future__ import annotations
 
 import asyncio
-import builtins
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
@@ -38,13 +38,13 @@ from autogen_core.tools._workbench import StreamWorkbench  # not re-exported by 
 from toolpool._auth_context import AuthContext
 from toolpool._pool import Pool
 from toolpool.adapters import (
-    BUSY_ERRORS,
     AdaptiveToolConcurrency,
     Admission,
     AuthSource,
     ToolCall,
     atool_call_scope,
     busy_message,
+    find_busy,
     resolve_auth,
 )
 from toolpool.autogen._function_tool import with_thread_context
@@ -69,29 +69,6 @@ _AUTH_HINT = (
 )
 
 _DONE = object()
-
-
-def _busy_cause(exc: BaseException) -> BaseException | None:
-    """The busy-destination error behind `exc`, following causes and exception groups.
-
-    Tools often wrap transport errors (`raise ToolError(...) from exc`) and anyio task groups
-    raise exception groups; the model should still read "busy, retry in N s" then.
-    """
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        err = todo.pop()
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, BUSY_ERRORS):
-            return err
-        if isinstance(err, builtins.BaseExceptionGroup):
-            todo.extend(err.exceptions)
-        for linked in (err.__cause__, err.__context__):
-            if linked is not None:
-                todo.append(linked)
-    return None
 
 
 def _text_result(name: str, text: str, *, is_error: bool) -> ToolResult:
@@ -223,9 +200,10 @@ class PooledWorkbench(StaticStreamWorkbench):
         call_id: str | None = None,
     ) -> ToolResult:
         """Run one tool call on the pool; a busy destination gives an error `ToolResult`."""
-        return await self._gated_call(
-            name, arguments or {}, cancellation_token or CancellationToken(), call_id, None
-        )
+        token = cancellation_token or CancellationToken()
+        task = asyncio.ensure_future(self._gated_call(name, arguments or {}, token, call_id, None))
+        token.link_future(task)
+        return await task
 
     async def call_tool_stream(
         self,
@@ -239,21 +217,19 @@ class PooledWorkbench(StaticStreamWorkbench):
         The call runs in its own task so that its auth context and pooling scope never
         leak into the agent's code between two yields.
         """
+        token = cancellation_token or CancellationToken()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def run() -> ToolResult:
             try:
                 return await self._gated_call(
-                    name,
-                    arguments or {},
-                    cancellation_token or CancellationToken(),
-                    call_id,
-                    queue.put_nowait,
+                    name, arguments or {}, token, call_id, queue.put_nowait
                 )
             finally:
                 queue.put_nowait(_DONE)
 
         task = asyncio.ensure_future(run())
+        token.link_future(task)
         try:
             while True:
                 item = await queue.get()
@@ -315,14 +291,16 @@ class PooledWorkbench(StaticStreamWorkbench):
         async with self._concurrency.slot() as slot:
             call: ToolCall | None = None
             try:
-                await self._admission.admit(name)
-                async with atool_call_scope(
-                    self._pool,
-                    ctx,
-                    tool_name=name,
-                    pool_httpx=self._pool_httpx,
-                    admission=self._admission,
-                ) as call:
+                async with (
+                    self._admission.hold(name),
+                    atool_call_scope(
+                        self._pool,
+                        ctx,
+                        tool_name=name,
+                        pool_httpx=self._pool_httpx,
+                        admission=self._admission,
+                    ) as call,
+                ):
                     result = await self._run(
                         name, arguments, cancellation_token, call_id, emit, call
                     )
@@ -330,7 +308,7 @@ class PooledWorkbench(StaticStreamWorkbench):
                 # Tool errors are already error results (as in AutoGen); what arrives here is
                 # a busy destination, or a failure of the gate itself, which must not escape
                 # either (see above): it becomes the call's error result.
-                busy = _busy_cause(exc) or (call.busy if call is not None else None)
+                busy = find_busy(exc) or (call.busy if call is not None else None)
                 if busy is None:
                     log.exception("tool %r failed outside its body", name)
                     return _text_result(name, self._format_errors(exc), is_error=True)
@@ -365,13 +343,10 @@ class PooledWorkbench(StaticStreamWorkbench):
                     tool, arguments, cancellation_token, call_id, emit
                 )
             else:
-                future = asyncio.ensure_future(
-                    tool.run_json(arguments, cancellation_token, call_id=call_id)
-                )
-                cancellation_token.link_future(future)
-                output = await future
+                # Awaited in this task, which the caller linked to the cancellation token.
+                output = await tool.run_json(arguments, cancellation_token, call_id=call_id)
         except Exception as exc:
-            if _busy_cause(exc) is not None or call.busy is not None:
+            if find_busy(exc) is not None or call.busy is not None:
                 raise  # the caller turns it into the "busy, retry in N s" result
             return _text_result(name, self._format_errors(exc), is_error=True)
         return _text_result(name, tool.return_value_as_string(output), is_error=False)

@@ -1,0 +1,104 @@
+"""Saturation: more parallel tool calls than the destination takes. The model reads "busy,
+retry in N s" results, the run completes, the limit adapts and nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.messages import TextMessage
+from autogen_support import describe, replay_model, tenant_headers, tool_results_seen
+
+import toolpool
+from toolpool.autogen import DEFAULT_MAX_PARALLEL_TOOL_CALLS, PooledWorkbench, wrap
+from toolpool.testing import Downstream, ServiceSpec
+
+ACME = toolpool.AuthContext(tenant="acme")
+FIRST_WAVE = 12
+SECOND_WAVE = 8
+
+
+@pytest.fixture
+async def slow_crm() -> AsyncIterator[Downstream]:
+    # Each request holds its connection for 0.3 s: queued calls wait, none times out.
+    async with Downstream({"crm": ServiceSpec(require_auth=False, service_time=0.3)}) as ds:
+        yield ds
+
+
+async def test_twelve_parallel_calls_on_two_connections(slow_crm: Downstream) -> None:
+    url = slow_crm.url("crm") + "/anything"
+    entered = 0
+    all_in = asyncio.Event()
+
+    async def fetch(wave: int) -> str:
+        """Fetch a record (a naive tool: its own httpx.AsyncClient per call)."""
+        nonlocal entered
+        if wave == 1:
+            # Start the first wave's requests together, so that exactly 2 get a connection,
+            # 4 queue (queue_factor 2 x 2) and 6 are refused, whatever the scheduling.
+            entered += 1
+            if entered == FIRST_WAVE:
+                all_in.set()
+            await asyncio.wait_for(all_in.wait(), timeout=30)
+        async with httpx.AsyncClient() as client:
+            return describe(await client.get(url, headers=tenant_headers()))
+
+    model = replay_model(
+        [("fetch", {"wave": 1})] * FIRST_WAVE,
+        [("fetch", {"wave": 2})] * SECOND_WAVE,  # the model retries after the busy results
+        "done",
+    )
+    agent = AssistantAgent(
+        "crm_agent",
+        model_client=model,
+        tools=[fetch],
+        max_tool_iterations=2,
+        reflect_on_tool_use=True,
+    )
+    pool = toolpool.Pool([toolpool.Destination("crm", slow_crm.url("crm"), max_connections=2)])
+    async with pool:
+        wrap(agent, pool, max_wait=20.0)
+        with toolpool.auth_context(ACME):
+            result = await asyncio.wait_for(agent.run(task="fetch everything"), timeout=120)
+
+        # The run completed with the model's final answer.
+        final = result.messages[-1]
+        assert isinstance(final, TextMessage)
+        assert final.content == "done"
+
+        # First wave: the model saw 6 error results saying busy + retry-after, 6 answers.
+        first = tool_results_seen(model, 1)
+        assert len(first) == FIRST_WAVE
+        busy = [r for r in first if r.is_error]
+        assert len(busy) == 6
+        for r in busy:
+            assert r.content.startswith("tool 'fetch' could not run: destination 'crm' is busy")
+            assert re.search(r"retry in \d+(\.\d)? s$", r.content), r.content
+        ok = [json.loads(r.content) for r in first if not r.is_error]
+        assert [o["tenant"] for o in ok] == ["acme"] * 6
+
+        # Second wave (8 > 2 connections + 4 queue places): admission held back the calls
+        # that would have been refused, so every one ran.
+        second = tool_results_seen(model, 2)[-SECOND_WAVE:]
+        assert not [r.content for r in second if r.is_error]
+        stats = pool.stats()["crm"]
+        assert stats.saturated_total == 6
+
+        # The adaptive limit halved once (one burst of refusals is one signal), then grew
+        # back by one at most after the 14 successes that followed.
+        (wb,) = agent._workbench
+        assert isinstance(wb, PooledWorkbench)
+        assert wb.concurrency.decreases_total == 1
+        assert wb.concurrency.limit <= DEFAULT_MAX_PARALLEL_TOOL_CALLS // 2 + 1
+
+        # Nothing leaked: no connection in use, no waiter, no slot held.
+        assert (stats.in_use, stats.opening, stats.waiting) == (0, 0, 0)
+        assert (wb.concurrency.in_flight, wb.concurrency.waiting) == (0, 0)
+        down = slow_crm.stats("crm")
+        assert down.peak_connections <= 2
+        assert down.requests_total == 6 + SECOND_WAVE
