@@ -246,7 +246,7 @@ def format_seconds(value: float | None, floor: float = 0.0) -> str:
         return "≤" + format_seconds(floor)
     if value < 1.0:
         ms = value * 1000
-        return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+        return f"{ms:.1f}".removesuffix(".0") + " ms" if ms < 10 else f"{ms:.0f} ms"
     return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
