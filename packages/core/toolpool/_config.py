@@ -69,6 +69,9 @@ class PoolDefaults:
     verify: bool | str | ssl.SSLContext = True
     # "pool": any origin gets a pool with these defaults; "reject": only listed ones.
     unknown_destinations: Literal["pool", "reject"] = "pool"
+    # Resilience for destinations that name no policy: toolpool.resilience.Policy() (retry
+    # budget, breaker, adaptive limit) so a pool resists storms out of the box; None: none.
+    policy: Any = field(default_factory=lambda: _default_policy())
 
     def __post_init__(self) -> None:
         _check_positive_int("max_connections", self.max_connections)
@@ -119,7 +122,7 @@ class Destination:
     warmup_contexts: Sequence[AuthContext] = ()
     # An auth provider from toolpool.auth (or any object implementing its protocol).
     auth: Any = None
-    # Extra per-destination policy objects (resilience); see toolpool.resilience.
+    # A toolpool.resilience.Policy for this destination; None inherits the pool's.
     policy: Any = None
     origin: Origin = field(init=False, repr=False, compare=False)
 
@@ -224,9 +227,15 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         cert=dest.cert,
         warmup_contexts=tuple(dest.warmup_contexts),
         auth=dest.auth,
-        policy=dest.policy,
+        policy=dest.policy if dest.policy is not None else defaults.policy,
         listed=listed,
     )
+
+
+def _default_policy() -> Any:
+    from toolpool.resilience import DEFAULT_POLICY  # imported late: it imports this module
+
+    return DEFAULT_POLICY
 
 
 def _parse_origin(name: str, url: str) -> Origin:

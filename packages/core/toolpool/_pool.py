@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
@@ -29,6 +29,9 @@ from toolpool._state import Slot
 from toolpool._stats import DestinationStats, PoolStats, destination_stats
 from toolpool.errors import ConfigError, PoolClosed, UnknownDestination
 
+if TYPE_CHECKING:
+    from toolpool.resilience import AsyncAdmission, Saturation, SyncAdmission
+
 __all__ = ["Pool"]
 
 log = logging.getLogger("toolpool.pool")
@@ -36,6 +39,8 @@ log = logging.getLogger("toolpool.pool")
 monotonic = time.monotonic
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# `Pool(policy=...)` left out: PoolDefaults' default (toolpool.resilience.DEFAULT_POLICY).
+_DEFAULT_POLICY: Any = object()
 
 
 class Pool:
@@ -79,6 +84,7 @@ class Pool:
         connect_timeout: float = 10.0,
         verify: Any = True,
         unknown_destinations: Literal["pool", "reject"] = "pool",
+        policy: Any = _DEFAULT_POLICY,
     ) -> None:
         self.defaults = PoolDefaults(
             max_connections=max_connections,
@@ -91,6 +97,7 @@ class Pool:
             connect_timeout=connect_timeout,
             verify=verify,
             unknown_destinations=unknown_destinations,
+            **({} if policy is _DEFAULT_POLICY else {"policy": policy}),
         )
         if isinstance(destinations, Destination):
             destinations = [destinations]
@@ -393,3 +400,51 @@ class Pool:
     def destination_stats(self, name_or_url: str) -> DestinationStats:
         """The stats snapshot of one destination."""
         return destination_stats(self.destination(name_or_url))
+
+    # ------------------------------------------------------------------ admission
+
+    # Subscribers of on_saturation (toolpool.resilience), created on first subscription.
+    _saturation_hub: Any = None
+
+    def saturation(self, destination: str) -> Saturation:
+        """How busy `destination` (a name or URL) is now: utilization, queue, effective
+        limit, a retry-after estimate and a state, "ok", "busy" or "saturated"."""
+        from toolpool.resilience import _pool_api
+
+        return _pool_api.saturation(self, destination)
+
+    def admit(self, destination: str, timeout: float | None = None) -> AsyncAdmission:
+        """Hold a place for one tool call to `destination` (a name or URL).
+
+        ```python
+        async with pool.admit("crm"):
+            r = await client.get("https://crm.internal/contacts")
+        ```
+
+        Waits (FIFO) while the destination is saturated, at most `timeout` seconds (None:
+        the policy's `max_wait`, 5 s by default; 0: do not wait), then raises
+        `toolpool.PoolSaturated` with `retry_after` and `reason` ("timeout", "queue_full",
+        "breaker_open" or "rate_limited"). Calls inside `admit` are counted against the
+        destination's capacity, so their requests do not meet a full queue.
+        """
+        from toolpool.resilience import _pool_api
+
+        return _pool_api.admit(self, destination, timeout)
+
+    def admit_sync(self, destination: str, timeout: float | None = None) -> SyncAdmission:
+        """`admit` for sync code: `with pool.admit_sync("crm"): ...` (blocks the thread)."""
+        from toolpool.resilience import _pool_api
+
+        return _pool_api.admit_sync(self, destination, timeout)
+
+    def on_saturation(self, callback: Callable[[Saturation], object]) -> Callable[[], None]:
+        """Call `callback(Saturation)` whenever a destination changes state: becomes busy
+        (utilization >= 80 % or calls queued), saturated (queue full, breaker open, or a
+        Retry-After pause), or recovers. Returns a function that unsubscribes.
+
+        Callbacks run on the thread that saw the change, with no pool lock held; keep them
+        short (e.g. `loop.call_soon_threadsafe(...)` into your own event loop).
+        """
+        from toolpool.resilience import _pool_api
+
+        return _pool_api.on_saturation(self, callback)

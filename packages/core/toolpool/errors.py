@@ -74,11 +74,30 @@ class PoolSaturated(ToolpoolError, httpx.TransportError):
         self.queue_limit = queue_limit
         self.retry_after = retry_after
         self.reason = reason
-        super().__init__(
-            f"destination {destination!r} is saturated: {in_use} in use of {max_connections}, "
-            f"{waiting} waiting (queue limit {queue_limit}); retry after {retry_after:.1f} s, "
-            f"or raise max_connections / queue_factor if the downstream allows it"
+        where = f"destination {destination!r}"
+        load = (
+            f"{in_use} in use of {max_connections}, {waiting} waiting (queue limit {queue_limit})"
         )
+        after = f"retry after {retry_after:.1f} s"
+        # What to change depends on why the request was refused (toolpool.resilience).
+        if reason == "rate_limited":
+            message = (
+                f"{where} is rate-limited (its rate limit, or a Retry-After from the server) "
+                f"beyond the policy's max_wait; {after}, or send fewer requests per second"
+            )
+        elif reason == "breaker_open":
+            message = f"{where} is unavailable (circuit breaker open); {after}"
+        elif reason == "timeout":
+            message = (
+                f"{where} stayed saturated for the whole admission wait: {load}; {after}, "
+                f"wait longer in admit(), or raise max_connections if the downstream allows it"
+            )
+        else:
+            message = (
+                f"{where} is saturated: {load}; {after}, "
+                f"or raise max_connections / queue_factor if the downstream allows it"
+            )
+        super().__init__(message)
 
 
 class PoolTimeout(ToolpoolError, httpx.PoolTimeout):

@@ -1,0 +1,374 @@
+"""Admission and saturation: how busy a destination is (`Saturation`), the FIFO of calls
+waiting to be admitted, and the delivery of saturation changes to `on_saturation` callbacks.
+
+The rules, in one place (the runtime in `_policy` applies them under its lock):
+
+- *Capacity* of a destination is its effective limit plus its effective queue bound, the
+  pool's queue bound scaled down with the limit (`queue_limit * cap / max_connections`), so
+  that a call admitted while the limit is low waits at most about `queue_factor` service
+  times. A destination-wide rate limit caps it further at `burst + rate * max_wait` calls,
+  the most whose rate-limit waits fit within `max_wait`.
+- *Occupancy* is the larger of (calls inside `admit` + requests in flight that were not
+  admitted) and (connections in use or opening + requests queued in the pool). A call is
+  admitted while occupancy < capacity, the breaker lets calls through and no Retry-After
+  pause is on; otherwise it waits in FIFO order (or is refused at once when it cannot wait).
+  Because admitted calls are counted, a call admitted will not meet a full queue when it
+  sends, in the common case of one request at a time per call.
+- *Levels*, with hysteresis so that callbacks do not flap at a threshold:
+
+      saturated  breaker open, a Retry-After pause, or occupancy >= capacity; it stays
+                 saturated until occupancy <= limit + queue bound / 2
+      busy       utilization (in use / effective limit) >= busy_at, or anything queued; it
+                 stays busy until utilization < busy_at - 0.2 with nothing queued
+      ok         otherwise
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "BUSY",
+    "OK",
+    "SATURATED",
+    "AdmissionQueue",
+    "AdmitWaiter",
+    "Assessment",
+    "Saturation",
+    "SaturationHub",
+    "assess",
+]
+
+log = logging.getLogger("toolpool.resilience")
+
+OK: Literal["ok"] = "ok"
+BUSY: Literal["busy"] = "busy"
+SATURATED: Literal["saturated"] = "saturated"
+
+# Rejection reasons (the `reason` of PoolSaturated / the rejection counters).
+QUEUE_FULL = "queue_full"
+TIMEOUT = "timeout"
+BREAKER_OPEN = "breaker_open"
+RATE_LIMITED = "rate_limited"
+REJECTION_REASONS = (QUEUE_FULL, TIMEOUT, BREAKER_OPEN, RATE_LIMITED)
+
+# How far below busy_at utilization must fall before "busy" clears.
+_BUSY_HYSTERESIS = 0.2
+
+
+@dataclass(frozen=True)
+class Saturation:
+    """How busy one destination is right now (`pool.saturation(destination)`).
+
+    `state` is "ok", "busy" (utilization >= 80 % or calls queued) or "saturated" (a new call
+    would be refused or would wait: queue full, breaker open, or the server asked for a
+    pause). `retry_after` estimates the seconds until a new call would start (0 when it would
+    start now). `reason` says what made it busy or saturated: "utilization", "queued",
+    "queue_full", "breaker_open" or "rate_limited" ("" when ok).
+    """
+
+    destination: str
+    utilization: float
+    in_use: int
+    queued: int
+    queue_limit: int
+    effective_limit: int
+    max_connections: int
+    retry_after: float
+    state: Literal["ok", "busy", "saturated"]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The numbers behind one saturation reading (internal to the runtime)."""
+
+    state: Literal["ok", "busy", "saturated"]
+    reason: str
+    capacity: int
+    occupancy: int
+    queue_limit: int
+    utilization: float
+    queued: int
+    retry_after: float
+
+
+def assess(
+    *,
+    cap: int,
+    max_connections: int,
+    pool_queue_limit: int,
+    in_use: int,
+    pool_waiting: int,
+    admit_waiting: int,
+    tracked: int,
+    breaker_wait: float,
+    pause_wait: float,
+    rate_room: int | None,
+    hold_time: float,
+    busy_at: float,
+    previous: str,
+) -> Assessment:
+    """Apply the rules of the module docstring to one destination's numbers."""
+    queue_limit = pool_queue_limit * cap // max_connections
+    capacity = cap + queue_limit
+    if rate_room is not None:
+        capacity = min(capacity, rate_room)
+    occupancy = max(tracked, in_use + pool_waiting)
+    queued = pool_waiting + admit_waiting
+    utilization = in_use / cap
+    state: Literal["ok", "busy", "saturated"]
+    if breaker_wait > 0:
+        state, reason = SATURATED, BREAKER_OPEN
+    elif pause_wait > 0:
+        state, reason = SATURATED, RATE_LIMITED
+    elif occupancy >= capacity or (
+        previous == SATURATED and occupancy > cap + queue_limit // 2 and occupancy > 0
+    ):
+        state, reason = SATURATED, QUEUE_FULL
+    elif queued > 0:
+        state, reason = BUSY, "queued"
+    elif utilization >= busy_at or (
+        previous != OK and utilization >= busy_at - _BUSY_HYSTERESIS and in_use > 0
+    ):
+        state, reason = BUSY, "utilization"
+    else:
+        state, reason = OK, ""
+    if breaker_wait > 0:
+        retry_after = breaker_wait
+    elif pause_wait > 0:
+        retry_after = pause_wait
+    elif occupancy >= cap:
+        # The calls ahead must drain through `cap` connections, one hold time each.
+        retry_after = max(0.05, hold_time * (occupancy - cap + 1) / cap)
+    else:
+        retry_after = 0.0
+    return Assessment(
+        state=state,
+        reason=reason,
+        capacity=capacity,
+        occupancy=occupancy,
+        queue_limit=queue_limit,
+        utilization=utilization,
+        queued=queued,
+        retry_after=retry_after,
+    )
+
+
+# ---------------------------------------------------------------------- waiting calls
+
+
+class AdmitWaiter:
+    """A call waiting in `admit`. `outcome` is None while waiting, then "admitted" or the
+    reason it was refused; `wake()` is called (outside any lock) once it is set."""
+
+    __slots__ = ("_event", "_fut", "_loop", "_thread", "outcome")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.outcome: str | None = None
+        self._thread = threading.get_ident()
+        self._loop = loop
+        if loop is not None:
+            self._fut: asyncio.Future[None] | None = loop.create_future()
+            self._event: threading.Event | None = None
+        else:
+            self._fut = None
+            self._event = threading.Event()
+
+    def wake(self) -> bool:
+        """Wake the waiting task or thread; False if its event loop is gone."""
+        if self._event is not None:
+            self._event.set()
+            return True
+        fut, loop = self._fut, self._loop
+        assert fut is not None
+        assert loop is not None
+        if threading.get_ident() == self._thread:
+            _resolve(fut)
+            return True
+        try:
+            loop.call_soon_threadsafe(_resolve, fut)
+        except RuntimeError:
+            return False
+        return True
+
+    def rearm(self) -> None:
+        """Make the next wait block again. Call it *before* looking at `outcome`, so that a
+        wake arriving after the look is not lost."""
+        if self._event is not None:
+            self._event.clear()
+        elif self._fut is not None and self._fut.done() and self._loop is not None:
+            self._fut = self._loop.create_future()
+
+    async def wait_async(self, timeout: float) -> None:
+        """Wait until woken or `timeout` seconds pass."""
+        fut, loop = self._fut, self._loop
+        assert fut is not None
+        assert loop is not None
+        handle = loop.call_later(timeout, _resolve, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
+    def wait_sync(self, timeout: float) -> None:
+        """Block the thread until woken or `timeout` seconds pass."""
+        event = self._event
+        assert event is not None
+        event.wait(timeout)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AdmissionQueue:
+    """Counts of admitted and tracked calls, and the FIFO of waiting ones. Not thread-safe
+    by itself; the runtime calls it under its lock."""
+
+    __slots__ = ("_waiters", "admitted", "unadmitted", "waiting")
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.unadmitted = 0
+        self.waiting = 0
+        self._waiters: deque[AdmitWaiter] = deque()
+
+    @property
+    def tracked(self) -> int:
+        """Calls inside admit plus requests in flight that were not admitted."""
+        return self.admitted + self.unadmitted
+
+    def try_enter(self, room: int) -> bool:
+        """Admit at once if nobody waits and there is room."""
+        if self.waiting == 0 and room > 0:
+            self.admitted += 1
+            return True
+        return False
+
+    def enqueue(self, waiter: AdmitWaiter) -> None:
+        self._waiters.append(waiter)
+        self.waiting += 1
+
+    def grant(self, room: int) -> list[AdmitWaiter]:
+        """Admit waiters from the head while there is room; the caller wakes them."""
+        granted: list[AdmitWaiter] = []
+        while room > 0 and self.waiting:
+            waiter = self._waiters.popleft()
+            if waiter.outcome is not None:
+                continue  # left already
+            waiter.outcome = "admitted"
+            self.waiting -= 1
+            self.admitted += 1
+            room -= 1
+            granted.append(waiter)
+        return granted
+
+    def refuse_all(self, reason: str) -> list[AdmitWaiter]:
+        """Refuse every waiter (breaker opened); the caller wakes them."""
+        refused = [w for w in self._waiters if w.outcome is None]
+        for waiter in refused:
+            waiter.outcome = reason
+        self._waiters.clear()
+        self.waiting = 0
+        return refused
+
+    def leave_queue(self, waiter: AdmitWaiter, reason: str) -> bool:
+        """A waiter gives up. Returns True if it had been admitted meanwhile (the caller must
+        then `leave()` for it)."""
+        if waiter.outcome == "admitted":
+            return True
+        if waiter.outcome is None:
+            waiter.outcome = reason
+            self.waiting -= 1
+            if self.waiting == 0:
+                self._waiters.clear()
+            elif len(self._waiters) > 2 * self.waiting + 64:
+                self._waiters = deque(w for w in self._waiters if w.outcome is None)
+        return False
+
+    def leave(self) -> None:
+        """An admitted call is done."""
+        self.admitted -= 1
+
+
+# ---------------------------------------------------------------------- callbacks
+
+
+class SaturationHub:
+    """The pool's `on_saturation` subscribers and an ordered delivery of changes to them.
+
+    Changes are queued under the publishing runtime's lock (so their order is the order in
+    which they happened) and delivered by whichever thread finds the queue idle, with no lock
+    held, so callbacks may call back into the pool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: tuple[Callable[[Saturation], object], ...] = ()
+        self._pending: deque[Saturation] = deque()
+        self._delivering = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._callbacks)
+
+    def subscribe(self, callback: Callable[[Saturation], object]) -> Callable[[], None]:
+        if not callable(callback):
+            raise TypeError(f"on_saturation needs a callable, got {type(callback).__name__}")
+        entry = _Subscription(callback)
+        with self._lock:
+            self._callbacks = (*self._callbacks, entry)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._callbacks = tuple(c for c in self._callbacks if c is not entry)
+
+        return unsubscribe
+
+    def queue(self, change: Saturation) -> None:
+        """Queue a change (call with the publishing runtime's lock held)."""
+        if self._callbacks:
+            with self._lock:
+                self._pending.append(change)
+
+    def deliver(self) -> None:
+        """Deliver queued changes (call with no lock held)."""
+        with self._lock:
+            if self._delivering or not self._pending:
+                return
+            self._delivering = True
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._delivering = False
+                    return
+                change = self._pending.popleft()
+                callbacks = self._callbacks
+            for callback in callbacks:
+                try:
+                    callback(change)
+                except Exception:
+                    log.exception("on_saturation callback %r failed", callback)
+
+
+class _Subscription:
+    """A subscribed callback (its own object, so the same function can subscribe twice)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[Saturation], object]) -> None:
+        self.callback = callback
+
+    def __call__(self, change: Saturation) -> object:
+        return self.callback(change)
+
+    def __repr__(self) -> str:
+        return repr(self.callback)
