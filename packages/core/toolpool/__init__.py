@@ -22,7 +22,7 @@ import pkgutil
 # package path is extended over them. In a wheel they sit inside this folder already.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-from toolpool import auth
+from toolpool import auth, resilience
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool._config import Destination, PoolDefaults
 from toolpool._pool import Pool
@@ -61,4 +61,5 @@ __all__ = [
     "auth",
     "auth_context",
     "current_auth",
+    "resilience",
 ]
