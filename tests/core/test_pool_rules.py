@@ -160,9 +160,10 @@ async def test_reused_connection_reset_before_any_byte_is_retried_once(
         assert r.status_code == 200
         assert plain.stats("api").faults_fired == {"reset": 1}
         assert plain.stats("api").connections_accepted == 2
-        # A reset on a fresh connection is not retried: it surfaces.
+        # A reset on a fresh connection is not retried by the pool itself: without a
+        # resilience policy (whose retries would take it) it surfaces.
         plain.set_fault("api", "reset", count=1)
-        async with toolpool.Pool([destination(plain)], warmup=0) as fresh_pool:
+        async with toolpool.Pool([destination(plain)], warmup=0, policy=None) as fresh_pool:
             with pytest.raises(httpx.TransportError):
                 await fresh_pool.client().get(url)
             assert_quiet(fresh_pool)

@@ -191,6 +191,12 @@ class PoolRules(RuleBasedStateMachine):
         self._apply(self.state.set_cap(cap, self.now))
 
     @precondition(lambda self: self.state is not None)
+    @rule(factor=st.integers(1, 4))
+    def reuse_factor_changes(self, factor: int) -> None:
+        assert self.state is not None
+        self._apply(self.state.set_reuse_factor(factor))
+
+    @precondition(lambda self: self.state is not None)
     @rule(driver=st.sampled_from(DRIVERS), count=st.integers(0, 3), opens=st.booleans())
     def warm_up(self, driver: str, count: int, opens: bool) -> None:
         assert self.state is not None
@@ -267,11 +273,12 @@ def _open(state: DestinationState, key: tuple[str, str], now: float = 0.0) -> Sl
 def test_released_connection_goes_to_its_key_then_the_starved_head_gets_capacity() -> None:
     a, b = ("A", "loop"), ("B", "loop")
     state = DestinationState(_limits(cap=2, queue=10, bypass=1))
-    conn_a, conn_b = _open(state, a), _open(state, b)
-    head = state.acquire(a, 1.0)
+    conn_b, other_b = _open(state, b), _open(state, b)
+    head = state.acquire(a, 1.0)  # A has no connection at all: it is needy
     b1 = state.acquire(b, 1.1)
     b2 = state.acquire(b, 1.2)
     assert isinstance(head, Waiter) and isinstance(b1, Waiter) and isinstance(b2, Waiter)
+    assert state.needed == 1
     # B's connection comes back: B1 takes it although A waits longer (one bypass allowed).
     (wake,) = state.release(conn_b, 2.0, reusable=True)
     assert isinstance(wake, Wake) and wake.waiter is b1 and b1.grant is conn_b
@@ -284,7 +291,29 @@ def test_released_connection_goes_to_its_key_then_the_starved_head_gets_capacity
     (wake,) = state.closed(conn_b, 3.1)
     assert wake.waiter is head and head.grant is not None
     assert head.grant.state == _state.OPENING and head.grant.key == a
-    assert conn_a.state == _state.IN_USE
+    assert other_b.state == _state.IN_USE
+    state.check()
+
+
+def test_a_covered_waiter_waits_for_its_own_connection() -> None:
+    """A waiter whose tenant has a connection in flight is served by it, so an idle
+    connection of another tenant is not closed for it (no needless churn)."""
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=4))
+    idle_a, busy_b = _open(state, a), _open(state, b)
+    state.release(idle_a, 1.0, reusable=True)
+    waiter = state.acquire(b, 1.5)
+    assert isinstance(waiter, Waiter)
+    assert state.take_actions() == []  # B's own connection will serve it
+    assert state.needed == 0 and idle_a.state == _state.IDLE
+    (wake,) = state.release(busy_b, 2.0, reusable=True)
+    assert wake.waiter is waiter and waiter.grant is busy_b
+    # Three B waiters for one B connection: B becomes needy, and A's idle one makes room.
+    for t in (2.1, 2.2, 2.3):
+        state.acquire(b, t)
+    assert state.needed == 1
+    (close,) = state.take_actions()
+    assert close.slot is idle_a and close.reason == _state.AFFINITY
     state.check()
 
 

@@ -33,29 +33,39 @@ A request asks `acquire(key)` and gets, in this order of preference:
     3. a new OPENING slot (a permit) when the destination is under its cap,
     4. else a place in the wait queue, or `None` (saturated) when the queue is full.
 
-Waiters form one FIFO per destination. Capacity that frees up (a close completes, an open
-fails, a dead idle connection is discarded) always goes to the head of that FIFO, as a
-permit to open its own connection. A released connection is handed to the oldest waiter
-of *its* key, which is usually not the head when many tenants share a destination; serving
-it out of order avoids closing a warm connection to open a cold one, but each time the head
-is passed over it counts one *bypass*, and once the head has been passed over `max_bypass`
-times, the released connection is closed instead so that its capacity reaches the head.
-Every waiter is therefore served after a bounded number of grants.
+Waiters form one FIFO per destination, and one per key. A released connection is handed to
+the oldest waiter of *its* key, which is usually not the head when many tenants share a
+destination; serving it out of order avoids closing a warm connection to open a cold one,
+but each time a needy head is passed over it counts one *bypass*, and once it has been
+passed over `max_bypass` times, the released connection is closed instead so that its
+capacity reaches the head. Every waiter is therefore served after a bounded number of
+grants.
 
 The *cap* is `max_connections` unless an adaptive limit (toolpool.resilience) lowered it with
 `set_cap`: then new permits stop until the total is under the new cap, connections coming
 back while the total is over it are closed (reason "limit"), and so are idle ones. Raising
 the cap grants permits to waiters at once.
 
-Idle connections of other keys block nobody: when waiters exist but no closing slot is on its
-way to them (`closing < waiting`), the least recently used idle slot is closed to make room
-(reason "affinity"). Invariants, checked by the hypothesis tests in tests/core:
+A connection costs a round trip to close (gracefully) and two or three to open, so handing a
+tenant's connection to another tenant is worth it only where it is needed. A key is *needy*
+when its waiters outnumber what its own connections in flight (in use or opening) can serve
+soon: `need(K) = max(0, ceil(waiting(K) / reuse_factor) - in_flight(K))`, where
+`reuse_factor` (default 2) is how many waiters one connection serves in about the time a new
+connection takes to open. `needed` is the sum over keys. Connections of other keys are
+closed (reason "affinity") only for needy keys: an idle one when `needed > closing` (the
+closes under way do not cover the need yet), and a returning one that no waiter of its key
+takes, likewise. Capacity that frees up goes to the oldest waiter of a needy key, else to
+the head of the queue. A waiter whose key is not needy is served by its own key's
+connections as they come back; the head of the queue counts a bypass only while its key is
+needy.
+
+Invariants, checked by the hypothesis tests in tests/core:
 
     I1  opening + idle + in_use + closing <= max_connections, and opening + idle + in_use
         <= cap unless the cap was lowered and connections in use have not come back yet
     I2  no waiter while an idle slot it could use exists
     I3  waiters exist only while the destination is at (or over) its cap
-    I4  waiting > closing implies no idle slot
+    I4  needed > closing implies no idle slot
     I5  waiting <= queue_limit
 """
 
@@ -237,6 +247,11 @@ class DestinationState:
         self._waiting_by_key: dict[Key, int] = {}
         self._waiting_by_driver: dict[Hashable, int] = {}
         self.waiting = 0
+        # Connections in flight (opening or in use) per key, and the need per needy key.
+        self._inflight: dict[Key, int] = {}
+        self._need: dict[Key, int] = {}
+        self.needed = 0
+        self.reuse_factor = 2
         # Counters (monotonic) and the wait-time histogram.
         self.created_total = 0
         self.closed_total: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
@@ -280,7 +295,7 @@ class DestinationState:
         assert self.waiting <= lim.queue_limit, "I5: queue bound exceeded"
         if self.waiting:
             assert self.total >= self.cap, "I3: waiter while under cap"
-            assert self.closing >= self.waiting or not self._idle_lru, "I4: idle blocks waiter"
+            assert self.needed <= self.closing or not self._idle_lru, "I4: idle blocks a need"
             for key, n in self._waiting_by_key.items():
                 if n:
                     assert not self._idle.get(key), "I2: waiter beside its idle slot"
@@ -289,6 +304,14 @@ class DestinationState:
         assert len(live) == self.waiting, "waiter count drift"
         assert sum(self._waiting_by_key.values()) == self.waiting, "per-key count drift"
         assert len(self._idle_lru) == sum(len(s) for s in self._idle.values()), "idle drift"
+        assert sum(self._inflight.values()) == self.in_use + self.opening, "in-flight drift"
+        need = {}
+        for key, n in self._waiting_by_key.items():
+            k = max(0, -(-n // self.reuse_factor) - self._inflight.get(key, 0))
+            if k:
+                need[key] = k
+        assert need == self._need, "need drift"
+        assert self.needed == sum(need.values()), "needed drift"
 
     # ------------------------------------------------------------------ requests
 
@@ -319,7 +342,7 @@ class DestinationState:
         waiter = Waiter(key, now, notify)
         self._enqueue(waiter)
         self.queued_total += 1
-        self._pending = self._make_room(now)
+        self._pending = self._make_room()
         return waiter
 
     def take_actions(self) -> list[Action]:
@@ -386,6 +409,7 @@ class DestinationState:
         assert slot.state == OPENING
         self.opening -= 1
         slot.state = CLOSED
+        self._flight(slot.key, -1)
         return self._free_capacity(now)
 
     def release(self, slot: Slot, now: float, reusable: bool) -> list[Action]:
@@ -410,6 +434,7 @@ class DestinationState:
         self.total -= 1
         slot.state = CLOSED
         self.closed_total[HEALTH] += 1
+        self._flight(slot.key, -1)
         return self._new_slot(slot.key, now)
 
     def closed(self, slot: Slot, now: float) -> list[Action]:
@@ -471,13 +496,19 @@ class DestinationState:
         self.cap = max(1, min(int(cap), self.limits.max_connections))
         actions: list[Action] = []
         while self.total < self.cap and self.waiting:
-            head = self._pop_oldest(self._queue)
-            if head is None:
-                break
-            actions.append(Wake(self._grant(head, self._new_slot(head.key, now), now)))
+            actions.append(self._grant_permit(now))
         while self.total - self.closing > self.cap and self._idle_lru:
             actions.extend(self._close_idle(next(iter(self._idle_lru)), LIMIT))
+        actions.extend(self._make_room())
         return actions
+
+    def set_reuse_factor(self, factor: int) -> list[Action]:
+        """How many waiters one connection of a key serves before the key counts as needy
+        (about: time to open a connection / time a request holds one). At least 1."""
+        self.reuse_factor = max(1, int(factor))
+        for key in list(self._waiting_by_key):
+            self._renew_need(key)
+        return self._make_room()
 
     def close_all_idle(self, now: float, reason: str = SHUTDOWN) -> list[Action]:
         """Close every idle slot (pool shutdown)."""
@@ -496,6 +527,8 @@ class DestinationState:
         self._by_driver.clear()
         self._waiting_by_key.clear()
         self._waiting_by_driver.clear()
+        self._need.clear()
+        self.needed = 0
         self.waiting = 0
         return gone
 
@@ -508,6 +541,7 @@ class DestinationState:
         self._next_id += 1
         self.opening += 1
         self.total += 1
+        self._flight(key, 1)
         return slot
 
     def _lease(self, slot: Slot, now: float) -> Slot:
@@ -519,6 +553,7 @@ class DestinationState:
         self.acquired_total += 1
         self.reused_total += 1
         self._record_wait(0.0)
+        self._flight(slot.key, 1)
         return slot
 
     def _return(self, slot: Slot, now: float) -> list[Action]:
@@ -533,20 +568,24 @@ class DestinationState:
             taker = self._peek_oldest(queue)
             if queue is not None and taker is not None:
                 head = self._peek_head()
-                if head is not None and taker is not head:
+                if head is not None and taker is not head and self._need.get(head.key):
                     if head.bypassed >= self.limits.bypass_limit:
                         # The head has been passed over enough: this capacity goes to it.
                         return self._close(slot, AFFINITY)
                     head.bypassed += 1
                 queue.popleft()
-                slot.key = taker.key
+                if identity is None:
+                    self._flight(slot.key, -1)
+                    slot.key = taker.key
+                    self._flight(slot.key, 1)
                 slot.uses += 1
                 slot.leased_at = now
                 return [Wake(self._grant(taker, slot, now))]
-            if self.waiting > self.closing:
-                # Nobody waiting can use this connection; its capacity can serve the head.
+            if self.needed > self.closing:
+                # Nobody waiting can use this connection, and some key needs room.
                 return self._close(slot, AFFINITY)
         self.in_use -= 1
+        self._flight(slot.key, -1)
         slot.state = IDLE
         slot.idle_since = now
         slot.checked_at = now
@@ -559,6 +598,7 @@ class DestinationState:
 
     def _close(self, slot: Slot, reason: str) -> list[Action]:
         self.in_use -= 1
+        self._flight(slot.key, -1)
         self.closing += 1
         slot.state = CLOSING
         self.closed_total[reason] += 1
@@ -579,20 +619,63 @@ class DestinationState:
             del self._idle[slot.key]
 
     def _free_capacity(self, now: float) -> list[Action]:
-        """One slot's worth of capacity is free: the head of the queue gets a permit."""
+        """One slot's worth of capacity is free: a waiter gets a permit to open its own."""
         self.total -= 1
-        if self.total >= self.cap:
+        if self.total >= self.cap or not self.waiting:
             return _NO_ACTIONS
-        head = self._pop_oldest(self._queue)
-        if head is None:
-            return _NO_ACTIONS
-        return [Wake(self._grant(head, self._new_slot(head.key, now), now))]
+        wake = self._grant_permit(now)
+        room = self._make_room()
+        return [wake, *room] if room else [wake]
 
-    def _make_room(self, now: float) -> list[Action]:
-        """Keep I4: close the LRU idle slot while waiters outnumber the closes under way."""
-        if self.waiting > self.closing and self._idle_lru:
-            return self._close_idle(next(iter(self._idle_lru)), AFFINITY)
-        return _NO_ACTIONS
+    def _grant_permit(self, now: float) -> Wake:
+        """Grant a new slot to the oldest waiter of a needy key, else to the head."""
+        waiter = self._oldest_needy()
+        if waiter is None:
+            waiter = self._pop_oldest(self._queue)
+        assert waiter is not None
+        return Wake(self._grant(waiter, self._new_slot(waiter.key, now), now))
+
+    def _oldest_needy(self) -> Waiter | None:
+        """Pop and return the oldest waiter among needy keys (O(needy keys))."""
+        best: Waiter | None = None
+        best_queue: deque[Waiter] | None = None
+        for key in self._need:
+            queue = self._by_key.get(key)
+            waiter = self._peek_oldest(queue)
+            if waiter is not None and (best is None or waiter.since < best.since):
+                best, best_queue = waiter, queue
+        if best_queue is not None:
+            best_queue.popleft()
+        return best
+
+    def _make_room(self) -> list[Action]:
+        """Keep I4: close LRU idle slots while needs exceed the closes under way."""
+        if self.needed <= self.closing or not self._idle_lru:
+            return _NO_ACTIONS
+        actions: list[Action] = []
+        while self.needed > self.closing and self._idle_lru:
+            actions.extend(self._close_idle(next(iter(self._idle_lru)), AFFINITY))
+        return actions
+
+    def _flight(self, key: Key, delta: int) -> None:
+        n = self._inflight.get(key, 0) + delta
+        if n:
+            self._inflight[key] = n
+        else:
+            del self._inflight[key]
+        if key in self._waiting_by_key or key in self._need:
+            self._renew_need(key)
+
+    def _renew_need(self, key: Key) -> None:
+        waiting = self._waiting_by_key.get(key, 0)
+        new = max(0, -(-waiting // self.reuse_factor) - self._inflight.get(key, 0))
+        old = self._need.get(key, 0)
+        if new != old:
+            self.needed += new - old
+            if new:
+                self._need[key] = new
+            else:
+                del self._need[key]
 
     def _grant(self, waiter: Waiter, slot: Slot, now: float) -> Waiter:
         self.acquired_total += 1
@@ -631,6 +714,7 @@ class DestinationState:
         else:
             self._waiting_by_key.pop(key, None)
             self._by_key.pop(key, None)
+        self._renew_need(key)
         driver = key[1]
         m = self._waiting_by_driver.get(driver, 0) + delta
         if m:
