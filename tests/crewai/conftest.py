@@ -126,3 +126,13 @@ def pool(ds: Downstream) -> Iterator[toolpool.Pool]:
 
 
 __all__ = ["TENANTS"]
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # CrewAI 1.15 warns about its own deprecated fields on every kickoff; not ours to fix.
+    for item in items:
+        if str(item.path).startswith(_HERE):
+            item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning:crewai"))

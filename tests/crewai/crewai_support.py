@@ -149,7 +149,7 @@ def calls(tool_name: str, arg: str, n: int, prefix: str) -> list[dict[str, Any]]
 
 
 #: Tool calls of one kickoff of `three_agent_crew`, per service.
-CALLS_PER_KICKOFF = {"search": 6 + 3 + 2, "crm": 3 + 2}
+CALLS_PER_KICKOFF = {"search": 6 + 2, "crm": 3 + 3 + 2}
 
 
 def three_agent_crew(ds: Downstream, log: CallLog) -> Crew:
@@ -159,7 +159,7 @@ def three_agent_crew(ds: Downstream, log: CallLog) -> Crew:
     in parallel). 16 tool calls per kickoff."""
     crm = CrmLookup(base_url=ds.url("crm"), log=log)
     search = search_tool(ds.url("search"), log)
-    notes = notes_tool(ds.url("search"), log)
+    notes = notes_tool(ds.url("crm"), log)
     researcher = Agent(
         role="researcher",
         goal="Research {topic}",

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from toolpool._auth_context import AuthContext, current_auth
+from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool.adapters import (
     BUSY_ERRORS,
     AdaptiveToolConcurrency,
@@ -120,15 +120,12 @@ def current_run() -> RunState | None:
 @contextlib.contextmanager
 def run_scope(state: RunState) -> Iterator[RunState]:
     """Bind a kickoff's run state (and its auth context) for the enclosed code."""
-    from toolpool import _auth_context
-
-    run_token = _run.set(state)
-    auth_token = _auth_context._current.set(state.ctx)
+    token = _run.set(state)
     try:
-        yield state
+        with auth_context(state.ctx):
+            yield state
     finally:
-        _auth_context._current.reset(auth_token)
-        _run.reset(run_token)
+        _run.reset(token)
 
 
 class _ToolHook:
