@@ -87,7 +87,7 @@ async def test_admit_refuses_a_saturated_destination_after_max_wait(
     with pytest.raises(toolpool.PoolSaturated) as info:
         await admission.admit("t")
     assert info.value.destination == "crm"
-    assert info.value.reason == "admission"
+    assert info.value.reason in ("queue_full", "timeout")
     assert info.value.retry_after > 0
     assert isinstance(info.value, BUSY_ERRORS)
     # A tool that does not use 'crm' is not held back.
@@ -130,6 +130,50 @@ async def test_admit_waits_until_the_queue_drains(tight: toolpool.Pool, ds: Down
     await asyncio.gather(*tasks, return_exceptions=True)
     await client.aclose()
     thread.join(10)
+
+
+async def test_held_admissions_count_against_capacity(tight: toolpool.Pool, ds: Downstream) -> None:
+    """'crm' takes 1 connection + 1 queued request: two held tool calls fill it, a third
+    waits in FIFO for one of them to end, and is refused when max_wait runs out."""
+    admission = Admission(tight, max_wait=60)
+    admission.declare("t", ["crm"])
+    first_in = asyncio.Event()
+    release_first = asyncio.Event()
+
+    async def held_call(entered: asyncio.Event, release: asyncio.Event) -> None:
+        async with admission.hold("t"):
+            entered.set()
+            await release.wait()
+
+    release_second = asyncio.Event()
+    second_in = asyncio.Event()
+    first = asyncio.create_task(held_call(first_in, release_first))
+    second = asyncio.create_task(held_call(second_in, release_second))
+    await asyncio.wait_for(first_in.wait(), 30)
+    await asyncio.wait_for(second_in.wait(), 30)
+    assert tight.saturation("crm").state == "saturated"
+    # No request was sent: the two calls are counted by admission alone.
+    assert ds.stats("crm").requests_total == 0
+
+    refused = Admission(tight, max_wait=0)
+    refused.declare("t", ["crm"])
+    with pytest.raises(toolpool.PoolSaturated):
+        await refused.admit("t")
+    with pytest.raises(toolpool.PoolSaturated):
+        await asyncio.to_thread(refused.admit_sync, "t")
+
+    third_in = asyncio.Event()
+    third = asyncio.create_task(held_call(third_in, asyncio.Event()))
+    await asyncio.sleep(0.2)  # a correct hold still waits here, however long this takes
+    assert not third_in.is_set()
+    release_first.set()  # one call ends: the waiting one is admitted
+    await asyncio.wait_for(third_in.wait(), 30)
+    await first
+    release_second.set()
+    await second
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    assert tight.saturation("crm").state != "saturated"
 
 
 def test_busy_messages_are_readable_and_secret_free() -> None:

@@ -179,14 +179,16 @@ class ToolpoolMiddleware(AgentMiddleware):
         with self._slot_sync() as slot:
             call: ToolCall | None = None
             try:
-                self.admission.admit_sync(name)
-                with tool_call_scope(
-                    self.pool,
-                    ctx,
-                    tool_name=name,
-                    pool_httpx=self.pool_httpx,
-                    admission=self.admission,
-                ) as call:
+                with (
+                    self.admission.hold_sync(name),
+                    tool_call_scope(
+                        self.pool,
+                        ctx,
+                        tool_name=name,
+                        pool_httpx=self.pool_httpx,
+                        admission=self.admission,
+                    ) as call,
+                ):
                     result = handler(request)
             except Exception as exc:
                 busy = find_busy(exc)
@@ -207,14 +209,16 @@ class ToolpoolMiddleware(AgentMiddleware):
         async with self._slot() as slot:
             call: ToolCall | None = None
             try:
-                await self.admission.admit(name)
-                async with atool_call_scope(
-                    self.pool,
-                    ctx,
-                    tool_name=name,
-                    pool_httpx=self.pool_httpx,
-                    admission=self.admission,
-                ) as call:
+                async with (
+                    self.admission.hold(name),
+                    atool_call_scope(
+                        self.pool,
+                        ctx,
+                        tool_name=name,
+                        pool_httpx=self.pool_httpx,
+                        admission=self.admission,
+                    ) as call,
+                ):
                     result = await handler(request)
             except Exception as exc:
                 busy = find_busy(exc)
