@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from toolpool import _aio, _sio
+from toolpool import _aio, _sio, _state
 from toolpool._config import (
     Destination,
     DestinationSettings,
@@ -371,15 +371,34 @@ class Pool:
                 conn = slot.conn
                 if conn is not None and not conn.probe():
                     with dest.lock:
+                        # A request may have leased it since the check was scheduled: then
+                        # that request meets the dead connection and replaces it.
+                        was_idle = slot.state == _state.IDLE
                         dead = dest.state.discard(slot, monotonic())
-                        discarded = slot.state != 1  # no longer IDLE
-                    if discarded:
+                    if was_idle:
                         conn.abort()
                     dest.execute(dead)
+            self._adapt_reuse_factor(dest)
             delay = min(delay, dest.settings.health_check_interval)
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - now))
         return max(delay, 0.01)
+
+    @staticmethod
+    def _adapt_reuse_factor(dest: DestinationPool) -> None:
+        """How many waiters a tenant's connection serves before the tenant counts as needy
+        (and may take another tenant's connection): about the time a new connection costs
+        (open, plus the close of the one it replaces) over the time a request holds one."""
+        with dest.lock:
+            state = dest.state
+            opened = state.create_time.count
+            if opened < 5 or state.hold_ewma <= 0:
+                return
+            open_cost = 1.3 * state.create_time.sum / opened
+            factor = max(1, min(8, round(open_cost / state.hold_ewma)))
+            actions = state.set_reuse_factor(factor) if factor != state.reuse_factor else []
+        if actions:
+            dest.execute(actions)
 
     def _orphaned(self, dest: DestinationPool, slot: Slot) -> None:
         """A response was garbage-collected unclosed: close its connection (any thread)."""
