@@ -26,6 +26,7 @@ from toolpool import auth, resilience
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool._config import Destination, PoolDefaults
 from toolpool._pool import Pool
+from toolpool._remote import OverflowStats, RemotePool, RemoteTransport
 from toolpool._stats import DestinationStats, PoolStats
 from toolpool._transport import AsyncTransport, Transport
 from toolpool._version import __version__
@@ -48,12 +49,15 @@ __all__ = [
     "Destination",
     "DestinationStats",
     "DestinationUnavailable",
+    "OverflowStats",
     "Pool",
     "PoolClosed",
     "PoolDefaults",
     "PoolSaturated",
     "PoolStats",
     "PoolTimeout",
+    "RemotePool",
+    "RemoteTransport",
     "ToolpoolError",
     "Transport",
     "UnknownDestination",

@@ -17,6 +17,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "top": "toolpool._top",
+    "serve": "toolpool.service._cli",
 }
 
 

@@ -85,6 +85,8 @@ class Pool:
         verify: Any = True,
         unknown_destinations: Literal["pool", "reject"] = "pool",
         policy: Any = _DEFAULT_POLICY,
+        local_max_connections: int | None = None,
+        overflow: Any = None,
     ) -> None:
         self.defaults = PoolDefaults(
             max_connections=max_connections,
@@ -101,6 +103,14 @@ class Pool:
         )
         if isinstance(destinations, Destination):
             destinations = [destinations]
+        # Hierarchical pools: a small local tier per destination, the rest to the service.
+        self.overflow = overflow
+        if overflow is not None or local_max_connections is not None:
+            from toolpool._remote import local_destinations
+
+            destinations = local_destinations(
+                destinations, overflow, local_max_connections, max_connections
+            )
         self._by_name: dict[str, DestinationPool] = {}
         # Routes by (scheme, host, port-or-None), as httpx.URL reports them.
         self._routes: dict[tuple[str, str, int | None], DestinationPool] = {}
@@ -143,6 +153,8 @@ class Pool:
             settings.auth.bind(dest)
         if settings.policy is not None:
             settings.policy.bind(dest)
+        if self.overflow is not None and settings.listed:
+            self.overflow.bind(dest)  # outermost: a request that would queue goes remote
         self._by_name[settings.name] = dest
         self._routes[(scheme, host, port)] = dest
         if _DEFAULT_PORTS.get(scheme) == port:
