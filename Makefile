@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests $(wildcard examples/notebooks/*.ipynb) --nbmake
 
 demo: $(STAMP)
 	$(BIN)/python examples/storm_demo.py
