@@ -48,6 +48,7 @@ from toolpool.adapters import (
     resolve_auth,
 )
 from toolpool.autogen._function_tool import with_thread_context
+from toolpool.autogen._mcp import DEFAULT_MAX_MCP_SESSIONS, McpSessions, is_http_mcp_workbench
 from toolpool.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_PARALLEL_TOOL_CALLS", "PooledWorkbench"]
@@ -100,8 +101,11 @@ class PooledWorkbench(StaticStreamWorkbench):
     toolpool transport themselves).
 
     Tools of a static workbench run here directly; a sync `FunctionTool` runs in a worker
-    thread that keeps the call's context variables. Any other workbench (`McpWorkbench`, your
-    own) gets the same admission, limit and auth context around its `call_tool`.
+    thread that keeps the call's context variables. An `McpWorkbench` over HTTP (streamable
+    HTTP or SSE) gets one MCP session per `AuthContext`, started on the pool for that tenant
+    (at most `max_mcp_sessions`, least recently used idle ones closed; `stop()` closes all).
+    Any other workbench (stdio MCP, your own) gets the same admission, limit and auth context
+    around its `call_tool`.
 
     `dump_component()` returns the inner workbench's component: a saved agent loads back
     unpooled (a pool cannot be serialized); wrap it again after loading.
@@ -120,6 +124,7 @@ class PooledWorkbench(StaticStreamWorkbench):
         destinations: Mapping[str, Iterable[str]] | None = None,
         pool_httpx: bool = True,
         run_input: Any = None,
+        max_mcp_sessions: int = DEFAULT_MAX_MCP_SESSIONS,
     ) -> None:
         if isinstance(workbench, PooledWorkbench):
             raise ConfigError(
@@ -153,6 +158,15 @@ class PooledWorkbench(StaticStreamWorkbench):
         )
         for tool_name, names in (destinations or {}).items():
             self._admission.declare(tool_name, list(names))
+        self._mcp: McpSessions | None = None
+        if is_http_mcp_workbench(workbench):
+            self._mcp = McpSessions(
+                workbench,  # type: ignore[arg-type]
+                pool,
+                self._admission,
+                pool_httpx=pool_httpx,
+                max_sessions=max_mcp_sessions,
+            )
 
     def __repr__(self) -> str:
         inner = type(self._inner).__name__
@@ -180,6 +194,11 @@ class PooledWorkbench(StaticStreamWorkbench):
         """The AIMD limit on this workbench's parallel tool calls."""
         return self._concurrency
 
+    @property
+    def mcp_sessions(self) -> McpSessions | None:
+        """The per-tenant sessions when the inner workbench is an HTTP `McpWorkbench`."""
+        return self._mcp
+
     def current_auth(self) -> AuthContext | None:
         """The `AuthContext` a tool call starting now acts for."""
         return resolve_auth(self._auth, self._run_input, framework="autogen", hint=_AUTH_HINT)
@@ -190,6 +209,9 @@ class PooledWorkbench(StaticStreamWorkbench):
         """The inner workbench's tools, unchanged."""
         if self._static:
             return await super().list_tools()
+        if self._mcp is not None:
+            async with self._mcp.use(self.current_auth()) as session:
+                return await session.list_tools()
         return await self._inner.list_tools()
 
     async def call_tool(
@@ -247,12 +269,19 @@ class PooledWorkbench(StaticStreamWorkbench):
         yield result
 
     async def start(self) -> None:
-        """Start the inner workbench."""
-        await self._inner.start()
+        """Start the inner workbench (an HTTP `McpWorkbench`: sessions start per tenant,
+        on first use)."""
+        if self._mcp is None:
+            await self._inner.start()
 
     async def stop(self) -> None:
-        """Stop the inner workbench."""
-        await self._inner.stop()
+        """Stop the inner workbench (an HTTP `McpWorkbench`: every tenant's session)."""
+        if self._mcp is None:
+            await self._inner.stop()
+            return
+        await self._mcp.stop()
+        if getattr(self._inner, "_actor", None) is not None:  # started by its owner
+            await self._inner.stop()
 
     async def reset(self) -> None:
         """Reset the inner workbench."""
@@ -332,7 +361,7 @@ class PooledWorkbench(StaticStreamWorkbench):
         call: ToolCall,
     ) -> ToolResult:
         if not self._static:
-            return await self._run_inner(name, arguments, cancellation_token, call_id, emit)
+            return await self._run_inner(name, arguments, cancellation_token, call_id, emit, call)
         original = self._override_name_to_original.get(name, name)
         tool = next((t for t in self._tools if t.name == original), None)
         if tool is None:
@@ -381,7 +410,11 @@ class PooledWorkbench(StaticStreamWorkbench):
         cancellation_token: CancellationToken,
         call_id: str | None,
         emit: Callable[[Any], None] | None,
+        call: ToolCall,
     ) -> ToolResult:
+        if self._mcp is not None:
+            async with self._mcp.use(call.ctx) as session:
+                return await session.call_tool(name, arguments, cancellation_token, call_id)
         inner = self._inner
         if emit is None or not isinstance(inner, StreamWorkbench):
             return await inner.call_tool(name, arguments, cancellation_token, call_id)
