@@ -46,8 +46,9 @@ class ScriptedLLM(BaseLLM):
     `plan` is a list of turns; each turn is a list of calls ``{"tool": name, "args": {...}}``.
     With `function_calling` (the default) a turn's calls are returned together, and CrewAI runs
     them in parallel threads; without it, the text path runs one call per turn. After the plan
-    the model answers ``"<answer_prefix>: <result 1> | <result 2> ..."``. A call whose result is
-    a busy message is repeated in an extra turn, at most `busy_retries` times per run.
+    the model answers ``"<answer_prefix>: <result 1> | <result 2> ..."``, one result per call.
+    A call whose result is a busy message is repeated in an extra turn (its new result
+    replaces the busy one), at most `busy_retries` extra turns per run.
     Every tool result the model reads is appended to `observations` (shared by copies).
     """
 
@@ -143,10 +144,13 @@ class ScriptedLLM(BaseLLM):
                 }
                 for i, call in enumerate(self.plan[planned])
             ]
-        final = [
-            results[str(c.get("id"))] for turn in turns for c in turn if str(c.get("id")) in results
-        ]
-        return self._answer(final)
+        # One result per call: a repeated (busy) call's last result replaces the earlier one.
+        final: dict[str, str] = {}
+        for turn in turns:
+            for c in turn:
+                key = json.dumps(c.get("function", {}), sort_keys=True)
+                final[key] = results.get(str(c.get("id")), "")
+        return self._answer(list(final.values()))
 
     # ------------------------------------------------------------------ text path
 
@@ -164,14 +168,14 @@ class ScriptedLLM(BaseLLM):
         if done:
             self._observe(done[-1:])
         # Which planned call each observation answered: a busy one is repeated in place.
-        position, retries, last_busy = 0, 0, False
+        position, retries = 0, 0
+        answers: list[str] = []
         for observation in done:
-            last_busy = is_busy_result(observation)
-            if last_busy and retries < self.busy_retries:
-                retries += 1
+            if is_busy_result(observation) and retries < self.busy_retries:
+                retries += 1  # the same call again; its next result replaces this one
             else:
+                answers.append(observation)
                 position += 1
-                last_busy = False
         if position < len(flat):
             call = flat[position]
             return (
@@ -179,7 +183,7 @@ class ScriptedLLM(BaseLLM):
                 f"Action: {call['tool']}\n"
                 f"Action Input: {json.dumps(call.get('args', {}))}"
             )
-        return "Thought: I now know the final answer.\nFinal Answer: " + self._answer(done)
+        return "Thought: I now know the final answer.\nFinal Answer: " + self._answer(answers)
 
     # ------------------------------------------------------------------ shared
 
