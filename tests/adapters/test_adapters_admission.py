@@ -15,6 +15,7 @@ from toolpool.adapters import (
     BUSY_ERRORS,
     Admission,
     busy_message,
+    find_busy,
     resolve_auth,
 )
 from toolpool.testing import Downstream
@@ -195,6 +196,25 @@ def test_busy_messages_are_readable_and_secret_free() -> None:
     for exc in (saturated, timeout, down):
         assert "SECRET" not in busy_message(exc, "t")
         assert isinstance(exc, BUSY_ERRORS)
+
+
+def test_find_busy_looks_behind_wrappers() -> None:
+    saturated = toolpool.PoolSaturated(
+        "crm", in_use=1, waiting=1, max_connections=1, queue_limit=1, retry_after=0.1
+    )
+    assert find_busy(saturated) is saturated
+    wrapped = RuntimeError("lookup failed")  # raise RuntimeError(...) from busy
+    wrapped.__cause__ = saturated
+    assert find_busy(wrapped) is saturated
+    while_handling = RuntimeError("lookup failed")  # raised inside `except busy:`
+    while_handling.__context__ = saturated
+    assert find_busy(while_handling) is saturated
+    while_handling.__suppress_context__ = True  # `from None`: not busy
+    assert find_busy(while_handling) is None
+    inner = ExceptionGroup("inner", [saturated])  # noqa: F821
+    group = ExceptionGroup("task group", [ValueError("x"), inner])  # noqa: F821
+    assert find_busy(group) is saturated
+    assert find_busy(ValueError("plain")) is None
 
 
 def test_resolve_auth_sources() -> None:

@@ -95,6 +95,17 @@ def test_naive_sync_clients_are_pooled(ds: Downstream) -> None:
         assert pool.stats()["crm"].in_use == 0
 
 
+def test_module_level_httpx_functions_are_pooled_too(ds: Downstream) -> None:
+    """`httpx.get(...)` builds a Client per call: inside a scope it goes through the pool."""
+    with toolpool.Pool([toolpool.Destination("crm", ds.url("crm"))], warmup=0) as pool:
+        with tool_call_scope(pool, ACME, tool_name="oneliner"):
+            rs = [
+                httpx.get(ds.url("crm") + "/anything", headers=_tenant_header()) for _ in range(3)
+            ]
+        assert [r.extensions["toolpool"]["reused"] for r in rs] == [False, True, True]
+        assert ds.stats("crm").connections_accepted == 1
+
+
 async def test_closing_a_pooled_client_keeps_the_pool(ds: Downstream, pool: toolpool.Pool) -> None:
     async with atool_call_scope(pool, ACME, tool_name="t"):
         async with httpx.AsyncClient() as client:

@@ -219,6 +219,50 @@ async def test_wrap_goes_outside_the_agents_own_tool_middleware(
     assert sorted(seen, key=str) == ["acme", "acme", "globex", "globex"]
 
 
+async def test_tool_concurrency_caps_parallel_tool_calls(
+    ds: Downstream, pool: toolpool.Pool
+) -> None:
+    """10 tool calls in one turn, tool_concurrency=3: at most 3 tool bodies run at once."""
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+    three_in = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    crm = ds.url("crm")
+
+    @tool
+    async def counted(q: str) -> str:
+        """Counts how many of its calls run at once."""
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            if running == 3:
+                loop.call_soon_threadsafe(three_in.set)
+        try:
+            await asyncio.sleep(0)
+            async with httpx.AsyncClient() as client:
+                await client.get(f"{crm}/anything", headers={"X-Tenant": "acme"})
+        finally:
+            with lock:
+                running -= 1
+        return "ok"
+
+    agent = wrap(
+        create_agent(ScriptedChatModel(tool_calls=calls(("counted", 10))), [counted]),
+        pool,
+        auth=toolpool.AuthContext(tenant="acme"),
+        tool_concurrency=3,
+    )
+    out = await agent.ainvoke({"messages": [("user", "go")]})
+    assert [m.content for m in out["messages"] if isinstance(m, ToolMessage)] == ["ok"] * 10
+    assert peak <= 3
+    assert three_in.is_set()  # and the cap was used, not just never reached
+    limiter = middleware_of(agent).concurrency  # type: ignore[union-attr]
+    assert limiter is not None
+    assert limiter.in_flight == 0
+
+
 def test_wrap_refuses_what_it_cannot_wrap(ds: Downstream) -> None:
     pool = toolpool.Pool()
     with pytest.raises(toolpool.ConfigError, match="compiled LangGraph agent"):
