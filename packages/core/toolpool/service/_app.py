@@ -634,7 +634,8 @@ def _origin(dest: DestinationConfig) -> str:
 async def _respond(
     send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    sized = [*headers, (b"content-length", str(len(body)).encode("ascii"))]
+    await send({"type": "http.response.start", "status": status, "headers": sized})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

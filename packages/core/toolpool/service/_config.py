@@ -583,7 +583,7 @@ def _pool(t: _Table) -> dict[str, Any]:
             "the service only ever reaches listed destinations (an open proxy is refused); "
             "remove this key",
         )
-    t.finish()
+    t.finish({"max_connections", *_POOL_FLOATS, "queue_factor", "warmup", "verify", "policy"})
     try:
         toolpool.PoolDefaults(**{k: v for k, v in out.items() if k != "policy"})
     except ConfigError as exc:
@@ -662,6 +662,23 @@ _DEST_FLOATS = (
 )
 
 
+_DEST_KEYS = {
+    "url",
+    "documented_limit",
+    "max_connections",
+    *_DEST_FLOATS,
+    "queue_factor",
+    "warmup",
+    "verify",
+    "cert",
+    "read_timeout",
+    "write_timeout",
+    "forward_tenant_as",
+    "policy",
+    "auth",
+}
+
+
 def _destination(name: str, t: _Table) -> DestinationConfig:
     if not _NAME.match(name):
         raise t.error(None, f"destination names use letters, digits, '_', '.', '-' (got {name!r})")
@@ -703,7 +720,7 @@ def _destination(name: str, t: _Table) -> DestinationConfig:
     policy = _policy(t) if t.has("policy") else None
     auth_table = t.table("auth")
     auth = _auth(name, auth_table, options.get("verify")) if auth_table is not None else None
-    t.finish()
+    t.finish(_DEST_KEYS)
     try:
         toolpool.Destination(name, url, max_connections=fleet_cap, **options)
     except ConfigError as exc:
