@@ -157,3 +157,37 @@ async def test_wrap_pools_an_agents_mcp_workbench(mcp_crm: McpServer) -> None:
         # The saved agent has the plain McpWorkbench config.
         dumped = agent.dump_component().model_dump()
         assert dumped["config"]["workbench"][0]["provider"] == "autogen_ext.tools.mcp.McpWorkbench"
+
+
+async def test_mcp_sessions_beyond_the_bound_close_the_least_recently_used(
+    mcp_crm: McpServer,
+) -> None:
+    mcp = toolpool.Destination("mcp", mcp_crm.origin, auth=Bearer(lambda ctx: f"t-{ctx.tenant}"))
+    async with toolpool.Pool([mcp], warmup=0) as pool:
+        workbench = PooledWorkbench(
+            McpWorkbench(StreamableHttpServerParams(url=mcp_crm.url)), pool, max_mcp_sessions=1
+        )
+        sessions = workbench.mcp_sessions
+        assert sessions is not None
+
+        async def whoami(ctx: toolpool.AuthContext) -> str:
+            with toolpool.auth_context(ctx):
+                result = await workbench.call_tool("whoami", {})
+            assert not result.is_error, result.to_text()
+            authorization: str = json.loads(result.to_text())["authorization"]
+            return authorization
+
+        try:
+            assert await whoami(ACME) == "Bearer t-acme"
+            assert sessions.contexts() == [ACME]
+            assert await whoami(GLOBEX) == "Bearer t-globex"
+            assert sessions.contexts() == [GLOBEX]  # acme's idle session was closed
+            assert await whoami(ACME) == "Bearer t-acme"  # and is opened again on demand
+            assert sessions.contexts() == [ACME]
+        finally:
+            await workbench.stop()
+        for _ in range(3000):  # the closed sessions give their connections back
+            if pool.stats()["mcp"].in_use == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.stats()["mcp"].in_use == 0

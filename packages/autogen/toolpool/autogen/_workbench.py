@@ -83,8 +83,9 @@ class PooledWorkbench(StaticStreamWorkbench):
     from autogen_core.tools import StaticStreamWorkbench
     from toolpool.autogen import PooledWorkbench
 
-    agent._workbench = [PooledWorkbench(StaticStreamWorkbench(tools), pool)]
-    # or, the same in one call:  toolpool.autogen.wrap(agent, pool)
+    workbench = PooledWorkbench(StaticStreamWorkbench(tools), pool)
+    agent = AssistantAgent("reviewer", model_client=model, workbench=workbench)
+    # or, for an agent (or team) that exists already:  toolpool.autogen.wrap(agent, pool)
     ```
 
     `auth`: the `AuthContext` the calls act for, a function of `run_input` (the agent, when

@@ -18,6 +18,7 @@ from autogen_agentchat.teams import BaseGroupChat
 
 from toolpool._pool import Pool
 from toolpool.adapters import AdaptiveToolConcurrency, Admission, AuthSource
+from toolpool.autogen._mcp import DEFAULT_MAX_MCP_SESSIONS
 from toolpool.autogen._workbench import (
     DEFAULT_MAX_PARALLEL_TOOL_CALLS,
     DEFAULT_MAX_WAIT,
@@ -82,6 +83,7 @@ def wrap(
     max_wait: float = DEFAULT_MAX_WAIT,
     destinations: Mapping[str, Iterable[str]] | None = None,
     pool_httpx: bool = True,
+    max_mcp_sessions: int = DEFAULT_MAX_MCP_SESSIONS,
 ) -> T:
     """Run every tool call of an AutoGen agent or team on `pool`; returns `target` itself.
 
@@ -103,8 +105,10 @@ def wrap(
     A team shares one admission gate and one adaptive tool-call limit (`max_parallel_tool_calls`
     at most, halved on each busy destination); `max_wait` bounds how long a call waits for a
     saturated destination before the model reads "busy, retry in N s". `destinations` declares
-    `{tool name: [destination names]}` for admission from the first call. Wrapping a wrapped
-    agent replaces its previous wrapping. The new workbench is used from the agent's next run.
+    `{tool name: [destination names]}` for admission from the first call. An `McpWorkbench`
+    over HTTP gets one session per tenant (at most `max_mcp_sessions`); stop them with
+    `await workbench.stop()` on the agent's workbenches. Wrapping a wrapped agent replaces its
+    previous wrapping. The new workbench is used from the agent's next run.
     """
     if not isinstance(pool, Pool):
         raise ConfigError(f"wrap() needs a toolpool.Pool, not {type(pool).__name__}")
@@ -130,6 +134,7 @@ def wrap(
                 destinations=destinations,
                 pool_httpx=pool_httpx,
                 run_input=agent,
+                max_mcp_sessions=max_mcp_sessions,
             )
             for wb in inner
         ]
