@@ -362,6 +362,12 @@ async def test_tool_overrides_are_kept(downstream: Downstream, pool: toolpool.Po
     assert [t["name"] for t in await wb.list_tools()] == ["find_customer"]
     result = await wb.call_tool("find_customer", {})
     assert (result.name, text(result)) == ("find_customer", "acme")
+    # The branch AssistantAgent uses (AutoGen 0.7.5's own stream branch ignores overrides
+    # and answers "Tool find_customer not found.").
+    streamed = [item async for item in wb.call_tool_stream("find_customer", {})]
+    assert len(streamed) == 1
+    assert isinstance(streamed[0], ToolResult)
+    assert (streamed[0].name, text(streamed[0])) == ("find_customer", "acme")
 
 
 # ---------------------------------------------------------------------- serialization
