@@ -49,7 +49,10 @@ def write_config(tmp_path: Path, text: str, name: str = "toolpool.toml") -> Path
 class ServiceThread:
     """`PoolService` under uvicorn (h11, like `toolpool serve`) on 127.0.0.1, on a thread."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: Path, env: dict[str, str] | None = None, *, wait: bool = True
+    ) -> None:
+        self.wait = wait
         self.config = load_config(config_path, env=env if env is not None else SERVICE_ENV)
         self.app = PoolService(self.config)
         self.sock = socket.socket()
@@ -90,7 +93,8 @@ class ServiceThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"service did not start: {self.error!r}")
             time.sleep(0.01)
-        wait_ready(self.url)
+        if self.wait:
+            wait_ready(self.url)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -238,6 +242,7 @@ class CountingRelay:
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.port = 0
 
@@ -252,6 +257,10 @@ class CountingRelay:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         with self._lock:
             self.open += 1
             self.accepted += 1
@@ -285,6 +294,9 @@ class CountingRelay:
         async def stop() -> None:
             assert self._server is not None
             self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -336,3 +348,37 @@ class ConnectSpy:
             with self._lock:
                 self.refused.append((host, port))
             raise OSError(f"test guard: refused a connect to non-loopback {host}:{port}")
+
+
+class OnePermitLimit:
+    """A stand-in fleet coordinator for the GlobalLimit plug-in test: `permits` fleet-wide
+    permits, refused (not waited for) when all are held."""
+
+    def __init__(self, permits: int = 1) -> None:
+        self.permits = permits
+        self.held = 0
+        self.granted = 0
+
+    def replica_cap(self, destination: str, fleet_cap: int) -> int:
+        return fleet_cap
+
+    @contextlib.asynccontextmanager
+    async def hold(self, destination: str, tenant: str) -> Any:
+        from toolpool import PoolSaturated
+
+        if self.held >= self.permits:
+            raise PoolSaturated(
+                destination,
+                in_use=self.held,
+                waiting=0,
+                max_connections=self.permits,
+                queue_limit=0,
+                retry_after=0.5,
+                reason="fleet_limit",
+            )
+        self.held += 1
+        self.granted += 1
+        try:
+            yield
+        finally:
+            self.held -= 1

@@ -139,7 +139,7 @@ class RemotePool:
             acquire_timeout=acquire_timeout,
             policy=None,
         )
-        self._hop: DestinationPool = self._pool.destination(_SERVICE_DESTINATION)
+        self._dest: DestinationPool = self._pool.destination(_SERVICE_DESTINATION)
         self._auth = (b"authorization", b"Bearer " + token.encode("ascii"))
         self._tenant_header = tenant_header.encode("ascii")
         self._tenant_lower = self._tenant_header.lower()
@@ -208,6 +208,14 @@ class RemotePool:
 
     # ------------------------------------------------------------------ routes
 
+    def _hop(self) -> DestinationPool:
+        """The pooled connections to the service, started on first use (like a pool's
+        destinations: maintenance thread for idle TTL and health checks)."""
+        pool = self._pool
+        if not pool._started or pool.closed:
+            pool._ensure_started()  # raises PoolClosed once closed
+        return self._dest
+
     def _listing_request(self) -> httpx.Request:
         url = self._base.copy_with(raw_path=self._prefix + b"/_toolpool/destinations")
         headers = [(b"host", self._base.netloc), self._auth, (b"accept", b"application/json")]
@@ -229,7 +237,7 @@ class RemotePool:
         """Origin -> destination name, fetched from the service once (async)."""
         routes = self._routes
         if routes is None:
-            response = await self._hop.async_send(self._listing_request(), None)
+            response = await self._hop().async_send(self._listing_request(), None)
             await response.aread()
             routes = self._learn(response)
         return routes
@@ -238,7 +246,7 @@ class RemotePool:
         """Origin -> destination name, fetched from the service once (sync)."""
         routes = self._routes
         if routes is None:
-            response = self._hop.sync_send(self._listing_request(), None)
+            response = self._hop().sync_send(self._listing_request(), None)
             response.read()
             routes = self._learn(response)
         return routes
@@ -280,7 +288,7 @@ class RemotePool:
         self, destination: str, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         """Send `request` to the service's `destination` acting for `ctx` (async)."""
-        response = await self._hop.async_send(
+        response = await self._hop().async_send(
             self._service_request(destination, request, ctx), None
         )
         if "x-toolpool-error" in response.headers:
@@ -292,7 +300,7 @@ class RemotePool:
         self, destination: str, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         """Send `request` to the service's `destination` acting for `ctx` (sync)."""
-        response = self._hop.sync_send(self._service_request(destination, request, ctx), None)
+        response = self._hop().sync_send(self._service_request(destination, request, ctx), None)
         if "x-toolpool-error" in response.headers:
             response.read()
             self._raise_service_error(destination, response, ctx)
