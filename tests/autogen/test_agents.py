@@ -11,7 +11,7 @@ import httpx
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import ToolCallExecutionEvent
-from autogen_agentchat.teams import RoundRobinGroupChat
+from autogen_agentchat.teams import RoundRobinGroupChat, SelectorGroupChat
 from autogen_core.models import FunctionExecutionResult
 from autogen_core.tools import StaticStreamWorkbench
 from autogen_support import describe, replay_model, tenant_headers
@@ -244,3 +244,30 @@ async def test_auth_function_that_finds_no_tenant_gives_error_results_not_a_hung
         assert "could not find the tenant" in r.content
         assert "toolpool.autogen.wrap()" in r.content
     assert downstream.stats("crm").requests_total == 0
+
+
+async def test_selector_group_chat_with_wrapped_agents(downstream: Downstream) -> None:
+    def member(name: str, n: int) -> AssistantAgent:
+        return AssistantAgent(
+            name,
+            model_client=replay_model([("fetch_sync", {"n": n})], f"{name} done"),
+            tools=crm_tools(downstream),
+            reflect_on_tool_use=True,
+        )
+
+    # The selector's model picks bob, then alice.
+    members = [member("alice", 1), member("bob", 2)]
+    team = SelectorGroupChat(members, model_client=replay_model("bob", "alice"), max_turns=2)
+    pool = toolpool.Pool([toolpool.Destination("crm", downstream.url("crm"))], warmup=0)
+    async with pool:
+        result = await run_as(wrap(team, pool), ACME)
+
+    assert [m.source for m in result.messages if isinstance(m, ToolCallExecutionEvent)] == [
+        "bob",
+        "alice",
+    ]
+    served = [json.loads(r.content) for r in tool_results(result)]
+    assert [s["tenant"] for s in served] == ["acme", "acme"]
+    # Alice's sync call reused the connection bob's opened: one connection for the team.
+    assert served[0]["connection_id"] == served[1]["connection_id"]
+    assert downstream.stats("crm").connections_accepted == 1

@@ -344,7 +344,7 @@ class PooledWorkbench(StaticStreamWorkbench):
                     return _text_result(name, self._format_errors(exc), is_error=True)
                 slot.busy()
                 text = busy_message(busy, name)
-                log.info("%s", text)
+                log.debug("%s", text)
                 return _text_result(name, text, is_error=True)
             if call is not None and call.busy is not None:
                 slot.busy()  # the tool met a busy destination and handled it itself
