@@ -12,7 +12,7 @@ import threading
 
 import httpx
 import pytest
-from conftest import destination, oauth, register, tenant_ctx
+from auth_support import destination, oauth, register, tenant_ctx
 
 import toolpool
 from toolpool.testing import Downstream, ServiceSpec

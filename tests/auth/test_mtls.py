@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import destination
+from auth_support import destination
 
 import toolpool
 from toolpool.testing import Downstream, ServiceSpec

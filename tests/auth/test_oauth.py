@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import TENANTS, client_secret, destination, oauth, register, tenant_ctx
+from auth_support import TENANTS, client_secret, destination, oauth, register, tenant_ctx
 
 import toolpool
 from toolpool.testing import Downstream, ServiceSpec
@@ -168,12 +168,20 @@ async def test_refresh_ahead_of_expiry_runs_in_the_background(driver):
     assert stats.http_401 == 0
 
 
-async def test_401_invalidates_refreshes_and_retries_once(crm):
+@pytest.mark.parametrize("driver", ["async", "threads"])
+async def test_401_invalidates_refreshes_and_retries_once(crm, driver):
     async with toolpool.Pool([destination(crm, auth=oauth(crm))]) as pool, pool.client() as c:
+        sync_client = pool.sync_client()
+
+        async def call(method: str, path: str, **kw: object) -> httpx.Response:
+            if driver == "async":
+                return await c.request(method, crm.url("crm") + path, **kw)
+            return await asyncio.to_thread(sync_client.request, method, crm.url("crm") + path, **kw)
+
         with toolpool.auth_context(tenant_ctx("acme")):
-            assert (await c.get(crm.url("crm") + "/anything")).status_code == 200
+            assert (await call("GET", "/anything")).status_code == 200
             crm.revoke_tokens("crm")
-            response = await c.post(crm.url("crm") + "/echo", json={"n": 1})
+            response = await call("POST", "/echo", json={"n": 1})
         stats = pool.destination("crm").auth.stats()
     assert response.status_code == 200
     assert response.json()["body"] == '{"n":1}'  # the body was sent again, intact

@@ -8,7 +8,7 @@ import traceback
 
 import httpx
 import pytest
-from conftest import RUN, client_secret, destination, oauth, register, tenant_ctx
+from auth_support import RUN, client_secret, destination, oauth, register, tenant_ctx
 
 import toolpool
 from toolpool.auth import ApiKey, Bearer, Credential, TokenPolicy, TokenProvider

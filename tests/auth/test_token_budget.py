@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import destination, oauth, register, tenant_ctx
+from auth_support import destination, oauth, register, tenant_ctx
 
 import toolpool
 from toolpool.testing import Downstream, ServiceSpec

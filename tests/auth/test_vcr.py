@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import vcr
-from conftest import RUN, client_secret, destination, oauth, register, tenant_ctx
+from auth_support import RUN, client_secret, destination, oauth, register, tenant_ctx
 from vcr.errors import CannotOverwriteExistingCassetteException
 
 import toolpool
