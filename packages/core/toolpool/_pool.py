@@ -391,7 +391,9 @@ class Pool:
                         conn.abort()
                     dest.execute(dead)
             self._adapt_reuse_factor(dest)
-            delay = min(delay, dest.settings.health_check_interval)
+            # Nothing wakes this thread when a connection goes idle, so tick at least once
+            # per idle TTL: an idle connection then closes at most one TTL late.
+            delay = min(delay, dest.settings.health_check_interval, dest.settings.idle_ttl)
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - now))
         return max(delay, 0.01)
