@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import dataclasses
 import json
 import os
@@ -212,7 +213,74 @@ def plain_runner(spec: StormSpec, pool: toolpool.Pool | None) -> Runner:
     return run
 
 
-RUNNERS = {"langchain": langchain_runner, "none": plain_runner}
+# AutoGen passes no per-run context to tools: the demo's tools read the tenant from here (set
+# around each run), the way an application would pass it.
+_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("demo_tenant")
+
+
+def autogen_runner(spec: StormSpec, pool: toolpool.Pool | None) -> Runner:
+    """A new AutoGen AssistantAgent per task (its replay model asks for the task's tool calls
+    at once); in the toolpool run it is wrapped with `toolpool.autogen.wrap`."""
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_core import FunctionCall
+    from autogen_core.models import CreateResult, ModelFamily, ModelInfo, RequestUsage
+    from autogen_core.tools import FunctionTool
+    from autogen_ext.models.replay import ReplayChatCompletionClient
+
+    records: dict[str, CallRecord] = {}
+    info = ModelInfo(
+        vision=False,
+        function_calling=True,
+        json_output=False,
+        family=ModelFamily.UNKNOWN,
+        structured_output=False,
+    )
+
+    def make_tool(service: str) -> FunctionTool:
+        async def run_tool(query: str) -> str:
+            tenant = _TENANT.get()
+            plan = TaskPlan(0, tenant, (), query.split(":")[0], 0.0)
+            record = await timed_call(service, plan, lambda: call_service(service, tenant, query))
+            records[query] = record
+            if not record.ok:
+                raise RuntimeError(record.error)
+            return "ok"
+
+        return FunctionTool(run_tool, description=f"Call the {service} service.", name=service)
+
+    tools = [make_tool(s) for s in spec.services]
+
+    async def run(plan: TaskPlan) -> list[CallRecord]:
+        queries = [f"{plan.phase}:{uuid.uuid4().hex}" for _ in plan.services]
+        turn = CreateResult(
+            finish_reason="function_calls",
+            content=[
+                FunctionCall(id=str(i), name=s, arguments=json.dumps({"query": q}))
+                for i, (s, q) in enumerate(zip(plan.services, queries, strict=True))
+            ],
+            usage=RequestUsage(prompt_tokens=0, completion_tokens=0),
+            cached=False,
+        )
+        model = ReplayChatCompletionClient([turn, "done"], model_info=info)
+        agent = AssistantAgent("worker", model_client=model, tools=tools)
+        token = _TENANT.set(plan.tenant)
+        try:
+            if pool is None:
+                await agent.run(task="do the task")
+            else:
+                from toolpool.autogen import wrap
+
+                wrap(agent, pool)  # the one call
+                with toolpool.auth_context(toolpool.AuthContext(tenant=plan.tenant)):
+                    await agent.run(task="do the task")
+        finally:
+            _TENANT.reset(token)
+        return [records.pop(q) for q in queries if q in records]
+
+    return run
+
+
+RUNNERS = {"langchain": langchain_runner, "autogen": autogen_runner, "none": plain_runner}
 
 
 # ---------------------------------------------------------------------------- one run
