@@ -171,10 +171,9 @@ def main() -> None:
                 "p99_ms_max": max(p99s),
             }
             summary["results"].append(row)
-            print(
-                f"{path:22} {c:>4} {row['p50_ms_median']:8.3f} ({row['p50_ms_min']:.3f}-{row['p50_ms_max']:.3f})"
-                f" {row['p99_ms_median']:8.3f} ({row['p99_ms_min']:.3f}-{row['p99_ms_max']:.3f})"
-            )
+            p50 = f"{row['p50_ms_median']:8.3f} ({row['p50_ms_min']:.3f}-{row['p50_ms_max']:.3f})"
+            p99 = f"{row['p99_ms_median']:8.3f} ({row['p99_ms_min']:.3f}-{row['p99_ms_max']:.3f})"
+            print(f"{path:22} {c:>4} {p50} {p99}")
         local = statistics.median(r["p50_ms"] for r in runs[PATHS[0]][c])
         remote = statistics.median(r["p50_ms"] for r in runs[PATHS[1]][c])
         hops = [
@@ -186,9 +185,8 @@ def main() -> None:
             "min": min(hops),
             "max": max(hops),
         }
-        print(
-            f"  added hop at concurrency {c}: p50 +{remote - local:.3f} ms (per-rep {min(hops):.3f}-{max(hops):.3f})"
-        )
+        spread = f"per-rep {min(hops):.3f}-{max(hops):.3f}"
+        print(f"  added hop at concurrency {c}: p50 +{remote - local:.3f} ms ({spread})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
