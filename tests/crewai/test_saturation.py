@@ -38,15 +38,17 @@ class Gate:
     together; later calls (retries) pass straight through."""
 
     def __init__(self, n: int) -> None:
-        self.barrier = threading.Barrier(n)
+        self.barrier = threading.Barrier(n) if n else None
         self.remaining = n
+        self.entered = 0
         self.lock = threading.Lock()
 
     def pass_(self) -> None:
         with self.lock:
             first = self.remaining > 0
             self.remaining -= 1
-        if first:
+            self.entered += 1
+        if first and self.barrier is not None:
             self.barrier.wait(timeout=60)
 
 
@@ -173,7 +175,9 @@ class Hold:
 
 def test_text_path_busy_then_success(slow: Downstream) -> None:
     """The text/ReAct path: CrewAI retries a failing tool call itself, then the model reads
-    CrewAI's error text with toolpool's busy message; it calls again once there is room."""
+    CrewAI's error text with toolpool's busy message; it calls again once there is room.
+    `max_wait` lets the retried call wait out the release of the held connection (closing
+    it mid-body may take the pool's close grace)."""
     slow.reset_stats()
     llm = ScriptedLLM(function_calling=False, plan=[[{"tool": "slow_api", "args": {"item": "x"}}]])
     pool = toolpool.Pool(
@@ -181,7 +185,7 @@ def test_text_path_busy_then_success(slow: Downstream) -> None:
         warmup=0,
     )
     with pool:
-        crew = wrap(slow_crew(slow.url("slow"), llm), pool, auth=tenant_ctx("acme"), max_wait=0.2)
+        crew = wrap(slow_crew(slow.url("slow"), llm), pool, auth=tenant_ctx("acme"), max_wait=1.0)
         hold = Hold(pool, slow.url("slow"))
         try:
             with ThreadPoolExecutor(1) as executor:
@@ -197,7 +201,7 @@ def test_text_path_busy_then_success(slow: Downstream) -> None:
         "I encountered an error while trying to use the tool. This was the error: "
         "tool 'slow_api' could not run: destination 'slow' is busy"
     )
-    assert answered_items(output.raw) == ["x"]
+    assert answered_items(output.raw) == ["x"], llm.observations
     assert (stats.in_use, stats.waiting) == (0, 0)
 
 
@@ -223,3 +227,32 @@ def test_raise_policy_stops_the_run_on_busy(slow: Downstream) -> None:
                 crew.kickoff(inputs={"tenant_id": "acme"})
         finally:
             hold.release()
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_declared_destination_is_gated_before_the_body_runs(
+    slow: Downstream, declared: bool
+) -> None:
+    """Learned destinations gate a tool from its second call on; declared ones from the
+    first: then a call to a saturated destination is refused before its body runs."""
+    llm = ScriptedLLM(plan=[[{"tool": "slow_api", "args": {"item": "x"}}]], busy_retries=0)
+    counter = Gate(0)  # counts the bodies that ran (a gate of 0 holds nobody)
+    pool = toolpool.Pool(
+        [toolpool.Destination("slow", slow.url("slow"), max_connections=1, queue_factor=1)],
+        warmup=0,
+    )
+    with pool:
+        crew = wrap(
+            slow_crew(slow.url("slow"), llm, counter),
+            pool,
+            auth=tenant_ctx("acme"),
+            max_wait=0.2,
+            destinations={"slow_api": ["slow"]} if declared else None,
+        )
+        hold = Hold(pool, slow.url("slow"))
+        try:
+            output = crew.kickoff(inputs={"tenant_id": "acme"})
+        finally:
+            hold.release()
+    assert is_busy_result(output.raw)
+    assert counter.entered == (0 if declared else 1)

@@ -100,8 +100,8 @@ def test_wrap_refuses_what_it_cannot_wrap(pool: toolpool.Pool) -> None:
         wrap(Who(seen=[]), pool)
     with pytest.raises(toolpool.ConfigError, match=r"needs a toolpool\.Pool"):
         wrap(who_crew(Who(seen=[])), "pool")  # type: ignore[arg-type]
-    with pytest.raises(toolpool.ConfigError, match="concurrency="):
-        wrap(who_crew(Who(seen=[])), pool, concurrency=0)
+    with pytest.raises(toolpool.ConfigError, match="tool_concurrency="):
+        wrap(who_crew(Who(seen=[])), pool, tool_concurrency=0)
 
 
 def test_auth_function_returning_wrong_type(pool: toolpool.Pool) -> None:

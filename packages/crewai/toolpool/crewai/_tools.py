@@ -9,9 +9,10 @@ both paths; a context variable marks the tool whose wrapper is already running, 
 calling `_run` is one tool call, not two.
 
 Each call: the auth context (the wrap's fixed one, else the one bound around the kickoff),
-a slot of the run's adaptive concurrency limit, admission (wait boundedly while a destination
-the tool uses is saturated), then the body inside `tool_call_scope`, where the httpx clients
-and `requests` sessions it builds are pooled. A busy error (`BUSY_ERRORS`), raised by
+a slot of the run's adaptive concurrency limit, then the body inside `tool_call_scope` (where
+the httpx clients and `requests` sessions it builds are pooled) and inside the admission of
+the destinations the tool uses (wait boundedly while one is saturated; counted against its
+capacity while the call runs). A busy error (`BUSY_ERRORS`), raised by
 admission or met by the body, becomes `ToolBusy`, whose text CrewAI hands to the model
 ("Error executing tool: tool 'crm' could not run: destination 'crm' is busy ...").
 """
@@ -88,9 +89,9 @@ class Binding:
     #: Gate for tool calls on saturated destinations; None: no admission wait.
     admission: Admission | None
     #: Initial limit of a run's parallel tool calls (AIMD); None: no limit.
-    concurrency: int | None
+    tool_concurrency: int | None
     #: Pool the httpx clients and requests sessions that tool bodies build themselves.
-    pool_clients: bool
+    pool_httpx: bool
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,26 @@ async def _slot(limiter: AdaptiveToolConcurrency | None) -> Any:
             yield slot
 
 
+@contextlib.contextmanager
+def _hold_sync(admission: Admission | None, tool_name: str) -> Iterator[None]:
+    """Admission for the whole call: wait (boundedly) while a destination the tool uses is
+    saturated, and count the call against its capacity while it runs."""
+    if admission is None:
+        yield
+    else:
+        with admission.hold_sync(tool_name):
+            yield
+
+
+@contextlib.asynccontextmanager
+async def _hold(admission: Admission | None, tool_name: str) -> Any:
+    if admission is None:
+        yield
+    else:
+        async with admission.hold(tool_name):
+            yield
+
+
 def _report(slot: ToolSlot | None, busy: bool) -> None:
     if slot is not None:
         if busy:
@@ -202,15 +223,16 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
     try:
         with _slot_sync(limiter) as slot:
             try:
-                with tool_call_scope(
-                    binding.pool,
-                    ctx,
-                    tool_name=name,
-                    pool_httpx=binding.pool_clients,
-                    admission=binding.admission,
-                ) as call:
-                    if binding.admission is not None:
-                        binding.admission.admit_sync(name)
+                with (
+                    tool_call_scope(
+                        binding.pool,
+                        ctx,
+                        tool_name=name,
+                        pool_httpx=binding.pool_httpx,
+                        admission=binding.admission,
+                    ) as call,
+                    _hold_sync(binding.admission, name),
+                ):
                     result = original(*args, **kwargs)
                     if inspect.iscoroutine(result) and not in_running_loop():
                         # An async body behind a sync entry point (CrewAI would asyncio.run
@@ -250,15 +272,16 @@ async def _call_async(
     try:
         async with _slot(limiter) as slot:
             try:
-                async with atool_call_scope(
-                    binding.pool,
-                    ctx,
-                    tool_name=name,
-                    pool_httpx=binding.pool_clients,
-                    admission=binding.admission,
-                ) as call:
-                    if admit and binding.admission is not None:
-                        await binding.admission.admit(name)
+                async with (
+                    atool_call_scope(
+                        binding.pool,
+                        ctx,
+                        tool_name=name,
+                        pool_httpx=binding.pool_httpx,
+                        admission=binding.admission,
+                    ) as call,
+                    _hold(binding.admission if admit else None, name),
+                ):
                     result = await original(*args, **kwargs)
             except Exception as exc:
                 busy = _busy_cause(exc)

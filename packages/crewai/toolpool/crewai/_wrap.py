@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from toolpool._pool import Pool
@@ -132,7 +132,9 @@ def _run_state(owner: object, binding: Binding, run_input: Any, hint: str) -> Ru
     from toolpool.adapters import AdaptiveToolConcurrency
 
     ctx = resolve_auth(binding.auth, run_input, framework="crewai", hint=hint)
-    limiter = AdaptiveToolConcurrency(binding.concurrency) if binding.concurrency else None
+    limiter = (
+        AdaptiveToolConcurrency(binding.tool_concurrency) if binding.tool_concurrency else None
+    )
     return RunState(owner, binding, ctx, limiter)
 
 
@@ -258,10 +260,11 @@ def wrap(
     pool: Pool,
     *,
     auth: AuthSource = None,
-    admission: Admission | bool = True,
     max_wait: float = 5.0,
-    concurrency: int | None = 8,
-    pool_clients: bool = True,
+    tool_concurrency: int | None = 8,
+    destinations: Mapping[str, Iterable[str]] | None = None,
+    pool_httpx: bool = True,
+    admission: Admission | bool = True,
 ) -> T:
     """Make every tool call of a CrewAI `Crew` (or `Agent`) pooled, tenant-affine and gated
     by pool saturation. Changes `target` in place and returns it.
@@ -276,16 +279,19 @@ def wrap(
     - `auth`: a function of the kickoff `inputs` (for an `Agent`: of the kickoff messages)
       returning the run's `toolpool.AuthContext`; or a fixed `AuthContext`; or None to use
       the context set around kickoff with `toolpool.auth_context(...)`.
-    - `admission`: before a tool runs, wait up to `max_wait` seconds while a destination it
-      uses (learned from its traffic) is saturated; then the model reads "busy, retry in N s"
-      instead of the call failing the run. True (default) makes an `Admission(pool,
-      max_wait=max_wait)`; pass your own to share what it learned; False turns it off.
-    - `concurrency`: initial cap on one kickoff's tool calls in flight, halved on each busy
-      signal and grown back on success (CrewAI itself runs up to 8 native calls in
+    - `max_wait`: before a tool runs it is admitted to the destinations it uses (learned from
+      its traffic, or declared in `destinations={"crm_lookup": ["crm"]}`); while one is
+      saturated it waits up to `max_wait` seconds, then the model reads "busy, retry in N s"
+      as the tool's error instead of the run failing. An admitted call counts against the
+      destination's capacity while it runs.
+    - `tool_concurrency`: initial cap on one kickoff's tool calls in flight, halved on each
+      busy signal and grown back on success (CrewAI itself runs up to 8 native calls in
       parallel); None: no cap.
-    - `pool_clients`: pool the `httpx.Client()` / `httpx.AsyncClient()` / `requests` sessions
+    - `pool_httpx`: pool the `httpx.Client()` / `httpx.AsyncClient()` / `requests` sessions
       that tool bodies build themselves (default). With False only clients built on
       `pool.client()` / `pool.sync_client()` / `toolpool.Transport(pool)` are pooled.
+    - `admission`: an `Admission` to share (what it learned, across crews), or False for no
+      admission at all (busy errors met by the tool's requests still reach the model).
 
     Wrapping again is harmless (it rebinds); `unwrap(target)` restores the original methods.
     Wrap after the crew is built: agents or tools added to it later are not wrapped.
@@ -308,15 +314,21 @@ def wrap(
         raise ConfigError(
             f"admission= must be True, False or a toolpool.adapters.Admission, not {admission!r}"
         )
+    if destinations:
+        if gate is None:
+            raise ConfigError("destinations= declares what admission waits for; keep admission on")
+        for tool_name, names in destinations.items():
+            gate.declare(tool_name, names)
+    concurrency = tool_concurrency
     if concurrency is not None and (
         isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
     ):
-        raise ConfigError(f"concurrency= must be an int >= 1 or None, not {concurrency!r}")
-    if pool_clients:
+        raise ConfigError(f"tool_concurrency= must be an int >= 1 or None, not {concurrency!r}")
+    if pool_httpx:
         from toolpool.adapters._requests import install_requests_patch
 
         install_requests_patch()
-    binding = Binding(pool, auth, gate, concurrency, pool_clients)
+    binding = Binding(pool, auth, gate, concurrency, pool_httpx)
     if isinstance(target, Crew):
         _wrap_crew(target, binding)
     elif isinstance(target, BaseAgent):
