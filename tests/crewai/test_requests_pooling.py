@@ -15,8 +15,7 @@ import requests
 import requests.adapters
 
 import toolpool
-from toolpool.adapters import tool_call_scope
-from toolpool.adapters._requests import RequestsAdapter, install_requests_patch
+from toolpool.adapters import RequestsAdapter, install_requests_patch, tool_call_scope
 from toolpool.testing import Downstream, ServiceSpec
 
 ACME = toolpool.AuthContext(tenant="acme")

@@ -29,9 +29,13 @@ with limiter.slot_sync() as slot, tool_call_scope(pool, ctx, tool_name=tool_name
 - `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
 - `BUSY_ERRORS`, `find_busy`, `busy_message`: which errors mean "busy" (also when wrapped
   in another error or an exception group) and what the model reads.
+- `RequestsAdapter`, `install_requests_patch`: the same transparent pooling for tools written
+  with `requests` (imported on first use: `requests` is not a dependency of the core).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from toolpool.adapters._admission import Admission
 from toolpool.adapters._auth import AuthSource, resolve_auth
@@ -63,3 +67,16 @@ __all__ = [
     "run_in_thread_with_context",
     "tool_call_scope",
 ]
+
+if TYPE_CHECKING:
+    from toolpool.adapters._requests import RequestsAdapter as RequestsAdapter
+    from toolpool.adapters._requests import install_requests_patch as install_requests_patch
+
+
+def __getattr__(name: str) -> Any:
+    # `requests` is optional for the core, so its adapter is imported on first use.
+    if name in ("RequestsAdapter", "install_requests_patch"):
+        from toolpool.adapters import _requests
+
+        return getattr(_requests, name)
+    raise AttributeError(f"module 'toolpool.adapters' has no attribute {name!r}")

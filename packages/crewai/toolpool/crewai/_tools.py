@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool.adapters import (
-    BUSY_ERRORS,
     AdaptiveToolConcurrency,
     Admission,
     AuthSource,
     ToolSlot,
     atool_call_scope,
     busy_message,
+    find_busy,
     retry_after_of,
     tool_call_scope,
 )
@@ -153,20 +153,6 @@ class _ToolHook:
         return current_auth(), limiter
 
 
-def _busy_cause(exc: BaseException) -> BaseException | None:
-    """The busy error behind `exc`, also when tool code wrapped it in its own exception."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ToolBusy):
-            return None  # a nested wrapped tool already translated it
-        if isinstance(current, BUSY_ERRORS):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
 @contextlib.contextmanager
 def _slot_sync(limiter: AdaptiveToolConcurrency | None) -> Iterator[ToolSlot | None]:
     if limiter is None:
@@ -239,7 +225,7 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
                         # it on a throwaway loop): run it now, on the long-lived tool loop.
                         result = run_on_tool_loop(result)
             except Exception as exc:
-                busy = _busy_cause(exc)
+                busy = find_busy(exc)
                 if busy is None:
                     _report(slot, False)
                     raise
@@ -284,7 +270,7 @@ async def _call_async(
                 ):
                     result = await original(*args, **kwargs)
             except Exception as exc:
-                busy = _busy_cause(exc)
+                busy = find_busy(exc)
                 if busy is None:
                     _report(slot, False)
                     raise

@@ -325,7 +325,7 @@ def wrap(
     ):
         raise ConfigError(f"tool_concurrency= must be an int >= 1 or None, not {concurrency!r}")
     if pool_httpx:
-        from toolpool.adapters._requests import install_requests_patch
+        from toolpool.adapters import install_requests_patch
 
         install_requests_patch()
     binding = Binding(pool, auth, gate, concurrency, pool_httpx)
