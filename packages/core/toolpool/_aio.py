@@ -388,7 +388,14 @@ class AsyncResponseStream(httpx.AsyncByteStream):
             raise
 
     async def aclose(self) -> None:
-        self._finish(False)
+        # A body already received in full (a 202 with none, an SSE stream whose end came with
+        # its last event) leaves the connection reusable, as httpcore does.
+        conn = self._conn
+        parser = conn.parser
+        reusable = parser.complete and parser.reusable and conn.error is None
+        if reusable and not self._done:
+            conn.resume_reading()
+        self._finish(reusable)
 
     def _finish(self, reusable: bool) -> None:
         if not self._done:

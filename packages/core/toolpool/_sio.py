@@ -198,7 +198,9 @@ class SyncResponseStream(httpx.SyncByteStream):
             raise
 
     def close(self) -> None:
-        self._finish(False)
+        # A body already received in full leaves the connection reusable (see _aio).
+        parser = self._conn.parser
+        self._finish(parser.complete and parser.reusable)
 
     def _finish(self, reusable: bool) -> None:
         if not self._done:
