@@ -268,3 +268,31 @@ async def _until(predicate: object, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             pytest.fail("condition not reached in time")
         await asyncio.sleep(0.005)
+
+
+async def test_closing_a_fully_received_response_keeps_its_connection(
+    ds: Downstream, pool: toolpool.Pool
+) -> None:
+    """SDKs (the MCP client among them) close responses without reading them: a body that
+    already arrived in full must not cost the connection; one still arriving does."""
+    url = ds.url("crm")
+    async with pool.client() as client:
+        async with client.stream("GET", f"{url}/status/202") as r:
+            first = r.extensions["toolpool"]["connection_id"]
+        async with client.stream("GET", f"{url}/anything") as r:
+            assert r.extensions["toolpool"]["reused"] is True
+            assert r.extensions["toolpool"]["connection_id"] == first
+            await r.aread()
+        async with client.stream("GET", f"{url}/bytes", params={"n": 4_000_000}) as r:
+            big = r.extensions["toolpool"]["connection_id"]
+            async for _chunk in r.aiter_raw():
+                break  # closed with most of the body still on its way
+        r = await client.get(f"{url}/anything")
+        assert r.extensions["toolpool"]["connection_id"] != big
+    with pool.sync_client() as sync_client:
+        with sync_client.stream("GET", f"{url}/status/202") as r:
+            first = r.extensions["toolpool"]["connection_id"]
+        with sync_client.stream("GET", f"{url}/anything") as r:
+            assert r.extensions["toolpool"]["connection_id"] == first
+            r.read()
+    assert pool.stats()["crm"].in_use == 0
