@@ -5,18 +5,21 @@ helpers; none of them is imported here, and this package imports no agent framew
 
 ```python
 from toolpool.adapters import (
-    Admission, AdaptiveToolConcurrency, BUSY_ERRORS, busy_message, resolve_auth, tool_call_scope,
+    Admission, AdaptiveToolConcurrency, busy_message, find_busy, resolve_auth, tool_call_scope,
 )
 
 ctx = resolve_auth(auth, run_input, framework="myframework", hint="pass tenant=... to run()")
-admission.admit_sync(tool_name)                    # waits while a used destination saturates
-with limiter.slot_sync() as slot, tool_call_scope(pool, ctx, tool_name=tool_name,
-                                                  admission=admission):
+with limiter.slot_sync() as slot:
     try:
-        result = tool(**args)                      # its own httpx.Client() is pooled
-    except BUSY_ERRORS as exc:
+        with admission.hold_sync(tool_name), tool_call_scope(   # waits while saturated
+            pool, ctx, tool_name=tool_name, admission=admission
+        ):
+            result = tool(**args)                  # its own httpx.Client() is pooled
+    except Exception as exc:
+        if (busy := find_busy(exc)) is None:
+            raise
         slot.busy()
-        result = busy_message(exc, tool_name)      # what the model reads
+        result = busy_message(busy, tool_name)     # what the model reads
     else:
         slot.success()
 ```
@@ -25,7 +28,8 @@ with limiter.slot_sync() as slot, tool_call_scope(pool, ctx, tool_name=tool_name
 - `tool_call_scope`, `atool_call_scope`: run a tool body as one tool call (auth context,
   transparent pooling of the httpx clients it builds, destination learning).
 - `run_in_thread_with_context`: run a sync tool in a worker thread, context copied.
-- `Admission`: wait (boundedly) while a destination the tool uses is saturated.
+- `Admission`: wait (boundedly) while a destination the tool uses is saturated; `hold` keeps
+  the call counted against the destination's capacity while it runs.
 - `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
 - `BUSY_ERRORS`, `find_busy`, `busy_message`: which errors mean "busy" (also when wrapped
   in another error or an exception group) and what the model reads.
