@@ -180,3 +180,42 @@ def test_delegated_work_runs_the_coworkers_wrapped_tools(pool: toolpool.Pool) ->
     output = crew.kickoff(inputs={"tenant_id": "globex"})
     assert coworker_tool.seen == [("globex", "coworker_who")]
     assert "tenant=globex" in output.raw
+
+
+class AsyncWho(BaseTool):
+    """An async `_run` (CrewAI runs the coroutine with asyncio.run on its sync paths)."""
+
+    name: str = "async_who"
+    description: str = "Who am I acting for, asynchronously?"
+
+    async def _run(self) -> str:
+        import threading
+
+        ctx = toolpool.current_auth()
+        return f"{ctx.tenant if ctx else None}@{threading.current_thread().name}"
+
+
+def test_async_bodies_run_on_the_long_lived_tool_loop(pool: toolpool.Pool) -> None:
+    """Reached from CrewAI's sync paths, an async body runs on one long-lived loop (so its
+    pooled connections can be reused), with the call's auth context."""
+    from crewai.tools import tool
+
+    @tool("async_fn")
+    async def async_fn(n: int) -> str:
+        """Who am I acting for (an async @tool)?"""
+        import threading
+
+        ctx = toolpool.current_auth()
+        return f"{ctx.tenant if ctx else None}@{threading.current_thread().name}"
+
+    cls_tool = AsyncWho()
+    agent = Agent(role="r", goal="g", backstory="b", tools=[cls_tool, async_fn], llm=ScriptedLLM())
+    wrap(agent, pool, auth=toolpool.AuthContext(tenant="acme"))
+    expected = "acme@toolpool-crewai-async-tools"
+    assert cls_tool.run() == expected  # native path, BaseTool with an async _run
+    assert async_fn.run(n=1) == expected  # native path, async @tool
+    assert async_fn.to_structured_tool().invoke({"n": 1}) == expected  # text path
+    # An async entry point awaits the body on the caller's own loop.
+    assert asyncio.run(async_fn.arun(n=1)).startswith("acme@")
+    unwrap(agent)
+    assert async_fn.run(n=1) == "None@MainThread"

@@ -201,7 +201,12 @@ def _report(slot: ToolSlot | None, busy: bool) -> None:
 
 def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     if _inside.get() is hook:
-        return original(*args, **kwargs)
+        # `run` calling `_run`: already inside this call's scope. An async `_run` would be
+        # asyncio.run() by `run` on a throwaway loop: run it on the tool loop instead.
+        result = original(*args, **kwargs)
+        if inspect.iscoroutine(result) and not in_running_loop():
+            return run_on_tool_loop(result)
+        return result
     binding = hook.binding
     name = hook.name
     ctx, limiter = hook.context()
