@@ -3,11 +3,15 @@ waiting to be admitted, and the delivery of saturation changes to `on_saturation
 
 The rules, in one place (the runtime in `_policy` applies them under its lock):
 
-- *Capacity* of a destination is its effective limit plus its effective queue bound, the
-  pool's queue bound scaled down with the limit (`queue_limit * cap / max_connections`), so
+- *Capacity* of a destination is its effective limit (less the connections still closing,
+  which count against it) plus its effective queue bound, the pool's queue bound scaled
+  down with the limit (`queue_limit * cap / max_connections`), so
   that a call admitted while the limit is low waits at most about `queue_factor` service
   times. A destination-wide rate limit caps it further at `burst + rate * max_wait` calls,
   the most whose rate-limit waits fit within `max_wait`.
+- *In use* counts connections in use or opening, and calls that entered the layer (inside
+  `admit`, or sending) up to the limit; the rest of those count as *queued*, with the
+  requests waiting in the pool and the calls waiting in `admit`.
 - *Occupancy* is the larger of (calls inside `admit` + requests in flight that were not
   admitted) and (connections in use or opening + requests queued in the pool). A call is
   admitted while occupancy < capacity, the breaker lets calls through and no Retry-After
@@ -91,6 +95,7 @@ class Assessment:
 
     state: Literal["ok", "busy", "saturated"]
     reason: str
+    in_use: int
     capacity: int
     occupancy: int
     queue_limit: int
@@ -105,6 +110,7 @@ def assess(
     max_connections: int,
     pool_queue_limit: int,
     in_use: int,
+    closing: int,
     pool_waiting: int,
     admit_waiting: int,
     tracked: int,
@@ -117,11 +123,15 @@ def assess(
 ) -> Assessment:
     """Apply the rules of the module docstring to one destination's numbers."""
     queue_limit = pool_queue_limit * cap // max_connections
-    capacity = cap + queue_limit
+    # A connection being closed still counts against the limit until the peer saw it close.
+    capacity = max(0, cap - closing) + queue_limit
     if rate_room is not None:
         capacity = min(capacity, rate_room)
     occupancy = max(tracked, in_use + pool_waiting)
-    queued = pool_waiting + admit_waiting
+    # Calls that entered (admitted, or sending) count as in use or queued before the pool
+    # has seen them, so a change is visible the moment a call arrives.
+    in_use = max(in_use, min(tracked, cap))
+    queued = max(pool_waiting, tracked - cap) + admit_waiting
     utilization = in_use / cap
     state: Literal["ok", "busy", "saturated"]
     if breaker_wait > 0:
@@ -135,7 +145,7 @@ def assess(
     elif queued > 0:
         state, reason = BUSY, "queued"
     elif utilization >= busy_at or (
-        previous != OK and utilization >= busy_at - _BUSY_HYSTERESIS and in_use > 0
+        previous != OK and utilization >= round(busy_at - _BUSY_HYSTERESIS, 6) and in_use > 0
     ):
         state, reason = BUSY, "utilization"
     else:
@@ -152,6 +162,7 @@ def assess(
     return Assessment(
         state=state,
         reason=reason,
+        in_use=in_use,
         capacity=capacity,
         occupancy=occupancy,
         queue_limit=queue_limit,

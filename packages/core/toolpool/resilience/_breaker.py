@@ -201,16 +201,18 @@ class Breaker:
         if self.state != CLOSED or outcome == IGNORE:
             return None
         index = self._slot(now)
+        cfg = self.config
         if outcome == SUCCESS:
             self._ok[index] += 1
             self.consecutive = 0
-            return None
-        self._failed[index] += 1
-        self.consecutive += 1
-        cfg = self.config
-        if self.consecutive >= cfg.consecutive_failures:
-            self._open(now, f"{self.consecutive} consecutive failures")
-            return OPEN
+        else:
+            self._failed[index] += 1
+            self.consecutive += 1
+            if self.consecutive >= cfg.consecutive_failures:
+                self._open(now, f"{self.consecutive} consecutive failures")
+                return OPEN
+        # The rate is judged on every outcome once the window holds min_calls (as
+        # Resilience4j does): the call that completes the volume may be a success.
         ok, failed = self.window_counts(now)
         total = ok + failed
         if total >= cfg.min_calls and failed >= cfg.failure_rate * total:
@@ -236,6 +238,7 @@ class Breaker:
         self.generation += 1
         self.open_for = self.config.open_for
         self.consecutive = 0
+        self.probes_out = 0  # probes still out belong to the old generation
         self.reason = ""
         self._epoch = [-1] * self._BUCKETS
         self._ok = [0] * self._BUCKETS

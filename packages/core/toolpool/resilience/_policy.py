@@ -293,6 +293,7 @@ class PolicyRuntime:
         dest.policy = self
         dest.async_send = self.async_send
         dest.sync_send = self.sync_send
+        dest.pool._close_callbacks.append(self._stop_timer)
 
     # ------------------------------------------------------------------ observability
 
@@ -489,13 +490,19 @@ class PolicyRuntime:
                 self.budget.record_call(now)
             if admitted:
                 return False
+            error: PoolSaturated | None = None
             if self._room_locked() > 0:
                 self.admission.unadmitted += 1
-                return True
-            found = self._assessment_locked(now)
-            self._rejections[QUEUE_FULL] += 1
-            error = self._saturated_error(found, QUEUE_FULL)
-            queued = self._note_level_locked(found, now)
+                queued = self._reassess_locked(now)
+            else:
+                found = self._assessment_locked(now)
+                self._rejections[QUEUE_FULL] += 1
+                error = self._saturated_error(found, QUEUE_FULL)
+                queued = self._note_level_locked(found, now)
+        if error is None:
+            if queued:
+                self._deliver()
+            return True
         dest = self.dest
         with dest.lock:
             dest.state.saturated_total += 1  # the pool's count of queue-full refusals
@@ -785,7 +792,7 @@ class PolicyRuntime:
         st = self.dest.state
         limits = st.limits
         cap = st.cap
-        capacity = cap + limits.queue_limit * cap // limits.max_connections
+        capacity = max(0, cap - st.closing) + limits.queue_limit * cap // limits.max_connections
         rate_room = self.limiter.admission_room()
         if rate_room is not None and rate_room < capacity:
             capacity = rate_room
@@ -800,6 +807,7 @@ class PolicyRuntime:
             max_connections=limits.max_connections,
             pool_queue_limit=limits.queue_limit,
             in_use=st.in_use + st.opening,
+            closing=st.closing,
             pool_waiting=st.waiting,
             admit_waiting=self.admission.waiting,
             tracked=self.admission.tracked,
@@ -838,7 +846,7 @@ class PolicyRuntime:
         return Saturation(
             destination=self.name,
             utilization=round(found.utilization, 4),
-            in_use=st.in_use + st.opening,
+            in_use=found.in_use,
             queued=found.queued,
             queue_limit=found.queue_limit,
             effective_limit=st.cap,
@@ -854,7 +862,7 @@ class PolicyRuntime:
         st = self.dest.state
         return PoolSaturated(
             self.name,
-            in_use=st.in_use + st.opening,
+            in_use=found.in_use,
             waiting=found.queued,
             max_connections=st.cap,
             queue_limit=found.queue_limit,
@@ -886,8 +894,8 @@ class PolicyRuntime:
 
     def _schedule_locked(self, at: float) -> None:
         """Re-assess at `at` (the end of a breaker rest or a pause)."""
-        if self._timer is not None and self._timer_at <= at:
-            return
+        if self._timer_at <= at:
+            return  # one is due sooner (or the pool is closing)
         if self._timer is not None:
             self._timer.cancel()
         timer = threading.Timer(max(0.0, at - monotonic()) + 0.001, self._on_timer)
@@ -897,13 +905,21 @@ class PolicyRuntime:
         self._timer_at = at
         timer.start()
 
+    def _stop_timer(self) -> None:
+        """The pool is closing: no more re-assessments."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+            self._timer_at = -math.inf  # never schedule again
+        if timer is not None:
+            timer.cancel()
+
     def _on_timer(self) -> None:
         now = monotonic()
         with self._lock:
-            self._timer = None
-            self._timer_at = math.inf
             if self.dest.pool.closed:
                 return
+            self._timer = None
+            self._timer_at = math.inf
             woken = self._pump_locked(now)
             queued = self._reassess_locked(now)
         self._after_unlock(woken, queued)
