@@ -170,7 +170,8 @@ def wrap(
     agent.invoke({"messages": [...]}, context=Ctx(tenant_id="acme"))
     ```
 
-    Changes the agent in place (and returns it): every `ToolNode` in it, subgraphs included,
+    Changes the agent in place (and returns it; copies such as `agent.with_config(...)` share
+    its tool nodes, so they are wrapped too): every `ToolNode` in it, subgraphs included,
     runs its tool calls through a `ToolpoolMiddleware(pool, auth, ...)` (see it for the
     arguments) placed outside the agent's own tool middleware. Raises `ConfigError` if the
     agent has no tool node, is already wrapped, or langgraph changed the hooks this uses.
