@@ -154,6 +154,7 @@ async def test_refresh_ahead_of_expiry_runs_in_the_background(driver):
             after = auth.stats()
             assert response.status_code == 200
             assert after.refreshes_total == {"initial": 1, "expiry": 1, "401": 0}
+            assert after.background_refreshes_total == 1
             # The refresh had not finished (the server holds it 1 s), yet the call returned.
             assert after.fetch_duration_count == 1
             await ds.wait_stats_async("crm", lambda s: s.responses_by_status.get(200, 0) >= 4)

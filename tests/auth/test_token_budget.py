@@ -63,8 +63,10 @@ async def workload(
             await asyncio.gather(*(worker() for _ in range(workers)))
             elapsed = time.monotonic() - started
             reasons = Counter[str]()
+            background = 0
             for st in toolpool.auth.stats(pool).values():
                 reasons.update(st.refreshes_total)
+                background += st.background_refreshes_total
         per_pair = {
             (s, t): ds.stats(s).token_requests_by_tenant.get(t, 0)
             for s in SERVICES
@@ -80,6 +82,7 @@ async def workload(
         "per_1000_calls": 1000 * token_requests / done["calls"],
         "per_pair": per_pair,
         "reasons": dict(reasons),
+        "background": background,
         "http_401": http_401,
     }
 
@@ -115,6 +118,8 @@ async def test_steady_state_scaled_20x():
     # 1 initial + one refresh per elapsed 1.5 s interval: 4 or 5 in 6.5 s, never per call.
     assert counts <= {4, 5}, counts
     assert result["reasons"]["initial"] == 50  # type: ignore[index]
+    # Every refresh ran in the background: no call waited for one.
+    assert result["reasons"]["expiry"] == result["background"] > 0  # type: ignore[index]
 
 
 @pytest.mark.slow
@@ -131,3 +136,4 @@ async def test_steady_state_real_60s_tokens():
     )
     assert result["http_401"] == 0
     assert set(result["per_pair"].values()) <= {4, 5}  # type: ignore[union-attr]
+    assert result["reasons"]["expiry"] == result["background"] > 0  # type: ignore[index]

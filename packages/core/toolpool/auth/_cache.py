@@ -140,6 +140,7 @@ class TokenCache:
             if now < cached.refresh_at or entry.flight is not None or now < entry.failed_until:
                 return Decision(USE, cached)
             flight = self._start(entry, key, EXPIRY, now)
+            self.counters.background_refreshes_total += 1
             return Decision(REFRESH, cached, flight)
         return self._without_credential(entry, key, now)
 

@@ -29,7 +29,9 @@ class AuthStats:
     """One destination's credential counters at one instant (`dest.auth.stats()`).
 
     Totals count since the pool was built. `refreshes_total` splits `fetches_total` by reason
-    (`"initial"`, `"expiry"`, `"401"`); `fetch_duration_buckets[i]` counts fetches that took
+    (`"initial"`, `"expiry"`, `"401"`); `background_refreshes_total` counts the expiry
+    refreshes no request waited for (started while the old credential was still valid);
+    `fetch_duration_buckets[i]` counts fetches that took
     at most `FETCH_BUCKETS[i]` seconds (and more than the bound before), the last entry those
     above every bound. Cancelled fetches count in `fetches_total` and `abandoned_total` only.
     """
@@ -43,6 +45,7 @@ class AuthStats:
     fetch_duration_sum_seconds: float
     fetch_duration_count: int
     fetch_duration_buckets: tuple[int, ...]
+    background_refreshes_total: int
     retries_total: int
     rejected_total: int
     negative_hits_total: int
@@ -59,6 +62,7 @@ class AuthCounters:
 
     __slots__ = (
         "abandoned_total",
+        "background_refreshes_total",
         "duration_buckets",
         "duration_count",
         "duration_sum",
@@ -78,6 +82,8 @@ class AuthCounters:
         self.duration_sum = 0.0
         self.duration_count = 0
         self.duration_buckets = [0] * (len(FETCH_BUCKETS) + 1)
+        # Expiry refreshes started ahead of expiry, while requests kept the old credential.
+        self.background_refreshes_total = 0
         # A request re-sent after a 401 and a fresh credential.
         self.retries_total = 0
         # A request that met 401 again with a fresh credential (raised AuthError).
@@ -107,6 +113,7 @@ class AuthCounters:
             fetch_duration_sum_seconds=self.duration_sum,
             fetch_duration_count=self.duration_count,
             fetch_duration_buckets=tuple(self.duration_buckets),
+            background_refreshes_total=self.background_refreshes_total,
             retries_total=self.retries_total,
             rejected_total=self.rejected_total,
             negative_hits_total=self.negative_hits_total,
