@@ -105,10 +105,18 @@ async def test_when_both_tiers_are_full_the_caller_gets_pool_saturated(
             [toolpool.Destination("search", url)], local_max_connections=1, overflow=remote
         ) as pool:
             client = pool.client()
+            assert pool.saturation("search").state == "ok"
             with toolpool.auth_context(ACME):
-                results = await asyncio.gather(
-                    *[client.get(url + "/delay?s=0.3") for _ in range(6)], return_exceptions=True
-                )
+                tasks = [asyncio.ensure_future(client.get(url + "/delay?s=1.0")) for _ in range(6)]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                # A refusal came back while both tiers are busy: the reading covers both.
+                assert all(isinstance(t.exception(), toolpool.PoolSaturated) for t in done)
+                during = pool.saturation("search")
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            after = pool.saturation("search")
+    assert (during.state, during.reason) == ("saturated", "overflow_saturated")
+    assert during.retry_after > 0
+    assert after.state == "ok"  # the local tier is free again: new calls go local
     ok = [r for r in results if isinstance(r, httpx.Response)]
     refused = [r for r in results if isinstance(r, toolpool.PoolSaturated)]
     assert [r.status_code for r in ok] == [200, 200]

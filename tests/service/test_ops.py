@@ -114,6 +114,11 @@ def test_access_log_is_json_without_secrets(
             service.url + "/d/crm/anything",
             headers={"Authorization": f"Bearer {AGENT_A_TOKEN}", "X-Toolpool-Tenant": "globex"},
         )
+        # A record is written once the response is sent, on the service's thread.
+        deadline = time.monotonic() + 10
+        while sum(r.name.endswith("access") for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, caplog.records
+            time.sleep(0.01)
     records = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
     assert [(r["agent"], r["tenant"], r["destination"], r["status"]) for r in records] == [
         ("agent-b", "acme", "crm", 200),

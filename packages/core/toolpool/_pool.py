@@ -65,6 +65,11 @@ class Pool:
     `Pool()` with no destinations pools every origin with the defaults below; with
     `unknown_destinations="reject"` only listed origins are reachable.
 
+    Hierarchical pools: with `overflow=toolpool.RemotePool(url, token=...)` each listed
+    destination keeps at most `local_max_connections` (default 3) connections here, and a
+    request that finds none free for its auth context goes to that pool service instead of
+    queuing (`toolpool serve`; the pool closes the RemotePool when it closes).
+
     Arguments are the pool-wide defaults (see `PoolDefaults` for the reason behind each);
     a `Destination` overrides any of them for itself. A pool used before it is entered
     starts on first use (without warm-up). Use one pool per process and share it.

@@ -486,8 +486,15 @@ class _Overflow:
         self.overflow_total = 0
         self.saturated_total = 0
         self.in_flight = 0
+        # Until when the service refused this destination as saturated (both tiers full).
+        self._remote_full_until = 0.0
         dest.async_send = self.async_send
         dest.sync_send = self.sync_send
+        # Saturation readings (pool.saturation, toolpool.resilience) cover both tiers.
+        runtime = dest.policy
+        local_reading = getattr(runtime, "saturation", None)
+        if callable(local_reading):
+            runtime.saturation = lambda: self.saturation(local_reading())
 
     def _has_room(self, ctx: AuthContext | None, driver: Any) -> bool:
         """A request of ctx would get a connection now without queuing: an idle one of its
@@ -512,8 +519,27 @@ class _Overflow:
     def _done(self, saturated: bool = False) -> None:
         with self._lock:
             self.in_flight -= 1
-            if saturated:
+
+    def _refused(self, exc: BaseException) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if isinstance(exc, PoolSaturated):
                 self.saturated_total += 1
+                until = monotonic() + max(0.05, exc.retry_after)
+                self._remote_full_until = max(self._remote_full_until, until)
+
+    def saturation(self, local: Any) -> Any:
+        """The local tier's `Saturation`, made "saturated" (reason "overflow_saturated") while
+        the local tier is full and the service recently refused overflow as saturated."""
+        remaining = self._remote_full_until - monotonic()
+        if remaining <= 0 or local.state == "ok":
+            return local
+        return replace(
+            local,
+            state="saturated",
+            reason="overflow_saturated",
+            retry_after=max(local.retry_after, round(remaining, 3)),
+        )
 
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         if self._has_room(ctx, asyncio.get_running_loop()):
@@ -530,7 +556,7 @@ class _Overflow:
         try:
             response = await self.remote.asend(self.remote_name, request, ctx)
         except BaseException as exc:
-            self._done(saturated=isinstance(exc, PoolSaturated))
+            self._refused(exc)
             raise
         response.stream = _Tracked(response.stream, self._done)
         return response
@@ -549,7 +575,7 @@ class _Overflow:
         try:
             response = self.remote.send(self.remote_name, request, ctx)
         except BaseException as exc:
-            self._done(saturated=isinstance(exc, PoolSaturated))
+            self._refused(exc)
             raise
         response.stream = _Tracked(response.stream, self._done)
         return response
