@@ -136,8 +136,6 @@ def test_config_errors_name_the_line_and_the_fix(name: str, text: str, fragment:
 
 
 def test_example_config_loads_and_documents_every_section(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("not read at load time\n")
     text = (ROOT / "examples" / "toolpool.toml").read_text()
     env = {
         "RESEARCH_BOT_TOKEN": "research-bot-token-0123456789",

@@ -486,6 +486,8 @@ class _Overflow:
         self.overflow_total = 0
         self.saturated_total = 0
         self.in_flight = 0
+        # Requests on the local tier from the admission decision until their body is done.
+        self.local_busy = 0
         # Until when the service refused this destination as saturated (both tiers full).
         self._remote_full_until = 0.0
         dest.async_send = self.async_send
@@ -496,17 +498,28 @@ class _Overflow:
         if callable(local_reading):
             runtime.saturation = lambda: self.saturation(local_reading())
 
-    def _has_room(self, ctx: AuthContext | None, driver: Any) -> bool:
-        """A request of ctx would get a connection now without queuing: an idle one of its
-        key, an unbound idle one of its driver, or room under the cap with nobody waiting."""
+    def _claim_local(self, ctx: AuthContext | None, driver: Any) -> bool:
+        """Take a place on the local tier if a request of ctx would get a connection now
+        without queuing: an idle one of its key, an unbound idle one of its driver, or room
+        under the cap with nobody waiting. Local requests in flight (from here until their
+        body is done) never exceed the cap, even while one waits for a token fetch."""
         key = (ctx._fingerprint if ctx is not None else "", driver)
         dest = self.dest
         state = dest.state
         with dest.lock:
+            if self.local_busy >= state.cap:
+                return False
             idle = state._idle
-            if idle.get(key) or idle.get((None, driver)):
-                return True
-            return state.total < state.cap and not state.waiting
+            room = bool(idle.get(key) or idle.get((None, driver))) or (
+                state.total < state.cap and not state.waiting
+            )
+            if room:
+                self.local_busy += 1
+            return room
+
+    def _release_local(self, _: bool = False) -> None:
+        with self.dest.lock:
+            self.local_busy -= 1
 
     def _count(self, local: bool) -> None:
         with self._lock:
@@ -542,15 +555,20 @@ class _Overflow:
         )
 
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        if self._has_room(ctx, asyncio.get_running_loop()):
+        if self._claim_local(ctx, asyncio.get_running_loop()):
             try:
                 response = await self._inner_a(request, ctx)
             except PoolSaturated as exc:
-                # Taken by another request between the look and the acquire: overflow.
+                self._release_local()
+                # Refused by the local tier (its queue is full): the service takes it.
                 if exc.destination != self.dest.name or exc.reason != "queue_full":
                     raise
+            except BaseException:
+                self._release_local()
+                raise
             else:
                 self._count(local=True)
+                response.stream = _Tracked(response.stream, self._release_local)
                 return response
         self._count(local=False)
         try:
@@ -562,14 +580,19 @@ class _Overflow:
         return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        if self._has_room(ctx, _sio.SYNC_DRIVER):
+        if self._claim_local(ctx, _sio.SYNC_DRIVER):
             try:
                 response = self._inner_s(request, ctx)
             except PoolSaturated as exc:
+                self._release_local()
                 if exc.destination != self.dest.name or exc.reason != "queue_full":
                     raise
+            except BaseException:
+                self._release_local()
+                raise
             else:
                 self._count(local=True)
+                response.stream = _Tracked(response.stream, self._release_local)
                 return response
         self._count(local=False)
         try:
