@@ -256,3 +256,40 @@ def test_declared_destination_is_gated_before_the_body_runs(
             hold.release()
     assert is_busy_result(output.raw)
     assert counter.entered == (0 if declared else 1)
+
+
+def test_declared_destination_never_overfills_the_pool(slow: Downstream) -> None:
+    """16 parallel calls from two tenants, destination declared: admission counts every
+    admitted call against the destination's capacity for the whole call, so no request meets
+    a full queue; a call admission cannot take is refused before its body runs; every item
+    is answered in the end."""
+    slow.reset_stats()
+    per_run = 8
+    llm = ScriptedLLM(
+        plan=[[{"tool": "slow_api", "args": {"item": f"i{i}"}} for i in range(per_run)]],
+        busy_retries=3,
+    )
+    counter = Gate(0)  # counts the bodies that ran (a gate of 0 holds nobody)
+    pool = toolpool.Pool(
+        [toolpool.Destination("slow", slow.url("slow"), max_connections=2, queue_factor=2)],
+        warmup=0,
+    )
+    with pool:
+        crew = wrap(
+            slow_crew(slow.url("slow"), llm, counter),
+            pool,
+            auth=lambda i: tenant_ctx(i["tenant_id"]),
+            max_wait=30.0,
+            destinations={"slow_api": ["slow"]},
+        )
+        copies = [(tenant, crew.copy()) for tenant in TENANTS]
+        with ThreadPoolExecutor(len(copies)) as executor:
+            futures = [executor.submit(c.kickoff, inputs={"tenant_id": t}) for t, c in copies]
+            outputs = [f.result(timeout=120) for f in futures]
+        stats = pool.stats()["slow"]
+    for output in outputs:
+        assert answered_items(output.raw) == [f"i{i}" for i in range(per_run)], output.raw
+    assert stats.saturated_total == 0  # the pool itself never refused a request
+    # Every body that ran reached the downstream once: none started and then met a full pool.
+    assert counter.entered == slow.stats("slow").requests_total == per_run * len(TENANTS)
+    assert slow.stats("slow").peak_connections <= 2
