@@ -533,6 +533,9 @@ class PoolService:
         except httpx.HTTPError as exc:
             record["error"] = f"downstream: {type(exc).__name__}"
             return False
+        except OSError:  # the agent went away mid-answer (uvicorn's ClientDisconnected)
+            record["error"] = "client_gone"
+            return False
         finally:
             await response.aclose()
 
