@@ -59,7 +59,9 @@ class ServiceThread:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.service.tls_cert_file else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify: Any = True
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -70,6 +72,8 @@ class ServiceThread:
                 proxy_headers=False,
                 log_level="warning",
                 timeout_graceful_shutdown=10,
+                ssl_certfile=self.config.service.tls_cert_file,
+                ssl_keyfile=self.config.service.tls_key_file,
             )
         )
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +98,7 @@ class ServiceThread:
                 raise RuntimeError(f"service did not start: {self.error!r}")
             time.sleep(0.01)
         if self.wait:
-            wait_ready(self.url)
+            wait_ready(self.url, verify=self.verify)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,13 +112,13 @@ class ServiceThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def wait_ready(url: str, timeout: float = 20.0) -> None:
+def wait_ready(url: str, timeout: float = 20.0, verify: Any = True) -> None:
     """Poll /readyz until 200 (bounded)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(url + "/readyz", timeout=2.0)
+            r = httpx.get(url + "/readyz", timeout=2.0, verify=verify)
             if r.status_code == 200:
                 return
             last = r.status_code

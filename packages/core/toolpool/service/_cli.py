@@ -110,6 +110,7 @@ def _serve(config: Any, host: str, port: int, drain: float, log_level: str) -> i
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.service.tls_cert_file else "http"
     uv_config = uvicorn.Config(
         app,
         # h11 hands the raw request target to the app, so absolute-form targets are refused
@@ -122,6 +123,8 @@ def _serve(config: Any, host: str, port: int, drain: float, log_level: str) -> i
         server_header=False,
         timeout_graceful_shutdown=math.ceil(drain),
         log_level=log_level,
+        ssl_certfile=config.service.tls_cert_file,
+        ssl_keyfile=config.service.tls_key_file,
     )
 
     class DrainingServer(uvicorn.Server):
@@ -137,7 +140,9 @@ def _serve(config: Any, host: str, port: int, drain: float, log_level: str) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _ignore)
     print(
-        json.dumps({"event": "listening", "url": f"http://{shown}:{bound}", "pid": os.getpid()}),
+        json.dumps(
+            {"event": "listening", "url": f"{scheme}://{shown}:{bound}", "pid": os.getpid()}
+        ),
         flush=True,
     )
     server.run(sockets=[sock])

@@ -361,6 +361,10 @@ class ServiceSettings:
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
     warmup_timeout: float = 10.0
+    # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
+    # for a loopback sidecar only: agent tokens must not cross a network in clear text.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -547,9 +551,23 @@ def _service(t: _Table) -> ServiceSettings:
         access_log=t.bool_("access_log", d.access_log),
         metrics=t.bool_("metrics", d.metrics),
         warmup_timeout=t.float_("warmup_timeout", d.warmup_timeout, positive=False),
+        tls_cert_file=_file(t, "tls_cert_file"),
+        tls_key_file=_file(t, "tls_key_file"),
     )
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise t.error("tls_cert_file", "give tls_cert_file and tls_key_file together")
     t.finish()
     return settings
+
+
+def _file(t: _Table, key: str) -> str | None:
+    value = t.str_(key, None)
+    if value is None:
+        return None
+    path = Path(value) if Path(value).is_absolute() else t.doc.base / value
+    if not path.is_file():
+        raise t.error(key, f"{path} is not a file; fix the path")
+    return str(path)
 
 
 _POOL_FLOATS = (
