@@ -231,3 +231,22 @@ async def test_event_loop_and_threads_share_the_cap(plain: Downstream) -> None:
         await asyncio.gather(*threads, *calls)
         assert_quiet(pool)
     assert plain.stats("api").peak_connections <= 3
+
+
+def test_connections_of_a_finished_event_loop_close_with_the_pool(plain: Downstream) -> None:
+    """asyncio.run() returns and closes its loop; the pool's connections on that loop are
+    then closed without it, from this thread or the maintenance thread."""
+    url = plain.url("api") + "/anything"
+    pool = toolpool.Pool([destination(plain)], warmup=0)
+
+    async def use() -> None:
+        r = await pool.client().get(url)
+        assert r.status_code == 200
+
+    asyncio.run(use())
+    asyncio.run(use())  # a second loop: its own connection
+    assert pool.stats()["api"].idle == 2
+    pool.close()
+    stats = pool.stats()["api"]
+    assert (stats.idle, stats.closing, stats.in_use) == (0, 0, 0)
+    plain.wait_stats("api", lambda s: s.connections_open == 0)

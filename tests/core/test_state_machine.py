@@ -247,7 +247,7 @@ def _init(self: PoolRules) -> None:
 PoolRules.__init__ = _init  # type: ignore[method-assign]
 
 TestPoolRules = PoolRules.TestCase
-TestPoolRules.settings = settings(max_examples=400, stateful_step_count=80, deadline=None)
+TestPoolRules.settings = settings(max_examples=700, stateful_step_count=80, deadline=None)
 
 
 # ---------------------------------------------------------------------- worked examples

@@ -294,19 +294,24 @@ class AsyncConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close gracefully, from any thread; `dest.connection_lost(slot)` follows once."""
+        if self.loop.is_closed():
+            # Its event loop is gone (asyncio.run returned): no graceful close is possible.
+            self._abort_socket()
+            return
         if get_ident() == self.thread:
             self._close()
             return
         try:
             self.loop.call_soon_threadsafe(self._close)
         except RuntimeError:
-            # The loop is closed: its sockets cannot be closed gracefully any more.
             self._abort_socket()
 
     def abort(self) -> None:
         """Drop a connection found dead; no report follows for its (replaced) slot."""
         self.alive = False
-        if get_ident() == self.thread:
+        if self.loop.is_closed():
+            self._abort_socket()
+        elif get_ident() == self.thread:
             if self.transport is not None and not self.lost:
                 self.transport.abort()
         else:
@@ -334,15 +339,19 @@ class AsyncConnection(asyncio.Protocol):
         self.close_timer = self.loop.call_later(_CLOSE_GRACE, transport.abort)
 
     def _abort_socket(self) -> None:
+        """Close the socket without its (closed) event loop, and report the slot closed."""
         transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
+        wrapped = transport.get_extra_info("socket") if transport is not None else None
+        # asyncio hands out a TransportSocket view that cannot close; the socket it wraps can.
+        sock = getattr(wrapped, "_sock", wrapped)
         if sock is not None:
             try:
                 sock.close()
-            except OSError:
+            except (OSError, AttributeError):
                 pass
         if not self.lost:
             self.lost = True
+            self.alive = False
             self.dest.connection_lost(self.slot)
 
 

@@ -167,7 +167,7 @@ class DestinationPool:
         st = self.state
         return PoolSaturated(
             self.name,
-            in_use=st.in_use,
+            in_use=st.in_use + st.opening,
             waiting=st.waiting,
             max_connections=st.limits.max_connections,
             queue_limit=st.limits.queue_limit,

@@ -622,7 +622,8 @@ class DestinationState:
         """One slot's worth of capacity is free: a waiter gets a permit to open its own."""
         self.total -= 1
         if self.total >= self.cap or not self.waiting:
-            return _NO_ACTIONS
+            # No permit to grant (over a lowered cap), but a need may still want room.
+            return self._make_room()
         wake = self._grant_permit(now)
         room = self._make_room()
         return [wake, *room] if room else [wake]
