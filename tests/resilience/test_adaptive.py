@@ -34,9 +34,11 @@ def run_window(
 
 
 def test_nothing_changes_before_a_window_closes() -> None:
-    limiter = AimdLimit(AdaptiveLimit(interval=1.0, min_samples=5), max_limit=20, now=0.0)
+    config = AdaptiveLimit(interval=1.0, min_samples=5, latency_tolerance=2.0)
+    limiter = AimdLimit(config, max_limit=20, now=0.0)
+    limiter.sample(0.0, 0.001)
     for i in range(100):
-        assert limiter.sample(0.5 * i / 100, 0.01, HTTP_503) is None
+        assert limiter.sample(0.5 * i / 100, 1.0) is None  # slow, but the window is open
     assert (limiter.limit, limiter.reason) == (20, INITIAL)
     # A window with too few samples (and no overload signal) stays open past its interval.
     quiet = AimdLimit(AdaptiveLimit(interval=0.1, min_samples=5), max_limit=20, now=0.0)
@@ -53,12 +55,16 @@ def test_overload_signals_cut_by_a_quarter(signal: str) -> None:
     assert limiter.decreases == 1
 
 
-def test_503_outranks_the_other_signals_in_the_reason() -> None:
-    limiter = AimdLimit(AdaptiveLimit(), max_limit=20, now=0.0)
-    limiter.sample(0.1, None, TIMEOUT)
-    limiter.sample(0.2, None, HTTP_503)
-    limiter.sample(0.3, None, HTTP_429)
-    assert limiter.reason == HTTP_503
+def test_an_overload_acts_at_once_and_its_echoes_are_ignored() -> None:
+    limiter = AimdLimit(AdaptiveLimit(interval=10.0), max_limit=20, now=0.0)
+    assert limiter.sample(1.0, None, HTTP_503, sent_at=0.9) == 15  # no need to wait 10 s
+    # Requests sent before that decrease report the same overload: ignored.
+    for _ in range(5):
+        assert limiter.sample(1.01, None, HTTP_503, sent_at=0.95) is None
+    assert limiter.limit == 15
+    # A request sent after it says the destination is still overloaded.
+    assert limiter.sample(1.2, None, TIMEOUT, sent_at=1.1) == 11
+    assert (limiter.reason, limiter.decreases) == (TIMEOUT, 2)
 
 
 def test_latency_is_ignored_unless_enabled() -> None:

@@ -61,8 +61,12 @@ def test_capacity_follows_the_effective_limit() -> None:
     low = assess(**numbers(cap=4, in_use=4, tracked=12))
     assert (low.queue_limit, low.capacity, low.state) == (8, 12, SATURATED)
     assert assess(**numbers(rate_room=5, tracked=5)).capacity == 5
-    # Connections still closing hold their place under the limit.
+    # Connections still closing hold their place under the limit: the pool takes fewer.
     assert assess(**numbers(closing=3)).capacity == 7 + 20
+    # A lowered limit shrinks the queue bound with it; closing connections then matter only
+    # when the pool's own bound is the smaller one.
+    assert assess(**numbers(cap=5, closing=3)).capacity == 5 + 10
+    assert assess(**numbers(cap=5, closing=5, pool_queue_limit=8)).capacity == 0 + 8
 
 
 def test_admitted_calls_count_even_before_they_send() -> None:

@@ -7,19 +7,21 @@ itself; the runtime calls it under its lock.
 
 Theory of operation
 -------------------
-Samples (one per request that reached the downstream) are grouped in windows of at least
-`interval` seconds and `min_samples` samples. At the end of a window the limit moves once,
-additive increase / multiplicative decrease as in TCP and Netflix's concurrency-limits:
+Additive increase / multiplicative decrease, as in TCP and Netflix's concurrency-limits:
 
-    429, 503 or a timeout in the window     limit *= overload_backoff     reason "http_429" ...
-    median service time > latency_tolerance
-        x baseline (and > baseline + min_latency_rise)
-                                            limit *= latency_backoff      reason "latency"
-    otherwise                               limit += 1                    reason "recovery"
+    a 429, 503 or timeout             limit *= overload_backoff at once   reason "http_429" ...
+    at the end of a window (at least `interval` seconds and `min_samples` samples):
+      median service time > latency_tolerance x baseline
+        (and > baseline + min_latency_rise)     limit *= latency_backoff  reason "latency"
+      otherwise                                 limit += 1                reason "recovery"
 
-Every decrease lowers the limit by at least one, never below `min_limit`; increases stop at
-max_connections. The service time of a sample excludes the time the request waited for a
-connection (the pool reports it), so a lowered limit does not read as a slower downstream.
+An overload signal acts at once, so a probe one step too high costs one refused request, not
+a window's worth; signals of requests sent before the last decrease are echoes of the same
+overload and are ignored, as TCP reacts to one loss per round trip.
+A decrease starts a new window. Every decrease lowers the limit by at least one, never below
+`min_limit`; increases stop at max_connections. The service time of a sample excludes the
+time the request waited for a connection (the pool reports it), so a lowered limit does not
+read as a slower downstream.
 
 The *baseline* is the no-load service time: it follows a window's median down at once, and
 up slowly (`baseline_drift` of the gap per window), so a downstream that stays slow becomes
@@ -40,7 +42,7 @@ RECOVERY = "recovery"
 TIMEOUT = "timeout"
 HTTP_429 = "http_429"
 HTTP_503 = "http_503"
-OVERLOAD_SIGNALS = (HTTP_503, HTTP_429, TIMEOUT)  # most telling first
+OVERLOAD_SIGNALS = (HTTP_503, HTTP_429, TIMEOUT)
 REASONS = (INITIAL, LATENCY, RECOVERY, *OVERLOAD_SIGNALS)
 
 
@@ -59,10 +61,10 @@ class AdaptiveLimit:
 
     # Never below 2: one slow call must not serialise a whole destination.
     min_limit: int = 2
-    # Decide at most every 250 ms: fast enough to stop a storm within a second, slow enough
-    # that a window holds a meaningful number of samples.
+    # Windows of at least 250 ms: recovery climbs 4 steps a second at most, and the overload
+    # signals of one round of requests count once.
     interval: float = 0.25
-    # ...and only on windows with at least 10 samples (overload signals excepted).
+    # ...and at least 10 samples, so that a window's median means something.
     min_samples: int = 10
     # 429/503/timeouts cut the limit by a quarter: the downstream said "too much" outright.
     overload_backoff: float = 0.75
@@ -116,55 +118,58 @@ class AimdLimit:
         self.decreases = 0
         self.increases = 0
         self._start = now
+        self._last_decrease = -math.inf
         self._latencies: list[float] = []
-        self._signals: dict[str, int] = {}
 
-    def sample(self, now: float, latency: float | None, signal: str | None = None) -> int | None:
-        """One request's outcome: its service time (None if it got no response) and its
-        overload signal (one of OVERLOAD_SIGNALS, or None). Returns the new limit when the
-        window closed with a change, else None."""
+    def sample(
+        self,
+        now: float,
+        latency: float | None,
+        signal: str | None = None,
+        sent_at: float | None = None,
+    ) -> int | None:
+        """One request's outcome: its service time (None if it got no response), its
+        overload signal (one of OVERLOAD_SIGNALS, or None) and when it was sent. Returns the
+        new limit when it changed, else None."""
+        cfg = self.config
+        if signal is not None:
+            if sent_at is not None and sent_at < self._last_decrease:
+                return None  # an echo of the overload already acted on
+            old = self.limit
+            self._decrease(cfg.overload_backoff, signal)
+            self._last_decrease = self._start = now
+            self._latencies = []
+            return self.limit if self.limit != old else None
         if latency is not None:
             self._latencies.append(latency)
-        if signal is not None:
-            self._signals[signal] = self._signals.get(signal, 0) + 1
-        if now - self._start < self.config.interval:
-            return None
-        if not self._signals and len(self._latencies) < self.config.min_samples:
+        if now - self._start < cfg.interval or len(self._latencies) < cfg.min_samples:
             return None
         return self._close_window(now)
 
     def _close_window(self, now: float) -> int | None:
         cfg = self.config
         latencies = self._latencies
-        signals = self._signals
         self._latencies = []
-        self._signals = {}
         self._start = now
-        median: float | None = None
-        if latencies:
-            latencies.sort()
-            median = latencies[len(latencies) // 2]
+        latencies.sort()
+        median = latencies[len(latencies) // 2]
         old = self.limit
-        if signals:
-            reason = next(s for s in OVERLOAD_SIGNALS if s in signals)
-            self._decrease(cfg.overload_backoff, reason)
-        elif (
-            median is not None
-            and self.baseline is not None
+        if (
+            self.baseline is not None
             and cfg.latency_tolerance is not None
             and median > cfg.latency_tolerance * self.baseline
             and median - self.baseline > cfg.min_latency_rise
         ):
             self._decrease(cfg.latency_backoff, LATENCY)
+            self._last_decrease = now
         elif self.limit < self.max_limit:
             self.limit += 1
             self.increases += 1
             self.reason = RECOVERY
-        if median is not None:
-            if self.baseline is None or median < self.baseline:
-                self.baseline = median
-            else:
-                self.baseline += cfg.baseline_drift * (median - self.baseline)
+        if self.baseline is None or median < self.baseline:
+            self.baseline = median
+        else:
+            self.baseline += cfg.baseline_drift * (median - self.baseline)
         return self.limit if self.limit != old else None
 
     def _decrease(self, factor: float, reason: str) -> None:

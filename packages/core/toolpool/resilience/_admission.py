@@ -3,12 +3,12 @@ waiting to be admitted, and the delivery of saturation changes to `on_saturation
 
 The rules, in one place (the runtime in `_policy` applies them under its lock):
 
-- *Capacity* of a destination is its effective limit (less the connections still closing,
-  which count against it) plus its effective queue bound, the pool's queue bound scaled
-  down with the limit (`queue_limit * cap / max_connections`), so
+- *Capacity* of a destination is its effective limit plus its effective queue bound, the
+  pool's queue bound scaled down with the limit (`queue_limit * cap / max_connections`), so
   that a call admitted while the limit is low waits at most about `queue_factor` service
-  times. A destination-wide rate limit caps it further at `burst + rate * max_wait` calls,
-  the most whose rate-limit waits fit within `max_wait`.
+  times; and never more than the pool itself takes (its limit, less the connections still
+  closing, plus its own queue bound). A destination-wide rate limit caps it further at
+  `burst + rate * max_wait` calls, the most whose rate-limit waits fit within `max_wait`.
 - *In use* counts connections in use or opening, and calls that entered the layer (inside
   `admit`, or sending) up to the limit; the rest of those count as *queued*, with the
   requests waiting in the pool and the calls waiting in `admit`.
@@ -123,8 +123,12 @@ def assess(
 ) -> Assessment:
     """Apply the rules of the module docstring to one destination's numbers."""
     queue_limit = pool_queue_limit * cap // max_connections
-    # A connection being closed still counts against the limit until the peer saw it close.
-    capacity = max(0, cap - closing) + queue_limit
+    capacity = min(
+        cap + queue_limit,
+        # What the pool itself takes before refusing: its connections (less those still
+        # closing, which count against the limit until the peer saw them close) and its queue.
+        max(0, cap - closing) + pool_queue_limit,
+    )
     if rate_room is not None:
         capacity = min(capacity, rate_room)
     occupancy = max(tracked, in_use + pool_waiting)

@@ -596,7 +596,7 @@ class PolicyRuntime:
                     latency = max(0.0, now - started - _wait_seconds(response))
                 if latency is not None or signal is not None:
                     old_limit = adaptive.limit
-                    changed = adaptive.sample(now, latency, signal)
+                    changed = adaptive.sample(now, latency, signal, started)
                     if changed is not None:
                         new_limit = changed
                         with dest.lock:
@@ -792,7 +792,10 @@ class PolicyRuntime:
         st = self.dest.state
         limits = st.limits
         cap = st.cap
-        capacity = max(0, cap - st.closing) + limits.queue_limit * cap // limits.max_connections
+        capacity = min(
+            cap + limits.queue_limit * cap // limits.max_connections,
+            max(0, cap - st.closing) + limits.queue_limit,
+        )
         rate_room = self.limiter.admission_room()
         if rate_room is not None and rate_room < capacity:
             capacity = rate_room
