@@ -435,3 +435,17 @@ async def test_pool_close_stops_a_background_refresh():
         # holds it 30 s).
         await until(lambda: not auth._tasks, timeout=5.0)
         assert auth.stats().abandoned_total == 1
+
+
+async def test_a_slow_token_endpoint_fails_within_the_policy_timeout(crm):
+    crm.set_fault("crm", "slow", delay=30.0, endpoint="token")
+    policy = toolpool.auth.TokenPolicy(timeout=0.3)
+    async with toolpool.Pool([destination(crm, auth=oauth(crm, policy=policy))]) as pool:
+        with toolpool.auth_context(tenant_ctx("acme")):
+            started = time.monotonic()
+            with pytest.raises(toolpool.AuthError, match="ReadTimeout") as caught:
+                await pool.client().get(crm.url("crm") + "/anything")
+            elapsed = time.monotonic() - started
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
+    assert elapsed < 10.0  # the server holds the answer 30 s
+    assert crm.stats("crm").token_requests == 1
