@@ -110,6 +110,30 @@ async def call_service(service: str, tenant: str, query: str) -> dict[str, Any]:
         return dict(r.json())
 
 
+def call_service_sync(service: str, tenant: str, query: str) -> dict[str, Any]:
+    """The same tool body for frameworks whose tools are synchronous (CrewAI)."""
+    ds = DOWNSTREAM
+    assert ds is not None
+    with httpx.Client(timeout=30) as client:  # a new client (connection) per call
+        headers = {}
+        if ds.credentials == "per-call":
+            client_id, secret = ds.clients[tenant]
+            token = client.post(
+                ds.urls[service] + "/oauth/token",
+                data={"grant_type": "client_credentials"},
+                auth=(client_id, secret),
+            )
+            token.raise_for_status()
+            headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+        for attempt in range(3):
+            r = client.get(ds.urls[service] + "/anything", params={"q": query}, headers=headers)
+            if r.status_code not in (429, 503) or attempt == 2:
+                break
+            time.sleep(0.2 * 2**attempt)
+        r.raise_for_status()
+        return dict(r.json())
+
+
 # ---------------------------------------------------------------------------- the agents
 
 
@@ -280,7 +304,98 @@ def autogen_runner(spec: StormSpec, pool: toolpool.Pool | None) -> Runner:
     return run
 
 
-RUNNERS = {"langchain": langchain_runner, "autogen": autogen_runner, "none": plain_runner}
+def crewai_runner(spec: StormSpec, pool: toolpool.Pool | None) -> Runner:
+    """A new one-agent Crew per task (its scripted model asks for the task's tool calls in
+    one turn; CrewAI runs them in parallel threads), kicked off in a thread of its own; in
+    the toolpool run it is wrapped with `toolpool.crewai.wrap`."""
+    import concurrent.futures
+
+    from crewai import Agent, Crew, Task
+    from crewai.tools import tool
+
+    from toolpool.crewai.testing import ScriptedLLM
+
+    records: dict[str, CallRecord] = {}
+    threads = concurrent.futures.ThreadPoolExecutor(spec.agents, "demo-kickoff")
+
+    def make_tool(service: str) -> Any:
+        def run_tool(query: str) -> str:
+            tenant = _TENANT.get()
+            t0 = time.perf_counter()
+            try:
+                call_service_sync(service, tenant, query)
+                record = CallRecord(
+                    service, tenant, query.split(":")[0], t0, time.perf_counter() - t0, True
+                )
+            except Exception as exc:
+                record = CallRecord(
+                    service,
+                    tenant,
+                    query.split(":")[0],
+                    t0,
+                    time.perf_counter() - t0,
+                    False,
+                    f"{type(exc).__name__}: {str(exc)[:120]}",
+                )
+            records[query] = record
+            if not record.ok:
+                raise RuntimeError(record.error)
+            return "ok"
+
+        run_tool.__doc__ = f"Call the {service} service."
+        return tool(service)(run_tool)
+
+    tools = [make_tool(s) for s in spec.services]
+
+    async def run(plan: TaskPlan) -> list[CallRecord]:
+        queries = [f"{plan.phase}:{uuid.uuid4().hex}" for _ in plan.services]
+        model = ScriptedLLM(
+            plan=[
+                [
+                    {"tool": s, "args": {"query": q}}
+                    for s, q in zip(plan.services, queries, strict=True)
+                ]
+            ]
+        )
+        agent = Agent(
+            role="worker",
+            goal="Do the task",
+            backstory="Uses the services.",
+            llm=model,
+            tools=tools,
+        )
+        crew = Crew(
+            agents=[agent],
+            tasks=[
+                Task(description="Do the task for {tenant}.", expected_output="ok", agent=agent)
+            ],
+        )
+        if pool is not None:
+            from toolpool.crewai import wrap
+
+            # The one call: the tenant of each kickoff comes from its inputs.
+            wrap(crew, pool, auth=lambda inputs: toolpool.AuthContext(tenant=inputs["tenant"]))
+
+        def kickoff() -> None:
+            token = _TENANT.set(plan.tenant)
+            try:
+                crew.kickoff(inputs={"tenant": plan.tenant})
+            finally:
+                _TENANT.reset(token)
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(threads, contextvars.copy_context().run, kickoff)
+        return [records.pop(q) for q in queries if q in records]
+
+    return run
+
+
+RUNNERS = {
+    "langchain": langchain_runner,
+    "crewai": crewai_runner,
+    "autogen": autogen_runner,
+    "none": plain_runner,
+}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -365,7 +480,11 @@ async def run_once(
                     for service in spec.services
                 ]
             )
-            await pool.astart()
+            if framework == "crewai":
+                # CrewAI's tools are synchronous: warm connections for the thread driver.
+                await asyncio.to_thread(pool.start)
+            else:
+                await pool.astart()
         runner = RUNNERS[framework](spec, pool)
         ds.reset_stats()
         with Timeline(ds, spec.services) as timeline:
