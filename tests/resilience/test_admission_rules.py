@@ -33,6 +33,7 @@ def numbers(**overrides: Any) -> dict[str, Any]:
         "breaker_wait": 0.0,
         "pause_wait": 0.0,
         "rate_room": None,
+        "rate_wait": 0.0,
         "hold_time": 0.1,
         "busy_at": 0.8,
         "previous": OK,
@@ -60,7 +61,14 @@ def test_levels() -> None:
 def test_capacity_follows_the_effective_limit() -> None:
     low = assess(**numbers(cap=4, in_use=4, tracked=12))
     assert (low.queue_limit, low.capacity, low.state) == (8, 12, SATURATED)
-    assert assess(**numbers(rate_room=5, tracked=5)).capacity == 5
+    # A rate limit admits only what it can start within max_wait.
+    assert assess(**numbers(rate_room=3, tracked=5)).capacity == 8
+    no_room = assess(**numbers(rate_room=0, rate_wait=0.3))
+    assert (no_room.state, no_room.reason, no_room.retry_after) == (
+        SATURATED,
+        "rate_limited",
+        0.3,
+    )
     # Connections still closing hold their place under the limit: the pool takes fewer.
     assert assess(**numbers(closing=3)).capacity == 7 + 20
     # A lowered limit shrinks the queue bound with it; closing connections then matter only

@@ -36,6 +36,27 @@ def test_a_refused_reservation_costs_nothing() -> None:
     rate=st.sampled_from([1.0, 5.0, 20.0, 100.0]),
     burst=st.integers(min_value=1, max_value=10),
     max_wait=st.sampled_from([0.0, 0.05, 0.5, 2.0]),
+    used=st.integers(min_value=0, max_value=30),
+    later=st.floats(min_value=0.0, max_value=1.0),
+)
+def test_room_is_exactly_the_reservations_that_fit(
+    rate: float, burst: int, max_wait: float, used: int, later: float
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=burst)
+    for _ in range(used):
+        bucket.reserve(0.0, max_wait=1e9)
+    room = bucket.room(later, max_wait)
+    granted = 0
+    while bucket.reserve(later, max_wait) is not None:
+        granted += 1
+    assert granted == room
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([1.0, 5.0, 20.0, 100.0]),
+    burst=st.integers(min_value=1, max_value=10),
+    max_wait=st.sampled_from([0.0, 0.05, 0.5, 2.0]),
     gaps=st.lists(st.floats(min_value=0.0, max_value=0.3), min_size=1, max_size=200),
 )
 def test_starts_never_exceed_the_rate_in_any_interval(
@@ -67,7 +88,10 @@ def test_destination_limiter_waits_then_refuses_beyond_max_wait() -> None:
     assert waits[4] is None  # 0.3 s > max_wait
     assert limiter.retry_after("acme", 0.0) == pytest.approx(0.3)
     assert limiter.reserve("other-tenant", 0.0) is None  # one bucket for the destination
-    assert limiter.admission_room() == 2 + math.floor(10 * 0.25)
+    assert limiter.room(0.0) == 0
+    assert limiter.room_in(0.0) == pytest.approx(0.05)
+    fresh = RateLimiter(RateLimit(rate=10, burst=2), max_wait=0.25, max_pause=30.0)
+    assert fresh.room(0.0) == 2 + math.floor(10 * 0.25)  # the burst plus 0.25 s worth
 
 
 def test_per_tenant_buckets_are_independent() -> None:
@@ -76,7 +100,7 @@ def test_per_tenant_buckets_are_independent() -> None:
     assert limiter.reserve("acme", 0.0) is None
     assert limiter.reserve("globex", 0.0) == 0.0
     assert limiter.reserve(None, 0.0) == 0.0  # the shared identity is one more "tenant"
-    assert limiter.admission_room() is None
+    assert limiter.room(0.0) is None  # no destination-wide bucket to admit against
 
 
 def test_pauses_from_retry_after() -> None:

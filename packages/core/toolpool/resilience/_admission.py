@@ -7,8 +7,10 @@ The rules, in one place (the runtime in `_policy` applies them under its lock):
   pool's queue bound scaled down with the limit (`queue_limit * cap / max_connections`), so
   that a call admitted while the limit is low waits at most about `queue_factor` service
   times; and never more than the pool itself takes (its limit, less the connections still
-  closing, plus its own queue bound). A destination-wide rate limit caps it further at
-  `burst + rate * max_wait` calls, the most whose rate-limit waits fit within `max_wait`.
+  closing, plus its own queue bound).
+- A destination-wide rate limit admits only the calls it can start within `max_wait` (its
+  *room*, less the admitted calls that have not sent yet); with no room the destination is
+  saturated ("rate_limited"), as it is during a Retry-After pause.
 - *In use* counts connections in use or opening, and calls that entered the layer (inside
   `admit`, or sending) up to the limit; the rest of those count as *queued*, with the
   requests waiting in the pool and the calls waiting in `admit`.
@@ -117,6 +119,7 @@ def assess(
     breaker_wait: float,
     pause_wait: float,
     rate_room: int | None,
+    rate_wait: float,
     hold_time: float,
     busy_at: float,
     previous: str,
@@ -129,9 +132,10 @@ def assess(
         # closing, which count against the limit until the peer saw them close) and its queue.
         max(0, cap - closing) + pool_queue_limit,
     )
-    if rate_room is not None:
-        capacity = min(capacity, rate_room)
     occupancy = max(tracked, in_use + pool_waiting)
+    rate_limited = pause_wait > 0 or (rate_room is not None and rate_room <= 0)
+    if rate_room is not None:
+        capacity = min(capacity, occupancy + max(0, rate_room))
     # Calls that entered (admitted, or sending) count as in use or queued before the pool
     # has seen them, so a change is visible the moment a call arrives.
     in_use = max(in_use, min(tracked, cap))
@@ -140,7 +144,7 @@ def assess(
     state: Literal["ok", "busy", "saturated"]
     if breaker_wait > 0:
         state, reason = SATURATED, BREAKER_OPEN
-    elif pause_wait > 0:
+    elif rate_limited:
         state, reason = SATURATED, RATE_LIMITED
     elif occupancy >= capacity or (
         previous == SATURATED and occupancy > cap + queue_limit // 2 and occupancy > 0
@@ -156,8 +160,8 @@ def assess(
         state, reason = OK, ""
     if breaker_wait > 0:
         retry_after = breaker_wait
-    elif pause_wait > 0:
-        retry_after = pause_wait
+    elif rate_limited:
+        retry_after = max(0.05, pause_wait, rate_wait)
     elif occupancy >= cap:
         # The calls ahead must drain through `cap` connections, one hold time each.
         retry_after = max(0.05, hold_time * (occupancy - cap + 1) / cap)
@@ -248,10 +252,13 @@ class AdmissionQueue:
     """Counts of admitted and tracked calls, and the FIFO of waiting ones. Not thread-safe
     by itself; the runtime calls it under its lock."""
 
-    __slots__ = ("_waiters", "admitted", "unadmitted", "waiting")
+    __slots__ = ("_waiters", "admitted", "sending", "unadmitted", "waiting")
 
     def __init__(self) -> None:
         self.admitted = 0
+        # Requests in flight made inside an admit (so `admitted - sending` calls are admitted
+        # but have not sent yet), and requests in flight made outside one.
+        self.sending = 0
         self.unadmitted = 0
         self.waiting = 0
         self._waiters: deque[AdmitWaiter] = deque()
@@ -260,6 +267,11 @@ class AdmissionQueue:
     def tracked(self) -> int:
         """Calls inside admit plus requests in flight that were not admitted."""
         return self.admitted + self.unadmitted
+
+    @property
+    def pending(self) -> int:
+        """Admitted calls that have not sent their request yet."""
+        return max(0, self.admitted - self.sending)
 
     def try_enter(self, room: int) -> bool:
         """Admit at once if nobody waits and there is room."""

@@ -489,9 +489,10 @@ class PolicyRuntime:
             if self.budget is not None:
                 self.budget.record_call(now)
             if admitted:
+                self.admission.sending += 1
                 return False
             error: PoolSaturated | None = None
-            if self._room_locked() > 0:
+            if self._room_locked(now, admission=False) > 0:
                 self.admission.unadmitted += 1
                 queued = self._reassess_locked(now)
             else:
@@ -516,6 +517,8 @@ class PolicyRuntime:
         with self._lock:
             if counted:
                 self.admission.unadmitted -= 1
+            else:
+                self.admission.sending -= 1
             woken = self._pump_locked(now)
             queued = self._reassess_locked(now)
         self._after_unlock(woken, queued)
@@ -654,12 +657,15 @@ class PolicyRuntime:
         if pause > timeout:
             self._rejections[RATE_LIMITED] += 1
             return RATE_LIMITED
-        if pause <= 0 and self.admission.try_enter(self._room_locked()):
+        if pause <= 0 and self.admission.try_enter(self._room_locked(now, admission=True)):
             self._admitted_total += 1
             return _ADMITTED_OUTCOME
         if timeout <= 0:
-            self._rejections[QUEUE_FULL] += 1
-            return QUEUE_FULL
+            # Refused without waiting: say whether the queue or the rate limit is full.
+            reason = self._assessment_locked(now).reason
+            reason = RATE_LIMITED if reason == RATE_LIMITED else QUEUE_FULL
+            self._rejections[reason] += 1
+            return reason
         return None
 
     def _pump_locked(self, now: float) -> list[AdmitWaiter]:
@@ -673,7 +679,7 @@ class PolicyRuntime:
             return refused
         if self.limiter.paused_until > now:
             return []
-        granted = self.admission.grant(self._room_locked())
+        granted = self.admission.grant(self._room_locked(now, admission=True))
         self._admitted_total += len(granted)
         return granted
 
@@ -769,9 +775,8 @@ class PolicyRuntime:
                     found, BREAKER_OPEN, retry_after=max(0.05, self.breaker.retry_after(now))
                 )
             elif verdict == RATE_LIMITED:
-                error = self._saturated_error(
-                    found, RATE_LIMITED, retry_after=max(0.05, self.limiter.paused_until - now)
-                )
+                wait = max(self.limiter.paused_until - now, self.limiter.room_in(now))
+                error = self._saturated_error(found, RATE_LIMITED, retry_after=max(0.05, wait))
             else:
                 error = self._saturated_error(found, verdict or TIMEOUT)
         raise error
@@ -787,8 +792,10 @@ class PolicyRuntime:
 
     # ------------------------------------------------------------------ saturation
 
-    def _room_locked(self) -> int:
-        """Capacity minus occupancy (the rules in `_admission`), without the rest."""
+    def _room_locked(self, now: float, admission: bool) -> int:
+        """Capacity minus occupancy (the rules in `_admission`), without the rest; for an
+        admission also what the rate limit can start in time. Requests made outside admit
+        meet the rate limit when they send."""
         st = self.dest.state
         limits = st.limits
         cap = st.cap
@@ -796,15 +803,18 @@ class PolicyRuntime:
             cap + limits.queue_limit * cap // limits.max_connections,
             max(0, cap - st.closing) + limits.queue_limit,
         )
-        rate_room = self.limiter.admission_room()
-        if rate_room is not None and rate_room < capacity:
-            capacity = rate_room
-        return capacity - max(self.admission.tracked, st.in_use + st.opening + st.waiting)
+        room = capacity - max(self.admission.tracked, st.in_use + st.opening + st.waiting)
+        if admission:
+            rate_room = self.limiter.room(now)
+            if rate_room is not None:
+                room = min(room, rate_room - self.admission.pending)
+        return room
 
     def _assessment_locked(self, now: float) -> Assessment:
         st = self.dest.state
         limits = st.limits
         breaker = self.breaker
+        rate_room = self.limiter.room(now)
         return assess(
             cap=st.cap,
             max_connections=limits.max_connections,
@@ -816,7 +826,8 @@ class PolicyRuntime:
             tracked=self.admission.tracked,
             breaker_wait=breaker.retry_after(now) if breaker is not None else 0.0,
             pause_wait=max(0.0, self.limiter.paused_until - now),
-            rate_room=self.limiter.admission_room(),
+            rate_room=None if rate_room is None else rate_room - self.admission.pending,
+            rate_wait=self.limiter.room_in(now),
             hold_time=st.hold_ewma,
             busy_at=self.policy.busy_at,
             previous=self.level,

@@ -33,6 +33,8 @@ __all__ = ["RateLimit", "RateLimiter", "TokenBucket"]
 
 # Tenants with a bucket or a pause are remembered up to this many (least recently used go).
 _MAX_TENANTS = 10_000
+# Starts this close to max_wait count as within it (float sums of the interval drift).
+_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,15 @@ class TokenBucket:
         """Seconds after `at` at which a request arriving at `at` could start."""
         return max(0.0, self.tat - self.tau - at)
 
+    def room(self, at: float, max_wait: float) -> int:
+        """How many requests arriving at `at` could be reserved a start within `max_wait`."""
+        backlog = max(0.0, self.tat - at)
+        return max(0, math.floor((max_wait + _SLACK + self.tau - backlog) / self.interval) + 1)
+
     def reserve(self, at: float, max_wait: float) -> float | None:
         """Reserve a start for a request arriving at `at`: its delay, or None (refused)."""
         delay = max(0.0, self.tat - self.tau - at)
-        if delay > max_wait:
+        if delay > max_wait + _SLACK:
             return None
         self.tat = max(at, self.tat) + self.interval
         return delay
@@ -173,9 +180,22 @@ class RateLimiter:
             self._tenant_pauses.popitem(last=False)
         return self._tenant_pauses[tenant]
 
-    def admission_room(self) -> int | None:
-        """How many calls may be admitted at once so that their reservations fit within
-        `max_wait` (None: no destination-wide limit)."""
-        if self.config is None or self.config.per_tenant:
+    def room(self, now: float) -> int | None:
+        """How many more requests the destination-wide limit (and pause) could start within
+        `max_wait` of now; None when there is no destination-wide bucket."""
+        bucket = self._bucket
+        if bucket is None:
             return None
-        return self.config.effective_burst + math.floor(self.config.rate * self.max_wait)
+        start = max(now, self.paused_until)
+        if start - now > self.max_wait:
+            return 0
+        return bucket.room(start, self.max_wait - (start - now))
+
+    def room_in(self, now: float) -> float:
+        """Seconds until `room` is at least one again (0 when it is now)."""
+        bucket = self._bucket
+        start = max(now, self.paused_until)
+        if bucket is None:
+            return max(0.0, start - now - self.max_wait)
+        backlog = max(0.0, bucket.tat - start)
+        return max(0.0, start - now + backlog - bucket.tau - self.max_wait)
