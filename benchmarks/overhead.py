@@ -9,7 +9,10 @@ requests/s, errors and client CPU per request. Ratios are taken within one run.
 
 Clients:
   httpx-default   httpx.AsyncClient() with its own (httpcore) pool, default limits
-  httpx+toolpool  httpx.AsyncClient(transport=toolpool.AsyncTransport(pool))
+  httpx+toolpool  httpx.AsyncClient(transport=toolpool.AsyncTransport(pool)), default policy
+  httpx+toolpool-nopolicy  the same with Pool(policy=None): the core transport alone, without
+                  the resilience layer (retries, breaker, adaptive limit, admission counting)
+  toolpool-lean   await pool.request(...): the pool without httpx's client layer (default policy)
   aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
 All pools are capped at 100 connections.
 """
@@ -35,7 +38,7 @@ import toolpool
 from toolpool.testing import ServiceSpec, spawn_downstream
 
 Send = Callable[[], Awaitable[None]]
-CLIENTS = ("httpx-default", "httpx+toolpool", "aiohttp")
+CLIENTS = ("httpx-default", "httpx+toolpool", "httpx+toolpool-nopolicy", "toolpool-lean", "aiohttp")
 
 
 async def _closed_loop(send: Send, concurrency: int, seconds: float) -> tuple[int, int]:
@@ -74,11 +77,24 @@ async def _run_client(
             r.raise_for_status()
 
         cleanup = client.aclose
-    elif name == "httpx+toolpool":
+    elif name == "toolpool-lean":
+        lean = toolpool.Pool(
+            [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
+            queue_factor=4,
+            warmup=0,
+        )
+        await lean.astart()
+
+        async def send() -> None:
+            (await lean.request("GET", target)).raise_for_status()
+
+        cleanup = lean.aclose
+    elif name.startswith("httpx+toolpool"):
         pool = toolpool.Pool(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
             queue_factor=4,
             warmup=0,
+            **({"policy": None} if name.endswith("nopolicy") else {}),
         )
         await pool.astart()
         client = pool.client()
@@ -181,7 +197,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     by = {(c["mode"], c["concurrency"], c["client"]): c for c in out}
     for cell in out:
-        for other in CLIENTS:
+        for other in ("httpx-default", "aiohttp"):
             base = by.get((cell["mode"], cell["concurrency"], other))
             if base and other != cell["client"] and base["rps_median"]:
                 cell[f"vs_{other}"] = cell["rps_median"] / base["rps_median"]

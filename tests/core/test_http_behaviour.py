@@ -250,3 +250,29 @@ def test_connections_of_a_finished_event_loop_close_with_the_pool(plain: Downstr
     stats = pool.stats()["api"]
     assert (stats.idle, stats.closing, stats.in_use) == (0, 0, 0)
     plain.wait_stats("api", lambda s: s.connections_open == 0)
+
+
+async def test_lean_request_path(plain: Downstream) -> None:
+    """pool.request(): the pool without httpx's client layer, body read, errors raisable."""
+    base = plain.url("api")
+    async with toolpool.Pool([destination(plain)], warmup=0) as pool:
+        with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+            r = await pool.request(
+                "GET", f"{base}/anything", params={"q": "1"}, headers={"X-Tenant": "acme"}
+            )
+            assert r.json()["tenant"] == "acme"
+            assert r.json()["query"] == "q=1"
+            r = await pool.request(
+                "POST", f"{base}/echo", json={"a": 1}, headers={"X-Tenant": "acme"}
+            )
+            assert r.json()["body"] == '{"a":1}'
+        r = await pool.request("GET", f"{base}/status/404")
+        with pytest.raises(httpx.HTTPStatusError):
+            r.raise_for_status()
+        with pytest.raises(httpx.ReadTimeout):
+            await pool.request("GET", f"{base}/hang", timeout=0.2)
+        r = await asyncio.to_thread(pool.request_sync, "GET", f"{base}/anything")
+        assert r.status_code == 200
+        assert_quiet(pool)
+    # acme's requests and the anonymous ones never shared a connection.
+    assert plain.stats("api").mixed_connections() == {}
