@@ -67,12 +67,13 @@ async def test_the_limit_drops_when_the_downstream_slows_and_recovers_after() ->
             await eventually(lambda: runtime.effective_limit <= 8, "the limit drops", timeout=20)
             assert runtime.limit_reason == "latency"
             # Calls admitted from now on, with the limit low: their latency is bounded by
-            # the queue bound, which shrank with the limit (3 service times per call at
-            # queue_factor 2), however long the overload lasts.
+            # the queue bound, which shrinks with the limit (3 service times at queue_factor
+            # 2, 0.66 s; more for calls admitted just before the limit fell further: 1.1 s
+            # measured), however long the overload lasts.
             phase = "slow"
             await eventually(lambda: count("slow") >= 60, "slow traffic", timeout=30)
             p99 = quantile([s for p, s in done if p == "slow"], 0.99)
-            assert p99 <= 1.5, p99
+            assert p99 <= 2.0, p99
             assert refused["slow"] > 0  # the overload was real: excess calls were shed
 
             ds.clear_faults("api")
