@@ -80,6 +80,11 @@ def test_no_policy_means_no_layer(ds: Downstream) -> None:
     assert ds.stats("crm").requests_total == 1  # not retried
 
 
+def test_a_pool_policy_must_be_a_policy() -> None:
+    with pytest.raises(toolpool.ConfigError, match=r"must be a toolpool\.resilience\.Policy"):
+        toolpool.Pool(policy="retry please")
+
+
 def test_a_policy_binds_once(ds: Downstream) -> None:
     pool = toolpool.Pool([toolpool.Destination("crm", ds.url("crm"))])
     dest = pool.destination("crm")

@@ -86,6 +86,11 @@ class PoolDefaults:
                 "unknown_destinations must be 'pool' or 'reject', "
                 f"not {self.unknown_destinations!r}"
             )
+        if self.policy is not None and not callable(getattr(self.policy, "bind", None)):
+            raise ConfigError(
+                f"policy must be a toolpool.resilience.Policy or None, "
+                f"got {type(self.policy).__name__}"
+            )
 
 
 @dataclass(frozen=True)
