@@ -32,9 +32,11 @@ from __future__ import annotations
 from toolpool.resilience._adaptive import AdaptiveLimit
 from toolpool.resilience._admission import Saturation
 from toolpool.resilience._breaker import CircuitBreaker
-from toolpool.resilience._policy import AsyncAdmission, Policy, PolicyRuntime, SyncAdmission
+from toolpool.resilience._gate import AsyncAdmission, SyncAdmission
+from toolpool.resilience._policy import Policy
 from toolpool.resilience._ratelimit import RateLimit
 from toolpool.resilience._retry import Retry
+from toolpool.resilience._runtime import PolicyRuntime
 from toolpool.resilience._stats import PolicyStats
 
 __all__ = [

@@ -12,7 +12,9 @@ import httpx
 
 from toolpool._config import origin_of
 from toolpool.resilience._admission import Saturation, SaturationHub
-from toolpool.resilience._policy import AsyncAdmission, Policy, PolicyRuntime, SyncAdmission
+from toolpool.resilience._gate import AsyncAdmission, SyncAdmission
+from toolpool.resilience._policy import Policy
+from toolpool.resilience._runtime import PolicyRuntime
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool

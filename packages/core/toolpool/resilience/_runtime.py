@@ -1,0 +1,552 @@
+"""`PolicyRuntime`: a `Policy` running for one destination, as the outermost layer of the
+destination's send chain.
+
+One call through the layer:
+
+    1. bookkeeping for admission: a request not made inside `pool.admit` that finds its
+       destination over capacity is refused at once (PoolSaturated, reason "queue_full")
+    2. tenacity's retry loop (see `_retry`) around each attempt:
+         a. circuit breaker: fail fast with DestinationUnavailable while it is open
+         b. rate limit and Retry-After pauses: wait for a start (at most `max_wait`), or
+            refuse (PoolSaturated, reason "rate_limited") rather than send a request the
+            downstream would reject
+         c. the inner send (auth provider, then the pooled send)
+         d. the outcome goes to the breaker, the adaptive limit and the pauses
+    3. the response body is wrapped so that the call counts as in flight until its body is
+       read or closed, when waiting admissions are granted and saturation re-assessed
+
+Locks: the runtime's lock guards its own state; it may take the destination's lock inside
+it (to apply a new limit), never the other way round. User callbacks and wake-ups run after
+both are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, Retrying
+from tenacity.stop import stop_after_attempt
+
+from toolpool._auth_context import AuthContext
+from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
+from toolpool.resilience._adaptive import INITIAL, AimdLimit
+from toolpool.resilience._admission import (
+    BREAKER_OPEN,
+    OK,
+    QUEUE_FULL,
+    RATE_LIMITED,
+    REJECTION_REASONS,
+    TIMEOUT,
+    AdmissionQueue,
+)
+from toolpool.resilience._breaker import CLOSED, IGNORE, OPEN, Breaker, Permit
+from toolpool.resilience._budget import RetryBudget
+from toolpool.resilience._gate import AdmissionControl, admitted_here
+from toolpool.resilience._outcome import (
+    breaker_outcome,
+    overload_signal,
+    retry_after_seconds,
+    retry_reason,
+)
+from toolpool.resilience._ratelimit import RateLimiter
+from toolpool.resilience._retry import (
+    BudgetSpent,
+    RetryableOutcome,
+    RetryAfterBeyond,
+    RetryAfterOrBackoff,
+)
+from toolpool.resilience._stats import PolicyStats
+from toolpool.resilience._streams import TrackedAsyncStream, TrackedSyncStream
+
+if TYPE_CHECKING:
+    from toolpool._runtime import DestinationPool
+    from toolpool.resilience._policy import Policy
+
+__all__ = ["PolicyRuntime"]
+
+log = logging.getLogger("toolpool.resilience")
+
+monotonic = time.monotonic
+
+# Bodies of retried responses up to this size are read so their connection is reused.
+_DRAIN_LIMIT = 64 * 1024
+
+
+def _last_outcome(retry_state: RetryCallState) -> Any:
+    """tenacity `retry_error_callback`: hand back the last response, or raise its error."""
+    outcome = retry_state.outcome
+    assert outcome is not None
+    return outcome.result()
+
+
+def _retried_response(retry_state: RetryCallState) -> httpx.Response | None:
+    outcome = retry_state.outcome
+    if outcome is None or outcome.failed:
+        return None
+    response = outcome.result()
+    return response if isinstance(response, httpx.Response) else None
+
+
+def _small_body(response: httpx.Response) -> bool:
+    length = response.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) <= _DRAIN_LIMIT
+
+
+async def _discard_async(retry_state: RetryCallState) -> None:
+    """tenacity `before_sleep`: free the connection of the response being retried."""
+    response = _retried_response(retry_state)
+    if response is None:
+        return
+    try:
+        if _small_body(response):
+            await response.aread()
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+
+
+def _discard_sync(retry_state: RetryCallState) -> None:
+    response = _retried_response(retry_state)
+    if response is None:
+        return
+    try:
+        if _small_body(response):
+            response.read()
+    except httpx.HTTPError:
+        pass
+    finally:
+        response.close()
+
+
+class PolicyRuntime(AdmissionControl):
+    """A `Policy` running for one destination; `dest.policy` once bound.
+
+    Read `stats()` for counters, `saturation()` for the current level, `effective_limit`
+    and `limit_reason` for the adaptive limit.
+    """
+
+    def __init__(self, policy: Policy, dest: DestinationPool) -> None:
+        self.policy = policy
+        self.dest = dest
+        self.name = dest.name
+        self._lock = threading.Lock()
+        now = monotonic()
+        max_connections = dest.settings.max_connections
+        self.max_connections = max_connections
+        self.breaker = Breaker(policy.breaker) if policy.breaker is not None else None
+        retry = policy.retry
+        self.budget = (
+            RetryBudget(retry.budget_ratio, retry.budget_floor, retry.budget_window)
+            if retry is not None
+            else None
+        )
+        self.limiter = RateLimiter(policy.rate_limit, policy.max_wait, policy.max_pause)
+        self.adaptive = (
+            AimdLimit(policy.adaptive, max_connections, now)
+            if policy.adaptive is not None
+            else None
+        )
+        self.admission = AdmissionQueue()
+        self.level: str = OK
+        self._retries: dict[str, int] = {}
+        self._retries_denied = 0
+        self._rejections = dict.fromkeys(REJECTION_REASONS, 0)
+        self._rate_waits = 0
+        self._rate_wait_seconds = 0.0
+        self._admitted_total = 0
+        self._admission_waits = 0
+        self._timer: threading.Timer | None = None
+        self._timer_at = math.inf
+        self._inner_async = dest.async_send
+        self._inner_sync = dest.sync_send
+        self._async_retrying: AsyncRetrying | None = None
+        self._sync_retrying: Retrying | None = None
+        if retry is not None:
+            stop = (
+                stop_after_attempt(retry.attempts)
+                | RetryAfterBeyond(retry.max_retry_after)
+                | BudgetSpent(retry, self._spend_retry)
+            )
+            self._async_retrying = AsyncRetrying(
+                retry=RetryableOutcome(retry),
+                stop=stop,
+                wait=RetryAfterOrBackoff(retry),
+                before_sleep=_discard_async,
+                retry_error_callback=_last_outcome,
+            )
+            self._sync_retrying = Retrying(
+                retry=RetryableOutcome(retry),
+                stop=stop,
+                wait=RetryAfterOrBackoff(retry),
+                before_sleep=_discard_sync,
+                retry_error_callback=_last_outcome,
+            )
+
+    def __repr__(self) -> str:
+        return f"<PolicyRuntime {self.name!r} limit={self.effective_limit} {self.level}>"
+
+    def install(self) -> None:
+        """Become `dest.policy` and the outermost layer of its send chain."""
+        dest = self.dest
+        if dest.policy is not None:
+            raise ConfigError(f"destination {self.name!r} already has a resilience policy")
+        dest.policy = self
+        dest.async_send = self.async_send
+        dest.sync_send = self.sync_send
+        dest.pool._close_callbacks.append(self._stop_timer)
+
+    # ------------------------------------------------------------------ observability
+
+    @property
+    def effective_limit(self) -> int:
+        """The connection limit in force now (max_connections unless lowered)."""
+        return int(self.dest.state.cap)
+
+    @property
+    def limit_reason(self) -> str:
+        """Why the effective limit last changed ("initial" if it never did)."""
+        return self.adaptive.reason if self.adaptive is not None else INITIAL
+
+    def stats(self) -> PolicyStats:
+        """A snapshot of the counters (see `PolicyStats` for every name)."""
+        now = monotonic()
+        with self._lock:
+            breaker = self.breaker
+            adaptive = self.adaptive
+            return PolicyStats(
+                destination=self.name,
+                retries_total=dict(self._retries),
+                retries_denied_total=self._retries_denied,
+                retry_budget_available=(
+                    self.budget.available(now) if self.budget is not None else 0.0
+                ),
+                breaker_state=breaker.state if breaker is not None else CLOSED,
+                breaker_transitions_total=(
+                    dict(breaker.transitions) if breaker is not None else {}
+                ),
+                rejections_total=dict(self._rejections),
+                breaker_rejections_total=self._rejections[BREAKER_OPEN],
+                rate_limited_total=self._rejections[RATE_LIMITED],
+                rate_limit_waits_total=self._rate_waits,
+                rate_limit_wait_seconds_total=self._rate_wait_seconds,
+                effective_limit=self.effective_limit,
+                max_connections=self.max_connections,
+                limit_reason=adaptive.reason if adaptive is not None else INITIAL,
+                limit_decreases_total=adaptive.decreases if adaptive is not None else 0,
+                limit_increases_total=adaptive.increases if adaptive is not None else 0,
+                admitted_total=self._admitted_total,
+                admission_waits_total=self._admission_waits,
+                admitted=self.admission.admitted,
+                in_flight_unadmitted=self.admission.unadmitted,
+                saturation_state=self._assessment_locked(now).state,
+            )
+
+    # ------------------------------------------------------------------ send chain
+
+    async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        """The outermost async send of the destination (see the module docstring)."""
+        counted = self._enter()
+        try:
+            response = await self._send_async(request, ctx)
+        except BaseException:
+            self._leave(counted)
+            raise
+        response.stream = TrackedAsyncStream(response.stream, self, counted)
+        return response
+
+    def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        """The outermost sync send of the destination (see the module docstring)."""
+        counted = self._enter()
+        try:
+            response = self._send_sync(request, ctx)
+        except BaseException:
+            self._leave(counted)
+            raise
+        response.stream = TrackedSyncStream(response.stream, self, counted)
+        return response
+
+    # The first attempt runs before tenacity is involved: most calls succeed at once and
+    # should not pay for the retry machinery. Only an outcome that may be retried enters
+    # tenacity, which replays it as its first attempt and decides everything from there.
+
+    async def _send_async(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        retrying = self._async_retrying
+        if retrying is None:
+            return await self._attempt_async(request, ctx)
+        first: httpx.Response | Exception
+        try:
+            first = await self._attempt_async(request, ctx)
+        except Exception as exc:
+            if not self._retryable(request, None, exc):
+                raise
+            first = exc
+        else:
+            if not self._retryable(request, first, None):
+                return first
+        replay: list[httpx.Response | Exception] = [first]
+
+        async def attempt(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if replay:
+                outcome = replay.pop()
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
+            return await self._attempt_async(request, ctx)
+
+        response: httpx.Response = await retrying.copy()(attempt, request, ctx)
+        return response
+
+    def _send_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        retrying = self._sync_retrying
+        if retrying is None:
+            return self._attempt_sync(request, ctx)
+        first: httpx.Response | Exception
+        try:
+            first = self._attempt_sync(request, ctx)
+        except Exception as exc:
+            if not self._retryable(request, None, exc):
+                raise
+            first = exc
+        else:
+            if not self._retryable(request, first, None):
+                return first
+        replay: list[httpx.Response | Exception] = [first]
+
+        def attempt(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if replay:
+                outcome = replay.pop()
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
+            return self._attempt_sync(request, ctx)
+
+        response: httpx.Response = retrying.copy()(attempt, request, ctx)
+        return response
+
+    def _retryable(
+        self, request: httpx.Request, response: httpx.Response | None, exc: BaseException | None
+    ) -> bool:
+        retry = self.policy.retry
+        assert retry is not None
+        return (
+            retry_reason(request, response, exc, retry.statuses, retry.idempotent(request))
+            is not None
+        )
+
+    async def _attempt_async(
+        self, request: httpx.Request, ctx: AuthContext | None
+    ) -> httpx.Response:
+        permit, delay = self._before_attempt(ctx)
+        if delay > 0:
+            try:
+                await asyncio.sleep(delay)
+            except BaseException:
+                self._abandon(permit)
+                raise
+        started = monotonic()
+        try:
+            response = await self._inner_async(request, ctx)
+        except BaseException as exc:
+            self._after_attempt(permit, started, ctx, None, exc)
+            raise
+        self._after_attempt(permit, started, ctx, response, None)
+        return response
+
+    def _attempt_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        permit, delay = self._before_attempt(ctx)
+        if delay > 0:
+            try:
+                time.sleep(delay)
+            except BaseException:
+                self._abandon(permit)
+                raise
+        started = monotonic()
+        try:
+            response = self._inner_sync(request, ctx)
+        except BaseException as exc:
+            self._after_attempt(permit, started, ctx, None, exc)
+            raise
+        self._after_attempt(permit, started, ctx, response, None)
+        return response
+
+    def _enter(self) -> bool:
+        """A call starts. Returns True if it counts as an un-admitted request in flight
+        (then `_leave(True)` must follow); raises PoolSaturated when there is no room."""
+        admitted = admitted_here(self)
+        now = monotonic()
+        with self._lock:
+            if self.budget is not None:
+                self.budget.record_call(now)
+            if admitted:
+                self.admission.sending += 1
+                return False
+            error: PoolSaturated | None = None
+            if self._room_locked(now, admission=False) > 0:
+                self.admission.unadmitted += 1
+                queued = self._reassess_locked(now)
+            else:
+                found = self._assessment_locked(now)
+                self._rejections[QUEUE_FULL] += 1
+                error = self._saturated_error(found, QUEUE_FULL)
+                queued = self._note_level_locked(found, now)
+        if error is None:
+            if queued:
+                self._deliver()
+            return True
+        dest = self.dest
+        with dest.lock:
+            dest.state.saturated_total += 1  # the pool's count of queue-full refusals
+        if queued:
+            self._deliver()
+        raise error
+
+    def _leave(self, counted: bool) -> None:
+        """A call ended (its response body read or closed, or it failed)."""
+        now = monotonic()
+        with self._lock:
+            if counted:
+                self.admission.unadmitted -= 1
+            else:
+                self.admission.sending -= 1
+            woken = self._pump_locked(now)
+            queued = self._reassess_locked(now)
+        self._after_unlock(woken, queued)
+
+    def _before_attempt(self, ctx: AuthContext | None) -> tuple[Permit | None, float]:
+        """Breaker and rate limit: (breaker permit, seconds to wait before sending)."""
+        now = monotonic()
+        tenant = ctx.tenant if ctx is not None else None
+        error: Exception | None = None
+        permit: Permit | None = None
+        delay = 0.0
+        with self._lock:
+            breaker = self.breaker
+            if breaker is not None:
+                permit = breaker.allow(now)
+                if permit is None:
+                    self._rejections[BREAKER_OPEN] += 1
+                    error = DestinationUnavailable(
+                        self.name,
+                        round(breaker.retry_after(now), 3),
+                        f"circuit breaker open: {breaker.reason}",
+                    )
+            if error is None:
+                reserved = self.limiter.reserve(tenant, now)
+                if reserved is None:
+                    if permit is not None and breaker is not None:
+                        breaker.record(permit, IGNORE, now)
+                    self._rejections[RATE_LIMITED] += 1
+                    error = self._rate_limited_error(tenant, now)
+                else:
+                    delay = reserved
+                    if delay > 0:
+                        self._rate_waits += 1
+                        self._rate_wait_seconds += delay
+        if error is not None:
+            raise error
+        return permit, delay
+
+    def _abandon(self, permit: Permit | None) -> None:
+        """The attempt was cancelled before it was sent."""
+        if permit is not None and self.breaker is not None:
+            with self._lock:
+                self.breaker.record(permit, IGNORE, monotonic())
+
+    def _after_attempt(
+        self,
+        permit: Permit | None,
+        started: float,
+        ctx: AuthContext | None,
+        response: httpx.Response | None,
+        exc: BaseException | None,
+    ) -> None:
+        """Feed one attempt's outcome to the breaker, the pauses and the adaptive limit."""
+        now = monotonic()
+        dest = self.dest
+        actions: list[Any] = []
+        transition: str | None = None
+        old_limit = new_limit = 0
+        with self._lock:
+            if isinstance(exc, PoolSaturated):
+                self._rejections[QUEUE_FULL] += 1
+            elif isinstance(exc, PoolTimeout):
+                self._rejections[TIMEOUT] += 1
+            breaker = self.breaker
+            if breaker is not None and permit is not None:
+                outcome = breaker_outcome(response, exc, breaker.config.failure_statuses)
+                transition = breaker.record(permit, outcome, now)
+            if response is not None and response.status_code in (429, 503):
+                seconds = retry_after_seconds(response)
+                if seconds is not None and seconds > 0:
+                    tenant = ctx.tenant if ctx is not None else None
+                    self.limiter.pause(tenant, seconds, now, whole=response.status_code == 503)
+            adaptive = self.adaptive
+            if adaptive is not None:
+                signal = overload_signal(response, exc)
+                latency: float | None = None
+                if response is not None:
+                    latency = max(0.0, now - started - _wait_seconds(response))
+                if latency is not None or signal is not None:
+                    old_limit = adaptive.limit
+                    changed = adaptive.sample(now, latency, signal, started)
+                    if changed is not None:
+                        new_limit = changed
+                        with dest.lock:
+                            actions = dest.state.set_cap(changed, now)
+            woken = []
+            if transition == OPEN:
+                refused = self.admission.refuse_all(BREAKER_OPEN)
+                self._rejections[BREAKER_OPEN] += len(refused)
+                woken = refused
+            elif transition == CLOSED or new_limit > old_limit:
+                woken = self._pump_locked(now)
+            queued = self._reassess_locked(now)
+            reason = breaker.reason if breaker is not None else ""
+            open_for = breaker.open_for if breaker is not None else 0.0
+        if actions:
+            dest.execute(actions)
+        if transition == OPEN:
+            log.warning(
+                "destination %r: circuit breaker opened (%s); calls fail fast for %.1f s",
+                self.name,
+                reason,
+                open_for,
+            )
+        elif transition == CLOSED:
+            log.info("destination %r: circuit breaker closed (a probe succeeded)", self.name)
+        if new_limit:
+            log.debug(
+                "destination %r: connection limit %d -> %d (%s)",
+                self.name,
+                old_limit,
+                new_limit,
+                self.limit_reason,
+            )
+        self._after_unlock(woken, queued)
+
+    def _spend_retry(self, reason: str) -> bool:
+        """The retry strategy asks for one retry (`BudgetSpent`)."""
+        with self._lock:
+            budget = self.budget
+            if budget is not None and not budget.try_retry(monotonic()):
+                self._retries_denied += 1
+                return False
+            self._retries[reason] = self._retries.get(reason, 0) + 1
+            return True
+
+
+def _wait_seconds(response: httpx.Response) -> float:
+    """How long the request waited for a connection (reported by the pooled send)."""
+    info = response.extensions.get("toolpool")
+    if isinstance(info, dict):
+        waited = info.get("wait_seconds", 0.0)
+        if isinstance(waited, int | float):
+            return float(waited)
+    return 0.0
