@@ -11,7 +11,9 @@ import pytest
 from toolpool.resilience._admission import (
     BUSY,
     OK,
+    QUEUED,
     SATURATED,
+    UTILIZED,
     AdmissionQueue,
     AdmitWaiter,
     Saturation,
@@ -87,10 +89,15 @@ def test_hysteresis_keeps_levels_from_flapping() -> None:
     # Saturated stays saturated until the queue is at most half full...
     assert assess(**numbers(in_use=10, pool_waiting=19, previous=SATURATED)).state == SATURATED
     assert assess(**numbers(in_use=10, pool_waiting=10, previous=SATURATED)).state == BUSY
-    assert assess(**numbers(in_use=10, pool_waiting=19, previous=BUSY)).state == BUSY
+    assert assess(**numbers(in_use=10, pool_waiting=19, previous=QUEUED)).state == BUSY
+    # A queue that empties while the connections are still all in use stays "queued" (no
+    # callback per request at full load)...
+    assert assess(**numbers(in_use=10, previous=QUEUED)).level == QUEUED
+    assert assess(**numbers(in_use=7, previous=QUEUED)).level == UTILIZED
+    assert assess(**numbers(in_use=10, pool_waiting=1, previous=UTILIZED)).level == QUEUED
     # ...and busy stays busy until utilization falls 20 points below busy_at.
-    assert assess(**numbers(in_use=7, previous=BUSY)).state == BUSY
-    assert assess(**numbers(in_use=5, previous=BUSY)).state == OK
+    assert assess(**numbers(in_use=7, previous=UTILIZED)).state == BUSY
+    assert assess(**numbers(in_use=5, previous=UTILIZED)).state == OK
     assert assess(**numbers(in_use=7, previous=OK)).state == OK
 
 

@@ -20,13 +20,16 @@ The rules, in one place (the runtime in `_policy` applies them under its lock):
   pause is on; otherwise it waits in FIFO order (or is refused at once when it cannot wait).
   Because admitted calls are counted, a call admitted will not meet a full queue when it
   sends, in the common case of one request at a time per call.
-- *Levels*, with hysteresis so that callbacks do not flap at a threshold:
+- *Levels* (the callbacks hear every crossing), with hysteresis so that they do not flap at
+  a threshold:
 
-      saturated  breaker open, a Retry-After pause, or occupancy >= capacity; it stays
-                 saturated until occupancy <= limit + queue bound / 2
-      busy       utilization (in use / effective limit) >= busy_at, or anything queued; it
-                 stays busy until utilization < busy_at - 0.2 with nothing queued
-      ok         otherwise
+      saturated     breaker open, a Retry-After pause, or occupancy >= capacity; it stays
+                    saturated until occupancy <= limit + queue bound / 2
+      queued        (state "busy") anything queued; it stays until the queue is empty and
+                    utilization < busy_at
+      utilization   (state "busy") utilization (in use / effective limit) >= busy_at; it
+                    stays until utilization < busy_at - 0.2
+      ok            otherwise
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from typing import Literal
 __all__ = [
     "BUSY",
     "OK",
+    "QUEUED",
     "SATURATED",
+    "UTILIZED",
     "AdmissionQueue",
     "AdmitWaiter",
     "Assessment",
@@ -56,6 +61,9 @@ log = logging.getLogger("toolpool.resilience")
 OK: Literal["ok"] = "ok"
 BUSY: Literal["busy"] = "busy"
 SATURATED: Literal["saturated"] = "saturated"
+# The two levels inside "busy" (each crossing is a change the callbacks hear about).
+UTILIZED = "utilization"
+QUEUED = "queued"
 
 # Rejection reasons (the `reason` of PoolSaturated / the rejection counters).
 QUEUE_FULL = "queue_full"
@@ -95,6 +103,7 @@ class Saturation:
 class Assessment:
     """The numbers behind one saturation reading (internal to the runtime)."""
 
+    level: str
     state: Literal["ok", "busy", "saturated"]
     reason: str
     in_use: int
@@ -141,23 +150,27 @@ def assess(
     in_use = max(in_use, min(tracked, cap))
     queued = max(pool_waiting, tracked - cap) + admit_waiting
     utilization = in_use / cap
-    state: Literal["ok", "busy", "saturated"]
+    level: str
+    reason: str
     if breaker_wait > 0:
-        state, reason = SATURATED, BREAKER_OPEN
+        level, reason = SATURATED, BREAKER_OPEN
     elif rate_limited:
-        state, reason = SATURATED, RATE_LIMITED
+        level, reason = SATURATED, RATE_LIMITED
     elif occupancy >= capacity or (
         previous == SATURATED and occupancy > cap + queue_limit // 2 and occupancy > 0
     ):
-        state, reason = SATURATED, QUEUE_FULL
-    elif queued > 0:
-        state, reason = BUSY, "queued"
+        level, reason = SATURATED, QUEUE_FULL
+    elif queued > 0 or (previous in (SATURATED, QUEUED) and utilization >= busy_at):
+        level = reason = QUEUED
     elif utilization >= busy_at or (
         previous != OK and utilization >= round(busy_at - _BUSY_HYSTERESIS, 6) and in_use > 0
     ):
-        state, reason = BUSY, "utilization"
+        level = reason = UTILIZED
     else:
-        state, reason = OK, ""
+        level, reason = OK, ""
+    state: Literal["ok", "busy", "saturated"] = (
+        SATURATED if level == SATURATED else OK if level == OK else BUSY
+    )
     if breaker_wait > 0:
         retry_after = breaker_wait
     elif rate_limited:
@@ -168,6 +181,7 @@ def assess(
     else:
         retry_after = 0.0
     return Assessment(
+        level=level,
         state=state,
         reason=reason,
         in_use=in_use,

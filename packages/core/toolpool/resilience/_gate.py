@@ -287,9 +287,9 @@ class AdmissionControl:
         if found.reason in (BREAKER_OPEN, RATE_LIMITED):
             # Nothing else may happen when the rest ends: look again then.
             self._schedule_locked(now + found.retry_after)
-        if found.state == self.level:
+        if found.level == self.level:
             return False
-        self.level = found.state
+        self.level = found.level
         hub: SaturationHub | None = self.dest.pool._saturation_hub
         if hub is None or not hub.active:
             return False
