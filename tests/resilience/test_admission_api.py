@@ -209,7 +209,7 @@ async def test_callbacks_hold_no_lock_and_can_unsubscribe(
 ) -> None:
     runtime = policy_of(tight, "crm")
     dest = tight.destination("crm")
-    seen: list[tuple[str, bool]] = []
+    seen: list[tuple[str, str, bool]] = []
 
     def callback(change: Saturation) -> None:
         free = runtime._lock.acquire(blocking=False) and dest.lock.acquire(blocking=False)
@@ -217,15 +217,23 @@ async def test_callbacks_hold_no_lock_and_can_unsubscribe(
             dest.lock.release()
             runtime._lock.release()
         tight.saturation(change.destination)  # calling back into the pool is allowed
-        seen.append((change.state, free))
+        seen.append((change.state, change.reason, free))
 
     unsubscribe = tight.on_saturation(callback)
     hangs = Hangs(tight, ds)
-    hangs.start(4)
-    await eventually(lambda: ("saturated", True) in seen, f"saturated announced {seen}")
+    for _ in range(4):
+        hangs.start()
+        await asyncio.sleep(0)
+    await eventually(lambda: len(seen) >= 3, "three thresholds crossed")
+    # Every threshold is heard: 2 of 2 connections in use, one call queued, queue full.
+    assert [(state, reason) for state, reason, _ in seen] == [
+        ("busy", "utilization"),
+        ("busy", "queued"),
+        ("saturated", "queue_full"),
+    ]
     await hangs.stop()
     await eventually(lambda: seen[-1][0] == "ok", "recovery announced")
-    assert all(free for _, free in seen), seen
+    assert all(free for _, _, free in seen), seen
     unsubscribe()
     count = len(seen)
     # Connections of the first round still closing would count against the limit.
