@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -318,3 +319,20 @@ def test_admit_sync_waits_and_times_out_in_threads(ds: Downstream) -> None:
         first.join(10)
         second.join(10)
         assert order == ["waiter"]
+
+
+async def test_a_response_dropped_unread_still_ends_its_call(ds: Downstream) -> None:
+    dest = toolpool.Destination("crm", ds.url("crm"), max_connections=1, queue_factor=0)
+    async with toolpool.Pool([dest], warmup=0) as pool:
+        client = pool.client()
+        runtime = policy_of(pool, "crm")
+        request = client.build_request("GET", ds.url("crm") + "/bytes?n=100000")
+        response = await client.send(request, stream=True)
+        assert runtime.admission.tracked == 1
+        with pytest.raises(toolpool.PoolSaturated):
+            await client.get(ds.url("crm") + "/anything")  # the only connection is taken
+        del response
+        gc.collect()
+        await eventually(lambda: runtime.admission.tracked == 0, "the dropped call ended")
+        await eventually(lambda: pool.stats()["crm"].closing == 0, "its connection closed")
+        assert (await client.get(ds.url("crm") + "/anything")).status_code == 200
