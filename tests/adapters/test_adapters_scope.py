@@ -296,3 +296,25 @@ async def test_closing_a_fully_received_response_keeps_its_connection(
             assert r.extensions["toolpool"]["connection_id"] == first
             r.read()
     assert pool.stats()["crm"].in_use == 0
+
+
+def test_requests_sessions_inside_any_scope_are_pooled(ds: Downstream) -> None:
+    """Not only CrewAI's tools use `requests`: a scope pools sessions built inside it."""
+    import requests
+
+    pool = toolpool.Pool([toolpool.Destination("crm", ds.url("crm"))], warmup=0)
+    with pool:
+        for tenant in ("acme", "globex"):
+            ctx = toolpool.AuthContext(tenant=tenant)
+            for _ in range(3):
+                with tool_call_scope(pool, ctx, tool_name="lookup"):
+                    body = requests.get(
+                        ds.url("crm") + "/anything", headers={"X-Tenant": tenant}, timeout=10
+                    ).json()
+                assert body["tenant"] == tenant
+        outside = requests.get(ds.url("crm") + "/anything", timeout=10)  # not in a scope
+        assert outside.status_code == 200
+        assert pool.stats()["crm"].acquired_total == 6
+    stats = ds.stats("crm")
+    assert stats.connections_accepted == 3  # one per tenant, plus the unpooled call
+    assert stats.mixed_connections() == {}

@@ -208,6 +208,23 @@ def install_httpx_patch() -> None:
             _patched = True
 
 
+def _install_requests_patch() -> None:
+    """Pool `requests` sessions built inside scopes too, when `requests` is installed
+    (every adapter's tools may use it, not only CrewAI's)."""
+    global _requests_checked
+    if _requests_checked:
+        return
+    _requests_checked = True
+    try:
+        from toolpool.adapters._requests import install_requests_patch
+    except ImportError:  # requests is not installed: nothing to pool
+        return
+    install_requests_patch()
+
+
+_requests_checked = False
+
+
 # ---------------------------------------------------------------------- scopes
 
 
@@ -224,7 +241,9 @@ def tool_call_scope(
 
     Inside, `toolpool.current_auth()` is `ctx`, and (with `pool_httpx`) every
     `httpx.Client()` / `httpx.AsyncClient()` built without its own transport, mounts, proxy
-    or TLS settings sends through `pool`; closing such a client does not close the pool. The
+    or TLS settings sends through `pool`, and so does every `requests.Session` (and
+    `requests.get(...)`) when `requests` is installed; closing such a client does not close
+    the pool. The
     destinations the body's pooled traffic reaches are recorded on the yielded `ToolCall`
     and taught to `admission`.
 
@@ -235,6 +254,7 @@ def tool_call_scope(
     """
     if pool_httpx:
         install_httpx_patch()
+        _install_requests_patch()
     call = ToolCall(pool, ctx, tool_name, pool_httpx, admission)
     call_token = _current_call.set(call)
     auth_token = _auth_context._current.set(ctx)
