@@ -211,8 +211,8 @@ def test_find_busy_looks_behind_wrappers() -> None:
     assert find_busy(while_handling) is saturated
     while_handling.__suppress_context__ = True  # `from None`: not busy
     assert find_busy(while_handling) is None
-    inner = ExceptionGroup("inner", [saturated])  # noqa: F821
-    group = ExceptionGroup("task group", [ValueError("x"), inner])  # noqa: F821
+    inner = ExceptionGroup("inner", [saturated])
+    group = ExceptionGroup("task group", [ValueError("x"), inner])
     assert find_busy(group) is saturated
     assert find_busy(ValueError("plain")) is None
 

@@ -229,7 +229,7 @@ async def test_busy_errors_wrapped_by_the_tool_are_still_busy(pool: toolpool.Poo
     @tool
     def groups_it(q: str) -> str:
         """Raises from a task group, as SDKs that run requests in task groups do."""
-        raise ExceptionGroup("unhandled errors in a TaskGroup", [saturated()])  # noqa: F821
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [saturated()])
 
     model = ScriptedChatModel(tool_calls=calls(("wraps_it", 1), ("groups_it", 1)))
     middleware = ToolpoolMiddleware(pool, auth=toolpool.AuthContext(tenant="acme"))

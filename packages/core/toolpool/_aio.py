@@ -477,17 +477,17 @@ async def _connect(
     conn = AsyncConnection(loop, dest, slot)
     try:
         sslctx = dest.ssl_context(ctx)
-        await asyncio.wait_for(
-            loop.create_connection(
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the connect completes (CPython gh-86296), leaving the request running.
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(
                 lambda: conn,
                 dest.host,
                 dest.port,
                 ssl=sslctx,
                 server_hostname=dest.host if sslctx is not None else None,
                 ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
-            ),
-            timeout,
-        )
+            )
     except BaseException as exc:
         dest.open_failed(slot)
         if conn.transport is not None:

@@ -278,7 +278,7 @@ class HeaderAuth:
             assert fut is not None
             try:
                 await asyncio.wait_for(fut, self._wait_bound)
-            except asyncio.TimeoutError:  # (not the builtin TimeoutError before 3.11)
+            except TimeoutError:
                 raise self._wait_timed_out(ctx) from None
             got = self._outcome(flight, ctx)
             if got is not None:

@@ -22,7 +22,7 @@ import ipaddress
 import math
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +32,6 @@ import toolpool
 from toolpool._auth_context import AuthContext
 from toolpool.errors import ConfigError
 from toolpool.service._limits import GlobalLimit, StaticShare
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 installs tomli with the `cli` extra
-    import tomli as tomllib
 
 __all__ = [
     "AgentConfig",

@@ -9,7 +9,6 @@ import random
 import re
 import shutil
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -179,8 +178,7 @@ class Downstream:
             tls_options: dict[str, Any] = {}
             if ssl_context is not None:
                 tls_options["ssl"] = ssl_context
-                if sys.version_info >= (3, 11):
-                    tls_options["ssl_shutdown_timeout"] = TLS_SHUTDOWN_TIMEOUT
+                tls_options["ssl_shutdown_timeout"] = TLS_SHUTDOWN_TIMEOUT
             try:
                 server = await loop.create_server(
                     service.protocol, sock=sock, backlog=4096, **tls_options
