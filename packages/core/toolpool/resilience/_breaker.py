@@ -211,6 +211,8 @@ class Breaker:
             if self.consecutive >= cfg.consecutive_failures:
                 self._open(now, f"{self.consecutive} consecutive failures")
                 return OPEN
+        if outcome == SUCCESS and not any(self._failed):
+            return None  # no failure in the window: no rate to judge (the common case)
         # The rate is judged on every outcome once the window holds min_calls (as
         # Resilience4j does): the call that completes the volume may be a success.
         ok, failed = self.window_counts(now)

@@ -335,6 +335,8 @@ class PolicyRuntime(AdmissionControl):
     ) -> bool:
         retry = self.policy.retry
         assert retry is not None
+        if exc is None and response is not None and response.status_code not in retry.statuses:
+            return False  # the common case, decided without looking at the request
         return (
             retry_reason(request, response, exc, retry.statuses, retry.idempotent(request))
             is not None
