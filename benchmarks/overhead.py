@@ -13,6 +13,8 @@ Clients:
   httpx+toolpool-nopolicy  the same with Pool(policy=None): the core transport alone, without
                   the resilience layer (retries, breaker, adaptive limit, admission counting)
   toolpool-lean   await pool.request(...): the pool without httpx's client layer (default policy)
+  httpx-null      httpx.AsyncClient on a transport that answers at once without any I/O: the
+                  ceiling httpx's client layer alone allows (not a client one can use)
   aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
 All pools are capped at 100 connections.
 """
@@ -77,6 +79,18 @@ async def _run_client(
             r.raise_for_status()
 
         cleanup = client.aclose
+    elif name == "httpx-null":
+
+        class NullTransport(httpx.AsyncBaseTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                return httpx.Response(200, content=b'{"ok":true}')
+
+        null = httpx.AsyncClient(transport=NullTransport())
+
+        async def send() -> None:
+            (await null.get(target)).raise_for_status()
+
+        cleanup = null.aclose
     elif name == "toolpool-lean":
         lean = toolpool.Pool(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],

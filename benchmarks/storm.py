@@ -254,10 +254,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--agents", type=int, default=100)
     parser.add_argument("--steady", type=float, default=10.0, help="steady phase, seconds")
+    parser.add_argument("--tenants", type=int, default=10, help="tenants the agents act for")
     parser.add_argument("--toolpool-queue-factor", type=float, default=8.0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    spec = StormSpec(agents=args.agents, steady_seconds=args.steady)
+    spec = StormSpec(agents=args.agents, steady_seconds=args.steady, tenants=args.tenants)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         for name in args.strategies.split(","):
