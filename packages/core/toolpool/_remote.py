@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ import httpx
 from toolpool import _sio
 from toolpool._auth_context import AuthContext, _current
 from toolpool._config import Destination, Origin, origin_of, origin_text
+from toolpool._watched import WatchedStream
 from toolpool.errors import (
     AuthError,
     ConfigError,
@@ -568,7 +569,8 @@ class _Overflow:
                 raise
             else:
                 self._count(local=True)
-                response.stream = _Tracked(response.stream, self._release_local)
+                pool = self.dest.pool
+                response.stream = WatchedStream(response.stream, self._release_local, pool)
                 return response
         self._count(local=False)
         try:
@@ -576,7 +578,7 @@ class _Overflow:
         except BaseException as exc:
             self._refused(exc)
             raise
-        response.stream = _Tracked(response.stream, self._done)
+        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
         return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
@@ -592,7 +594,8 @@ class _Overflow:
                 raise
             else:
                 self._count(local=True)
-                response.stream = _Tracked(response.stream, self._release_local)
+                pool = self.dest.pool
+                response.stream = WatchedStream(response.stream, self._release_local, pool)
                 return response
         self._count(local=False)
         try:
@@ -600,7 +603,7 @@ class _Overflow:
         except BaseException as exc:
             self._refused(exc)
             raise
-        response.stream = _Tracked(response.stream, self._done)
+        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
         return response
 
     def stats(self) -> OverflowStats:
@@ -612,44 +615,6 @@ class _Overflow:
                 overflow_saturated_total=self.saturated_total,
                 overflow_in_flight=self.in_flight,
             )
-
-
-class _Tracked(httpx.AsyncByteStream, httpx.SyncByteStream):
-    """A response body that reports once when it is read to the end or closed."""
-
-    def __init__(self, inner: Any, done: Callable[[bool], None]) -> None:
-        self._inner = inner
-        self._done: Callable[[bool], None] | None = done
-
-    def _finish(self) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(False)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._inner:
-                yield chunk
-        finally:
-            self._finish()
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._inner
-        finally:
-            self._finish()
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            self._finish()
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            self._finish()
 
 
 def local_destinations(

@@ -23,6 +23,7 @@ both are released.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -34,6 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying
 from tenacity.stop import stop_after_attempt
 
 from toolpool._auth_context import AuthContext
+from toolpool._watched import WatchedStream
 from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
 from toolpool.resilience._adaptive import INITIAL, AimdLimit
 from toolpool.resilience._admission import (
@@ -62,7 +64,6 @@ from toolpool.resilience._retry import (
     RetryAfterOrBackoff,
 )
 from toolpool.resilience._stats import PolicyStats
-from toolpool.resilience._streams import TrackedAsyncStream, TrackedSyncStream
 
 if TYPE_CHECKING:
     from toolpool._runtime import DestinationPool
@@ -258,7 +259,9 @@ class PolicyRuntime(AdmissionControl):
         except BaseException:
             self._leave(counted)
             raise
-        response.stream = TrackedAsyncStream(response.stream, self, counted)
+        response.stream = WatchedStream(
+            response.stream, functools.partial(self._leave, counted), self.dest.pool
+        )
         return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
@@ -269,7 +272,9 @@ class PolicyRuntime(AdmissionControl):
         except BaseException:
             self._leave(counted)
             raise
-        response.stream = TrackedSyncStream(response.stream, self, counted)
+        response.stream = WatchedStream(
+            response.stream, functools.partial(self._leave, counted), self.dest.pool
+        )
         return response
 
     # The first attempt runs before tenacity is involved: most calls succeed at once and
