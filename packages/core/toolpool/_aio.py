@@ -19,7 +19,7 @@ import httpx
 
 from toolpool import _auth_context
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool
+from toolpool._runtime import DestinationPool, pool_key
 from toolpool._state import Slot, Waiter
 from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool.errors import PoolClosed
@@ -555,7 +555,7 @@ async def send(
     """Send one request on a pooled connection of `ctx`'s key: acquire, open if needed,
     exchange, and retry once on a new connection if a reused one turns out closed."""
     loop = asyncio.get_running_loop()
-    key = (ctx._fingerprint if ctx is not None else "", loop)
+    key = pool_key(ctx, loop)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
     asked = monotonic()
@@ -599,12 +599,9 @@ async def preconnect(
     without sending anything. Auth providers call it while fetching a token, so that a
     cold call pays for connection setup and token fetch at the same time, not in turn."""
     loop = asyncio.get_running_loop()
-    key = (ctx._fingerprint if ctx is not None else "", loop)
-    with dest.lock:
-        got = dest.state.acquire(key, monotonic()) if dest.state.total < dest.state.cap else None
+    got = dest.lease_if_room(pool_key(ctx, loop))
     if got is None:
         return  # at the cap: the request will queue like any other
-    assert isinstance(got, Slot)
     if got.conn is None:
         try:
             await open_slot(dest, got, loop, ctx, timeout or dest.settings.connect_timeout)

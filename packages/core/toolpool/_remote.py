@@ -26,6 +26,7 @@ import httpx
 from toolpool import _sio
 from toolpool._auth_context import AuthContext, _current
 from toolpool._config import Destination, Origin, origin_of, origin_text
+from toolpool._runtime import pool_key
 from toolpool._watched import WatchedStream
 from toolpool.errors import (
     AuthError,
@@ -504,7 +505,7 @@ class _Overflow:
         without queuing: an idle one of its key, an unbound idle one of its driver, or room
         under the cap with nobody waiting. Local requests in flight (from here until their
         body is done) never exceed the cap, even while one waits for a token fetch."""
-        key = (ctx._fingerprint if ctx is not None else "", driver)
+        key = pool_key(ctx, driver)
         dest = self.dest
         state = dest.state
         with dest.lock:

@@ -28,11 +28,17 @@ from toolpool.errors import PoolSaturated, PoolTimeout
 if TYPE_CHECKING:
     from toolpool._pool import Pool
 
-__all__ = ["DestinationPool"]
+__all__ = ["DestinationPool", "pool_key"]
 
 log = logging.getLogger("toolpool.pool")
 
 monotonic = time.monotonic
+
+
+def pool_key(ctx: AuthContext | None, driver: Any) -> tuple[str, Any]:
+    """The state machine's key for requests of `ctx` on `driver` (an event loop, or the
+    thread driver): the auth context's fingerprint ("" for no context) and the driver."""
+    return (ctx._fingerprint if ctx is not None else "", driver)
 
 
 class DestinationPool:
@@ -89,6 +95,17 @@ class DestinationPool:
                     self._ssl = client_ssl_context(self.settings.verify, self.settings.cert)
                 sslctx = self._ssl
         return sslctx
+
+    def lease_if_room(self, key: tuple[str, Any]) -> Slot | None:
+        """An idle connection of `key`, or a permit, but only without queueing (None at the
+        cap). For preconnect: a connection opened ahead of a request never waits."""
+        with self.lock:
+            state = self.state
+            if state.total >= state.cap:
+                return None
+            got = state.acquire(key, monotonic())
+        assert isinstance(got, Slot)
+        return got
 
     # ------------------------------------------------------------------ reports from drivers
 

@@ -22,7 +22,7 @@ import httpx
 from toolpool import _auth_context
 from toolpool._aio import _connect_limit, _wait_limit
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool
+from toolpool._runtime import DestinationPool, pool_key
 from toolpool._state import Slot, Waiter
 from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool.errors import PoolClosed
@@ -311,7 +311,7 @@ def send(
     dest: DestinationPool, request: httpx.Request, ctx: _auth_context.AuthContext | None
 ) -> httpx.Response:
     """Send one request on a pooled connection of `ctx`'s key (see `_aio.send`)."""
-    key = (ctx._fingerprint if ctx is not None else "", SYNC_DRIVER)
+    key = pool_key(ctx, SYNC_DRIVER)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
     asked = monotonic()
@@ -351,12 +351,9 @@ def preconnect(
     dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
 ) -> None:
     """Make sure an idle connection of `ctx`'s key exists (see `_aio.preconnect`)."""
-    key = (ctx._fingerprint if ctx is not None else "", SYNC_DRIVER)
-    with dest.lock:
-        got = dest.state.acquire(key, monotonic()) if dest.state.total < dest.state.cap else None
+    got = dest.lease_if_room(pool_key(ctx, SYNC_DRIVER))
     if got is None:
         return
-    assert isinstance(got, Slot)
     if got.conn is None:
         try:
             open_slot(dest, got, ctx, timeout or dest.settings.connect_timeout)
