@@ -1,10 +1,15 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing and (re)installs the project when pyproject.toml changed.
+# Both create .venv when missing and install exactly the versions in requirements.lock (reinstalled
+# when the lock or pyproject.toml changes), so a fresh clone installs today what it installed
+# yesterday. `make lock` refreshes the lock; `make test-latest` runs the suite on the newest
+# releases in a separate venv (.venv-latest) to learn early when upstream breaks something.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.toolpool-installed
+LOCK := requirements.lock
+LATEST := .venv-latest
 
 export CREWAI_DISABLE_TELEMETRY := true
 export CREWAI_TRACING_ENABLED := false
@@ -15,18 +20,26 @@ export LANGSMITH_TRACING := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: test demo bench lint typecheck install clean
+.PHONY: test test-latest demo bench lint typecheck install lock clean suite
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[all,dev]"
+# The lock pins every package of `.[all,dev]`; the project itself goes in editable, without deps.
+$(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve `.[all,dev]` to the newest releases that fit pyproject.toml's ranges.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv>=0.4"
+	$(BIN)/python -m uv pip compile --quiet --python $(BIN)/python --extra all --extra dev \
+		--custom-compile-command "make lock" pyproject.toml -o $(LOCK)
 
 lint: $(STAMP)
 	$(BIN)/ruff check packages tests benchmarks examples
@@ -35,8 +48,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The suite itself, with whichever venv BIN points at (the locked one by default).
+suite:
 	$(BIN)/python -m pytest tests $(wildcard examples/notebooks/*.ipynb) --nbmake
+
+test: lint typecheck
+	$(MAKE) suite
+
+# The same suite on the newest releases (no lock): run it after `make lock`, before a release,
+# and whenever a fresh clone behaves differently from yours.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[all,dev]"
+	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/mypy
+	$(MAKE) suite BIN=$(LATEST)/bin
 
 demo: $(STAMP)
 	$(BIN)/python examples/storm_demo.py
@@ -46,4 +73,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/storm.py --repeat 3 --json benchmarks/out/storm.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache demo-output

@@ -5,6 +5,7 @@ trustme is imported here, lazily, so that ``import toolpool`` never needs it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import ssl
 import threading
@@ -66,7 +67,9 @@ class CertificateAuthority:
         with self._lock:
             paths = self._client_certs.get(tenant)
             if paths is None:
-                leaf = self._ca.issue_cert(common_name=tenant)
+                # The tenant is identified by the common name; the SAN makes the certificate
+                # valid X.509 (cryptography >= 51 refuses an empty SubjectAlternativeName).
+                leaf = self._ca.issue_cert(client_identity(tenant), common_name=tenant)
                 stem = f"client-{len(self._client_certs)}-{re.sub(r'[^A-Za-z0-9_.-]', '_', tenant)}"
                 cert_path = self._dir / f"{stem}.pem"
                 key_path = self._dir / f"{stem}.key"
@@ -74,6 +77,16 @@ class CertificateAuthority:
                 leaf.private_key_pem.write_to_path(str(key_path))
                 paths = self._client_certs[tenant] = (str(cert_path), str(key_path))
             return paths
+
+
+def client_identity(tenant: str) -> str:
+    """The DNS name a tenant's client certificate carries besides its common name.
+
+    Derived from a hash so that any tenant string (spaces, unicode, 200 characters) gives a
+    valid DNS label: ``t-<16 hex>.clients.toolpool.test``.
+    """
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:16]
+    return f"t-{digest}.clients.toolpool.test"
 
 
 def peer_common_name(peercert: object) -> str | None:
