@@ -25,6 +25,7 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from toolpool import auth, resilience
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool._config import Destination, PoolDefaults
+from toolpool._egress import Egress
 from toolpool._pool import Pool
 from toolpool._remote import OverflowStats, RemotePool, RemoteTransport
 from toolpool._stats import DestinationStats, PoolStats
@@ -34,6 +35,7 @@ from toolpool.errors import (
     AuthError,
     ConfigError,
     DestinationUnavailable,
+    EgressDenied,
     PoolClosed,
     PoolSaturated,
     PoolTimeout,
@@ -49,6 +51,8 @@ __all__ = [
     "Destination",
     "DestinationStats",
     "DestinationUnavailable",
+    "Egress",
+    "EgressDenied",
     "OverflowStats",
     "Pool",
     "PoolClosed",

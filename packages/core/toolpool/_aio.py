@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from toolpool import _auth_context
+from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, pool_key
 from toolpool._state import Slot, Waiter
@@ -480,14 +480,22 @@ async def _connect(
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the connect completes (CPython gh-86296), leaving the request running.
         async with asyncio.timeout(timeout):
-            await loop.create_connection(
-                lambda: conn,
-                dest.host,
-                dest.port,
-                ssl=sslctx,
-                server_hostname=dest.host if sslctx is not None else None,
-                ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
-            )
+            # Egress policy: resolve once, check every address, connect to checked ones only.
+            addresses = await _egress.aresolve(dest, loop)
+            for address in addresses:
+                try:
+                    await loop.create_connection(
+                        lambda: conn,
+                        address,
+                        dest.port,
+                        ssl=sslctx,
+                        server_hostname=dest.host if sslctx is not None else None,
+                        ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
+                    )
+                    break
+                except OSError as exc:
+                    if not _egress.try_next(exc, address, addresses, conn.transport):
+                        raise
     except BaseException as exc:
         dest.open_failed(slot)
         if conn.transport is not None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import httpx
 
 from toolpool._auth_context import AuthContext
+from toolpool._egress import Egress
 from toolpool.errors import ConfigError
 
 __all__ = ["Destination", "DestinationSettings", "Origin", "PoolDefaults", "origin_of"]
@@ -72,6 +73,10 @@ class PoolDefaults:
     # Resilience for destinations that name no policy: toolpool.resilience.Policy() (retry
     # budget, breaker, adaptive limit) so a pool resists storms out of the box; None: none.
     policy: Any = field(default_factory=lambda: _default_policy())
+    # Checked on the resolved address of every connect: cloud metadata, link-local,
+    # unspecified and multicast addresses are refused unless allowed by address
+    # (toolpool.Egress; tools build URLs from model output, so any URL can arrive).
+    egress: Egress = field(default_factory=Egress)
 
     def __post_init__(self) -> None:
         _check_positive_int("max_connections", self.max_connections)
@@ -90,6 +95,11 @@ class PoolDefaults:
             raise ConfigError(
                 f"policy must be a toolpool.resilience.Policy or None, "
                 f"got {type(self.policy).__name__}"
+            )
+        if not isinstance(self.egress, Egress):
+            raise ConfigError(
+                f"egress must be a toolpool.Egress (the default refuses cloud metadata and "
+                f"link-local addresses), got {type(self.egress).__name__}"
             )
 
 

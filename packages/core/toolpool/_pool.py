@@ -70,6 +70,10 @@ class Pool:
     request that finds none free for its auth context goes to that pool service instead of
     queuing (`toolpool serve`; the pool closes the RemotePool when it closes).
 
+    Egress policy: every connect is checked on the address its host resolves to then
+    (`egress=toolpool.Egress(...)`; by default cloud metadata, link-local, unspecified and
+    multicast addresses are refused, in any spelling), raising `toolpool.EgressDenied`.
+
     Arguments are the pool-wide defaults (see `PoolDefaults` for the reason behind each);
     a `Destination` overrides any of them for itself. A pool used before it is entered
     starts on first use (without warm-up). Use one pool per process and share it.
@@ -92,6 +96,7 @@ class Pool:
         policy: Any = _DEFAULT_POLICY,
         local_max_connections: int | None = None,
         overflow: Any = None,
+        egress: Any = None,
     ) -> None:
         self.defaults = PoolDefaults(
             max_connections=max_connections,
@@ -105,6 +110,7 @@ class Pool:
             verify=verify,
             unknown_destinations=unknown_destinations,
             **({} if policy is _DEFAULT_POLICY else {"policy": policy}),
+            **({} if egress is None else {"egress": egress}),
         )
         if isinstance(destinations, Destination):
             destinations = [destinations]

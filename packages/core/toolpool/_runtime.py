@@ -21,6 +21,7 @@ import httpx
 from toolpool import _state
 from toolpool._auth_context import AuthContext
 from toolpool._config import DestinationSettings
+from toolpool._egress import Egress
 from toolpool._state import Action, Close, DestinationState, Limits, Slot, Waiter
 from toolpool._tls import client_ssl_context
 from toolpool.errors import PoolSaturated, PoolTimeout
@@ -60,6 +61,10 @@ class DestinationPool:
             )
         )
         self.lock = threading.Lock()
+        # The pool's toolpool.Egress, checked by the drivers at every connect (_egress).
+        self.egress: Egress = pool.defaults.egress
+        # Connects the egress policy refused, by rule (toolpool_egress_denied_total).
+        self.egress_denied: dict[str, int] = {}
         self._ssl: ssl.SSLContext | None = None
         self._ssl_lock = threading.Lock()
         # Set by toolpool.auth when the destination has an auth provider.
@@ -108,6 +113,11 @@ class DestinationPool:
         return got
 
     # ------------------------------------------------------------------ reports from drivers
+
+    def egress_refused(self, rule: str) -> None:
+        """The egress policy refused a connect of this destination (counted by rule)."""
+        with self.lock:
+            self.egress_denied[rule] = self.egress_denied.get(rule, 0) + 1
 
     def opened(self, slot: Slot, conn: Any, connect_seconds: float | None = None) -> None:
         with self.lock:

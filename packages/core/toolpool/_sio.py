@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from toolpool import _auth_context
+from toolpool import _auth_context, _egress
 from toolpool._aio import _connect_limit, _wait_limit
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, pool_key
@@ -256,7 +256,16 @@ def connect(
     sock: socket.socket | None = None
     try:
         sslctx = dest.ssl_context(ctx)
-        sock = socket.create_connection((dest.host, dest.port), timeout=timeout)
+        # Egress policy: resolve once, check every address, connect to checked ones only.
+        addresses = _egress.resolve(dest)
+        for address in addresses:
+            try:
+                sock = socket.create_connection((address, dest.port), timeout=timeout)
+                break
+            except OSError as exc:
+                if not _egress.try_next(exc, address, addresses, None):
+                    raise
+        assert sock is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sslctx is not None:
             sock = sslctx.wrap_socket(sock, server_hostname=dest.host)

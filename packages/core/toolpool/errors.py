@@ -13,6 +13,7 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "DestinationUnavailable",
+    "EgressDenied",
     "PoolClosed",
     "PoolSaturated",
     "PoolTimeout",
@@ -136,4 +137,38 @@ class AuthError(ToolpoolError, httpx.TransportError):
         who = f"tenant {tenant!r}" if tenant is not None else "the shared identity"
         super().__init__(
             f"authentication for {who} at destination {destination!r} failed: {detail}"
+        )
+
+
+class EgressDenied(ToolpoolError, httpx.TransportError):
+    """The egress policy refused a connect: the host, or an address it resolved to, is not
+    allowed (`toolpool.Egress`). Nothing was sent to that address.
+
+    `destination`, `host`, `address` (the refused address, None when the host name itself
+    was refused) and `rule` (metadata, link_local, unspecified, multicast, broadcast, deny,
+    deny_unknown) say what was refused and why.
+    """
+
+    def __init__(
+        self, *, destination: str, host: str, address: str | None, rule: str, reason: str
+    ) -> None:
+        self.destination = destination
+        self.host = host
+        self.address = address
+        self.rule = rule
+        self.reason = reason
+        shown = f"[{host}]" if ":" in host else host
+        if rule in ("deny", "deny_unknown"):
+            change = (
+                "If this destination is meant to be reachable, add its network or host name to "
+                "toolpool.Egress(allow=[...]) (the service: [service.egress] allow)"
+            )
+        else:
+            change = (
+                "This range is refused by default; if this is a service you run, allow its "
+                "address explicitly: toolpool.Egress(allow=['<address>/32'])"
+            )
+        super().__init__(
+            f"connecting to {shown} is not allowed by the egress policy: {reason}; "
+            f"nothing was sent. {change}"
         )
