@@ -225,8 +225,13 @@ class _Rules:
                 continue
             name = _host_name(text)
             label = name.removeprefix("*.")
-            if "/" in text or "*" in label or not all(
-                part and all(c.isalnum() or c in "-_" for c in part) for part in label.split(".")
+            if (
+                "/" in text
+                or "*" in label
+                or not all(
+                    part and all(c.isalnum() or c in "-_" for c in part)
+                    for part in label.split(".")
+                )
             ):
                 raise ConfigError(
                     f"Egress({what}=...): {entry!r} is neither a network ('10.0.0.0/8') nor a "
@@ -351,7 +356,9 @@ class Egress:
         denial, _ = self._before_resolution(host, listed)
         return None if denial is None else _reason(denial, parse_address(host))
 
-    def check_address(self, address: str, host: str | None = None, *, listed: bool = True) -> str | None:
+    def check_address(
+        self, address: str, host: str | None = None, *, listed: bool = True
+    ) -> str | None:
         """Why a connection to the resolved `address` of `host` is refused, or None."""
         addr = parse_address(address)
         if addr is None:
@@ -432,7 +439,7 @@ class _Plan:
         for answer in answers:
             addr = parse_address(answer)
             if addr is None:
-                raise OSError(f"the resolver answered {answer!r} for {self.dest.host!r}, not an address")
+                raise OSError(f"the resolver answered {answer!r} for {self.dest.host!r}")
             denial = self.egress._address_denial(addr, self.host_allowed, self.listed)
             if denial is not None:
                 raise _refuse(self.dest, denial, addr)
@@ -453,7 +460,9 @@ def _reason(denial: _Denial, addr: Address | None) -> str:
         return f"{what} is {kind} (built-in rule metadata)"
     if denial.rule in ("link_local", "unspecified", "multicast", "broadcast"):
         return f"{what} is in {denial.entry} ({denial.rule.replace('_', '-')}, built-in rule)"
-    scope = "deny_unknown (destinations pooled on demand)" if denial.rule == "deny_unknown" else "deny"
+    scope = "deny"
+    if denial.rule == "deny_unknown":
+        scope = "deny_unknown (destinations pooled on demand)"
     if addr is not None:
         return f"{what} is in {denial.entry}, listed in the egress policy's {scope}"
     return f"{what} matches the egress policy's {scope}"

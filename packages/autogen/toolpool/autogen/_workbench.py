@@ -44,7 +44,9 @@ from toolpool.adapters import (
     ToolCall,
     atool_call_scope,
     busy_message,
+    denied_message,
     find_busy,
+    find_denied,
     resolve_auth,
 )
 from toolpool.autogen._function_tool import with_thread_context
@@ -340,6 +342,9 @@ class PooledWorkbench(StaticStreamWorkbench):
                 # either (see above): it becomes the call's error result.
                 busy = find_busy(exc) or (call.busy if call is not None else None)
                 if busy is None:
+                    denied = find_denied(exc)
+                    if denied is not None:  # e.g. an MCP session's connect was refused
+                        return _text_result(name, denied_message(denied, name), is_error=True)
                     log.exception("tool %r failed outside its body", name)
                     return _text_result(name, self._format_errors(exc), is_error=True)
                 slot.busy()
@@ -378,6 +383,9 @@ class PooledWorkbench(StaticStreamWorkbench):
         except Exception as exc:
             if find_busy(exc) is not None or call.busy is not None:
                 raise  # the caller turns it into the "busy, retry in N s" result
+            denied = find_denied(exc)
+            if denied is not None:
+                return _text_result(name, denied_message(denied, name), is_error=True)
             return _text_result(name, self._format_errors(exc), is_error=True)
         return _text_result(name, tool.return_value_as_string(output), is_error=False)
 

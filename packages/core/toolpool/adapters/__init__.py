@@ -33,6 +33,9 @@ with limiter.slot_sync() as slot:
 - `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
 - `BUSY_ERRORS`, `find_busy`, `busy_message`: which errors mean "busy" (also when wrapped
   in another error or an exception group) and what the model reads.
+- `find_denied`, `denied_message`: a connect the egress policy refused (`EgressDenied`) and
+  the tool error the model reads instead ("tool ... could not run: address ... is not
+  allowed by the egress policy").
 - `RequestsAdapter`, `install_requests_patch`: the same transparent pooling for tools written
   with `requests` (imported on first use: `requests` is not a dependency of the core).
 """
@@ -45,6 +48,7 @@ from toolpool.adapters._admission import Admission
 from toolpool.adapters._auth import AuthSource, resolve_auth
 from toolpool.adapters._busy import BUSY_ERRORS, busy_message, find_busy, retry_after_of
 from toolpool.adapters._concurrency import AdaptiveToolConcurrency, ToolSlot
+from toolpool.adapters._denied import denied_message, find_denied
 from toolpool.adapters._scope import (
     ToolCall,
     atool_call_scope,
@@ -64,7 +68,9 @@ __all__ = [
     "atool_call_scope",
     "busy_message",
     "current_tool_call",
+    "denied_message",
     "find_busy",
+    "find_denied",
     "install_httpx_patch",
     "resolve_auth",
     "retry_after_of",

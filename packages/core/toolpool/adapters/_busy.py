@@ -6,7 +6,7 @@ import math
 
 from toolpool.errors import DestinationUnavailable, PoolSaturated, PoolTimeout
 
-__all__ = ["BUSY_ERRORS", "busy_message", "find_busy", "retry_after_of"]
+__all__ = ["BUSY_ERRORS", "busy_message", "find_busy", "find_cause", "retry_after_of"]
 
 #: The errors that mean "the destination is busy or resting, try again later": adapters turn
 #: them into the framework's readable error result instead of failing the run.
@@ -24,6 +24,14 @@ def find_busy(exc: BaseException) -> BaseException | None:
     requests in task groups (MCP clients, for one) or tools that re-raise their own error
     while handling an httpx one still report a busy destination as busy.
     """
+    return find_cause(exc, BUSY_ERRORS)
+
+
+def find_cause(
+    exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first error of `types` behind `exc`: itself, its causes and contexts, and inside
+    exception groups."""
     seen: set[int] = set()
     stack = [exc]
     while stack:
@@ -31,7 +39,7 @@ def find_busy(exc: BaseException) -> BaseException | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, BUSY_ERRORS):
+        if isinstance(current, types):
             return current
         inner = getattr(current, "exceptions", None)  # an ExceptionGroup (3.11+)
         if isinstance(inner, tuple):

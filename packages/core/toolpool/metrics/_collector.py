@@ -81,6 +81,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "within acquire_timeout), breaker_open, rate_limited. With a resilience policy, as "
         "the policy counts them (admission refusals included); else the pool's own counts.",
     ),
+    "toolpool_egress_denied_total": (
+        "counter",
+        "Connects the egress policy refused before any packet was sent, by rule: metadata, "
+        "link_local, unspecified, multicast, broadcast, deny, deny_unknown.",
+    ),
     "toolpool_retries_total": (
         "counter",
         "Requests re-sent by the resilience policy, by why the previous attempt failed.",
@@ -315,6 +320,7 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
     use = f.histogram("toolpool_connection_use_seconds", "destination")
     acquired = f.counter("toolpool_connection_acquisitions_total", "destination", "source")
     rejected = f.counter("toolpool_rejections_total", "destination", "reason")
+    egress = f.counter("toolpool_egress_denied_total", "destination", "rule")
     for r in readings:
         d = r.name
         conns.add_metric([d, "idle"], r.idle)
@@ -345,6 +351,8 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
         for reason, n in sorted(refused.items()):
             if LABEL_VALUE.match(reason):
                 rejected.add_metric([d, reason], n)
+        for rule, n in sorted(r.egress_denied.items()):
+            egress.add_metric([d, rule], n)
         if policy is not None:
             _policy_families(f, d, policy)
         auth = r.auth

@@ -184,6 +184,8 @@ class DestinationReading:
     use: HistogramReading
     auth: AuthReading | None = None
     policy: PolicyReading | None = None
+    # Connects the egress policy refused, by rule.
+    egress_denied: dict[str, int] = field(default_factory=dict)
     # Same-named destinations of other pools registered in the same registry were added in.
     merged: int = field(default=1)
 
@@ -207,6 +209,8 @@ class DestinationReading:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.closed.items():
             self.closed[reason] = self.closed.get(reason, 0) + n
+        for rule, n in other.egress_denied.items():
+            self.egress_denied[rule] = self.egress_denied.get(rule, 0) + n
         self.wait.merge(other.wait)
         self.create.merge(other.create)
         self.use.merge(other.use)
@@ -244,6 +248,7 @@ def read(dest: DestinationPool) -> DestinationReading:
             wait=HistogramReading(WAIT_BUCKETS, list(st.wait_buckets), st.wait_sum, st.wait_count),
             create=HistogramReading.of(st.create_time),
             use=HistogramReading.of(st.use_time),
+            egress_denied=dict(dest.egress_denied),
         )
     for reason in CLOSE_REASONS:
         reading.closed.setdefault(reason, 0)

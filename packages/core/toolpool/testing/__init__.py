@@ -31,6 +31,8 @@ What is here:
   timeout, auth, token latency and lifetime, mTLS).
 - :class:`LatencyRelay`: a TCP wire with a one-way delay (``Downstream(latency=...)`` puts
   one in front of every service).
+- :class:`HostMap`: a resolver hook for ``toolpool.Egress(resolver=...)``: test-only host
+  names answered from a table (changeable between connects), no DNS.
 - :func:`spawn_downstream`: the same Downstream in a child process
   (``python -m toolpool.testing serve``), driven over its admin endpoint; and
   ``python -m toolpool.testing bench`` to measure the test bed's own throughput.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 from toolpool.testing._downstream import Downstream
 from toolpool.testing._faults import Fault, FaultEndpoint, FaultKind
+from toolpool.testing._hostmap import HostMap
 from toolpool.testing._loop import LoopName
 from toolpool.testing._relay import LatencyRelay
 from toolpool.testing._remote import RemoteDownstream, spawn_downstream
@@ -51,6 +54,7 @@ __all__ = [
     "Fault",
     "FaultEndpoint",
     "FaultKind",
+    "HostMap",
     "LatencyRelay",
     "LoopName",
     "RemoteDownstream",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import random
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, unquote_plus
+from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 
 from toolpool.testing._certs import peer_common_name
 from toolpool.testing._connection import HttpConnection
@@ -45,6 +46,23 @@ def _error(error: str, description: str | None = None) -> bytes:
     if description:
         body["error_description"] = description
     return _dumps(body)
+
+
+def _redirect_target_ok(target: str) -> bool:
+    """Same-origin paths, and absolute URLs whose host cannot leave this machine unless a
+    test maps it: loopback literals and names under the reserved .test domain (RFC 6761)."""
+    if target.startswith("/"):
+        return not target.startswith("//")
+    parts = urlsplit(target)
+    host = (parts.hostname or "").rstrip(".")
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if host.endswith(".test"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _format_seconds(value: float) -> str:
@@ -305,9 +323,12 @@ class Service:
             body = _dumps(info)  # dropped by respond() for 204 and 304
         elif path == "/redirect":
             target = _query(request.query).get("to", "/anything")
-            if not target.startswith("/") or target.startswith("//"):
-                status = 400  # only same-origin paths: the test bed never points off loopback
-                info["error"] = "'to' must be a path starting with '/'"
+            if not _redirect_target_ok(target):
+                status = 400  # the test bed never points off loopback
+                info["error"] = (
+                    "'to' must be a path starting with '/', or an http:// URL on a loopback "
+                    "address or a reserved .test name (resolved only by a test's HostMap)"
+                )
             else:
                 status = 302
                 headers.append(("location", target))

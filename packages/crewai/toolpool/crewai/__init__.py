@@ -18,7 +18,15 @@ saturates, the model reads "busy, retry in N s" as the tool's error instead of t
 from __future__ import annotations
 
 from toolpool.crewai._compat import TESTED_CREWAI, UnsupportedCrewAI
-from toolpool.crewai._tools import ToolBusy, is_wrapped
+from toolpool.crewai._tools import ToolBusy, ToolDenied, is_wrapped
 from toolpool.crewai._wrap import unwrap, wrap
 
-__all__ = ["TESTED_CREWAI", "ToolBusy", "UnsupportedCrewAI", "is_wrapped", "unwrap", "wrap"]
+__all__ = [
+    "TESTED_CREWAI",
+    "ToolBusy",
+    "ToolDenied",
+    "UnsupportedCrewAI",
+    "is_wrapped",
+    "unwrap",
+    "wrap",
+]

@@ -36,12 +36,14 @@ from toolpool.adapters import (
     ToolSlot,
     atool_call_scope,
     busy_message,
+    denied_message,
     find_busy,
+    find_denied,
     retry_after_of,
     tool_call_scope,
 )
 from toolpool.crewai._loop import in_running_loop, run_on_tool_loop
-from toolpool.errors import ToolpoolError
+from toolpool.errors import EgressDenied, ToolpoolError
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
@@ -50,6 +52,7 @@ __all__ = [
     "Binding",
     "RunState",
     "ToolBusy",
+    "ToolDenied",
     "current_run",
     "is_wrapped",
     "unwrap_tool",
@@ -76,6 +79,18 @@ class ToolBusy(ToolpoolError):
         self.destination: str | None = getattr(cause, "destination", None)
         self.retry_after = retry_after_of(cause)
         super().__init__(busy_message(cause, tool_name))
+
+
+class ToolDenied(ToolpoolError):
+    """A tool call could not run because the egress policy refused the address it was about
+    to connect to (`toolpool.EgressDenied`). Raised from the wrapped tool so that CrewAI
+    reports it as a tool error the model reads; `str()` is the model-facing text."""
+
+    def __init__(self, tool_name: str, cause: EgressDenied) -> None:
+        self.tool_name = tool_name
+        self.destination = cause.destination
+        self.rule = cause.rule
+        super().__init__(denied_message(cause, tool_name))
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,9 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
                 busy = find_busy(exc)
                 if busy is None:
                     _report(slot, False)
+                    denied = find_denied(exc)
+                    if denied is not None:
+                        raise ToolDenied(name, denied) from exc
                     raise
                 _report(slot, True)
                 raise ToolBusy(name, busy) from exc
@@ -278,6 +296,9 @@ async def _call_async(
                 busy = find_busy(exc)
                 if busy is None:
                     _report(slot, False)
+                    denied = find_denied(exc)
+                    if denied is not None:
+                        raise ToolDenied(name, denied) from exc
                     raise
                 _report(slot, True)
                 raise ToolBusy(name, busy) from exc

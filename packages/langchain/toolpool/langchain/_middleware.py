@@ -29,7 +29,9 @@ from toolpool.adapters import (
     ToolSlot,
     atool_call_scope,
     busy_message,
+    denied_message,
     find_busy,
+    find_denied,
     resolve_auth,
     tool_call_scope,
 )
@@ -166,6 +168,21 @@ class ToolpoolMiddleware(AgentMiddleware):
             status="error",
         )
 
+    @staticmethod
+    def _denied_result(request: ToolCallRequest, exc: Exception) -> ToolMessage:
+        """A connect the egress policy refused becomes the tool's error message; any other
+        error propagates unchanged."""
+        denied = find_denied(exc)
+        if denied is None:
+            raise exc
+        name = request.tool_call["name"]
+        return ToolMessage(
+            content=denied_message(denied, name),
+            name=name,
+            tool_call_id=request.tool_call["id"],
+            status="error",
+        )
+
     # ------------------------------------------------------------------ the hooks
 
     def wrap_tool_call(
@@ -193,7 +210,7 @@ class ToolpoolMiddleware(AgentMiddleware):
             except Exception as exc:
                 busy = find_busy(exc)
                 if busy is None:
-                    raise
+                    return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
             self._settle(slot, call)
             return result
@@ -223,7 +240,7 @@ class ToolpoolMiddleware(AgentMiddleware):
             except Exception as exc:
                 busy = find_busy(exc)
                 if busy is None:
-                    raise
+                    return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
             self._settle(slot, call)
             return result
