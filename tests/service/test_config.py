@@ -47,7 +47,7 @@ CASES = [
     (
         "metadata address",
         BASE.replace('url = "http://127.0.0.1:9"', 'url = "http://169.254.169.254"  # <-'),
-        "169.254.169.254 is in 169.254.0.0/16",
+        "169.254.169.254 is a cloud metadata address",
     ),
     (
         "ipv6 link-local",

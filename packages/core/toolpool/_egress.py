@@ -456,7 +456,7 @@ def _reason(denial: _Denial, addr: Address | None) -> str:
     if denial.embedded is not None:
         what += f" (carrying {denial.embedded})"
     if denial.rule == "metadata":
-        kind = "a cloud metadata address" if addr is not None else "a cloud metadata host"
+        kind = "a cloud metadata address" if addr is not None else "a cloud metadata host name"
         return f"{what} is {kind} (built-in rule metadata)"
     if denial.rule in ("link_local", "unspecified", "multicast", "broadcast"):
         return f"{what} is in {denial.entry} ({denial.rule.replace('_', '-')}, built-in rule)"

@@ -37,6 +37,7 @@ from toolpool._auth_context import AuthContext, auth_context
 from toolpool.errors import (
     AuthError,
     DestinationUnavailable,
+    EgressDenied,
     PoolClosed,
     PoolSaturated,
     PoolTimeout,
@@ -138,6 +139,7 @@ class PoolService:
         self.counts = _Counts()
         self._agents = {a.token_sha256: a.name for a in config.agents.values()}
         self._tenant_header = self.settings.tenant_header.lower().encode("ascii")
+        self._subject_header = self.settings.subject_token_header.lower().encode("ascii")
         self._contexts: dict[str, AuthContext] = {}
         self._transport: toolpool.AsyncTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -381,7 +383,10 @@ class PoolService:
         framing = _framing(headers, self.settings.max_request_body)
         if isinstance(framing, Refusal):
             return await self._refuse(send, framing, name, record)
-        return await self._forward(scope, receive, send, dest, rest, tenant, framing, record)
+        ctx = self._request_context(headers, dest, tenant)
+        if isinstance(ctx, Refusal):
+            return await self._refuse(send, ctx, name, record)
+        return await self._forward(scope, receive, send, dest, rest, ctx, framing, record)
 
     def _tenant(self, headers: list[tuple[bytes, bytes]], agent_name: str) -> str | Refusal:
         agent = self.config.agents[agent_name]
@@ -410,6 +415,26 @@ class PoolService:
             )
         return tenant
 
+    def _request_context(
+        self, headers: list[tuple[bytes, bytes]], dest: DestinationConfig, tenant: str
+    ) -> AuthContext | Refusal:
+        """The request's auth context: the tenant's, plus the user's subject token for a
+        token-exchange destination (each subject token is its own context: its own
+        connections and its own exchanged token)."""
+        if dest.auth is None or dest.auth.kind != "token_exchange":
+            return self._context(tenant)
+        header = self.settings.subject_token_header
+        values = [v for k, v in headers if k.lower() == self._subject_header]
+        if len(values) != 1 or not values[0].strip():
+            return Refusal(
+                401,
+                "missing_subject_token",
+                f"destination {dest.name!r} exchanges the user's token (RFC 8693); send it, "
+                f"once, in the {header} header",
+            )
+        subject = values[0].decode("latin-1").strip()
+        return AuthContext(tenant=tenant, credentials={"subject_token": subject})
+
     def _context(self, tenant: str) -> AuthContext:
         ctx = self._contexts.get(tenant)
         if ctx is None:
@@ -425,11 +450,13 @@ class PoolService:
         send: Send,
         dest: DestinationConfig,
         rest: bytes,
-        tenant: str,
+        ctx: AuthContext,
         framing: tuple[int | None, bool],
         record: dict[str, Any],
     ) -> bool:
         length, chunked = framing
+        tenant = ctx.tenant
+        assert tenant is not None
         query: bytes = scope.get("query_string", b"")
         raw = (rest or b"/") + (b"?" + query if query else b"")
         url = httpx.URL(_origin(dest)).copy_with(raw_path=raw)
@@ -438,7 +465,8 @@ class PoolService:
                 400, "bad_path", "the path or query needs normalizing; send it encoded"
             )
             return await self._refuse(send, refusal, dest.name, record)
-        drop = [self._tenant_header]
+        # The subject token is a credential for the service, never for the downstream.
+        drop = [self._tenant_header, self._subject_header]
         if dest.forward_tenant_as:
             drop.append(dest.forward_tenant_as.lower().encode("ascii"))
         # The destination's own Host (httpx adds none to a request built on a stream).
@@ -478,7 +506,7 @@ class PoolService:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(self.config.limit.hold(dest.name, tenant))
-                with auth_context(self._context(tenant)):
+                with auth_context(ctx):
                     response = await transport.handle_async_request(request)
             except _ClientGone:
                 record["error"] = "client_gone"
@@ -596,6 +624,14 @@ def _failure(exc: Exception, dest: str) -> Refusal:
         return Refusal(502, "downstream_auth", str(exc))
     if isinstance(exc, PoolClosed):
         return Refusal(503, "shutting_down", "the service is shutting down", {"retry_after": 1.0})
+    if isinstance(exc, EgressDenied):
+        return Refusal(
+            403,
+            "egress_denied",
+            f"destination {dest!r}: {exc.reason}; the service never connects there (change "
+            f"[service.egress] or the destination's DNS)",
+            {"destination": dest, "rule": exc.rule},
+        )
     if isinstance(exc, UnknownDestination):
         return Refusal(404, "unknown_destination", "no such destination")
     if isinstance(exc, ToolpoolError):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
-import ipaddress
 import math
 import os
 import re
@@ -50,39 +49,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
-# Hosts that serve cloud instance metadata (credentials!) or that no downstream lives on.
-_FORBIDDEN_HOSTNAMES = frozenset(
-    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data"}
-)
-_METADATA_ADDRESSES = (
-    ipaddress.ip_network("169.254.0.0/16"),  # link-local: AWS/GCP/Azure/OpenStack metadata
-    ipaddress.ip_network("fe80::/10"),  # IPv6 link-local
-    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS IPv6 metadata
-    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
-    ipaddress.ip_network("0.0.0.0/8"),  # "this network": reaches the host itself
-    ipaddress.ip_network("::/128"),
-    ipaddress.ip_network("224.0.0.0/4"),  # multicast
-    ipaddress.ip_network("ff00::/8"),
-    ipaddress.ip_network("255.255.255.255/32"),
-)
 
-
-def forbidden_address(host: str) -> str | None:
-    """Why `host` may never be a destination (metadata, link-local, unspecified, multicast),
-    or None. Applied to every configured destination when the config is loaded."""
-    name = host.strip("[]").lower().rstrip(".")
-    if name in _FORBIDDEN_HOSTNAMES:
-        return "it is a cloud metadata host name"
-    try:
-        addr = ipaddress.ip_address(name)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    for net in _METADATA_ADDRESSES:
-        if addr.version == net.version and addr in net:
-            return f"{addr} is in {net} (metadata, link-local, unspecified or multicast)"
-    return None
+def forbidden_address(host: str, egress: toolpool.Egress | None = None) -> str | None:
+    """Why `host` may never be a destination under `egress` (default: `toolpool.Egress()`,
+    which refuses metadata, link-local, unspecified and multicast addresses and metadata host
+    names, in any spelling), or None. Applied to every configured destination when the
+    config is loaded; the same policy is applied again to the resolved address of every
+    connect while the service runs."""
+    return (egress if egress is not None else toolpool.Egress()).check_host(host)
 
 
 class Secret:
@@ -360,6 +334,12 @@ class ServiceSettings:
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # `[service.egress]`: checked on the resolved address of every connect (the default
+    # refuses cloud metadata, link-local, unspecified and multicast addresses).
+    egress: toolpool.Egress = field(default_factory=toolpool.Egress)
+    # The header in which an agent passes the user's token for token-exchange destinations
+    # (never forwarded downstream).
+    subject_token_header: str = "X-Toolpool-Subject-Token"
 
 
 @dataclass(frozen=True)
@@ -457,7 +437,9 @@ class ServiceConfig:
         kwargs = self.pool_defaults()
         default_cap = int(kwargs.pop("max_connections", 50))
         dests = [d.destination(self.limit, default_cap) for d in self.destinations.values()]
-        return toolpool.Pool(dests, max_connections=default_cap, **kwargs)
+        return toolpool.Pool(
+            dests, max_connections=default_cap, egress=self.service.egress, **kwargs
+        )
 
 
 # ---------------------------------------------------------------------------- loading
@@ -498,7 +480,7 @@ def parse_config(
     limit = _limit(root.table("limits") or _Table(doc, ("limits",), {}))
     dest_table = root.table("destinations", required=True)
     assert dest_table is not None
-    destinations = {name: _destination(name, t) for name, t in dest_table.tables()}
+    destinations = {name: _destination(name, t, service.egress) for name, t in dest_table.tables()}
     if not destinations:
         raise dest_table.error(None, "lists no destination; add [destinations.NAME] url = ...")
     agent_table = root.table("agents", required=True)
@@ -535,6 +517,11 @@ def _service(t: _Table) -> ServiceSettings:
     if not _HEADER_NAME.match(header):
         raise t.error("tenant_header", f"{header!r} is not a valid HTTP header name")
     hosts = t.str_list("allowed_hosts", list(d.allowed_hosts))
+    subject = t.str_("subject_token_header", d.subject_token_header)
+    if not _HEADER_NAME.match(subject):
+        raise t.error("subject_token_header", f"{subject!r} is not a valid HTTP header name")
+    if subject.lower() == header.lower():
+        raise t.error("subject_token_header", "must differ from tenant_header")
     settings = ServiceSettings(
         host=host,
         port=port,
@@ -548,11 +535,34 @@ def _service(t: _Table) -> ServiceSettings:
         warmup_timeout=t.float_("warmup_timeout", d.warmup_timeout, positive=False),
         tls_cert_file=_file(t, "tls_cert_file"),
         tls_key_file=_file(t, "tls_key_file"),
+        egress=_egress(t),
+        subject_token_header=subject,
     )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise t.error("tls_cert_file", "give tls_cert_file and tls_key_file together")
     t.finish()
     return settings
+
+
+def _egress(service: _Table) -> toolpool.Egress:
+    """`[service.egress]`: `deny` and `allow` lists of networks and host names."""
+    t = service.table("egress")
+    if t is None:
+        return toolpool.Egress()
+    if t.has("deny_unknown"):
+        t.raw("deny_unknown")
+        raise t.error(
+            "deny_unknown",
+            "every destination of the service is listed, so deny_unknown would never apply; "
+            "use deny (and allow for the exceptions)",
+        )
+    deny = t.str_list("deny", [])
+    allow = t.str_list("allow", [])
+    t.finish()
+    try:
+        return toolpool.Egress(deny=deny, allow=allow)
+    except ConfigError as exc:
+        raise t.error(None, str(exc).replace("Egress(", "[service.egress] (")) from None
 
 
 def _file(t: _Table, key: str) -> str | None:
@@ -692,7 +702,7 @@ _DEST_KEYS = {
 }
 
 
-def _destination(name: str, t: _Table) -> DestinationConfig:
+def _destination(name: str, t: _Table, egress: toolpool.Egress) -> DestinationConfig:
     if not _NAME.match(name):
         raise t.error(None, f"destination names use letters, digits, '_', '.', '-' (got {name!r})")
     url = t.str_("url")
@@ -700,9 +710,13 @@ def _destination(name: str, t: _Table) -> DestinationConfig:
         probe = toolpool.Destination(name, url)
     except ConfigError as exc:
         raise t.error("url", str(exc)) from None
-    why = forbidden_address(probe.origin[1])
+    why = forbidden_address(probe.origin[1], egress)
     if why is not None:
-        raise t.error("url", f"{url!r} is refused: {why}; the service never proxies there")
+        raise t.error(
+            "url",
+            f"{url!r} is refused by the egress policy: {why}; the service never proxies there "
+            f"(a range you run services in can be allowed by address in [service.egress] allow)",
+        )
     options: dict[str, Any] = {}
     fleet_cap: int | None = None
     if t.has("documented_limit") and t.has("max_connections"):
@@ -767,7 +781,7 @@ def _cert_paths(t: _Table, key: str) -> str | tuple[str, str]:
     return resolved[0] if len(resolved) == 1 else (resolved[0], resolved[1])
 
 
-_AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "mtls")
+_AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "token_exchange", "mtls")
 
 
 def _auth(dest: str, t: _Table, verify: Any) -> AuthConfig:
@@ -850,6 +864,8 @@ def _auth(dest: str, t: _Table, verify: Any) -> AuthConfig:
 
         shared = shared_secret
         secrets = {tenant: c[1] for tenant, c in clients.items()}
+    elif kind == "token_exchange":
+        make, shared, secrets = _token_exchange(dest, t, per_tenant)
     else:  # mtls
         shared_files = _cert_paths(t, "cert") if t.has("cert") else None
         files: dict[str, str | tuple[str, str]] = {}
@@ -882,6 +898,69 @@ def _auth(dest: str, t: _Table, verify: Any) -> AuthConfig:
         tenants=frozenset(secrets) if secrets else None,
         shared=shared is not None,
     )
+
+
+_TOKEN_EXCHANGE_OPTIONS = (
+    "audience",
+    "resource",
+    "scope",
+    "requested_token_type",
+    "subject_token_type",
+)
+
+
+def _token_exchange(
+    dest: str, t: _Table, per_tenant: Mapping[str, _Table]
+) -> tuple[Callable[[], Any], Any, dict[str, Any]]:
+    """`type = "token_exchange"` (RFC 8693): the user's token, sent by the agent in the
+    `[service] subject_token_header` header, exchanged at `token_url` for a token for this
+    destination; the service authenticates to the token endpoint with `client_id` +
+    `client_secret_env/_file` (shared or per tenant), or not at all when neither is given."""
+    token_url = t.str_("token_url")
+    options = {key: t.str_(key, None) for key in _TOKEN_EXCHANGE_OPTIONS}
+    method = t.str_("auth_method", "client_secret_basic")
+    if method not in ("client_secret_basic", "client_secret_post"):
+        raise t.error("auth_method", "must be 'client_secret_basic' or 'client_secret_post'")
+    shared_id = t.str_("client_id", None)
+    shared_secret = t.secret("client_secret", required=shared_id is not None)
+    if shared_secret is not None and shared_id is None:
+        raise t.error("client_id", "is required next to client_secret_env/_file")
+    clients: dict[str, tuple[str, Secret]] = {}
+    for tenant, sub in per_tenant.items():
+        cid = sub.str_("client_id")
+        secret = sub.secret("client_secret", required=True)
+        assert secret is not None
+        clients[tenant] = (cid, secret)
+        sub.finish()
+    shared_client = (shared_id, shared_secret) if shared_id is not None else None
+    anonymous = shared_client is None and not clients
+    try:
+        toolpool.auth.TokenExchange(token_url, **{k: v for k, v in options.items() if v})
+    except ConfigError as exc:
+        raise t.error("token_url", str(exc)) from None
+
+    def client_of(ctx: AuthContext | None) -> tuple[str, str]:
+        tenant = ctx.tenant if ctx is not None else None
+        found = clients.get(tenant) if tenant is not None else None
+        if found is None and shared_client is not None:
+            found = shared_client  # type: ignore[assignment]
+        if found is None or found[1] is None:
+            raise toolpool.auth.TokenFailure(
+                f"no client credentials are configured for this tenant at {dest!r}"
+            )
+        return found[0], found[1].reveal()
+
+    def make() -> Any:
+        return toolpool.auth.TokenExchange(
+            token_url,
+            client_credentials=None if anonymous else client_of,
+            auth_method=method,
+            **{k: v for k, v in options.items() if v},
+        )
+
+    # Without client credentials every tenant is served (the subject token is the identity).
+    shared: Any = shared_secret if not anonymous else True
+    return make, shared, {tenant: c[1] for tenant, c in clients.items()}
 
 
 def _need_some(t: _Table, shared: Secret | None, per: Mapping[str, Any], base: str) -> None:
