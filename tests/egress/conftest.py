@@ -1,0 +1,30 @@
+"""Fixtures for the egress tests: the packet spy (installed around every test; a test fails
+if anything tried to reach a non-loopback address), the test-only names, and a test bed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.egress.egress_support import PacketSpy, hostmap
+from toolpool.testing import Downstream, HostMap, ServiceSpec
+
+
+@pytest.fixture
+def spy() -> Iterator[PacketSpy]:
+    guard = PacketSpy()
+    with guard.installed():
+        yield guard
+    assert guard.refused == [], f"something tried to leave loopback: {guard.refused}"
+
+
+@pytest.fixture
+def names() -> HostMap:
+    return hostmap()
+
+
+@pytest.fixture
+def ds() -> Iterator[Downstream]:
+    with Downstream({"api": ServiceSpec(require_auth=False)}) as downstream:
+        yield downstream

@@ -1,0 +1,149 @@
+"""The egress policy's decisions, without I/O: every spelling of a metadata address, the
+built-in denials and how only an allow *by address* lifts them, deny / deny_unknown / allow
+with networks and host-name patterns, and configuration errors that say what to write."""
+
+from __future__ import annotations
+
+import pytest
+
+import toolpool
+from toolpool._egress import address_forms, parse_address
+from toolpool.errors import ConfigError
+
+# Every way a URL can spell a metadata endpoint (host as httpx reports it), and the rule.
+METADATA_FORMS = [
+    ("169.254.169.254", "metadata"),
+    ("2852039166", "metadata"),  # decimal
+    ("0251.0376.0251.0376", "metadata"),  # octal
+    ("025177524776", "metadata"),  # one octal number
+    ("0xa9fea9fe", "metadata"),  # hex
+    ("0xa9.0xfe.0xa9.0xfe", "metadata"),  # hex per byte
+    ("0251.0xfe.43518", "metadata"),  # mixed, short form
+    ("169.254.43518", "metadata"),  # short form
+    ("169.254.169.254.", "metadata"),  # trailing dot
+    ("::ffff:169.254.169.254", "metadata"),  # IPv4-mapped IPv6
+    ("::ffff:a9fe:a9fe", "metadata"),  # the same, in hex
+    ("[::ffff:169.254.169.254]", "metadata"),  # bracketed
+    ("::169.254.169.254", "metadata"),  # IPv4-compatible IPv6
+    ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64
+    ("2002:a9fe:a9fe::1", "metadata"),  # 6to4
+    ("fd00:ec2::254", "metadata"),  # AWS IPv6
+    ("FD00:EC2::254", "metadata"),
+    ("100.100.100.200", "metadata"),  # Alibaba
+    ("metadata.google.internal", "metadata"),
+    ("METADATA.Google.Internal", "metadata"),  # mixed case
+    ("metadata.google.internal.", "metadata"),  # trailing dot
+    ("Metadata", "metadata"),
+    ("instance-data.ec2.internal", "metadata"),
+    ("169.254.1.1", "link_local"),
+    ("fe80::1%eth0", "link_local"),
+    ("0.0.0.0", "unspecified"),
+    ("0", "unspecified"),
+    ("::", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("ff02::1", "multicast"),
+    ("255.255.255.255", "broadcast"),
+]
+
+
+@pytest.mark.parametrize(("host", "rule"), METADATA_FORMS)
+def test_default_policy_refuses_every_metadata_form(host: str, rule: str) -> None:
+    why = toolpool.Egress().check_host(host)
+    assert why is not None, host
+    assert f"rule {rule}" in why or f"{rule.replace('_', '-')}, built-in rule" in why
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "::1", "10.1.2.3", "crm.internal", "example.com", "0x7f000001"]
+)
+def test_default_policy_allows_ordinary_hosts(host: str) -> None:
+    assert toolpool.Egress().check_host(host) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2852039166", "169.254.169.254"),
+        ("0251.0376.0251.0376", "169.254.169.254"),
+        ("0xA9FEA9FE", "169.254.169.254"),
+        ("127.1", "127.0.0.1"),
+        ("0x7f.1.", "127.0.0.1"),
+        ("[::1]", "::1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("crm.internal", None),
+        ("256.1.1.1", None),
+        ("1.2.3.4.5", None),
+        ("08.1.1.1", None),  # 8 is no octal digit: a name, as inet_aton says
+        ("0x", "0.0.0.0"),
+        ("4294967296", None),
+    ],
+)
+def test_parse_address_follows_inet_aton(text: str, expected: str | None) -> None:
+    addr = parse_address(text)
+    assert (str(addr) if addr is not None else None) == expected
+
+
+def test_ipv6_forms_carry_their_ipv4_address() -> None:
+    addr = parse_address("::ffff:169.254.169.254")
+    assert addr is not None
+    assert [str(a) for a in address_forms(addr)] == ["::ffff:a9fe:a9fe", "169.254.169.254"]
+    why = toolpool.Egress().check_address("::ffff:a9fe:a9fe")
+    assert why is not None and "carrying 169.254.169.254" in why
+
+
+def test_only_an_allow_by_address_inside_the_range_lifts_a_builtin_denial() -> None:
+    assert toolpool.Egress(allow=["169.254.169.254/32"]).check_host("169.254.169.254") is None
+    assert toolpool.Egress(allow=["169.254.10.0/24"]).check_address("169.254.10.7") is None
+    assert toolpool.Egress(allow=["169.254.10.0/24"]).check_address("169.254.169.254") is not None
+    # A wide network and a host name never lift it.
+    assert toolpool.Egress(allow=["0.0.0.0/0"]).check_address("169.254.169.254") is not None
+    assert toolpool.Egress(allow=["::/0"]).check_address("fd00:ec2::254") is not None
+    allow_name = toolpool.Egress(allow=["metadata.google.internal", "imds.test"])
+    assert allow_name.check_host("metadata.google.internal") is not None
+    assert allow_name.check_address("169.254.169.254", "imds.test") is not None
+
+
+def test_deny_and_allow_networks_and_names() -> None:
+    egress = toolpool.Egress(
+        deny=[*toolpool.Egress.PRIVATE, "*.corp.example", "admin.internal"],
+        allow=["10.1.2.0/24", "search.corp.example"],
+    )
+    assert "10.0.0.0/8" in (egress.check_address("10.9.9.9") or "")
+    assert egress.check_address("10.1.2.3") is None  # allowed network
+    assert egress.check_address("192.168.1.1", "search.corp.example") is None  # allowed name
+    assert "'*.corp.example'" in (egress.check_host("wiki.corp.example") or "")
+    assert "'*.corp.example'" in (egress.check_host("A.B.Corp.Example.") or "")
+    assert egress.check_host("corp.example") is None  # "*." means subdomains only
+    assert egress.check_host("ADMIN.internal") is not None
+    assert egress.check_host("search.corp.example") is None
+    assert egress.check_host("8.8.8.8") is None
+
+
+def test_deny_unknown_spares_listed_destinations() -> None:
+    egress = toolpool.Egress(deny_unknown=toolpool.Egress.PRIVATE)
+    assert egress.check_address("10.0.0.5", listed=True) is None
+    why = egress.check_address("10.0.0.5", listed=False)
+    assert why is not None and "deny_unknown" in why
+    assert egress.check_host("0x0a000005", listed=False) is not None  # any spelling
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"deny": "10.0.0.0/8"}, "not one string"),
+        ({"allow": ["10.0.0.0/33"]}, "neither a network"),
+        ({"deny": ["exa mple.com"]}, "neither a network"),
+        ({"deny": ["a.*.example"]}, "neither a network"),
+        ({"deny": [""]}, "entries are networks"),
+        ({"resolver": 42}, "takes a function"),
+    ],
+)
+def test_bad_configuration_says_what_to_write(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        toolpool.Egress(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pool_takes_only_an_egress() -> None:
+    with pytest.raises(ConfigError, match="egress must be a toolpool.Egress"):
+        toolpool.Pool(egress=["10.0.0.0/8"])
+    assert repr(toolpool.Egress(deny=["10.0.0.0/8"])) == "Egress(deny=['10.0.0.0/8'])"
