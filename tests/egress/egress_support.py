@@ -29,6 +29,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 class PacketSpy:
     """Records every outgoing connect (asyncio and socket level) and every system resolver
     lookup of this process; refuses non-loopback ones before they happen (the attempt is
@@ -80,7 +88,8 @@ class PacketSpy:
             name = host.decode() if isinstance(host, bytes) else str(host)
             with spy._lock:
                 spy.lookups.append(name)
-            if host is not None and not is_loopback(name):
+            # A literal address is converted without any packet; a name could query DNS.
+            if host is not None and not is_loopback(name) and not is_address(name):
                 with spy._lock:
                     spy.refused.append(f"lookup {name}")
                 raise socket.gaierror(socket.EAI_NONAME, f"test guard: no DNS for {name!r}")

@@ -144,6 +144,6 @@ def test_bad_configuration_says_what_to_write(kwargs: dict[str, object], message
 
 
 def test_pool_takes_only_an_egress() -> None:
-    with pytest.raises(ConfigError, match="egress must be a toolpool.Egress"):
+    with pytest.raises(ConfigError, match=r"egress must be a toolpool\.Egress"):
         toolpool.Pool(egress=["10.0.0.0/8"])
     assert repr(toolpool.Egress(deny=["10.0.0.0/8"])) == "Egress(deny=['10.0.0.0/8'])"
