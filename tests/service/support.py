@@ -16,14 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 
-from toolpool.service import PoolService, load_config
+from toolpool.service import PoolService, ServiceConfig, load_config
 
 AGENT_A_TOKEN = "agent-a-token-0123456789abcdef"
 AGENT_B_TOKEN = "agent-b-token-0123456789abcdef"
@@ -50,10 +50,17 @@ class ServiceThread:
     """`PoolService` under uvicorn (h11, like `toolpool serve`) on 127.0.0.1, on a thread."""
 
     def __init__(
-        self, config_path: Path, env: dict[str, str] | None = None, *, wait: bool = True
+        self,
+        config_path: Path,
+        env: dict[str, str] | None = None,
+        *,
+        wait: bool = True,
+        configure: Callable[[ServiceConfig], ServiceConfig] | None = None,
     ) -> None:
         self.wait = wait
         self.config = load_config(config_path, env=env if env is not None else SERVICE_ENV)
+        if configure is not None:  # e.g. a resolver hook for the egress policy
+            self.config = configure(self.config)
         self.app = PoolService(self.config)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))

@@ -556,13 +556,14 @@ def _egress(service: _Table) -> toolpool.Egress:
             "every destination of the service is listed, so deny_unknown would never apply; "
             "use deny (and allow for the exceptions)",
         )
-    deny = t.str_list("deny", [])
-    allow = t.str_list("allow", [])
+    lists = {key: t.str_list(key, []) for key in ("deny", "allow")}
     t.finish()
-    try:
-        return toolpool.Egress(deny=deny, allow=allow)
-    except ConfigError as exc:
-        raise t.error(None, str(exc).replace("Egress(", "[service.egress] (")) from None
+    for key, entries in lists.items():
+        try:
+            toolpool.Egress(**{key: entries})
+        except ConfigError as exc:
+            raise t.error(key, str(exc).split(": ", 1)[-1]) from None
+    return toolpool.Egress(**lists)
 
 
 def _file(t: _Table, key: str) -> str | None:
