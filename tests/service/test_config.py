@@ -145,7 +145,11 @@ def test_example_config_loads_and_documents_every_section(tmp_path: Path) -> Non
         "SEARCH_API_KEY": "search-api-key-3",
     }
     config = parse_config(text, source="examples/toolpool.toml", env=env, base=tmp_path)
-    assert set(config.destinations) == {"crm", "search", "ledger-local"}
+    assert set(config.destinations) == {"crm", "search", "profile", "ledger-local"}
+    profile_auth = config.destinations["profile"].auth
+    assert profile_auth is not None and profile_auth.kind == "token_exchange"
+    assert config.service.egress == toolpool.Egress()  # the documented defaults
+    assert config.service.subject_token_header == "X-Toolpool-Subject-Token"
     assert set(config.agents) == {"research-bot", "billing-bot"}
     assert config.agents["billing-bot"].default_tenant == "acme"
     assert config.destinations["crm"].fleet_cap == 70  # documented_limit 100 x 0.7
