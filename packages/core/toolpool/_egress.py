@@ -443,7 +443,8 @@ class _Plan:
             denial = self.egress._address_denial(addr, self.host_allowed, self.listed)
             if denial is not None:
                 raise _refuse(self.dest, denial, addr)
-            text = str(addr)
+            # Canonical text (what was checked), keeping an IPv6 zone a link-local needs.
+            text = f"{addr}%{answer.split('%', 1)[1]}" if "%" in answer else str(addr)
             if text not in out:
                 out.append(text)
         if not out:
