@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -32,7 +32,7 @@ from toolpool.auth._cache import (
     Flight,
     TokenCache,
 )
-from toolpool.auth._credential import Credential
+from toolpool.auth._credential import Credential, TokenPolicy
 from toolpool.auth._providers import TokenFailure
 from toolpool.auth._stats import EXPIRY, AuthStats
 from toolpool.errors import AuthError
@@ -41,11 +41,37 @@ if TYPE_CHECKING:
     from toolpool._runtime import DestinationPool
     from toolpool.auth._providers import TokenProvider
 
-__all__ = ["HeaderAuth", "context_label", "with_header"]
+__all__ = ["HeaderAuth", "SharedTokens", "context_label", "with_header"]
 
 log = logging.getLogger("toolpool.auth")
 
 monotonic = time.monotonic
+
+
+class SharedTokens(Protocol):
+    """A credential store several processes share (e.g. `toolpool.fleet`'s on Redis): it hands
+    out a stored credential or calls `fetch` (at most one caller at a time across processes),
+    and drops a credential a destination rejected. Bounded in time; falls back to `fetch`."""
+
+    async def obtain(
+        self,
+        destination: str,
+        ctx: AuthContext | None,
+        fetch: Callable[[], Awaitable[Credential]],
+        policy: TokenPolicy,
+    ) -> Credential: ...
+
+    def obtain_sync(
+        self,
+        destination: str,
+        ctx: AuthContext | None,
+        fetch: Callable[[], Credential],
+        policy: TokenPolicy,
+    ) -> Credential: ...
+
+    async def invalidate(self, destination: str, ctx: AuthContext | None, value: str) -> None: ...
+
+    def invalidate_sync(self, destination: str, ctx: AuthContext | None, value: str) -> None: ...
 
 
 def context_label(ctx: AuthContext | None) -> str | None:
@@ -125,6 +151,8 @@ class HeaderAuth:
         self._tasks: set[asyncio.Task[None]] = set()
         self._threads: set[threading.Thread] = set()
         self._closed = False
+        # The fleet's token store (toolpool.fleet), when this destination shares its tokens.
+        self.shared_tokens: SharedTokens | None = None
         inner_a: Callable[..., Awaitable[httpx.Response]] = dest.async_send
         inner_s: Callable[..., httpx.Response] = dest.sync_send
         self._inner_a = inner_a
@@ -136,6 +164,15 @@ class HeaderAuth:
 
     def __repr__(self) -> str:
         return f"<toolpool.auth {type(self.provider).__name__} for {self.name!r}>"
+
+    def share_tokens(self, store: SharedTokens) -> None:
+        """Take credentials from `store` (one per (destination, context) for a fleet of
+        processes, e.g. `toolpool.fleet.RedisFleet(...).tokens`) before fetching them, and
+        tell it about 401s. Static providers (`Bearer`, `ApiKey`) have nothing to share."""
+        from toolpool.auth._providers import ApiKey, Bearer
+
+        if not isinstance(self.provider, Bearer | ApiKey):
+            self.shared_tokens = store
 
     # ------------------------------------------------------------------ request path
 
@@ -180,6 +217,9 @@ class HeaderAuth:
         cached: Cached,
         response: httpx.Response,
     ) -> httpx.Response:
+        shared = self.shared_tokens
+        if shared is not None:
+            await shared.invalidate(self.name, ctx, cached.credential.value)
         if not isinstance(request.stream, httpx.ByteStream):
             # The body cannot be sent again: hand the 401 over; the next request refreshes.
             with self.lock:
@@ -208,6 +248,9 @@ class HeaderAuth:
         cached: Cached,
         response: httpx.Response,
     ) -> httpx.Response:
+        shared = self.shared_tokens
+        if shared is not None:
+            shared.invalidate_sync(self.name, ctx, cached.credential.value)
         if not isinstance(request.stream, httpx.ByteStream):
             with self.lock:
                 self.cache.invalidate(key, cached)
@@ -292,23 +335,33 @@ class HeaderAuth:
         retry_after = 0.0
         cause: BaseException | None = None
         preconnect: asyncio.Task[None] | None = None
+
+        async def fetch() -> Credential:
+            nonlocal preconnect
+            step = self.provider.credential(ctx)
+            if isinstance(step, httpx.Request):
+                token_dest = self.dest.pool._route(step.url)
+                if cold and self.policy.preconnect and token_dest is not self.dest:
+                    # Open the API connection while the token is on its way.
+                    preconnect = asyncio.get_running_loop().create_task(
+                        _aio.preconnect(self.dest, ctx)
+                    )
+                response = await token_dest.base_async_send(self._bounded(step), ctx)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                step = self.provider.token_response(ctx, response)
+            return _credential(step)
+
         try:
             try:
-                step = self.provider.credential(ctx)
-                if isinstance(step, httpx.Request):
-                    token_dest = self.dest.pool._route(step.url)
-                    if cold and self.policy.preconnect and token_dest is not self.dest:
-                        # Open the API connection while the token is on its way.
-                        preconnect = asyncio.get_running_loop().create_task(
-                            _aio.preconnect(self.dest, ctx)
-                        )
-                    response = await token_dest.base_async_send(self._bounded(step), ctx)
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
-                    step = self.provider.token_response(ctx, response)
-                cached = Cached(_credential(step), requested, self.policy)
+                shared = self.shared_tokens
+                if shared is None:
+                    credential = await fetch()
+                else:
+                    credential = await shared.obtain(self.name, ctx, fetch, self.policy)
+                cached = Cached(credential, requested, self.policy)
             except Exception as exc:
                 failure, retry_after, cause = _describe(exc)
         finally:
@@ -379,26 +432,36 @@ class HeaderAuth:
         retry_after = 0.0
         cause: BaseException | None = None
         preconnect: threading.Thread | None = None
+
+        def fetch() -> Credential:
+            nonlocal preconnect
+            step = self.provider.credential(ctx)
+            if isinstance(step, httpx.Request):
+                token_dest = self.dest.pool._route(step.url)
+                if cold and self.policy.preconnect and token_dest is not self.dest:
+                    preconnect = threading.Thread(
+                        target=_preconnect_sync,
+                        args=(self.dest, ctx),
+                        name=f"toolpool-auth-preconnect-{self.name}",
+                        daemon=True,
+                    )
+                    preconnect.start()
+                response = token_dest.base_sync_send(self._bounded(step), ctx)
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                step = self.provider.token_response(ctx, response)
+            return _credential(step)
+
         try:
             try:
-                step = self.provider.credential(ctx)
-                if isinstance(step, httpx.Request):
-                    token_dest = self.dest.pool._route(step.url)
-                    if cold and self.policy.preconnect and token_dest is not self.dest:
-                        preconnect = threading.Thread(
-                            target=_preconnect_sync,
-                            args=(self.dest, ctx),
-                            name=f"toolpool-auth-preconnect-{self.name}",
-                            daemon=True,
-                        )
-                        preconnect.start()
-                    response = token_dest.base_sync_send(self._bounded(step), ctx)
-                    try:
-                        response.read()
-                    finally:
-                        response.close()
-                    step = self.provider.token_response(ctx, response)
-                cached = Cached(_credential(step), requested, self.policy)
+                shared = self.shared_tokens
+                if shared is None:
+                    credential = fetch()
+                else:
+                    credential = shared.obtain_sync(self.name, ctx, fetch, self.policy)
+                cached = Cached(credential, requested, self.policy)
             except Exception as exc:
                 failure, retry_after, cause = _describe(exc)
         finally:

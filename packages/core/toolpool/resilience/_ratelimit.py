@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["RateLimit", "RateLimiter", "TokenBucket"]
+__all__ = ["RateLimit", "RateLimiter", "SharedRateLimiter", "TokenBucket"]
 
 # Tenants with a bucket or a pause are remembered up to this many (least recently used go).
 _MAX_TENANTS = 10_000
@@ -69,6 +70,21 @@ class RateLimit:
     def effective_burst(self) -> int:
         """The burst in use (`burst`, or one second's worth of requests)."""
         return self.burst if self.burst is not None else max(1, math.floor(self.rate))
+
+
+class SharedRateLimiter(Protocol):
+    """A bucket kept outside this process (e.g. `toolpool.fleet`'s Redis GCRA), which a
+    destination's policy draws from instead of its own (`PolicyRuntime.share_rate_limit`).
+    Both methods answer like `RateLimiter.reserve`: seconds to wait, or None to refuse; they
+    must return within a bounded time and fall back on their own when their store is down."""
+
+    async def reserve(
+        self, destination: str, tenant: str | None, config: RateLimit, max_wait: float, now: float
+    ) -> float | None: ...
+
+    def reserve_sync(
+        self, destination: str, tenant: str | None, config: RateLimit, max_wait: float, now: float
+    ) -> float | None: ...
 
 
 class TokenBucket:

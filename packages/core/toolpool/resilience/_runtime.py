@@ -56,7 +56,7 @@ from toolpool.resilience._outcome import (
     retry_after_seconds,
     retry_reason,
 )
-from toolpool.resilience._ratelimit import RateLimiter
+from toolpool.resilience._ratelimit import RateLimit, RateLimiter, SharedRateLimiter
 from toolpool.resilience._retry import (
     BudgetSpent,
     RetryableOutcome,
@@ -149,6 +149,8 @@ class PolicyRuntime(AdmissionControl):
             else None
         )
         self.limiter = RateLimiter(policy.rate_limit, policy.max_wait, policy.max_pause)
+        # A fleet-wide bucket (toolpool.fleet) in place of the local one; see share_rate_limit.
+        self.shared_rates: SharedRateLimiter | None = None
         self.adaptive = (
             AimdLimit(policy.adaptive, max_connections, now)
             if policy.adaptive is not None
@@ -202,6 +204,17 @@ class PolicyRuntime(AdmissionControl):
         dest.async_send = self.async_send
         dest.sync_send = self.sync_send
         dest.pool._close_callbacks.append(self._stop_timer)
+
+    def share_rate_limit(self, shared: SharedRateLimiter) -> None:
+        """Draw this destination's rate limit from `shared` (a bucket several processes use,
+        e.g. `toolpool.fleet.RedisFleet(...).rates`) instead of a bucket of this process.
+        Retry-After pauses stay local. No effect without a `rate_limit` in the policy."""
+        config = self.policy.rate_limit
+        if config is None:
+            return
+        with self._lock:
+            self.shared_rates = shared
+            self.limiter = RateLimiter(None, self.policy.max_wait, self.policy.max_pause)
 
     # ------------------------------------------------------------------ observability
 
@@ -351,6 +364,13 @@ class PolicyRuntime(AdmissionControl):
         self, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         permit, delay = self._before_attempt(ctx)
+        shared = self.shared_rates
+        if shared is not None:
+            try:
+                delay += self._shared_delay(await shared.reserve(*self._shared_args(ctx, delay)))
+            except BaseException:
+                self._abandon(permit)
+                raise
         if delay > 0:
             try:
                 await asyncio.sleep(delay)
@@ -368,6 +388,13 @@ class PolicyRuntime(AdmissionControl):
 
     def _attempt_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         permit, delay = self._before_attempt(ctx)
+        shared = self.shared_rates
+        if shared is not None:
+            try:
+                delay += self._shared_delay(shared.reserve_sync(*self._shared_args(ctx, delay)))
+            except BaseException:
+                self._abandon(permit)
+                raise
         if delay > 0:
             try:
                 time.sleep(delay)
@@ -459,6 +486,30 @@ class PolicyRuntime(AdmissionControl):
         if error is not None:
             raise error
         return permit, delay
+
+    def _shared_args(
+        self, ctx: AuthContext | None, delay: float
+    ) -> tuple[str, str | None, RateLimit, float, float]:
+        config = self.policy.rate_limit
+        assert config is not None
+        tenant = ctx.tenant if ctx is not None else None
+        return self.name, tenant, config, max(0.0, self.policy.max_wait - delay), monotonic()
+
+    def _shared_delay(self, reserved: float | None) -> float:
+        """Count a shared bucket's answer like the local bucket's (a wait, or a refusal)."""
+        now = monotonic()
+        with self._lock:
+            if reserved is None:
+                self._rejections[RATE_LIMITED] += 1
+                error = self._saturated_error(
+                    self._assessment_locked(now), RATE_LIMITED, retry_after=1.0
+                )
+            else:
+                if reserved > 0:
+                    self._rate_waits += 1
+                    self._rate_wait_seconds += reserved
+                return reserved
+        raise error  # the caller abandons the breaker permit
 
     def _abandon(self, permit: Permit | None) -> None:
         """The attempt was cancelled before it was sent."""

@@ -181,6 +181,13 @@ class PoolService:
         self.pool = pool
         self._transport = toolpool.AsyncTransport(pool)
         toolpool.metrics.register(pool, self.registry)
+        limit = self.config.limit
+        attach = getattr(limit, "attach", None)
+        if attach is not None:
+            attach(pool)  # the fleet's shared tokens and rate limits (toolpool.fleet)
+        start = getattr(limit, "start", None)
+        if start is not None:
+            await start(self.registry)
         warm = asyncio.create_task(self._warm_up(pool), name="toolpool-service-warmup")
         self._tasks.add(warm)
         warm.add_done_callback(self._tasks.discard)
@@ -231,6 +238,9 @@ class PoolService:
         if pool is not None:
             await pool.aclose()
             toolpool.metrics.unregister(pool, self.registry)
+        close = getattr(self.config.limit, "aclose", None)
+        if close is not None:
+            await close()  # give the fleet leases back at once
         c = self.counts
         log.info(
             "%s",

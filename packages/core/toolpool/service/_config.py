@@ -658,8 +658,10 @@ def _limit(t: _Table) -> GlobalLimit:
         replicas = t.int_("replicas", 1)
         t.finish()
         return StaticShare(replicas)
+    if provider == "redis":
+        provider = "toolpool.fleet:RedisFleet"
     if not isinstance(provider, str) or ":" not in provider:
-        raise t.error("provider", "must be 'package.module:factory'")
+        raise t.error("provider", "must be 'redis' or 'package.module:factory'")
     module_name, _, attr = provider.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -667,8 +669,12 @@ def _limit(t: _Table) -> GlobalLimit:
         raise t.error("provider", f"cannot import {provider!r}: {exc}") from None
     options = {k: v for k, v in t.data.items() if k != "provider"}
     t.used.update(options)
+    if provider == "toolpool.fleet:RedisFleet":
+        options["env"] = t.doc.env  # the URL and fleet key are read from the config's env
     try:
         limit = factory(**options)
+    except ConfigError as exc:
+        raise t.error("provider", str(exc)) from None
     except Exception as exc:
         raise t.error("provider", f"{provider}(**options) failed: {exc}") from None
     for method in ("replica_cap", "hold"):

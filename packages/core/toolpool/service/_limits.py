@@ -12,7 +12,12 @@ sets the replica's hard ceiling, and `hold(destination)` is entered around every
 request (until its response body is done), so a coordinator can hand out fleet-wide permits
 and refuse with `toolpool.PoolSaturated` when the fleet is at its limit. Configure it with
 `[limits] provider = "package.module:factory"`; the other keys of `[limits]` are passed to the
-factory as keyword arguments.
+factory as keyword arguments. `provider = "redis"` is `toolpool.fleet.RedisFleet`: capacity
+leases on Redis, plus fleet-wide rate limits and tokens.
+
+A limit may also have these optional methods, which the service calls when present:
+`async start(registry)` on the service's event loop at startup (with its Prometheus
+registry), `attach(pool)` once its pool is built, and `async aclose()` at shutdown.
 """
 
 from __future__ import annotations
