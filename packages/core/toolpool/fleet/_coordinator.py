@@ -52,11 +52,15 @@ def _redis_module() -> Any:
 class Coordinator:
     """A Redis URL, its clients and its health (see the module docstring)."""
 
-    def __init__(self, url: str, *, namespace: str, op_timeout: float) -> None:
+    def __init__(
+        self, url: str, *, namespace: str, op_timeout: float, probe_interval: float
+    ) -> None:
         self._redis = _redis_module()
         self.url = url
         self.namespace = namespace
         self.op_timeout = op_timeout
+        self.probe_interval = probe_interval
+        self._next_probe = 0.0
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._sync_client: Any = None
         self._lock = threading.Lock()
@@ -116,8 +120,22 @@ class Coordinator:
                 client = self._sync_client
         return client
 
+    def _skip(self) -> bool:
+        """While down, only one call per `probe_interval` tries Redis (the others fall back
+        at once instead of each waiting out `op_timeout` on a Redis that does not answer)."""
+        if self.up:
+            return False
+        now = monotonic()
+        with self._lock:
+            if now < self._next_probe:
+                return True
+            self._next_probe = now + self.probe_interval
+        return False
+
     async def run(self, call: Callable[[Any], Awaitable[T]]) -> T:
         """`await call(client)` bounded by `op_timeout`; `CoordinatorDown` on any failure."""
+        if self._skip():
+            raise CoordinatorDown("down")
         try:
             client = self.async_client()
             result = await asyncio.wait_for(call(client), self.op_timeout)
@@ -129,6 +147,8 @@ class Coordinator:
 
     def run_sync(self, call: Callable[[Any], T]) -> T:
         """`call(client)` on the blocking client (bounded by the socket timeouts)."""
+        if self._skip():
+            raise CoordinatorDown("down")
         try:
             result = call(self.sync_client())
         except (TimeoutError, OSError, self._redis.RedisError) as exc:

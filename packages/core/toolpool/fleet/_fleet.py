@@ -80,7 +80,7 @@ class RedisFleet:
         lease_ttl: float = 3.0,
         renew_interval: float = 0.5,
         busy_interval: float = 0.1,
-        op_timeout: float = 0.25,
+        op_timeout: float = 1.0,
         max_wait: float = 30.0,
         namespace: str = "default",
         key_env: str = "TOOLPOOL_FLEET_KEY",
@@ -119,7 +119,9 @@ class RedisFleet:
         self.replica_id = (
             replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         )
-        self.coordinator = Coordinator(url, namespace=namespace, op_timeout=self.op_timeout)
+        self.coordinator = Coordinator(
+            url, namespace=namespace, op_timeout=self.op_timeout, probe_interval=self.renew_interval
+        )
         key = secret_from_env(key_env, environ)
         self.key_env = key_env
         self.rates = FleetRates(self.coordinator, replicas)

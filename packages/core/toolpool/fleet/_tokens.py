@@ -4,7 +4,8 @@ A replica that needs a credential (its local cache, `toolpool.auth`, decided to 
 here first:
 
     1. GET the fleet's copy: found → use it (its remaining lifetime comes along)
-    2. else take the fleet-wide lock (SET NX PX) and fetch, store, unlock: the only fetch
+    2. else take the fleet-wide lock (SET NX PX), look again (a copy may have been stored
+       since), and fetch, store, unlock: the only fetch
     3. else another replica is fetching: poll for its copy (every 50 ms, bounded by the
        provider's token timeout); if the lock goes away without a copy, start over
 
@@ -146,6 +147,7 @@ class FleetTokens:
         token = secrets.token_hex(8)
         deadline = time.monotonic() + policy.timeout + 1.0
         coordinator = self.coordinator
+        lock_ms = int(policy.timeout * 2000) + 1000
         while True:
             try:
                 sealed = await coordinator.run(lambda c: c.hget(key, "ct"))
@@ -154,7 +156,6 @@ class FleetTokens:
                     if found is not None:
                         self._count(shared=True)
                         return found
-                lock_ms = int(policy.timeout * 2000) + 1000
                 got = await coordinator.run(lambda c: c.set(lock, token, nx=True, px=lock_ms))
             except CoordinatorDown:
                 return await self._fetch_alone(fetch)
@@ -173,6 +174,15 @@ class FleetTokens:
         policy: TokenPolicy,
     ) -> Credential:
         try:
+            # Another replica may have stored a copy between our GET and our lock.
+            try:
+                sealed = await self.coordinator.run(lambda c: c.hget(key, "ct"))
+            except CoordinatorDown:
+                sealed = None
+            found = self._open(key, sealed) if sealed is not None else None
+            if found is not None:
+                self._count(shared=True)
+                return found
             requested = time.time()
             credential = await fetch()
             self._count(shared=False)
@@ -230,6 +240,7 @@ class FleetTokens:
         token = secrets.token_hex(8)
         deadline = time.monotonic() + policy.timeout + 1.0
         run = self.coordinator.run_sync
+        lock_ms = int(policy.timeout * 2000) + 1000
         while True:
             try:
                 sealed = run(lambda c: c.hget(key, "ct"))
@@ -238,46 +249,65 @@ class FleetTokens:
                     if found is not None:
                         self._count(shared=True)
                         return found
-                lock_ms = int(policy.timeout * 2000) + 1000
                 got = run(lambda c: c.set(lock, token, nx=True, px=lock_ms))
             except CoordinatorDown:
-                got = None
-                deadline = -1.0
+                return self._fetch_alone_sync(fetch)
             if got:
-                try:
-                    requested = time.time()
-                    credential = fetch()
-                    self._count(shared=False)
-                    expires_at = (
-                        requested + credential.expires_in
-                        if credential.expires_in is not None
-                        else None
-                    )
-                    sealed = self._seal(key, credential, expires_at)
-                    ttl = self._ttl_ms(credential, policy)
-                    fp = self._fingerprint(credential.value)
-
-                    def store(c: Any) -> None:
-                        pipe = c.pipeline(transaction=True)
-                        pipe.hset(key, mapping={"ct": sealed, "fp": fp})
-                        pipe.pexpire(key, ttl)
-                        pipe.execute()
-
-                    try:
-                        run(store)
-                    except CoordinatorDown:
-                        pass
-                    return credential
-                finally:
-                    try:
-                        run(lambda c: c.register_script(_UNLOCK)(keys=[lock], args=[token]))
-                    except CoordinatorDown:
-                        pass
+                return self._lead_sync(key, lock, token, fetch, policy)
             if time.monotonic() > deadline:
-                credential = fetch()
-                self._count(shared=False)
-                return credential
+                return self._fetch_alone_sync(fetch)
             time.sleep(_POLL)
+
+    def _lead_sync(
+        self,
+        key: str,
+        lock: str,
+        token: str,
+        fetch: Callable[[], Credential],
+        policy: TokenPolicy,
+    ) -> Credential:
+        run = self.coordinator.run_sync
+        try:
+            # Another replica may have stored a copy between our GET and our lock.
+            try:
+                sealed = run(lambda c: c.hget(key, "ct"))
+            except CoordinatorDown:
+                sealed = None
+            found = self._open(key, sealed) if sealed is not None else None
+            if found is not None:
+                self._count(shared=True)
+                return found
+            requested = time.time()
+            credential = fetch()
+            self._count(shared=False)
+            expires_at = (
+                requested + credential.expires_in if credential.expires_in is not None else None
+            )
+            sealed = self._seal(key, credential, expires_at)
+            ttl = self._ttl_ms(credential, policy)
+            fp = self._fingerprint(credential.value)
+
+            def store(c: Any) -> None:
+                pipe = c.pipeline(transaction=True)
+                pipe.hset(key, mapping={"ct": sealed, "fp": fp})
+                pipe.pexpire(key, ttl)
+                pipe.execute()
+
+            try:
+                run(store)
+            except CoordinatorDown:
+                pass  # the others fetch their own after the lock expires
+            return credential
+        finally:
+            try:
+                run(lambda c: c.register_script(_UNLOCK)(keys=[lock], args=[token]))
+            except CoordinatorDown:
+                pass  # it expires by itself
+
+    def _fetch_alone_sync(self, fetch: Callable[[], Credential]) -> Credential:
+        credential = fetch()
+        self._count(shared=False)
+        return credential
 
     def invalidate_sync(self, destination: str, ctx: AuthContext | None, value: str) -> None:
         """`invalidate` for the thread driver."""
