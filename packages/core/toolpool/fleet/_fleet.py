@@ -106,7 +106,14 @@ class RedisFleet:
         self.busy_interval = _number("busy_interval", busy_interval)
         self.op_timeout = _number("op_timeout", op_timeout)
         self.max_wait = _number("max_wait", max_wait, minimum=-1e-9)
-        if self.renew_interval * 2 + self.op_timeout >= self.lease_ttl * LOCAL_FRACTION:
+        if self.busy_interval * 4 > self.lease_ttl:
+            raise ConfigError(
+                f"busy_interval ({busy_interval:g} s) must be at most a quarter of lease_ttl"
+            )
+        # A record lives this long in Redis: a dead replica's capacity is free again after
+        # it, and a starved survivor's next renewal (busy_interval) takes it: within lease_ttl.
+        self.record_ttl = self.lease_ttl - self.busy_interval
+        if self.renew_interval * 2 + self.op_timeout >= self.record_ttl * LOCAL_FRACTION:
             raise ConfigError(
                 f"lease_ttl ({lease_ttl:g} s) must be longer than two renew intervals plus "
                 f"op_timeout, or leases lapse between renewals; raise lease_ttl"
@@ -313,7 +320,7 @@ class RedisFleet:
         for share in shares:
             share.note_demand()
             args.append((self._keys(share.destination), share.claim(), share.peak, share))
-        ttl_ms = int(self.lease_ttl * 1000)
+        ttl_ms = int(self.record_ttl * 1000)
 
         async def renew(client: Any) -> list[Any]:
             script = client.register_script(RENEW)
@@ -332,7 +339,7 @@ class RedisFleet:
             self._expire(monotonic())
             return any(s.waiters for s in shares)
         self._static_at = None
-        until = sent + self.lease_ttl * LOCAL_FRACTION
+        until = sent + self.record_ttl * LOCAL_FRACTION
         for (_, _, _, share), result in zip(args, results, strict=True):
             granted, count = int(result[0]), int(result[1])
             share.mode = LEASE

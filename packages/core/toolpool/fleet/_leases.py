@@ -4,10 +4,11 @@ rebalanced by demand, and the local permits that keep this replica inside its sh
 Theory of operation
 -------------------
 Redis keeps, per destination, one *record* per live replica: the permits it may be using, its
-demand, and an expiry `lease_ttl` ahead. One Lua script (`_RENEW`, atomic) renews a replica:
+demand, and an expiry `lease_ttl - busy_interval` ahead (the record TTL: a starved survivor
+renews every `busy_interval`, so a dead replica's capacity is in use again within lease_ttl). One Lua script (`_RENEW`, atomic) renews a replica:
 
     1. records past their expiry are dropped (a SIGKILLed replica's capacity returns here,
-       at most `lease_ttl` after its last renewal)
+       at most one record TTL after its last renewal)
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
     3. its target is the cap split in proportion to demand (peak in use + waiting since the
@@ -22,8 +23,8 @@ the fleet's requests in flight stay within the cap at every instant. A lost answ
 leaves Redis counting more than is used.
 
 Locally a replica admits a request while `in_use < limit`; others wait FIFO. The local lease
-is good until `sent + lease_ttl × 0.9` (the Redis record lives `lease_ttl` from when the script
-ran, which is later). A replica with waiters renews every `busy_interval`, otherwise every
+is good until `sent + record TTL × 0.9` (the Redis record lives one record TTL from when the
+script ran, which is later). A replica with waiters renews every `busy_interval`, otherwise every
 `renew_interval`.
 
 When Redis does not answer (down or slower than `op_timeout`): the last lease holds until it

@@ -1,0 +1,116 @@
+"""A replica killed with SIGKILL mid-storm: its capacity is back in use by the others within
+the lease TTL (plus one renewal), and the cap holds at the server throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fleet.fleet_support import RedisServer, fleet_config, limits_section
+from tests.service.support import AGENT_A_TOKEN, ServiceProcess, write_config
+from toolpool.testing import Downstream, ServiceSpec
+
+CAP = 12
+TTL = 2.0
+RENEW = 0.25
+HEADERS = {"Authorization": f"Bearer {AGENT_A_TOKEN}", "X-Toolpool-Tenant": "acme"}
+_LIMIT = re.compile(r'^toolpool_fleet_limit\{destination="api",mode="(\w+)"\} ([0-9.]+)$', re.M)
+
+
+async def limit_of(url: str) -> tuple[str, int]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(url + "/metrics")).text
+    found = _LIMIT.search(text)
+    assert found is not None, text[-2000:]
+    return found.group(1), int(float(found.group(2)))
+
+
+@pytest.mark.timeout(120)
+async def test_sigkilled_replica_capacity_returns_within_the_lease_ttl(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    spec = ServiceSpec(require_auth=False, service_time=0.02, concurrency_limit=CAP)
+    with Downstream({"api": spec}) as ds:
+        limits = limits_section(3, lease_ttl=TTL, renew_interval=RENEW, op_timeout=0.5)
+        text = fleet_config({"api": ds.url("api")}, cap=CAP, limits=limits)
+        env = {"TOOLPOOL_REDIS_URL": redis_server.url}
+        procs = [ServiceProcess(write_config(tmp_path, text, f"r{i}.toml"), env) for i in range(3)]
+        stop = asyncio.Event()
+        failures: list[tuple[int, str]] = []
+        try:
+            clients = [
+                httpx.AsyncClient(base_url=p.url, headers=HEADERS, timeout=20) for p in procs
+            ]
+
+            async def worker(i: int) -> None:
+                while not stop.is_set():
+                    try:
+                        r = await clients[i].get("/d/api/anything")
+                    except httpx.HTTPError as exc:
+                        if i != 2:
+                            failures.append((i, repr(exc)))
+                        return  # the killed replica's callers stop
+                    if r.status_code != 200:
+                        failures.append((i, r.text[:200]))
+
+            tasks = [asyncio.create_task(worker(i)) for i in range(3) for _ in range(8)]
+            # All three hold a share of the cap while each is busy.
+            deadline = time.monotonic() + 20
+            while True:
+                limits_now = [await limit_of(p.url) for p in procs]
+                if all(mode == "lease" and n >= 2 for mode, n in limits_now):
+                    break
+                assert time.monotonic() < deadline, limits_now
+                await asyncio.sleep(0.05)
+            before = sum(n for _, n in limits_now[:2])
+            assert before < CAP
+            procs[2].proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            procs[2].proc.wait(10)
+            # Its record lapses in Redis: the capacity is free again...
+            r = redis_server.client()
+            records = "toolpool:default:lease:api:records"
+            while len(r.hgetall(records)) == 3:
+                assert time.monotonic() - killed < TTL + 5
+                await asyncio.sleep(0.01)
+            freed_after = time.monotonic() - killed
+            r.close()
+            # ...and the survivors' leases take all of it.
+            while True:
+                survivors = [await limit_of(p.url) for p in procs[:2]]
+                if sum(n for _, n in survivors) == CAP:
+                    granted_after = time.monotonic() - killed
+                    break
+                assert time.monotonic() - killed < TTL + 5, survivors
+                await asyncio.sleep(0.02)
+            # ...and use it: the server sees the whole cap in progress again.
+            ds.reset_stats("api")
+            await ds.wait_stats_async(
+                "api", lambda s: s.peak_requests_in_progress == CAP, timeout=20
+            )
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            for c in clients:
+                await c.aclose()
+        finally:
+            stop.set()
+            for p in procs:
+                if p.proc.poll() is None:
+                    p.proc.kill()
+                    p.proc.wait(10)
+        stats = ds.stats("api")
+    assert not failures, failures[:5]
+    assert stats.peak_requests_in_progress <= CAP
+    assert stats.rejected_over_limit == 0
+    # The dead replica's record lapses within the lease TTL; the survivors' next renewals
+    # (every busy_interval while starved, plus this test's polling of /metrics) take it.
+    assert freed_after <= TTL, freed_after
+    assert granted_after <= TTL + 1.0, granted_after
+    print(f"SIGKILL: capacity free after {freed_after:.2f} s, granted after {granted_after:.2f} s")
