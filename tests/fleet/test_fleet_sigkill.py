@@ -4,7 +4,6 @@ the lease TTL (plus one renewal), and the cap holds at the server throughout."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import time

@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 Redis keeps, per destination, one *record* per live replica: the permits it may be using, its
 demand, and an expiry `lease_ttl - busy_interval` ahead (the record TTL: a starved survivor
-renews every `busy_interval`, so a dead replica's capacity is in use again within lease_ttl). One Lua script (`_RENEW`, atomic) renews a replica:
+renews every `busy_interval`, so a dead replica's capacity is free again within lease_ttl).
+One Lua script (`RENEW`, atomic) renews a replica:
 
     1. records past their expiry are dropped (a SIGKILLed replica's capacity returns here,
        at most one record TTL after its last renewal)
