@@ -20,7 +20,7 @@ export LANGSMITH_TRACING := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: test test-latest demo bench lint typecheck install lock clean suite
+.PHONY: test test-latest demo bench lint typecheck install lock clean suite redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The fleet tests start a real redis-server (the Debian package) on a free loopback port.
+# Installed here when missing and we are root with apt-get; otherwise the exact command to run.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server (Debian package) for the fleet tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "the fleet tests need redis-server; run: sudo apt-get install -y redis-server" >&2; \
+	    exit 1; \
+	  fi; }
+
 # The suite itself, with whichever venv BIN points at (the locked one by default).
-suite:
+suite: redis-server
 	$(BIN)/python -m pytest tests $(wildcard examples/notebooks/*.ipynb) --nbmake
 
 test: lint typecheck

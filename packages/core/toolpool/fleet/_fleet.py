@@ -319,7 +319,9 @@ class RedisFleet:
         args = []
         for share in shares:
             share.note_demand()
-            args.append((self._keys(share.destination), share.claim(), share.peak, share))
+            args.append(
+                (self._keys(share.destination), share.claim(), share.reported_demand(), share)
+            )
         ttl_ms = int(self.record_ttl * 1000)
 
         async def renew(client: Any) -> list[Any]:
@@ -346,7 +348,7 @@ class RedisFleet:
             share.lease_until = until
             share.replicas_seen = count
             share.renewals_total += 1
-            share.peak = share.demand
+            share.next_window()
             share.set_limit(granted)
         return any(s.waiters and s.limit < s.cap for s in shares)
 

@@ -12,8 +12,8 @@ One Lua script (`RENEW`, atomic) renews a replica:
        at most one record TTL after its last renewal)
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
-    3. its target is the cap split in proportion to demand (peak in use + waiting since the
-       last renewal), at least 1 (when the cap has one per replica) so an idle replica's
+    3. its target is the cap split in proportion to demand (peak in use + waiting over the
+       last few renewals), at least 1 (when the cap has one per replica) so an idle replica's
        first request does not wait for a renewal
     4. below target it grows by at most the free capacity (cap - all records), so the records
        never sum past the cap; above target it is told to shrink, and its record stays at the
@@ -123,8 +123,11 @@ class Share:
     limit: int = 0
     mode: str = NONE
     in_use: int = 0
-    # Peak of in_use + waiting since the last renewal: the demand reported to Redis.
+    # Peak of in_use + waiting since the last renewal, and the peaks of the renewals before:
+    # the demand reported is the highest of the last few, so a replica whose callers pause
+    # for a moment (or whose event loop is slow to read them) does not give its share away.
     peak: int = 0
+    recent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=4))
     lease_until: float = -math.inf
     replicas_seen: int = 0
     renewals_total: int = 0
@@ -137,6 +140,15 @@ class Share:
     def claim(self) -> int:
         """What this replica may be using until it hears back: max(limit, in use)."""
         return max(self.limit, self.in_use)
+
+    def reported_demand(self) -> int:
+        """The demand sent to Redis: the peak of this window and the last few."""
+        return max(self.peak, *self.recent) if self.recent else self.peak
+
+    def next_window(self) -> None:
+        """A renewal succeeded: start a new demand window."""
+        self.recent.append(self.peak)
+        self.peak = self.demand
 
     def note_demand(self) -> None:
         d = self.demand

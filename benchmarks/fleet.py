@@ -1,0 +1,255 @@
+"""Fleet-wide caps on Redis against the static share: three `toolpool serve` replicas in front of
+one downstream whose cap is 12, load spread 80/10/10 over the replicas.
+
+Everything runs on loopback in its own process: a `redis-server` on a free port, the test-bed
+downstream (`toolpool.testing`, 250 ms per request, answers 503 beyond 12 in progress), and three
+`python -m toolpool serve` replicas. The client (this process) runs closed-loop workers,
+`--workers` in all, 80 % on replica 0 and 10 % on each of the others, for `--seconds` after a
+warm-up. Two configurations, alternating within each repetition:
+
+    static   [limits] replicas = 3: each replica's pool is capped at floor(12 / 3) = 4
+    redis    [limits] provider = "redis": leases of the cap of 12, rebalanced by demand
+
+Both allow a queue of 10x the cap (the busy replica's workers wait, none is refused). Reported
+per configuration and replica: p50 and p99 latency, requests served, and the downstream's peak
+requests in progress (must stay <= 12); the median over `--repeat` repetitions with the
+min-max spread, and the busy replica's p99 ratio static / redis per repetition.
+
+    python benchmarks/fleet.py --repeat 3 --json benchmarks/out/fleet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from toolpool.testing import ServiceSpec, spawn_downstream
+
+TOKEN = "benchmark-agent-token-0123456789"
+CAP = 12
+CONFIGS = ("static", "redis")
+SPLIT = (0.8, 0.1, 0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(url: str, kind: str) -> str:
+    limits = (
+        '[limits]\nprovider = "redis"\nurl_env = "TOOLPOOL_REDIS_URL"\nreplicas = 3\n'
+        if kind == "redis"
+        else "[limits]\nreplicas = 3\n"
+    )
+    return f"""
+[service]
+access_log = false
+[pool]
+warmup = 0.0
+policy = "off"
+queue_factor = 10.0
+{limits}
+[destinations.api]
+url = "{url}"
+max_connections = {CAP}
+[agents.bench]
+token_env = "BENCH_AGENT_TOKEN"
+tenants = ["acme"]
+"""
+
+
+class Redis:
+    def __init__(self, workdir: str) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("needs redis-server: apt-get install -y redis-server")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class Replica:
+    """`python -m toolpool serve` on a free loopback port, until closed."""
+
+    def __init__(self, config_path: Path, redis_url: str) -> None:
+        env = {**os.environ, "BENCH_AGENT_TOKEN": TOKEN, "TOOLPOOL_REDIS_URL": redis_url}
+        cmd = [sys.executable, "-m", "toolpool", "serve", "--config", str(config_path)]
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.url = json.loads(self.proc.stdout.readline())["url"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not become ready")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _storm(urls: list[str], workers: int, seconds: float, warmup: float) -> list[list[float]]:
+    counts = [round(workers * share) for share in SPLIT]
+    latencies: list[list[float]] = [[] for _ in urls]
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Toolpool-Tenant": "acme"}
+    clients = [
+        httpx.AsyncClient(base_url=u, headers=headers, timeout=60,
+                          limits=httpx.Limits(max_connections=workers))
+        for u in urls
+    ]  # fmt: skip
+    start = time.monotonic()
+    measure_from = start + warmup
+    end = measure_from + seconds
+    errors: list[str] = []
+
+    async def worker(i: int) -> None:
+        while True:
+            began = time.monotonic()
+            if began >= end:
+                return
+            r = await clients[i].get("/d/api/anything")
+            if r.status_code != 200:
+                errors.append(r.text[:200])
+            elif began >= measure_from:
+                latencies[i].append(time.monotonic() - began)
+
+    try:
+        await asyncio.gather(*(worker(i) for i, n in enumerate(counts) for _ in range(n)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return latencies
+
+
+def _run(
+    kind: str, ds: Any, redis: Redis, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    path = workdir / f"{kind}.toml"
+    path.write_text(_config(ds.url("api"), kind), encoding="utf-8")
+    replicas = [Replica(path, redis.url) for _ in range(3)]
+    try:
+        ds.reset_stats("api")
+        lat = asyncio.run(_storm([r.url for r in replicas], args.workers, args.seconds, 3.0))
+        peak = ds.stats("api").peak_requests_in_progress
+    finally:
+        for r in replicas:
+            r.close()
+    return {
+        "peak_in_progress": peak,
+        "replicas": [
+            {"p50_ms": _pct(v, 0.5) * 1000, "p99_ms": _pct(v, 0.99) * 1000, "requests": len(v)}
+            for v in lat
+        ],
+    }
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=40)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
+    spec = ServiceSpec(require_auth=False, service_time=0.25, concurrency_limit=CAP)
+    with tempfile.TemporaryDirectory() as tmp, spawn_downstream({"api": spec}) as ds:
+        redis = Redis(tmp)
+        try:
+            for rep in range(args.repeat):
+                order = CONFIGS if rep % 2 == 0 else CONFIGS[::-1]
+                for kind in order:
+                    result = _run(kind, ds, redis, Path(tmp), args)
+                    runs[kind].append(result)
+                    busy = result["replicas"][0]
+                    print(
+                        f"rep {rep + 1} {kind:6s} busy p50 {busy['p50_ms']:.1f} ms "
+                        f"p99 {busy['p99_ms']:.1f} ms, peak {result['peak_in_progress']}",
+                        flush=True,
+                    )
+        finally:
+            redis.close()
+    print(f"\n{args.workers} workers split 80/10/10, cap {CAP}, 250 ms per request")
+    print("| config | replica | p50 ms | p99 ms | requests | peak in progress |")
+    print("|---|---|---|---|---|---|")
+    for kind in CONFIGS:
+        for i in range(3):
+            rows = [r["replicas"][i] for r in runs[kind]]
+            print(
+                f"| {kind} | {i} ({int(SPLIT[i] * 100)} %) | "
+                f"{_summary([r['p50_ms'] for r in rows])} | "
+                f"{_summary([r['p99_ms'] for r in rows])} | "
+                f"{_summary([float(r['requests']) for r in rows])} | "
+                f"{max(r['peak_in_progress'] for r in runs[kind])} |"
+            )
+    ratios = [
+        s["replicas"][0]["p99_ms"] / r["replicas"][0]["p99_ms"]
+        for s, r in zip(runs["static"], runs["redis"], strict=True)
+    ]
+    print(
+        f"\nbusy replica p99, static / redis: median {statistics.median(ratios):.2f}x "
+        f"(per repetition {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"runs": runs, "busy_p99_ratio": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
