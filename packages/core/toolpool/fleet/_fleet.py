@@ -209,7 +209,7 @@ class RedisFleet:
             share.destination,
             in_use=share.in_use,
             waiting=len(share.waiters),
-            max_connections=share.limit,
+            max_connections=share.cap,
             queue_limit=2 * share.cap,
             retry_after=self.busy_interval if reason == "queue_full" else 1.0,
             reason=reason,
