@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import pytest
 
 import toolpool
-from tests.fleet.fleet_support import RedisServer
+from tests.fleet.fleet_support import RedisServer, fleet_config, limits_section
+from tests.service.support import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
 from toolpool.errors import ConfigError
 from toolpool.fleet import RedisFleet
 from toolpool.resilience import Policy, RateLimit
@@ -136,3 +139,34 @@ tenants = ["*"]
                      env={"MY_REDIS_URL": "redis://127.0.0.1:6390/0"})  # fmt: skip
     with pytest.raises(ConfigError, match="32 characters"):
         parse_config(text, env={"MY_REDIS_URL": "redis://h/0", "TOOLPOOL_FLEET_KEY": "short"})
+
+
+@pytest.mark.timeout(90)
+async def test_service_replicas_share_a_configured_rate_limit(
+    api: Downstream, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    limits = limits_section(2) + "\n[limits.rate_limits.api]\nrate = 10\nburst = 1\n"
+    text = fleet_config({"api": api.url("api")}, cap=20, limits=limits)
+    env = {**SERVICE_ENV, "TOOLPOOL_REDIS_URL": redis_server.url}
+    headers = {"Authorization": f"Bearer {AGENT_A_TOKEN}", "X-Toolpool-Tenant": "acme"}
+    with ExitStack() as stack:
+        svcs = [
+            stack.enter_context(ServiceThread(write_config(tmp_path, text, f"r{i}.toml"), env))
+            for i in range(2)
+        ]
+        async with httpx.AsyncClient(headers=headers, timeout=20) as client:
+            started = time.monotonic()
+            jobs = [client.get(svcs[i % 2].url + "/d/api/anything") for i in range(20)]
+            responses = await asyncio.wait_for(asyncio.gather(*jobs), 30)
+            elapsed = time.monotonic() - started
+    assert [r.status_code for r in responses] == [200] * 20
+    # 20 starts at 10/s with a burst of 1, from two replicas: at least 19 intervals (1.9 s);
+    # each replica on its own would finish its 10 in 0.9 s.
+    assert elapsed >= 19 / 10 * 0.95, elapsed
+
+
+def test_rate_limits_config_errors() -> None:
+    with pytest.raises(ConfigError, match="takes rate"):
+        RedisFleet("redis://127.0.0.1:9/0", rate_limits={"api": {"rat": 5}}, env={})
+    with pytest.raises(ConfigError, match="rate must be > 0"):
+        RedisFleet("redis://127.0.0.1:9/0", rate_limits={"api": {"rate": 0}}, env={})

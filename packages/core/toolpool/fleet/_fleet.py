@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from toolpool._pool import Pool
+    from toolpool.resilience import RateLimit
 
 __all__ = ["RedisFleet"]
 
@@ -85,6 +86,7 @@ class RedisFleet:
         namespace: str = "default",
         key_env: str = "TOOLPOOL_FLEET_KEY",
         replica_id: str | None = None,
+        rate_limits: Mapping[str, Mapping[str, Any]] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         environ = os.environ if env is None else env
@@ -137,6 +139,7 @@ class RedisFleet:
             if key is not None
             else None
         )
+        self.rate_limits = _rate_limits(rate_limits or {})
         self._shares: dict[str, Share] = {}
         self._task: asyncio.Task[None] | None = None
         self._kick: asyncio.Event | None = None
@@ -259,15 +262,28 @@ class RedisFleet:
         await self.coordinator.aclose()
 
     def attach(self, pool: Pool) -> None:
-        """Share `pool`'s tokens (when a fleet key is set) and rate limits with the fleet."""
+        """Share `pool`'s tokens (when a fleet key is set) and rate limits with the fleet:
+        each destination's policy rate limit, or the one `rate_limits` names for it."""
+        unknown = sorted(set(self.rate_limits) - set(pool.destinations))
+        if unknown:
+            raise ConfigError(
+                f"[limits.rate_limits] names {', '.join(map(repr, unknown))}, which is not a "
+                f"destination (known: {', '.join(pool.destinations)})"
+            )
         for name in pool.destinations:
             dest = pool.destination(name)
             auth = dest.auth
             if self.tokens is not None and hasattr(auth, "share_tokens"):
                 auth.share_tokens(self.tokens)
             policy = dest.policy
+            configured = self.rate_limits.get(name)
             if policy is not None and hasattr(policy, "share_rate_limit"):
-                policy.share_rate_limit(self.rates)
+                policy.share_rate_limit(self.rates, configured)
+            elif configured is not None:
+                raise ConfigError(
+                    f"destination {name!r} has a fleet rate limit but no resilience layer "
+                    f'(policy = "none"); use policy = "off" or "default"'
+                )
 
     # ------------------------------------------------------------------ renewing
 
@@ -376,6 +392,29 @@ class RedisFleet:
     def shares(self) -> dict[str, dict[str, Any]]:
         """This replica's view of each destination: cap, limit, mode, in use, waiting."""
         return {name: share.snapshot() for name, share in self._shares.items()}
+
+
+def _rate_limits(table: Mapping[str, Mapping[str, Any]]) -> dict[str, RateLimit]:
+    """`[limits.rate_limits.NAME]` tables: rate (per second), burst, per_tenant."""
+    from toolpool.resilience import RateLimit
+
+    out: dict[str, RateLimit] = {}
+    if not isinstance(table, Mapping):
+        raise ConfigError("rate_limits must be a table of [limits.rate_limits.DESTINATION]")
+    for name, options in table.items():
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"rate_limits.{name} must be a table with rate = N")
+        extra = set(options) - {"rate", "burst", "per_tenant"}
+        if extra or "rate" not in options:
+            raise ConfigError(
+                f"rate_limits.{name} takes rate (requests per second), burst and per_tenant"
+                + (f"; unknown: {', '.join(sorted(extra))}" if extra else "")
+            )
+        try:
+            out[name] = RateLimit(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"rate_limits.{name}: {exc}") from None
+    return out
 
 
 class _FleetCollector:

@@ -151,6 +151,7 @@ class PolicyRuntime(AdmissionControl):
         self.limiter = RateLimiter(policy.rate_limit, policy.max_wait, policy.max_pause)
         # A fleet-wide bucket (toolpool.fleet) in place of the local one; see share_rate_limit.
         self.shared_rates: SharedRateLimiter | None = None
+        self.shared_rate_limit: RateLimit | None = None
         self.adaptive = (
             AimdLimit(policy.adaptive, max_connections, now)
             if policy.adaptive is not None
@@ -205,15 +206,19 @@ class PolicyRuntime(AdmissionControl):
         dest.sync_send = self.sync_send
         dest.pool._close_callbacks.append(self._stop_timer)
 
-    def share_rate_limit(self, shared: SharedRateLimiter) -> None:
+    def share_rate_limit(
+        self, shared: SharedRateLimiter, rate_limit: RateLimit | None = None
+    ) -> None:
         """Draw this destination's rate limit from `shared` (a bucket several processes use,
         e.g. `toolpool.fleet.RedisFleet(...).rates`) instead of a bucket of this process.
-        Retry-After pauses stay local. No effect without a `rate_limit` in the policy."""
-        config = self.policy.rate_limit
+        `rate_limit` replaces the policy's own. Retry-After pauses stay local. No effect
+        without a rate limit."""
+        config = rate_limit if rate_limit is not None else self.policy.rate_limit
         if config is None:
             return
         with self._lock:
             self.shared_rates = shared
+            self.shared_rate_limit = config
             self.limiter = RateLimiter(None, self.policy.max_wait, self.policy.max_pause)
 
     # ------------------------------------------------------------------ observability
@@ -490,7 +495,7 @@ class PolicyRuntime(AdmissionControl):
     def _shared_args(
         self, ctx: AuthContext | None, delay: float
     ) -> tuple[str, str | None, RateLimit, float, float]:
-        config = self.policy.rate_limit
+        config = self.shared_rate_limit
         assert config is not None
         tenant = ctx.tenant if ctx is not None else None
         return self.name, tenant, config, max(0.0, self.policy.max_wait - delay), monotonic()
