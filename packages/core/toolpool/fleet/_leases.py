@@ -13,7 +13,7 @@ One Lua script (`RENEW`, atomic) renews a replica:
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
     3. its target is the cap split in proportion to demand (peak in use + waiting over the
-       last few renewals), at least 1 (when the cap has one per replica) so an idle replica's
+       last few renewals; whole permits by largest remainder), at least 1 (when the cap has one per replica) so an idle replica's
        first request does not wait for a renewal
     4. below target it grows by at most the free capacity (cap - all records), so the records
        never sum past the cap; above target it is told to shrink, and its record stays at the
@@ -91,13 +91,30 @@ for i = 1, #all_leases, 2 do
   if all_leases[i] ~= replica then others = others + tonumber(all_leases[i + 1]) end
 end
 local all_demands = redis.call('HGETALL', demands)
+local parts = {}
 local total = 0
-for i = 2, #all_demands, 2 do total = total + tonumber(all_demands[i]) end
-local target
-if total <= 0 then
-  target = math.floor(cap / count)
-else
-  target = math.floor(cap * demand / total + 0.5)
+for i = 1, #all_demands, 2 do
+  local d = tonumber(all_demands[i + 1])
+  parts[#parts + 1] = {all_demands[i], d}
+  total = total + d
+end
+-- the cap split in proportion to demand (equally when nobody has any), the remainder of
+-- the whole-number split to the largest fractions (ties by name, the same on every replica)
+local assigned = 0
+for _, p in ipairs(parts) do
+  local exact = (total > 0) and (cap * p[2] / total) or (cap / #parts)
+  p[3] = math.floor(exact)
+  p[4] = exact - p[3]
+  assigned = assigned + p[3]
+end
+table.sort(parts, function(a, b)
+  if a[4] ~= b[4] then return a[4] > b[4] end
+  return a[1] < b[1]
+end)
+local target = 0
+for j, p in ipairs(parts) do
+  if j <= cap - assigned then p[3] = p[3] + 1 end
+  if p[1] == replica then target = p[3] end
 end
 if target < 1 and (demand > 0 or cap >= count) then target = 1 end
 local new

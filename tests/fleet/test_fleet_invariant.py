@@ -1,0 +1,90 @@
+"""The lease invariant under random load, a Redis restart and a vanished replica: four fleet
+members on one event loop (so their permits in use can be summed exactly at every grant)
+never hold more than the cap between them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tests.fleet.fleet_support import RedisServer
+from toolpool.fleet import RedisFleet
+
+CAP = 10
+
+
+@pytest.mark.timeout(90)
+async def test_permits_in_use_never_exceed_the_cap(redis_server: RedisServer) -> None:
+    rng = random.Random(21)
+    fleets = [
+        RedisFleet(
+            redis_server.url,
+            replicas=4,
+            lease_ttl=1.0,
+            renew_interval=0.15,
+            busy_interval=0.05,
+            op_timeout=0.2,
+            max_wait=30.0,
+            env={},
+        )
+        for _ in range(4)
+    ]
+    for f in fleets:
+        assert f.replica_cap("api", CAP) == CAP
+        await f.start()
+    granted = 0
+    peak = 0
+    active = [True] * 4
+    load = [8, 2, 1, 1]
+
+    def in_use() -> int:
+        return sum(f.shares()["api"]["in_use"] for f in fleets)
+
+    async def worker(i: int, k: int) -> None:
+        nonlocal granted, peak
+        while active[i]:
+            if k >= load[i]:
+                await asyncio.sleep(0.02)
+                continue
+            async with fleets[i].hold("api", "t"):
+                total = in_use()
+                assert total <= CAP, [f.shares()["api"] for f in fleets]
+                peak = max(peak, total)
+                granted += 1
+                await asyncio.sleep(rng.uniform(0.0, 0.02))
+
+    tasks = [asyncio.create_task(worker(i, k)) for i in range(4) for k in range(12)]
+    try:
+        for phase in range(6):  # demand moves between members
+            load[:] = [rng.randint(0, 12) for _ in range(4)]
+            await asyncio.sleep(0.6)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+        redis_server.stop()  # through the outage: last leases, nothing, static shares
+        await asyncio.sleep(1.6)
+        assert all(f.shares()["api"]["mode"] == "static" for f in fleets)
+        redis_server.start()
+        for phase in range(4):
+            load[:] = [rng.randint(0, 12) for _ in range(4)]
+            await asyncio.sleep(0.6)
+        assert all(f.coordinator.up for f in fleets)
+        assert all(f.shares()["api"]["mode"] == "lease" for f in fleets)
+        # A member vanishes without giving anything back (as after SIGKILL).
+        active[3] = False
+        task = fleets[3]._task
+        assert task is not None
+        task.cancel()
+        load[:] = [12, 12, 12, 0]
+        await asyncio.sleep(1.5)
+        limits = [f.shares()["api"]["limit"] for f in fleets[:3]]
+        assert sum(limits) == CAP, limits
+        assert not any(t.done() for t in tasks[:36]), [t.exception() for t in tasks if t.done()]
+    finally:
+        active[:] = [False] * 4
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for f in fleets:
+            await f.aclose()
+    for t in tasks:
+        assert t.exception() is None if not t.cancelled() else True
+    assert granted > 500 and peak == CAP
