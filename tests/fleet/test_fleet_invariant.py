@@ -57,7 +57,7 @@ async def test_permits_in_use_never_exceed_the_cap(redis_server: RedisServer) ->
 
     tasks = [asyncio.create_task(worker(i, k)) for i in range(4) for k in range(12)]
     try:
-        for phase in range(6):  # demand moves between members
+        for _ in range(6):  # demand moves between members
             load[:] = [rng.randint(0, 12) for _ in range(4)]
             await asyncio.sleep(0.6)
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
@@ -65,7 +65,7 @@ async def test_permits_in_use_never_exceed_the_cap(redis_server: RedisServer) ->
         await asyncio.sleep(1.6)
         assert all(f.shares()["api"]["mode"] == "static" for f in fleets)
         redis_server.start()
-        for phase in range(4):
+        for _ in range(4):
             load[:] = [rng.randint(0, 12) for _ in range(4)]
             await asyncio.sleep(0.6)
         assert all(f.coordinator.up for f in fleets)

@@ -13,8 +13,8 @@ One Lua script (`RENEW`, atomic) renews a replica:
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
     3. its target is the cap split in proportion to demand (peak in use + waiting over the
-       last few renewals; whole permits by largest remainder), at least 1 (when the cap has one per replica) so an idle replica's
-       first request does not wait for a renewal
+       last few renewals; whole permits by largest remainder), at least 1 (when the cap has
+       one per replica) so an idle replica's first request does not wait for a renewal
     4. below target it grows by at most the free capacity (cap - all records), so the records
        never sum past the cap; above target it is told to shrink, and its record stays at the
        claim until the next renewal reports the smaller use
