@@ -142,6 +142,12 @@ class AsyncConnection(asyncio.Protocol):
         self.close_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.sweep = _ReadDeadlines.of(loop)
+        self.tcp_done: float | None = None  # when TCP connected (before any TLS handshake)
+
+    def tcp_connected(self) -> AsyncConnection:
+        """The protocol factory: asyncio calls it once TCP is connected, before TLS."""
+        self.tcp_done = monotonic()
+        return self
 
     # ------------------------------------------------------------------ protocol callbacks
 
@@ -449,13 +455,20 @@ async def acquire(
         await fut
     except _WaitTimedOut:
         dest.cancel(waiter, timed_out=True)
-        raise dest.timed_out(timeout) from None
-    except BaseException:
+        err = dest.timed_out(timeout)
+        if dest.probe is not None:
+            dest.probe.waited(dest, waiter, err)
+        raise err from None
+    except BaseException as exc:
         dest.cancel(waiter)
+        if dest.probe is not None:
+            dest.probe.waited(dest, waiter, exc)
         raise
     finally:
         if handle is not None:
             handle.cancel()
+    if dest.probe is not None:
+        dest.probe.waited(dest, waiter, None)
     slot = waiter.grant
     if slot is None:  # woken by pool shutdown
         raise PoolClosed()
@@ -485,7 +498,7 @@ async def _connect(
             for address in addresses:
                 try:
                     await loop.create_connection(
-                        lambda: conn,
+                        conn.tcp_connected,
                         address,
                         dest.port,
                         ssl=sslctx,
@@ -530,8 +543,16 @@ async def open_slot(
 ) -> AsyncConnection:
     """Open the permit's connection for the request holding it."""
     started = monotonic()
-    conn = await _connect(dest, slot, loop, ctx, timeout)
-    dest.opened(slot, conn, monotonic() - started)
+    try:
+        conn = await _connect(dest, slot, loop, ctx, timeout)
+    except BaseException as exc:
+        if dest.probe is not None:
+            dest.probe.connected(dest, started, None, monotonic(), exc)
+        raise
+    done = monotonic()
+    dest.opened(slot, conn, done - started)
+    if dest.probe is not None:
+        dest.probe.connected(dest, started, conn.tcp_done, done, None)
     return conn
 
 
@@ -567,6 +588,9 @@ async def send(
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
     asked = monotonic()
+    probe = dest.probe
+    if probe is not None:
+        probe.attempt(dest, asked)
     slot = await acquire(dest, key, loop, _wait_limit(dest, timeouts))
     waited = monotonic() - asked
     retried = False
@@ -580,9 +604,12 @@ async def send(
         ):
             slot = dest.replace(slot)
             continue
+        sent = monotonic() if probe is not None else 0.0
         try:
             head = await conn.exchange(req, timeouts)
-        except _Stale:
+        except _Stale as exc:
+            if probe is not None:
+                probe.exchanged(dest, sent, None, exc)
             if not fresh and not retried and req.replayable:
                 # A reused connection the peer had closed: retry once on a new one.
                 retried = True
@@ -591,11 +618,15 @@ async def send(
             conn.active = False
             dest.release(slot, False)
             raise
-        except BaseException:
+        except BaseException as exc:
+            if probe is not None:
+                probe.exchanged(dest, sent, None, exc)
             conn.active = False
             dest.release(slot, False)
             raise
         break
+    if probe is not None:
+        probe.exchanged(dest, sent, head.status, None)
     stream = AsyncResponseStream(dest, slot, conn, timeouts.get("read"))
     return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 

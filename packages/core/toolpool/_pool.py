@@ -132,6 +132,9 @@ class Pool:
         self.closed = False
         # Called once when the pool starts closing (auth providers stop background refreshes).
         self._close_callbacks: list[Callable[[], None]] = []
+        # Called with each destination added later (pooled on demand), after its layers are
+        # bound: instrumentation that applies to every destination (toolpool.otel).
+        self._destination_hooks: list[Callable[[DestinationPool], None]] = []
         for dest in destinations:
             if not isinstance(dest, Destination):
                 raise ConfigError(
@@ -166,6 +169,8 @@ class Pool:
             settings.policy.bind(dest)
         if self.overflow is not None and settings.listed:
             self.overflow.bind(dest)  # outermost: a request that would queue goes remote
+        for hook in self._destination_hooks:
+            hook(dest)  # e.g. toolpool.otel's client spans, outside every layer above
         self._by_name[settings.name] = dest
         self._routes[(scheme, host, port)] = dest
         if _DEFAULT_PORTS.get(scheme) == port:
@@ -524,6 +529,10 @@ class Pool:
 
     # Subscribers of on_saturation (toolpool.resilience), created on first subscription.
     _saturation_hub: Any = None
+    # toolpool.otel's instrumentation of this pool, and its tracing (adapters open tool-call
+    # spans through it); None when not instrumented.
+    _otel: Any = None
+    _otel_tracing: Any = None
 
     def saturation(self, destination: str) -> Saturation:
         """How busy `destination` (a name or URL) is now: utilization, queue, effective

@@ -22,6 +22,7 @@ from toolpool import _state
 from toolpool._auth_context import AuthContext
 from toolpool._config import DestinationSettings
 from toolpool._egress import Egress
+from toolpool._probe import Probe
 from toolpool._state import Action, Close, DestinationState, Limits, Slot, Waiter
 from toolpool._tls import client_ssl_context
 from toolpool.errors import PoolSaturated, PoolTimeout
@@ -71,6 +72,9 @@ class DestinationPool:
         self.auth: Any = None
         # Set by toolpool.resilience when the destination has policies.
         self.policy: Any = None
+        # Set by toolpool.otel when the pool is traced: told of waits, connects and exchanges
+        # (see `toolpool._probe.Probe`); None costs the drivers one attribute test.
+        self.probe: Probe | None = None
         # How a request is sent: the drivers' pooled send, which an auth provider and a
         # resilience policy may each wrap once at bind time. `base_*` stay unwrapped (for
         # requests that must skip the wrappers, such as token requests).
@@ -123,13 +127,13 @@ class DestinationPool:
         with self.lock:
             self.state.opened(slot, conn, monotonic())
             if connect_seconds is not None:
-                self.state.create_time.observe(connect_seconds)
+                self.state.record_create(connect_seconds)
 
     def warmed(self, slot: Slot, conn: Any, connect_seconds: float | None = None) -> None:
         with self.lock:
             actions = self.state.warmed(slot, conn, monotonic())
             if connect_seconds is not None:
-                self.state.create_time.observe(connect_seconds)
+                self.state.record_create(connect_seconds)
         if actions:
             self.execute(actions)
 

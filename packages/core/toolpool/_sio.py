@@ -65,7 +65,7 @@ class _Notifier:
 class SyncConnection:
     """One HTTP/1.1 connection on a blocking socket (plain or TLS)."""
 
-    __slots__ = ("active", "alive", "closing", "dest", "parser", "slot", "sock")
+    __slots__ = ("active", "alive", "closing", "dest", "parser", "slot", "sock", "tcp_done")
 
     def __init__(self, dest: DestinationPool, slot: Slot, sock: socket.socket) -> None:
         self.dest = dest
@@ -75,6 +75,7 @@ class SyncConnection:
         self.alive = True
         self.active = False
         self.closing = False
+        self.tcp_done: float | None = None  # when TCP connected (before any TLS handshake)
 
     def exchange(self, req: RequestBytes, timeouts: dict[str, float | None]) -> ResponseHead:
         """Send the request and read until the response head is in."""
@@ -233,12 +234,19 @@ def acquire(dest: DestinationPool, key: tuple[str | None, Any], timeout: float) 
         dest.execute(actions)
     try:
         granted = notifier.wait(timeout)
-    except BaseException:
+    except BaseException as exc:
         dest.cancel(waiter)
+        if dest.probe is not None:
+            dest.probe.waited(dest, waiter, exc)
         raise
     if not granted:
         dest.cancel(waiter, timed_out=True)
-        raise dest.timed_out(timeout)
+        err = dest.timed_out(timeout)
+        if dest.probe is not None:
+            dest.probe.waited(dest, waiter, err)
+        raise err
+    if dest.probe is not None:
+        dest.probe.waited(dest, waiter, None)
     slot = waiter.grant
     if slot is None:  # woken by pool shutdown
         raise PoolClosed()
@@ -254,6 +262,7 @@ def connect(
     """Open a connection (TCP, then TLS) for the slot; on failure report it and raise."""
     where = f"{dest.name} ({dest.host}:{dest.port})"
     sock: socket.socket | None = None
+    tcp_done: float | None = None
     try:
         sslctx = dest.ssl_context(ctx)
         # Egress policy: resolve once, check every address, connect to checked ones only.
@@ -267,6 +276,7 @@ def connect(
                     raise
         assert sock is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp_done = monotonic()
         if sslctx is not None:
             sock = sslctx.wrap_socket(sock, server_hostname=dest.host)
     except BaseException as exc:
@@ -282,7 +292,9 @@ def connect(
         if isinstance(exc, OSError):
             raise httpx.ConnectError(f"cannot connect to {where}: {exc}") from exc
         raise
-    return SyncConnection(dest, slot, sock)
+    conn = SyncConnection(dest, slot, sock)
+    conn.tcp_done = tcp_done
+    return conn
 
 
 def open_slot(
@@ -293,8 +305,16 @@ def open_slot(
 ) -> SyncConnection:
     """Open the permit's connection for the request holding it."""
     started = monotonic()
-    conn = connect(dest, slot, ctx, timeout)
-    dest.opened(slot, conn, monotonic() - started)
+    try:
+        conn = connect(dest, slot, ctx, timeout)
+    except BaseException as exc:
+        if dest.probe is not None:
+            dest.probe.connected(dest, started, None, monotonic(), exc)
+        raise
+    done = monotonic()
+    dest.opened(slot, conn, done - started)
+    if dest.probe is not None:
+        dest.probe.connected(dest, started, conn.tcp_done, done, None)
     return conn
 
 
@@ -324,6 +344,9 @@ def send(
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     req = RequestBytes(request)
     asked = monotonic()
+    probe = dest.probe
+    if probe is not None:
+        probe.attempt(dest, asked)
     slot = acquire(dest, key, _wait_limit(dest, timeouts))
     waited = monotonic() - asked
     retried = False
@@ -337,9 +360,12 @@ def send(
         ):
             slot = dest.replace(slot)
             continue
+        sent = monotonic() if probe is not None else 0.0
         try:
             head = conn.exchange(req, timeouts)
-        except _Stale:
+        except _Stale as exc:
+            if probe is not None:
+                probe.exchanged(dest, sent, None, exc)
             if not fresh and not retried and req.replayable:
                 retried = True
                 slot = dest.replace(slot)
@@ -347,11 +373,15 @@ def send(
             conn.active = False
             dest.release(slot, False)
             raise
-        except BaseException:
+        except BaseException as exc:
+            if probe is not None:
+                probe.exchanged(dest, sent, None, exc)
             conn.active = False
             dest.release(slot, False)
             raise
         break
+    if probe is not None:
+        probe.exchanged(dest, sent, head.status, None)
     stream = SyncResponseStream(dest, slot, conn)
     return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 

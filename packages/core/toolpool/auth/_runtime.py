@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -320,7 +321,8 @@ class HeaderAuth:
                 return await self._fetch_async(flight, ctx, cold=True)
             assert fut is not None
             try:
-                await asyncio.wait_for(fut, self._wait_bound)
+                with _token_scope(self.dest, "wait"):
+                    await asyncio.wait_for(fut, self._wait_bound)
             except TimeoutError:
                 raise self._wait_timed_out(ctx) from None
             got = self._outcome(flight, ctx)
@@ -346,11 +348,12 @@ class HeaderAuth:
                     preconnect = asyncio.get_running_loop().create_task(
                         _aio.preconnect(self.dest, ctx)
                     )
-                response = await token_dest.base_async_send(self._bounded(step), ctx)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+                with _token_scope(self.dest, flight.reason):
+                    response = await token_dest.base_async_send(self._bounded(step), ctx)
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
                 step = self.provider.token_response(ctx, response)
             return _credential(step)
 
@@ -419,7 +422,9 @@ class HeaderAuth:
             if kind == LEAD:
                 return self._fetch_sync(flight, ctx, cold=True)
             assert event is not None
-            if not event.wait(self._wait_bound):
+            with _token_scope(self.dest, "wait"):
+                arrived = event.wait(self._wait_bound)
+            if not arrived:
                 raise self._wait_timed_out(ctx)
             got = self._outcome(flight, ctx)
             if got is not None:
@@ -446,11 +451,12 @@ class HeaderAuth:
                         daemon=True,
                     )
                     preconnect.start()
-                response = token_dest.base_sync_send(self._bounded(step), ctx)
-                try:
-                    response.read()
-                finally:
-                    response.close()
+                with _token_scope(self.dest, flight.reason):
+                    response = token_dest.base_sync_send(self._bounded(step), ctx)
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
                 step = self.provider.token_response(ctx, response)
             return _credential(step)
 
@@ -618,6 +624,16 @@ def _describe(exc: Exception) -> tuple[str, float, BaseException | None]:
         0.0,
         exc,
     )
+
+
+def _token_scope(dest: DestinationPool, reason: str) -> AbstractContextManager[object]:
+    """The tracer's span around a token request, or around a wait for another request's
+    fetch (reason "wait"), when toolpool.otel traces the pool; else nothing."""
+    probe = dest.probe
+    return _NO_SCOPE if probe is None else probe.token_fetch(dest, reason)
+
+
+_NO_SCOPE = nullcontext()
 
 
 def _who(ctx: AuthContext | None) -> str:

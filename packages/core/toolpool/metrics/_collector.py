@@ -340,17 +340,8 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
         acquired.add_metric([d, "idle"], r.reused)
         acquired.add_metric([d, "new"], r.acquired - r.reused)
         policy = r.policy
-        if policy is not None and policy.rejections is not None:
-            refused = {"queue_full": 0, "timeout": 0, **policy.rejections}
-        else:
-            refused = {"queue_full": r.saturated, "timeout": r.timeouts}
-            if policy is not None and policy.breaker_rejections is not None:
-                refused["breaker_open"] = policy.breaker_rejections
-            if policy is not None and policy.rate_limited is not None:
-                refused["rate_limited"] = policy.rate_limited
-        for reason, n in sorted(refused.items()):
-            if LABEL_VALUE.match(reason):
-                rejected.add_metric([d, reason], n)
+        for reason, n in sorted(r.rejections().items()):
+            rejected.add_metric([d, reason], n)
         for rule, n in sorted(r.egress_denied.items()):
             egress.add_metric([d, rule], n)
         if policy is not None:

@@ -224,6 +224,20 @@ class DestinationReading:
             self.policy.merge(other.policy)
         self.merged += other.merged
 
+    def rejections(self) -> dict[str, int]:
+        """Calls refused without being sent, by reason: the resilience policy's counts when
+        it reports them (admission refusals included), else the pool's own."""
+        policy = self.policy
+        if policy is not None and policy.rejections is not None:
+            refused = {"queue_full": 0, "timeout": 0, **policy.rejections}
+        else:
+            refused = {"queue_full": self.saturated, "timeout": self.timeouts}
+            if policy is not None and policy.breaker_rejections is not None:
+                refused["breaker_open"] = policy.breaker_rejections
+            if policy is not None and policy.rate_limited is not None:
+                refused["rate_limited"] = policy.rate_limited
+        return {reason: n for reason, n in refused.items() if LABEL_VALUE.match(reason)}
+
 
 def read(dest: DestinationPool) -> DestinationReading:
     """Copy one destination's counters (O(buckets); the lock is held for the copy only)."""

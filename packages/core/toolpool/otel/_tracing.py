@@ -1,0 +1,485 @@
+"""Client spans per request, and the pool's own time inside them as child spans.
+
+Two pieces, both installed per destination by `toolpool.otel.instrument`:
+
+- the *client layer*, the outermost layer of the destination's send chain: one span of kind
+  CLIENT per request (HTTP client semantic conventions), started as the current span so
+  that the layers inside it (resilience, auth) and the drivers nest under it, ended when
+  the response head arrives (like the HTTP client duration metric);
+- the *probe* (`dest.probe`, see `toolpool._probe`), which the drivers and the auth runtime
+  tell about waits, connects, exchanges and token requests; it turns each into a child span
+  after the fact, with the start and end times the pool measured (so a wait span lasts
+  exactly the wait that `pool.stats()` recorded).
+
+One request's spans:
+
+    GET                        CLIENT  http.*, url.full (query values redacted), toolpool.*
+    ├─ toolpool.auth.token     a token request of the auth provider (its own wait/connect/
+    │                          TLS/response below it)
+    ├─ toolpool.auth.wait      waiting for a token another request of the context is fetching
+    ├─ toolpool.retry          from the end of a failed attempt to the next attempt (backoff,
+    │                          Retry-After pause, a 401's fresh token)
+    ├─ toolpool.pool.wait      queued for a connection (only when the request queued)
+    ├─ toolpool.connect        TCP connect of a new connection
+    │  └─ toolpool.tls         its TLS handshake
+    └─ toolpool.response       request written → response head received (network + server)
+
+No span carries a credential, a header or a query value; a tenant id appears only as the
+keyed hash of `toolpool.metrics.TenantLabels`, and only when one is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import Histogram
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from toolpool._auth_context import AuthContext
+
+if TYPE_CHECKING:
+    from toolpool._runtime import DestinationPool
+    from toolpool._state import Waiter
+    from toolpool.metrics import TenantLabels
+
+__all__ = ["SPAN_NAMES", "Tracing", "redacted_url"]
+
+monotonic = time.monotonic
+
+#: Every span name toolpool emits, with what its duration measures.
+SPAN_NAMES: dict[str, str] = {
+    "{method}": "one request (kind CLIENT): from entering the pool to its response head",
+    "toolpool.auth.token": "a token request of the destination's auth provider",
+    "toolpool.auth.wait": "waiting for the token another request of the context is fetching",
+    "toolpool.retry": "between a failed attempt and the next one (backoff, pause, new token)",
+    "toolpool.pool.wait": "queued for a connection (the wait pool.stats() records)",
+    "toolpool.connect": "opening a new connection: TCP connect (DNS included)",
+    "toolpool.tls": "the TLS handshake of a new connection",
+    "toolpool.response": "request written until the response head arrived",
+    "execute_tool {name}": "a tool call, opened by adapters of frameworks without their own",
+}
+
+# The method names of the HTTP semantic conventions; others are reported as "_OTHER".
+_METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# The per-call record in the OpenTelemetry context (see `_Call`).
+_CALL = otel_context.create_key("toolpool.call")
+# Hashed tenant labels remembered per tracing (one per auth context fingerprint).
+_MAX_TENANTS_CACHED = 10_000
+
+
+def redacted_url(url: httpx.URL) -> str:
+    """`url` for `url.full`: no user info, and every query value replaced by REDACTED
+    (query strings carry API keys and signatures; the keys alone say what was asked)."""
+    port = url.port
+    netloc = url.host if port is None else f"{url.host}:{port}"
+    if ":" in url.host:
+        netloc = f"[{url.host}]" if port is None else f"[{url.host}]:{port}"
+    path = url.raw_path.partition(b"?")[0].decode("ascii", "replace")
+    text = f"{url.scheme}://{netloc}{path}"
+    query = url.query
+    if query:
+        parts = []
+        for pair in query.decode("ascii", "replace").split("&"):
+            key, eq, _ = pair.partition("=")
+            parts.append(f"{key}=REDACTED" if eq else key)
+        text += "?" + "&".join(parts)
+    return text
+
+
+class _Call:
+    """What the spans of one request (or one token request) share: the offset from the
+    monotonic clock the pool measures with to the wall clock spans are stamped with, and
+    the attempts seen so far."""
+
+    __slots__ = ("attempts", "last_end", "offset", "wait")
+
+    def __init__(self) -> None:
+        self.offset = time.time_ns() - time.monotonic_ns()
+        self.attempts = 0
+        self.last_end: float | None = None
+        self.wait = 0.0  # seconds queued for a connection, over all attempts
+
+    def ns(self, t: float) -> int:
+        return self.offset + int(t * 1e9)
+
+
+def _current_call() -> _Call | None:
+    call = otel_context.get_value(_CALL)
+    return call if isinstance(call, _Call) else None
+
+
+def _fail(span: Span, exc: BaseException) -> None:
+    span.set_attribute("error.type", _error_type(exc))
+    if isinstance(exc, Exception):
+        span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def _error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+class Tracing:
+    """A pool's tracing: the client layer and probe of each of its destinations.
+
+    `tracer` None: no spans, only the request duration histogram (metrics without traces).
+    """
+
+    def __init__(
+        self,
+        tracer: Tracer | None,
+        duration: Histogram | None,
+        tenants: TenantLabels | None,
+    ) -> None:
+        self.tracer = tracer
+        self.duration = duration
+        self.tenants = tenants
+        self._tenant_labels: dict[str, str] = {}
+        # destination name -> (inner async, inner sync, our async, our sync)
+        self._installed: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    # ------------------------------------------------------------------ install
+
+    def install(self, dest: DestinationPool) -> None:
+        """Become `dest`'s outermost layer (and its probe, when tracing)."""
+        if dest.name in self._installed:
+            return
+        inner_a = dest.async_send
+        inner_s = dest.sync_send
+        our_a, our_s = self._layer(dest, inner_a, inner_s)
+        self._installed[dest.name] = (inner_a, inner_s, our_a, our_s)
+        dest.async_send = our_a
+        dest.sync_send = our_s
+        if self.tracer is not None:
+            dest.probe = self
+
+    def uninstall(self, dest: DestinationPool) -> None:
+        """Undo `install` (a layer wrapped around ours since stays, and keeps ours)."""
+        got = self._installed.pop(dest.name, None)
+        if got is None:
+            return
+        inner_a, inner_s, our_a, our_s = got
+        if dest.async_send is our_a:
+            dest.async_send = inner_a
+        if dest.sync_send is our_s:
+            dest.sync_send = inner_s
+        if dest.probe is self:
+            dest.probe = None
+
+    # ------------------------------------------------------------------ the client layer
+
+    def _layer(
+        self,
+        dest: DestinationPool,
+        inner_a: Callable[..., Awaitable[httpx.Response]],
+        inner_s: Callable[..., httpx.Response],
+    ) -> tuple[
+        Callable[[httpx.Request, AuthContext | None], Awaitable[httpx.Response]],
+        Callable[[httpx.Request, AuthContext | None], httpx.Response],
+    ]:
+        begin = self._begin
+        end = self._end
+
+        async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            started = monotonic()
+            span, call, token = begin(dest, request, ctx, started)
+            try:
+                response = await inner_a(request, ctx)
+            except BaseException as exc:
+                end(dest, request, span, call, started, None, exc)
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            end(dest, request, span, call, started, response, None)
+            return response
+
+        def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            started = monotonic()
+            span, call, token = begin(dest, request, ctx, started)
+            try:
+                response = inner_s(request, ctx)
+            except BaseException as exc:
+                end(dest, request, span, call, started, None, exc)
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            end(dest, request, span, call, started, response, None)
+            return response
+
+        return async_send, sync_send
+
+    def _begin(
+        self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None, started: float
+    ) -> tuple[Span | None, _Call | None, object]:
+        tracer = self.tracer
+        if tracer is None:
+            return None, None, None
+        call = _Call()
+        method = request.method
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": method if method in _METHODS else "_OTHER",
+            "server.address": url.host,
+            "server.port": url.port or _DEFAULT_PORTS.get(url.scheme, 0),
+            "url.full": redacted_url(url),
+            "toolpool.destination": dest.name,
+        }
+        if method not in _METHODS:
+            attributes["http.request.method_original"] = method
+        if self.tenants is not None:
+            attributes["toolpool.tenant"] = self._tenant(ctx)
+        span = tracer.start_span(
+            method if method in _METHODS else "HTTP",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=call.ns(started),
+        )
+        token = otel_context.attach(
+            otel_context.set_value(_CALL, call, trace.set_span_in_context(span))
+        )
+        return span, call, token
+
+    def _end(
+        self,
+        dest: DestinationPool,
+        request: httpx.Request,
+        span: Span | None,
+        call: _Call | None,
+        started: float,
+        response: httpx.Response | None,
+        error: BaseException | None,
+    ) -> None:
+        ended = monotonic()
+        status = response.status_code if response is not None else None
+        version = _protocol_version(response) if response is not None else None
+        error_type: str | None = None
+        if error is not None:
+            error_type = _error_type(error)
+        elif status is not None and status >= 400:
+            error_type = str(status)
+        if span is not None and call is not None:
+            if response is not None:
+                span.set_attribute("http.response.status_code", status)  # type: ignore[arg-type]
+                if version is not None:
+                    span.set_attribute("network.protocol.version", version)
+                pooled = response.extensions.get("toolpool")
+                if pooled is not None:
+                    span.set_attribute("toolpool.connection.reused", bool(pooled["reused"]))
+                if error_type is not None:
+                    span.set_attribute("error.type", error_type)
+                    span.set_status(Status(StatusCode.ERROR))
+            else:
+                assert error is not None
+                _fail(span, error)
+            span.set_attribute("toolpool.wait_ms", round(call.wait * 1000.0, 3))
+            if call.attempts > 1:
+                span.set_attribute("http.request.resend_count", call.attempts - 1)
+            span.end(end_time=call.ns(ended))
+        duration = self.duration
+        if duration is not None:
+            url = request.url
+            attributes: dict[str, Any] = {
+                "http.request.method": request.method if request.method in _METHODS else "_OTHER",
+                "server.address": url.host,
+                "server.port": url.port or _DEFAULT_PORTS.get(url.scheme, 0),
+                "toolpool.destination": dest.name,
+            }
+            if status is not None:
+                attributes["http.response.status_code"] = status
+            if version is not None:
+                attributes["network.protocol.version"] = version
+            if error_type is not None:
+                attributes["error.type"] = error_type
+            duration.record(ended - started, attributes)
+
+    def _tenant(self, ctx: AuthContext | None) -> str:
+        assert self.tenants is not None
+        fingerprint = ctx._fingerprint if ctx is not None else ""
+        label = self._tenant_labels.get(fingerprint)
+        if label is None:
+            label = self.tenants.label(ctx.tenant if ctx is not None else None)
+            if len(self._tenant_labels) >= _MAX_TENANTS_CACHED:
+                self._tenant_labels.clear()
+            self._tenant_labels[fingerprint] = label
+        return label
+
+    # ------------------------------------------------------------------ the probe
+
+    def _leaf(
+        self,
+        name: str,
+        start: float,
+        end: float,
+        call: _Call | None,
+        attributes: dict[str, Any],
+        error: BaseException | None = None,
+        parent: Span | None = None,
+    ) -> Span:
+        assert self.tracer is not None
+        clock = call if call is not None else _Call()
+        span = self.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(parent) if parent is not None else None,
+            attributes=attributes,
+            start_time=clock.ns(start),
+        )
+        if error is not None:
+            _fail(span, error)
+        span.end(end_time=clock.ns(end))
+        return span
+
+    def attempt(self, dest: DestinationPool, asked: float) -> None:
+        call = _current_call()
+        if call is None:
+            return
+        if call.attempts and call.last_end is not None and asked > call.last_end:
+            self._leaf(
+                "toolpool.retry",
+                call.last_end,
+                asked,
+                call,
+                {"toolpool.destination": dest.name, "http.request.resend_count": call.attempts},
+            )
+        call.attempts += 1
+
+    def waited(self, dest: DestinationPool, waiter: Waiter, error: BaseException | None) -> None:
+        end = waiter.granted_at if error is None else monotonic()
+        seconds = max(0.0, end - waiter.since)
+        call = _current_call()
+        if call is not None:
+            call.wait += seconds
+            call.last_end = end
+        self._leaf(
+            "toolpool.pool.wait",
+            waiter.since,
+            end,
+            call,
+            {"toolpool.destination": dest.name, "toolpool.wait_ms": round(seconds * 1000.0, 3)},
+            error,
+        )
+
+    def connected(
+        self,
+        dest: DestinationPool,
+        started: float,
+        tcp_done: float | None,
+        done: float,
+        error: BaseException | None,
+    ) -> None:
+        assert self.tracer is not None
+        call = _current_call()
+        clock = call if call is not None else _Call()
+        if call is not None:
+            call.last_end = done
+        span = self.tracer.start_span(
+            "toolpool.connect",
+            attributes={
+                "toolpool.destination": dest.name,
+                "server.address": dest.host,
+                "server.port": dest.port,
+                "network.transport": "tcp",
+            },
+            start_time=clock.ns(started),
+        )
+        tcp_end = done
+        if dest.tls and tcp_done is not None:
+            tcp_end = tcp_done
+            self._leaf(
+                "toolpool.tls",
+                tcp_done,
+                done,
+                clock,
+                {"toolpool.destination": dest.name},
+                error,
+                parent=span,
+            )
+        span.set_attribute("toolpool.tcp_ms", round((tcp_end - started) * 1000.0, 3))
+        if error is not None:
+            _fail(span, error)
+        span.end(end_time=clock.ns(done))
+
+    def exchanged(
+        self, dest: DestinationPool, sent: float, status: int | None, error: BaseException | None
+    ) -> None:
+        now = monotonic()
+        call = _current_call()
+        if call is not None:
+            call.last_end = now
+        attributes: dict[str, Any] = {"toolpool.destination": dest.name}
+        if status is not None:
+            attributes["http.response.status_code"] = status
+        self._leaf("toolpool.response", sent, now, call, attributes, error)
+
+    @contextmanager
+    def token_fetch(self, dest: DestinationPool, reason: str) -> Iterator[object]:
+        assert self.tracer is not None
+        call = _Call()
+        if reason == "wait":
+            name, attributes = "toolpool.auth.wait", {"toolpool.destination": dest.name}
+        else:
+            name = "toolpool.auth.token"
+            attributes = {"toolpool.destination": dest.name, "toolpool.auth.reason": reason}
+        span = self.tracer.start_span(name, attributes=attributes, start_time=call.ns(monotonic()))
+        # The token request's own attempts are counted apart from the API request's.
+        token = otel_context.attach(
+            otel_context.set_value(_CALL, call, trace.set_span_in_context(span))
+        )
+        try:
+            yield span
+        except BaseException as exc:
+            _fail(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end(end_time=call.ns(monotonic()))
+
+    # ------------------------------------------------------------------ adapters
+
+    @contextmanager
+    def tool_span(
+        self, tool_name: str, call_id: str | None = None, system: str | None = None
+    ) -> Iterator[Span | None]:
+        """A GenAI `execute_tool` span as the current span around one tool call, for
+        frameworks that open none of their own (LangChain)."""
+        tracer = self.tracer
+        if tracer is None:
+            yield None
+            return
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool_name,
+        }
+        if call_id:
+            attributes["gen_ai.tool.call.id"] = call_id
+        if system:
+            attributes["gen_ai.system"] = system
+        with tracer.start_as_current_span(
+            f"execute_tool {tool_name}",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as span:
+            yield span
+
+
+def _protocol_version(response: httpx.Response) -> str | None:
+    version = response.extensions.get("http_version")
+    if isinstance(version, bytes):
+        version = version.decode("ascii", "replace")
+    if not isinstance(version, str):
+        return None
+    return version.removeprefix("HTTP/")
