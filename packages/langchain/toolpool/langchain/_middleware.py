@@ -142,6 +142,18 @@ class ToolpoolMiddleware(AgentMiddleware):
             async with self.concurrency.slot() as slot:
                 yield slot
 
+    def _tool_span(self, request: ToolCallRequest) -> contextlib.AbstractContextManager[Any]:
+        """LangChain opens no OpenTelemetry span for a tool call; when toolpool.otel traces
+        the pool, one `execute_tool {name}` span (GenAI conventions) holds the call's
+        requests, as AutoGen's own span does."""
+        tracing = self.pool._otel_tracing
+        if tracing is None:
+            return contextlib.nullcontext()
+        call = request.tool_call
+        return tracing.tool_span(  # type: ignore[no-any-return]
+            call["name"], call.get("id"), system="langchain"
+        )
+
     @staticmethod
     def _settle(slot: ToolSlot | None, call: ToolCall | None) -> None:
         if slot is None:
@@ -193,7 +205,7 @@ class ToolpoolMiddleware(AgentMiddleware):
         """Run one tool call (sync path) pooled, for its run's tenant, under admission."""
         ctx = self._auth(request)
         name = request.tool_call["name"]
-        with self._slot_sync() as slot:
+        with self._tool_span(request), self._slot_sync() as slot:
             call: ToolCall | None = None
             try:
                 with (
@@ -223,6 +235,16 @@ class ToolpoolMiddleware(AgentMiddleware):
         """Run one tool call (async path) pooled, for its run's tenant, under admission."""
         ctx = self._auth(request)
         name = request.tool_call["name"]
+        with self._tool_span(request):
+            return await self._acall(request, handler, ctx, name)
+
+    async def _acall(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], Awaitable[ToolResult]],
+        ctx: AuthContext | None,
+        name: str,
+    ) -> ToolResult:
         async with self._slot() as slot:
             call: ToolCall | None = None
             try:

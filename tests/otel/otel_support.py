@@ -1,0 +1,108 @@
+"""Helpers of the OpenTelemetry tests: span trees from the in-memory exporter, and the
+accounting check (a request's child spans explain its duration)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
+
+import toolpool
+from toolpool.testing import Downstream
+
+# What the pool's child spans may be; "accounted" time is the union of their intervals.
+POOL_CHILDREN = {
+    "toolpool.pool.wait",
+    "toolpool.connect",
+    "toolpool.auth.token",
+    "toolpool.auth.wait",
+    "toolpool.retry",
+    "toolpool.response",
+}
+TENANTS = ["acme", "globex"]
+
+
+def client_spans(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    """toolpool's request spans (kind CLIENT, from the "toolpool" tracer)."""
+    return [
+        s
+        for s in spans
+        if s.kind == SpanKind.CLIENT
+        and s.instrumentation_scope is not None
+        and s.instrumentation_scope.name == "toolpool"
+    ]
+
+
+def children(spans: Sequence[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    pid = parent.context.span_id
+    return [s for s in spans if s.parent is not None and s.parent.span_id == pid]
+
+
+def by_id(spans: Sequence[ReadableSpan]) -> dict[int, ReadableSpan]:
+    return {s.context.span_id: s for s in spans}
+
+
+def union_ns(intervals: list[tuple[int, int]]) -> int:
+    total = 0
+    end = None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def check_accounted(spans: Sequence[ReadableSpan], client: ReadableSpan) -> dict[str, float]:
+    """Assert that the request's child spans lie inside it and together explain its
+    duration within 5 %; return the milliseconds per kind of child."""
+    assert client.start_time is not None and client.end_time is not None
+    kids = children(spans, client)
+    names = {k.name for k in kids}
+    assert names <= POOL_CHILDREN, names - POOL_CHILDREN
+    assert "toolpool.response" in names, names
+    start, end = client.start_time, client.end_time
+    duration = end - start
+    intervals = []
+    per: dict[str, float] = {}
+    for k in kids:
+        assert k.start_time is not None and k.end_time is not None
+        # Children are stamped from the same clock reading offset as their parent.
+        assert start <= k.start_time <= k.end_time <= end, (k.name, start, k.start_time, end)
+        intervals.append((k.start_time, k.end_time))
+        per[k.name] = per.get(k.name, 0.0) + (k.end_time - k.start_time) / 1e6
+    covered = union_ns(intervals)
+    assert covered >= 0.95 * duration, (
+        f"children explain {covered / 1e6:.2f} of {duration / 1e6:.2f} ms: {per}"
+    )
+    return per
+
+
+def tls_children(spans: Sequence[ReadableSpan], connect: ReadableSpan) -> list[ReadableSpan]:
+    return [s for s in children(spans, connect) if s.name == "toolpool.tls"]
+
+
+def oauth_pool(ds: Downstream, **dest: object) -> toolpool.Pool:
+    """A pool with "crm" behind OAuth client credentials per tenant (TLS, no warm-up)."""
+    for tenant in TENANTS:
+        ds.register_client("crm", client_id=f"{tenant}-app", client_secret=SECRETS[tenant],
+                           tenant=tenant)  # fmt: skip
+
+    def creds(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
+        assert ctx is not None and ctx.tenant is not None
+        return f"{ctx.tenant}-app", SECRETS[ctx.tenant]
+
+    auth = toolpool.auth.OAuth2ClientCredentials(ds.token_url("crm"), credentials=creds)
+    return toolpool.Pool(
+        [
+            toolpool.Destination(
+                "crm", ds.url("crm"), verify=ds.ca_pem_path, warmup=0.0, auth=auth, **dest
+            )
+        ]
+    )
+
+
+SECRETS = {t: f"cs-{t}-otel-secret" for t in TENANTS}

@@ -1,0 +1,321 @@
+"""The pool's numbers through OpenTelemetry: wait spans of a storm against `pool.stats()`,
+meter instruments against the Prometheus exposition of the same run, and what tracing
+adds (redaction, hashed tenants, errors, uninstrument)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import prometheus_client
+import pytest
+from obs_support import Samples
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otel_support import SECRETS, client_spans, oauth_pool
+
+import toolpool
+import toolpool.metrics
+import toolpool.otel
+from toolpool.testing import Downstream, ServiceSpec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Downstream]:
+    with Downstream({"api": ServiceSpec(require_auth=False, service_time=0.01)}) as ds:
+        yield ds
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _check_waits_match_stats(pool: toolpool.Pool, spans: list[ReadableSpan]) -> int:
+    waits = [s for s in spans if s.name == "toolpool.pool.wait"]
+    stats = pool.stats()["api"]
+    assert stats.queued_total > 10, "the storm did not queue"
+    # One wait span per queued request, each as long as the wait the pool recorded.
+    assert len(waits) == stats.queued_total
+    seconds = [(s.end_time - s.start_time) / 1e9 for s in waits]  # type: ignore[operator]
+    for s, sec in zip(waits, seconds, strict=True):
+        assert abs((s.attributes or {})["toolpool.wait_ms"] - sec * 1000.0) < 0.001
+    assert math.isclose(sum(seconds), stats.wait_sum_seconds, rel_tol=1e-6, abs_tol=1e-6)
+    # The rest of the acquisitions were served at once (0 s): together they are the window
+    # pool.stats() takes its percentiles from.
+    assert stats.wait_count == stats.acquired_total
+    everything = sorted(seconds + [0.0] * (stats.acquired_total - len(seconds)))
+    assert abs(_percentile(everything, 0.5) - stats.wait_p50_seconds) < 1e-6
+    assert abs(_percentile(everything, 0.99) - stats.wait_p99_seconds) < 1e-6
+    return len(waits)
+
+
+async def test_async_storm_wait_spans_match_pool_stats(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    pool = toolpool.Pool(
+        [toolpool.Destination("api", plain.url("api"), max_connections=4, queue_factor=20)],
+        warmup=0.0,
+    )
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+    async with pool:
+        client = pool.client()
+        responses = await asyncio.gather(
+            *(client.get(plain.url("api") + "/anything", params={"i": i}) for i in range(60))
+        )
+        assert {r.status_code for r in responses} == {200}
+    spans = list(exporter.get_finished_spans())
+    assert len(client_spans(spans)) == 60
+    queued = _check_waits_match_stats(pool, spans)
+    assert queued >= 40  # 60 requests on 4 connections
+    # (No 5 % accounting here: in a storm, a granted request resumes only when the busy
+    # event loop gets to it; that scheduling delay is the one gap the spans leave open.)
+
+
+def test_thread_storm_wait_spans_match_pool_stats(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    pool = toolpool.Pool(
+        [toolpool.Destination("api", plain.url("api"), max_connections=3, queue_factor=20)],
+        warmup=0.0,
+    )
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+    with pool, pool.sync_client() as client, ThreadPoolExecutor(12) as ex:
+        codes = list(
+            ex.map(lambda i: client.get(plain.url("api") + "/anything").status_code, range(48))
+        )
+    assert set(codes) == {200}
+    spans = list(exporter.get_finished_spans())
+    assert len(client_spans(spans)) == 48
+    _check_waits_match_stats(pool, spans)
+    # Plain HTTP: connects without a TLS child; every request's children explain it.
+    connects = [s for s in spans if s.name == "toolpool.connect"]
+    assert len(connects) == pool.stats()["api"].created_total
+    assert not [s for s in spans if s.name == "toolpool.tls"]
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def _otel_points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    out: dict[str, list[Any]] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out
+
+
+def _value(points: dict[str, list[Any]], name: str, **attrs: str) -> float:
+    found = [p.value for p in points[name] if dict(p.attributes) == attrs]
+    assert len(found) == 1, (name, attrs, [dict(p.attributes) for p in points[name]])
+    return float(found[0])
+
+
+def _check_histogram(
+    points: dict[str, list[Any]], name: str, prom: Samples, prom_name: str, dest: str
+) -> int:
+    found = [p for p in points[name] if dict(p.attributes) == {"db.client.connection.pool.name": dest}]
+    assert len(found) == 1, name
+    point = found[0]
+    assert point.count == prom.get(prom_name + "_count", destination=dest)
+    assert math.isclose(point.sum, prom.get(prom_name + "_sum", destination=dest), rel_tol=1e-9)
+    cumulative = prom.buckets(prom_name, destination=dest)
+    bounds = sorted(cumulative)
+    # Same bounds (advised to the SDK), same counts per bucket.
+    assert list(point.explicit_bounds) == bounds[:-1]
+    running = 0
+    for bound, n in zip(bounds, point.bucket_counts, strict=True):
+        running += n
+        assert running == cumulative[bound], (name, bound)
+    return int(point.count)
+
+
+async def test_meter_numbers_equal_the_prometheus_exposition(
+    metric_reader: tuple[MeterProvider, InMemoryMetricReader],
+) -> None:
+    meter_provider, reader = metric_reader
+    spec = ServiceSpec(service_time=0.05, token_latency=0.01)
+    async with Downstream({"crm": spec}, tls=True) as ds:
+        pool = oauth_pool(ds, max_connections=3, queue_factor=2.0)
+        registry = prometheus_client.CollectorRegistry()
+        toolpool.metrics.register(pool, registry)
+        toolpool.otel.instrument(pool, meter_provider=meter_provider, traces=False)
+        url = ds.url("crm") + "/anything"
+        async with pool:
+            for tenant in ("acme", "globex"):
+                with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                    client = pool.client()
+                    # 12 at once on 3 connections with a queue of 6: some are refused.
+                    got = await asyncio.gather(
+                        *(client.get(url) for _ in range(12)), return_exceptions=True
+                    )
+                    assert any(isinstance(g, httpx.Response) for g in got)
+                    assert any(isinstance(g, toolpool.PoolSaturated) for g in got)
+                    # A short pool timeout behind busy connections: timeouts.
+                    slow = [client.get(url) for _ in range(3)]
+                    quick = httpx.Timeout(5.0, pool=0.001)
+                    late = [client.get(url, timeout=quick) for _ in range(3)]
+                    await asyncio.gather(*slow, *late, return_exceptions=True)
+            prom = Samples(toolpool.metrics.exposition(registry))
+            points = _otel_points(reader)
+    d = "crm"
+    pool_attr = {"db.client.connection.pool.name": d}
+    for state in ("idle", "used", "opening", "closing"):
+        assert _value(points, "db.client.connection.count", **pool_attr,
+                      **{"db.client.connection.state": state}) == prom.get(
+            "toolpool_connections", destination=d, state=state)  # fmt: skip
+    assert _value(points, "db.client.connection.max", **pool_attr) == prom.get(
+        "toolpool_connections_max", destination=d
+    )
+    assert _value(points, "db.client.connection.pending_requests", **pool_attr) == prom.get(
+        "toolpool_pending_requests", destination=d
+    )
+    assert _value(points, "toolpool.connection.limit", **pool_attr) == prom.get(
+        "toolpool_connections_limit", destination=d
+    )
+    assert _value(points, "toolpool.connection.pending_requests.max", **pool_attr) == prom.get(
+        "toolpool_pending_requests_max", destination=d
+    )
+    timeouts = _value(points, "db.client.connection.timeouts", **pool_attr)
+    assert timeouts == prom.get("toolpool_rejections_total", destination=d, reason="timeout")
+    assert timeouts > 0
+    assert _value(points, "toolpool.connection.created", **pool_attr) == prom.get(
+        "toolpool_connections_created_total", destination=d
+    )
+    for lab, n in prom.series("toolpool_connections_closed_total").items():
+        reason = dict(lab)["reason"]
+        assert _value(points, "toolpool.connection.closed", **pool_attr,
+                      **{"toolpool.close.reason": reason}) == n  # fmt: skip
+    for source in ("idle", "new"):
+        assert _value(points, "toolpool.connection.acquisitions", **pool_attr,
+                      **{"toolpool.acquisition.source": source}) == prom.get(
+            "toolpool_connection_acquisitions_total", destination=d, source=source)  # fmt: skip
+    rejections = prom.series("toolpool_rejections_total")
+    assert rejections
+    for lab, n in rejections.items():
+        reason = dict(lab)["reason"]
+        assert _value(points, "toolpool.rejections", **pool_attr,
+                      **{"toolpool.rejection.reason": reason}) == n  # fmt: skip
+    assert prom.get("toolpool_rejections_total", destination=d, reason="queue_full") > 0
+    refreshes = prom.series("toolpool_auth_refreshes_total")
+    assert refreshes
+    for lab, n in refreshes.items():
+        reason = dict(lab)["reason"]
+        assert _value(points, "toolpool.auth.refreshes", **pool_attr,
+                      **{"toolpool.auth.reason": reason}) == n  # fmt: skip
+    assert prom.get("toolpool_auth_refreshes_total", destination=d, reason="initial") == 2
+    waited = _check_histogram(
+        points, "db.client.connection.wait_time", prom, "toolpool_connection_wait_seconds", d
+    )
+    created = _check_histogram(
+        points, "db.client.connection.create_time", prom, "toolpool_connection_create_seconds", d
+    )
+    used = _check_histogram(
+        points, "db.client.connection.use_time", prom, "toolpool_connection_use_seconds", d
+    )
+    assert waited > 10 and created >= 3 and used > 10
+    # One duration per request that entered the pool, refused ones included.
+    durations = points["http.client.request.duration"]
+    answered = sum(p.count for p in durations if dict(p.attributes).get("http.response.status_code") == 200)
+    assert answered == prom.get("toolpool_connection_acquisitions_total", destination=d,
+                                source="idle") + prom.get(
+        "toolpool_connection_acquisitions_total", destination=d, source="new") - 2  # fmt: skip
+    assert any(dict(p.attributes).get("error.type") == "toolpool.errors.PoolSaturated"
+               for p in durations)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- attributes
+
+
+async def test_spans_carry_no_secret_and_only_hashed_tenants(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    labels = toolpool.metrics.TenantLabels(salt="otel-test-salt-1234")
+    async with Downstream({"crm": ServiceSpec(token_latency=0.01)}, tls=True) as ds:
+        pool = oauth_pool(ds)
+        toolpool.otel.instrument(
+            pool, tracer_provider=tracer_provider, metrics=False, tenants=labels
+        )
+        async with pool:
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                client = pool.client()
+                r = await client.get(
+                    ds.url("crm").replace("https://", "https://user:pw@") + "/anything",
+                    params={"api_key": "sk-live-123", "q": "acme corp"},
+                )
+                assert r.status_code == 200
+                missing = await client.get(ds.url("crm") + "/status/404")
+                assert missing.status_code == 404
+    spans = list(exporter.get_finished_spans())
+    requests = client_spans(spans)
+    assert len(requests) == 2
+    ok, nf = sorted(requests, key=lambda s: s.start_time or 0)
+    attrs = dict(ok.attributes or {})
+    assert attrs["url.full"].endswith("/anything?api_key=REDACTED&q=REDACTED")
+    assert "user" not in attrs["url.full"] and "pw@" not in attrs["url.full"]
+    assert attrs["toolpool.tenant"] == labels.label("acme") != "acme"
+    assert (nf.attributes or {})["error.type"] == "404"
+    assert nf.status.status_code.name == "ERROR"
+    text = repr([dict(s.attributes or {}) for s in spans]) + repr([s.events for s in spans])
+    for secret in ("sk-live-123", "acme corp", "acme-app", SECRETS["acme"], "pw"):
+        assert secret not in text, secret
+    assert "'acme'" not in text
+
+
+async def test_failures_end_their_spans_with_the_error(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    pool = toolpool.Pool(
+        [toolpool.Destination("api", plain.url("api"), max_connections=1, queue_factor=1)],
+        warmup=0.0,
+        policy=None,
+    )
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+    async with pool:
+        client = pool.client()
+        hang = asyncio.ensure_future(client.get(plain.url("api") + "/delay", params={"s": 0.5}))
+        await asyncio.sleep(0.05)
+        with pytest.raises(toolpool.PoolTimeout):
+            await client.get(plain.url("api") + "/anything", timeout=httpx.Timeout(5, pool=0.05))
+        await hang
+    spans = list(exporter.get_finished_spans())
+    waits = [s for s in spans if s.name == "toolpool.pool.wait"]
+    assert len(waits) == 1 and waits[0].status.status_code.name == "ERROR"
+    assert 0.04 <= (waits[0].end_time - waits[0].start_time) / 1e9 < 1.0  # type: ignore[operator]
+    failed = [s for s in client_spans(spans) if s.status.status_code.name == "ERROR"]
+    assert len(failed) == 1
+    assert (failed[0].attributes or {})["error.type"] == "toolpool.errors.PoolTimeout"
+
+
+async def test_uninstrument_stops_spans_and_restores_the_send_chain(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    pool = toolpool.Pool([toolpool.Destination("api", plain.url("api"))], warmup=0.0)
+    before = pool.destination("api").async_send
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+    with pytest.raises(toolpool.ConfigError):
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider)
+    async with pool:
+        await pool.request("GET", plain.url("api") + "/anything")
+        # A destination pooled on demand after instrument() is traced too.
+        other = plain.url("api").replace("127.0.0.1", "localhost")
+        await pool.request("GET", other + "/anything")
+        assert len(client_spans(exporter.get_finished_spans())) == 2
+        toolpool.otel.uninstrument(pool)
+        assert pool.destination("api").async_send is before
+        assert pool.destination("api").probe is None
+        exporter.clear()
+        await pool.request("GET", plain.url("api") + "/anything")
+        await pool.request("GET", other + "/anything")
+    assert exporter.get_finished_spans() == ()
