@@ -88,8 +88,8 @@ def tls_children(spans: Sequence[ReadableSpan], connect: ReadableSpan) -> list[R
 def oauth_pool(ds: Downstream, **dest: object) -> toolpool.Pool:
     """A pool with "crm" behind OAuth client credentials per tenant (TLS, no warm-up)."""
     for tenant in TENANTS:
-        ds.register_client("crm", client_id=f"{tenant}-app", client_secret=SECRETS[tenant],
-                           tenant=tenant)  # fmt: skip
+        secret = SECRETS[tenant]
+        ds.register_client("crm", client_id=f"{tenant}-app", client_secret=secret, tenant=tenant)
 
     def creds(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
         assert ctx is not None and ctx.tenant is not None

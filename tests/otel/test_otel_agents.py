@@ -150,7 +150,8 @@ async def test_langchain_agent_run_spans_nest_under_tool_call_spans(
 
     pool = oauth_pool(ds, max_connections=2)
     toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
-    model = ScriptedChatModel(tool_calls=[{"name": "lookup", "args": {"q": str(i)}} for i in range(4)])
+    calls = [{"name": "lookup", "args": {"q": str(i)}} for i in range(4)]
+    model = ScriptedChatModel(tool_calls=calls)
     agent = wrap(create_agent(model, [lookup]), pool)
     async with pool:
         # One run after the other: 4 parallel calls on 2 connections queue, 8 would be

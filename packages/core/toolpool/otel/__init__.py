@@ -122,7 +122,7 @@ def instrument(
             )
         tracing = Tracing(tracer, bridge.duration if bridge is not None else None, tenants)
         inst = Instrumentation(pool, tracing, bridge)
-        pool._otel = inst  # type: ignore[attr-defined]
+        pool._otel = inst
         if traces:
             pool._otel_tracing = tracing
         for name in pool.destinations:
@@ -137,7 +137,7 @@ def uninstrument(pool: Pool) -> None:
         inst: Instrumentation | None = getattr(pool, "_otel", None)
         if inst is None:
             return
-        pool._otel = None  # type: ignore[attr-defined]
+        pool._otel = None
         pool._otel_tracing = None
         if inst._apply in pool._destination_hooks:
             pool._destination_hooks.remove(inst._apply)

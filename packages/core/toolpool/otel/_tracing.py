@@ -38,12 +38,15 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import Histogram
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from toolpool._auth_context import AuthContext
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from toolpool._runtime import DestinationPool
     from toolpool._state import Waiter
     from toolpool.metrics import TenantLabels
@@ -223,7 +226,7 @@ class Tracing:
 
     def _begin(
         self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None, started: float
-    ) -> tuple[Span | None, _Call | None, object]:
+    ) -> tuple[Span | None, _Call | None, Token[Context] | None]:
         tracer = self.tracer
         if tracer is None:
             return None, None, None
@@ -272,7 +275,7 @@ class Tracing:
             error_type = str(status)
         if span is not None and call is not None:
             if response is not None:
-                span.set_attribute("http.response.status_code", status)  # type: ignore[arg-type]
+                span.set_attribute("http.response.status_code", status)
                 if version is not None:
                     span.set_attribute("network.protocol.version", version)
                 pooled = response.extensions.get("toolpool")
