@@ -16,6 +16,13 @@ Clients:
   httpx-null      httpx.AsyncClient on a transport that answers at once without any I/O: the
                   ceiling httpx's client layer alone allows (not a client one can use)
   aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
+  <toolpool client>+otel-api  the same pool under toolpool.otel.instrument() with only the
+                  OpenTelemetry API (no SDK configured: non-recording spans, no-op meter)
+  <toolpool client>+otel-sdk  instrumented with the SDK: every span recorded and handed to a
+                  BatchSpanProcessor (its exporter drops them), metrics into an SDK meter
+The toolpool clients without a suffix are the pool with tracing off (not instrumented).
+`--otel-hooks` measures what the off path costs per request (the drivers' probe and
+observer tests) with timeit instead.
 All pools are capped at 100 connections.
 """
 
@@ -91,25 +98,29 @@ async def _run_client(
             (await null.get(target)).raise_for_status()
 
         cleanup = null.aclose
-    elif name == "toolpool-lean":
+    elif name.split("+otel")[0] == "toolpool-lean":
         lean = toolpool.Pool(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
             queue_factor=4,
             warmup=0,
         )
+        stop_otel = _instrument(lean, name)
         await lean.astart()
 
         async def send() -> None:
             (await lean.request("GET", target)).raise_for_status()
 
-        cleanup = lean.aclose
+        async def cleanup() -> None:
+            await lean.aclose()
+            stop_otel()
     elif name.startswith("httpx+toolpool"):
         pool = toolpool.Pool(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
             queue_factor=4,
             warmup=0,
-            **({"policy": None} if name.endswith("nopolicy") else {}),
+            **({"policy": None} if "nopolicy" in name else {}),
         )
+        stop = _instrument(pool, name)
         await pool.astart()
         client = pool.client()
 
@@ -120,6 +131,7 @@ async def _run_client(
         async def cleanup() -> None:
             await client.aclose()
             await pool.aclose()
+            stop()
     elif name == "aiohttp":
         import aiohttp
 
@@ -152,6 +164,81 @@ async def _run_client(
     }
 
 
+def _instrument(pool: toolpool.Pool, name: str) -> Callable[[], None]:
+    """toolpool.otel for the "+otel-api" / "+otel-sdk" clients; returns how to undo it."""
+    if "+otel" not in name:
+        return lambda: None
+    import toolpool.otel
+
+    if name.endswith("+otel-api"):
+        from opentelemetry.metrics import NoOpMeterProvider
+        from opentelemetry.trace import NoOpTracerProvider
+
+        toolpool.otel.instrument(
+            pool, tracer_provider=NoOpTracerProvider(), meter_provider=NoOpMeterProvider()
+        )
+        return lambda: None
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    disabled = os.environ.pop("OTEL_SDK_DISABLED", None)  # the Makefile's safety default
+    try:
+        tracer_provider = TracerProvider()
+        meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    finally:
+        if disabled is not None:
+            os.environ["OTEL_SDK_DISABLED"] = disabled
+    tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+    def stop() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return stop
+
+
+def hook_cost(repeat: int) -> str:
+    """ns per request that the tracing hooks cost when off: the tests the drivers and the
+    state machine make per request (probe twice in send, observer for wait and use)."""
+    import timeit
+
+    pool = toolpool.Pool([toolpool.Destination("api", "http://127.0.0.1:9")])
+    dest = pool.destination("api")
+    state = dest.state
+
+    def off_path() -> None:
+        probe = dest.probe
+        if probe is not None:
+            raise AssertionError
+        if probe is not None:
+            raise AssertionError
+        if state.observer is not None:
+            raise AssertionError
+        if state.observer is not None:
+            raise AssertionError
+
+    def empty() -> None:
+        pass
+
+    n = 1_000_000
+    runs = []
+    for _ in range(repeat):
+        hooks = min(timeit.repeat(off_path, number=n, repeat=5)) / n
+        base = min(timeit.repeat(empty, number=n, repeat=5)) / n
+        runs.append((hooks - base) * 1e9)
+    return (
+        f"tracing off, hook tests per request: {statistics.median(runs):.1f} ns "
+        f"[{min(runs):.1f}-{max(runs):.1f}] (median of {repeat}, call overhead subtracted)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,10,100,400")
@@ -160,7 +247,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tls", choices=["both", "plain", "tls"], default="both")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--otel-hooks", action="store_true", help="time the off path only")
     args = parser.parse_args()
+    if args.otel_hooks:
+        print(hook_cost(args.repeat))
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     clients = args.clients.split(",")
     modes = ["plain", "tls"] if args.tls == "both" else [args.tls]
@@ -211,6 +302,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     by = {(c["mode"], c["concurrency"], c["client"]): c for c in out}
     for cell in out:
+        base_name = cell["client"].split("+otel")[0]
+        if base_name != cell["client"]:
+            off = by.get((cell["mode"], cell["concurrency"], base_name))
+            if off and off["rps_median"]:
+                cell["vs_tracing_off"] = cell["rps_median"] / off["rps_median"]
+                cell["cpu_us_added"] = cell["cpu_us_median"] - off["cpu_us_median"]
         for other in ("httpx-default", "aiohttp"):
             base = by.get((cell["mode"], cell["concurrency"], other))
             if base and other != cell["client"] and base["rps_median"]:
@@ -224,17 +321,21 @@ def render(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"repeat {args.repeat} (median [min-max])",
         "",
         "| mode | conc. | client | req/s | client CPU µs/req | errors "
-        "| × httpx-default | × aiohttp |",
-        "|---|---|---|---|---|---|---|---|",
+        "| × httpx-default | × aiohttp | × tracing off | CPU µs added |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted(summary, key=lambda c: (c["mode"], c["concurrency"], c["client"])):
         ratio_h = c.get("vs_httpx-default")
         ratio_a = c.get("vs_aiohttp")
+        ratio_o = c.get("vs_tracing_off")
+        added = c.get("cpu_us_added")
         lines.append(
             f"| {c['mode']} | {c['concurrency']} | {c['client']} | {c['rps_median']:.0f} "
             f"[{c['rps_min']:.0f}-{c['rps_max']:.0f}] | {c['cpu_us_median']:.0f} | {c['errors']} "
             f"| {'' if ratio_h is None else f'{ratio_h:.2f}'} "
-            f"| {'' if ratio_a is None else f'{ratio_a:.2f}'} |"
+            f"| {'' if ratio_a is None else f'{ratio_a:.2f}'} "
+            f"| {'' if ratio_o is None else f'{ratio_o:.2f}'} "
+            f"| {'' if added is None else f'{added:+.0f}'} |"
         )
     return "\n".join(lines)
 
