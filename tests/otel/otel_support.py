@@ -4,12 +4,12 @@ accounting check (a request's child spans explain its duration)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 import toolpool
-from toolpool.testing import Downstream
 
 # What the pool's child spans may be; "accounted" time is the union of their intervals.
 POOL_CHILDREN = {
@@ -56,9 +56,11 @@ def union_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
-def check_accounted(spans: Sequence[ReadableSpan], client: ReadableSpan) -> dict[str, float]:
-    """Assert that the request's child spans lie inside it and together explain its
-    duration within 5 %; return the milliseconds per kind of child."""
+def check_accounted(
+    spans: Sequence[ReadableSpan], client: ReadableSpan, exact: bool = True
+) -> dict[str, float]:
+    """Assert that the request's child spans lie inside it and (with `exact`) together
+    explain its duration within 5 %; return the milliseconds per kind of child."""
     assert client.start_time is not None and client.end_time is not None
     kids = children(spans, client)
     names = {k.name for k in kids}
@@ -75,8 +77,12 @@ def check_accounted(spans: Sequence[ReadableSpan], client: ReadableSpan) -> dict
         intervals.append((k.start_time, k.end_time))
         per[k.name] = per.get(k.name, 0.0) + (k.end_time - k.start_time) / 1e6
     covered = union_ns(intervals)
-    assert covered >= 0.95 * duration, (
-        f"children explain {covered / 1e6:.2f} of {duration / 1e6:.2f} ms: {per}"
+    assert covered >= (0.95 if exact else 0.0) * duration, (
+        f"children explain {covered / 1e6:.2f} of {duration / 1e6:.2f} ms: "
+        + ", ".join(
+            f"{k.name} {(k.start_time - start) / 1e6:.2f}..{(k.end_time - start) / 1e6:.2f}"
+            for k in sorted(kids, key=lambda k: k.start_time or 0)
+        )
     )
     return per
 
@@ -85,7 +91,7 @@ def tls_children(spans: Sequence[ReadableSpan], connect: ReadableSpan) -> list[R
     return [s for s in children(spans, connect) if s.name == "toolpool.tls"]
 
 
-def oauth_pool(ds: Downstream, **dest: object) -> toolpool.Pool:
+def oauth_pool(ds: Any, **dest: object) -> toolpool.Pool:
     """A pool with "crm" behind OAuth client credentials per tenant (TLS, no warm-up)."""
     for tenant in TENANTS:
         secret = SECRETS[tenant]

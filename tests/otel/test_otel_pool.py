@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otel_support import SECRETS, client_spans, oauth_pool
+from otel_support import SECRETS, check_accounted, client_spans, oauth_pool
 
 import toolpool
 import toolpool.metrics
@@ -334,3 +334,48 @@ async def test_uninstrument_stops_spans_and_restores_the_send_chain(
         await pool.request("GET", plain.url("api") + "/anything")
         await pool.request("GET", other + "/anything")
     assert exporter.get_finished_spans() == ()
+
+
+async def test_retries_are_spans_between_attempts(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    from toolpool.resilience import Policy, Retry
+
+    policy = Policy(retry=Retry(backoff=0.02, max_backoff=0.03), breaker=None, adaptive=None)
+    async with Downstream({"api": ServiceSpec(require_auth=False, service_time=0.01)}) as ds:
+        pool = toolpool.Pool(
+            [toolpool.Destination("api", ds.url("api"), policy=policy)], warmup=0.0
+        )
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+        async with pool:
+            ds.set_fault("api", "status", count=2, status=503)
+            r = await pool.client().get(ds.url("api") + "/anything")
+            assert r.status_code == 200
+    spans = list(exporter.get_finished_spans())
+    (request,) = client_spans(spans)
+    attrs = request.attributes or {}
+    assert attrs["http.request.resend_count"] == 2
+    assert attrs["http.response.status_code"] == 200
+    kids = sorted(
+        (s for s in spans if s.parent and s.parent.span_id == request.context.span_id),
+        key=lambda s: s.start_time or 0,
+    )
+    names = [k.name for k in kids]
+    # The first attempt opens the connection; both retries wait out a backoff first.
+    assert names == [
+        "toolpool.connect",
+        "toolpool.response",
+        "toolpool.retry",
+        "toolpool.response",
+        "toolpool.retry",
+        "toolpool.response",
+    ], names
+    statuses = [(k.attributes or {}).get("http.response.status_code") for k in kids[1::2]]
+    assert statuses == [503, 503, 200]
+    # A retry span runs from the end of the failed attempt to the start of the next one.
+    for before, retry, after in zip(kids[1::2], kids[2::2], kids[3::2], strict=False):
+        assert retry.start_time == before.end_time
+        assert retry.end_time is not None and after.start_time is not None
+        assert retry.end_time <= after.start_time
+        assert retry.end_time > retry.start_time  # the backoff (jittered, > 0)
+    check_accounted(spans, request)
