@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +20,7 @@ from obs_support import Samples
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otel_support import SECRETS, check_accounted, client_spans, oauth_pool
 
@@ -379,3 +383,40 @@ async def test_retries_are_spans_between_attempts(
         assert retry.end_time <= after.start_time
         assert retry.end_time > retry.start_time  # the backoff (jittered, > 0)
     check_accounted(spans, request)
+
+
+async def test_unsampled_requests_cost_no_child_spans(
+    plain: Downstream, exporter: InMemorySpanExporter
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    saved = os.environ.pop("OTEL_SDK_DISABLED", None)
+    try:
+        provider = TracerProvider(sampler=ALWAYS_OFF)
+    finally:
+        if saved is not None:
+            os.environ["OTEL_SDK_DISABLED"] = saved
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    pool = toolpool.Pool(
+        [toolpool.Destination("api", plain.url("api"), max_connections=1, queue_factor=4)],
+        warmup=0.0,
+    )
+    toolpool.otel.instrument(pool, tracer_provider=provider, metrics=False)
+    async with pool:
+        client = pool.client()
+        got = await asyncio.gather(*(client.get(plain.url("api") + "/anything") for _ in range(4)))
+    assert {r.status_code for r in got} == {200}
+    assert pool.stats()["api"].queued_total >= 2  # the probe was asked, and skipped
+    assert exporter.get_finished_spans() == ()
+
+
+def test_toolpool_imports_no_opentelemetry_until_asked() -> None:
+    code = (
+        "import sys, toolpool, toolpool.metrics, toolpool.auth, toolpool.resilience\n"
+        "pool = toolpool.Pool([toolpool.Destination('a', 'http://127.0.0.1:9')])\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
+        "import toolpool.otel\n"
+        "assert 'opentelemetry.trace' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

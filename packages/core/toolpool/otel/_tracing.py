@@ -115,6 +115,10 @@ class _Call:
         return self.offset + int(t * 1e9)
 
 
+# In the context of a request whose span is not recorded: the probe does nothing for it.
+_SKIP = object()
+
+
 def _current_call() -> _Call | None:
     call = otel_context.get_value(_CALL)
     return call if isinstance(call, _Call) else None
@@ -233,23 +237,32 @@ class Tracing:
         call = _Call()
         method = request.method
         url = request.url
+        # What a sampler may look at; the rest is added only to spans that are recorded.
         attributes: dict[str, Any] = {
             "http.request.method": method if method in _METHODS else "_OTHER",
             "server.address": url.host,
             "server.port": url.port or _DEFAULT_PORTS.get(url.scheme, 0),
-            "url.full": redacted_url(url),
             "toolpool.destination": dest.name,
         }
-        if method not in _METHODS:
-            attributes["http.request.method_original"] = method
-        if self.tenants is not None:
-            attributes["toolpool.tenant"] = self._tenant(ctx)
         span = tracer.start_span(
             method if method in _METHODS else "HTTP",
             kind=SpanKind.CLIENT,
             attributes=attributes,
             start_time=call.ns(started),
         )
+        if not span.is_recording():
+            # No SDK configured, or sampled out: nothing below it would be kept. The context
+            # still carries the span (its trace), and tells the probe to skip its work.
+            token = otel_context.attach(
+                otel_context.set_value(_CALL, _SKIP, trace.set_span_in_context(span))
+            )
+            return span, None, token
+        more: dict[str, Any] = {"url.full": redacted_url(url)}
+        if method not in _METHODS:
+            more["http.request.method_original"] = method
+        if self.tenants is not None:
+            more["toolpool.tenant"] = self._tenant(ctx)
+        span.set_attributes(more)
         token = otel_context.attach(
             otel_context.set_value(_CALL, call, trace.set_span_in_context(span))
         )
@@ -291,6 +304,8 @@ class Tracing:
             if call.attempts > 1:
                 span.set_attribute("http.request.resend_count", call.attempts - 1)
             span.end(end_time=call.ns(ended))
+        elif span is not None:
+            span.end()
         duration = self.duration
         if duration is not None:
             url = request.url
@@ -359,6 +374,8 @@ class Tracing:
         call.attempts += 1
 
     def waited(self, dest: DestinationPool, waiter: Waiter, error: BaseException | None) -> None:
+        if otel_context.get_value(_CALL) is _SKIP:
+            return
         end = waiter.granted_at if error is None else monotonic()
         seconds = max(0.0, end - waiter.since)
         call = _current_call()
@@ -383,6 +400,8 @@ class Tracing:
         error: BaseException | None,
     ) -> None:
         assert self.tracer is not None
+        if otel_context.get_value(_CALL) is _SKIP:
+            return
         call = _current_call()
         clock = call if call is not None else _Call()
         if call is not None:
@@ -417,8 +436,11 @@ class Tracing:
     def exchanged(
         self, dest: DestinationPool, sent: float, status: int | None, error: BaseException | None
     ) -> None:
+        value = otel_context.get_value(_CALL)
+        if value is _SKIP:
+            return
         now = monotonic()
-        call = _current_call()
+        call = value if isinstance(value, _Call) else None
         if call is not None:
             call.last_end = now
         attributes: dict[str, Any] = {"toolpool.destination": dest.name}
@@ -429,6 +451,9 @@ class Tracing:
     @contextmanager
     def token_fetch(self, dest: DestinationPool, reason: str) -> Iterator[object]:
         assert self.tracer is not None
+        if otel_context.get_value(_CALL) is _SKIP:
+            yield None
+            return
         call = _Call()
         if reason == "wait":
             name, attributes = "toolpool.auth.wait", {"toolpool.destination": dest.name}
