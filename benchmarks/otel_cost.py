@@ -14,6 +14,8 @@ Variants (each its own pool against the same service, `pool.request` and `pool.c
   api       toolpool.otel.instrument() with the API's no-op providers (no SDK configured)
   sdk       SDK TracerProvider + BatchSpanProcessor (its exporter drops the batches) and an
             SDK MeterProvider: every span and measurement recorded
+  sdk-traces / sdk-metrics   the SDK for one of the two only (instrument(metrics=False) /
+            instrument(traces=False))
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from toolpool.testing import ServiceSpec, spawn_downstream
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import _instrument, hook_cost
 
-VARIANTS = {"off": "", "api": "+otel-api", "sdk": "+otel-sdk"}
+VARIANTS = {
+    "off": "",
+    "api": "+otel-api",
+    "sdk": "+otel-sdk",
+    "sdk-traces": "+otel-sdk-traces",
+    "sdk-metrics": "+otel-sdk-metrics",
+}
 
 
 async def _measure(

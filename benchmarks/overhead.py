@@ -20,6 +20,7 @@ Clients:
                   OpenTelemetry API (no SDK configured: non-recording spans, no-op meter)
   <toolpool client>+otel-sdk  instrumented with the SDK: every span recorded and handed to a
                   BatchSpanProcessor (its exporter drops them), metrics into an SDK meter
+                  (+otel-sdk-traces / +otel-sdk-metrics: only one of the two)
 The toolpool clients without a suffix are the pool with tracing off (not instrumented).
 `--otel-hooks` measures what the off path costs per request (the drivers' probe and
 observer tests) with timeit instead.
@@ -195,7 +196,13 @@ def _instrument(pool: toolpool.Pool, name: str) -> Callable[[], None]:
         if disabled is not None:
             os.environ["OTEL_SDK_DISABLED"] = disabled
     tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
-    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    toolpool.otel.instrument(
+        pool,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        traces=not name.endswith("-metrics"),
+        metrics=not name.endswith("-traces"),
+    )
 
     def stop() -> None:
         tracer_provider.shutdown()

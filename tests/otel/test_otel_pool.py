@@ -22,7 +22,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otel_support import SECRETS, check_accounted, client_spans, oauth_pool
+from otel_support import SECRETS, check_accounted, children, client_spans, oauth_pool
 
 import toolpool
 import toolpool.metrics
@@ -355,8 +355,18 @@ async def test_retries_are_spans_between_attempts(
             ds.set_fault("api", "status", count=2, status=503)
             r = await pool.client().get(ds.url("api") + "/anything")
             assert r.status_code == 200
+            # Warm: a request that is only an exchange has no child span...
+            assert (await pool.client().get(ds.url("api") + "/anything")).status_code == 200
+            # ...until a retry follows it, which draws the first exchange after all.
+            ds.set_fault("api", "status", count=1, status=503)
+            assert (await pool.client().get(ds.url("api") + "/anything")).status_code == 200
     spans = list(exporter.get_finished_spans())
-    (request,) = client_spans(spans)
+    request, warm, warm_retried = sorted(client_spans(spans), key=lambda s: s.start_time or 0)
+    assert check_accounted(spans, warm) == {}
+    names = [k.name for k in sorted(children(spans, warm_retried), key=lambda s: s.start_time or 0)]
+    assert names == ["toolpool.response", "toolpool.retry", "toolpool.response"]
+    assert (warm_retried.attributes or {})["http.request.resend_count"] == 1
+    check_accounted(spans, warm_retried)
     attrs = request.attributes or {}
     assert attrs["http.request.resend_count"] == 2
     assert attrs["http.response.status_code"] == 200

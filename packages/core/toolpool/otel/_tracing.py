@@ -22,7 +22,9 @@ One request's spans:
     ├─ toolpool.pool.wait      queued for a connection (only when the request queued)
     ├─ toolpool.connect        TCP connect of a new connection
     │  └─ toolpool.tls         its TLS handshake
-    └─ toolpool.response       request written → response head received (network + server)
+    └─ toolpool.response       request written → response head received (network + server);
+                               left out when it would be the request's only child (a warm
+                               request's span is its exchange: no second span for it)
 
 No span carries a credential, a header or a query value; a tenant id appears only as the
 keyed hash of `toolpool.metrics.TenantLabels`, and only when one is given.
@@ -64,7 +66,8 @@ SPAN_NAMES: dict[str, str] = {
     "toolpool.pool.wait": "queued for a connection (the wait pool.stats() records)",
     "toolpool.connect": "opening a new connection: TCP connect (DNS included)",
     "toolpool.tls": "the TLS handshake of a new connection",
-    "toolpool.response": "request written until the response head arrived",
+    "toolpool.response": "request written until the response head arrived (only beside "
+    "other children)",
     "execute_tool {name}": "a tool call, opened by adapters of frameworks without their own",
 }
 
@@ -103,13 +106,19 @@ class _Call:
     monotonic clock the pool measures with to the wall clock spans are stamped with, and
     the attempts seen so far."""
 
-    __slots__ = ("attempts", "last_end", "offset", "wait")
+    __slots__ = ("attempts", "eventful", "last_end", "offset", "quiet_exchange", "wait")
 
     def __init__(self) -> None:
         self.offset = time.time_ns() - time.monotonic_ns()
         self.attempts = 0
         self.last_end: float | None = None
         self.wait = 0.0  # seconds queued for a connection, over all attempts
+        # Something besides the exchange happened (wait, connect, token, retry, error).
+        self.eventful = False
+        # An exchange not drawn yet, (destination, sent, ended, status): a request that was
+        # only an exchange needs no child span (its span is the exchange), unless a retry
+        # follows, which draws it after all.
+        self.quiet_exchange: tuple[str, float, float, int | None] | None = None
 
     def ns(self, t: float) -> int:
         return self.offset + int(t * 1e9)
@@ -363,6 +372,12 @@ class Tracing:
         call = _current_call()
         if call is None:
             return
+        if call.attempts:
+            call.eventful = True
+            quiet = call.quiet_exchange
+            if quiet is not None:
+                call.quiet_exchange = None
+                self._response(quiet[0], quiet[1], quiet[2], quiet[3], call, None)
         if call.attempts and call.last_end is not None and asked > call.last_end:
             self._leaf(
                 "toolpool.retry",
@@ -382,6 +397,7 @@ class Tracing:
         if call is not None:
             call.wait += seconds
             call.last_end = end
+            call.eventful = True
         self._leaf(
             "toolpool.pool.wait",
             waiter.since,
@@ -406,6 +422,7 @@ class Tracing:
         clock = call if call is not None else _Call()
         if call is not None:
             call.last_end = done
+            call.eventful = True
         span = self.tracer.start_span(
             "toolpool.connect",
             attributes={
@@ -443,10 +460,25 @@ class Tracing:
         call = value if isinstance(value, _Call) else None
         if call is not None:
             call.last_end = now
-        attributes: dict[str, Any] = {"toolpool.destination": dest.name}
+            if not call.eventful and error is None:
+                # Nothing but the exchange so far: the request's own span says it all.
+                call.quiet_exchange = (dest.name, sent, now, status)
+                return
+        self._response(dest.name, sent, now, status, call, error)
+
+    def _response(
+        self,
+        name: str,
+        sent: float,
+        ended: float,
+        status: int | None,
+        call: _Call | None,
+        error: BaseException | None,
+    ) -> None:
+        attributes: dict[str, Any] = {"toolpool.destination": name}
         if status is not None:
             attributes["http.response.status_code"] = status
-        self._leaf("toolpool.response", sent, now, call, attributes, error)
+        self._leaf("toolpool.response", sent, ended, call, attributes, error)
 
     @contextmanager
     def token_fetch(self, dest: DestinationPool, reason: str) -> Iterator[object]:
@@ -454,6 +486,9 @@ class Tracing:
         if otel_context.get_value(_CALL) is _SKIP:
             yield None
             return
+        outer = _current_call()
+        if outer is not None:
+            outer.eventful = True
         call = _Call()
         if reason == "wait":
             name, attributes = "toolpool.auth.wait", {"toolpool.destination": dest.name}
