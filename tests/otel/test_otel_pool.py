@@ -337,6 +337,17 @@ async def test_uninstrument_stops_spans_and_restores_the_send_chain(
         exporter.clear()
         await pool.request("GET", plain.url("api") + "/anything")
         await pool.request("GET", other + "/anything")
+        assert exporter.get_finished_spans() == ()
+        # A layer wrapped around ours since cannot be unwrapped: ours stays, inert.
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+        toolpool.metrics.register(
+            pool,
+            prometheus_client.CollectorRegistry(),
+            tenants=toolpool.metrics.TenantLabels(salt="otel-test-salt-1234"),
+        )
+        toolpool.otel.uninstrument(pool)
+        assert pool.destination("api").async_send is not before
+        await pool.request("GET", plain.url("api") + "/anything")
     assert exporter.get_finished_spans() == ()
 
 

@@ -139,6 +139,8 @@ def uninstrument(pool: Pool) -> None:
             return
         pool._otel = None
         pool._otel_tracing = None
+        if inst.tracing is not None:
+            inst.tracing.active = False
         if inst._apply in pool._destination_hooks:
             pool._destination_hooks.remove(inst._apply)
         for name in pool.destinations:

@@ -162,6 +162,9 @@ class Tracing:
         self.duration = duration
         self.tenants = tenants
         self._tenant_labels: dict[str, str] = {}
+        # False once uninstrumented: a layer another one wrapped since stays in the chain
+        # (it cannot be unwrapped), and passes requests through untouched.
+        self.active = True
         # destination name -> (inner async, inner sync, our async, our sync)
         self._installed: dict[str, tuple[Any, Any, Any, Any]] = {}
 
@@ -208,6 +211,8 @@ class Tracing:
         end = self._end
 
         async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if not self.active:
+                return await inner_a(request, ctx)
             started = monotonic()
             span, call, token = begin(dest, request, ctx, started)
             try:
@@ -222,6 +227,8 @@ class Tracing:
             return response
 
         def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if not self.active:
+                return inner_s(request, ctx)
             started = monotonic()
             span, call, token = begin(dest, request, ctx, started)
             try:
