@@ -5,12 +5,14 @@ adds (redaction, hashed tenants, errors, uninstrument)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -441,3 +443,21 @@ def test_toolpool_imports_no_opentelemetry_until_asked() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_readme_waterfall_script_runs(tmp_path: Any) -> None:
+    """examples/otel_trace.py (the README's picture) still runs and draws the whole run."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "otel_trace.py"
+    out, spans = tmp_path / "trace.png", tmp_path / "trace.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--json", str(spans)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 20_000
+    names = [s["name"] for s in json.loads(spans.read_text())]
+    assert names.count("execute_tool crm_lookup") == 4
+    for name in ("toolpool.auth.token", "toolpool.pool.wait", "toolpool.connect", "toolpool.tls"):
+        assert name in names, name
