@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -134,6 +135,7 @@ _ATTRIBUTE = {
     "src": "toolpool.acquisition.source",
     "rejection": "toolpool.rejection.reason",
     "auth": "toolpool.auth.reason",
+    "egress": "toolpool.egress.rule",
 }
 
 
@@ -235,6 +237,9 @@ async def test_meter_numbers_equal_the_prometheus_exposition(
         fetched = _value(points, "toolpool.auth.refreshes", **pool_attr, **_a("auth", reason))
         assert fetched == n
     assert prom.get("toolpool_auth_refreshes_total", destination=d, reason="initial") == 2
+    for lab, n in prom.series("toolpool_egress_denied_total").items():
+        rule = dict(lab)["rule"]
+        assert _value(points, "toolpool.egress.denied", **pool_attr, **_a("egress", rule)) == n
     waited = _check_histogram(
         points, "db.client.connection.wait_time", prom, "toolpool_connection_wait_seconds", d
     )
@@ -461,3 +466,15 @@ def test_the_readme_waterfall_script_runs(tmp_path: Any) -> None:
     assert names.count("execute_tool crm_lookup") == 4
     for name in ("toolpool.auth.token", "toolpool.pool.wait", "toolpool.connect", "toolpool.tls"):
         assert name in names, name
+
+
+def test_the_readme_metric_table_names_real_instruments() -> None:
+    """The README's "OpenTelemetry equivalent" column names instruments toolpool.otel makes."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `toolpool_")]
+    named = set()
+    for row in rows:
+        last = row.rstrip(" |").rsplit("|", 1)[-1]
+        named |= set(re.findall(r"`([a-z_.]+)`", last))
+    assert named >= {"db.client.connection.count", "db.client.connection.wait_time"}
+    assert named <= set(toolpool.otel.INSTRUMENTS), named - set(toolpool.otel.INSTRUMENTS)

@@ -103,6 +103,11 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
         "{fetch}",
         "Credential fetches, by toolpool.auth.reason (initial, expiry, 401).",
     ),
+    "toolpool.egress.denied": (
+        "counter",
+        "{connect}",
+        "Connects refused by the egress policy, by toolpool.egress.rule.",
+    ),
     "http.client.request.duration": (
         "histogram",
         "s",
@@ -177,6 +182,9 @@ class MeterBridge:
             "toolpool.auth.refreshes": lambda r: [
                 (n, {"toolpool.auth.reason": reason})
                 for reason, n in sorted((r.auth.refreshes if r.auth else {}).items())
+            ],
+            "toolpool.egress.denied": lambda r: [
+                (n, {"toolpool.egress.rule": rule}) for rule, n in sorted(r.egress_denied.items())
             ],
         }
         for name, values in observe.items():
