@@ -172,8 +172,12 @@ class BreakerMachine(RuleBasedStateMachine):
         if permit.probe and before == HALF_OPEN and permit.generation == generation:
             expected = {SUCCESS: CLOSED, FAILURE: OPEN, IGNORE: None}[outcome]
             assert change == expected
-        if b.state == CLOSED:
-            # Judged when an outcome arrives: a closed breaker is below both thresholds.
+        judged = outcome != IGNORE and permit.generation == generation and not permit.probe
+        if b.state == CLOSED and judged:
+            # Judged when a success or failure of this generation arrives: a closed breaker is
+            # then below both thresholds. An ignored outcome or a straggler judges nothing, so
+            # a window that crossed the rate only by ageing out older successes is judged at
+            # the next real outcome (hypothesis found that case).
             ok, failed = b.window_counts(self.now)
             total = ok + failed
             assert total < self.config.min_calls or failed < self.config.failure_rate * total
