@@ -73,6 +73,8 @@ class _LL:
         self.headers.append((name.lower(), value.strip().lower()))
 
     def on_headers_complete(self) -> None:
+        if self.done:
+            return
         self.status = self.parser.get_status_code()
         self.final = self.status >= 200
         self.keep_alive = self.parser.should_keep_alive()
@@ -82,6 +84,8 @@ class _LL:
             self.body += body
 
     def on_message_complete(self) -> None:
+        if self.done:
+            return
         if self.final:
             self.done = True
         else:

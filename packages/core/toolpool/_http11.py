@@ -312,14 +312,6 @@ class ResponseParser:
         if status < 100:
             raise ProtocolError("invalid status code (below 100)")
         headers = self._headers
-        if status < 200:
-            if status == 101:
-                raise ProtocolError("protocol upgrades (101) are not supported")
-            # Interim response (100 Continue, 103 Early Hints): the real one follows.
-            self._interim = True
-            self._headers = []
-            self._reason = b""
-            return
         close = version == "1.0" or not ll.should_keep_alive()
         chunked = False
         length = False
@@ -341,6 +333,14 @@ class ResponseParser:
                 for token in value.split(b","):
                     if token.strip(b" \t").lower() == b"close":
                         close = True
+        if status < 200:
+            if status == 101:
+                raise ProtocolError("protocol upgrades (101) are not supported")
+            # Interim response (100 Continue, 103 Early Hints): the real one follows.
+            self._interim = True
+            self._headers = []
+            self._reason = b""
+            return
         if chunked and version == "1.0":
             close = True  # RFC 9112 §6.1: Transfer-Encoding in 1.0 is faulty framing
         if self._head_request or status == 204 or status == 304:
