@@ -20,8 +20,8 @@ import httpx
 from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, pool_key
-from toolpool._state import Slot, Waiter
-from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
+from toolpool._state import Slot, Waiter, retry_stale
+from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response, unread_or_eof
 from toolpool.errors import PoolClosed
 
 if TYPE_CHECKING:
@@ -37,8 +37,6 @@ _current_auth = _auth_context._current
 _HIGH_WATER = 256 * 1024
 # How long a graceful close waits for the peer's side before the socket is aborted.
 _CLOSE_GRACE = 2.0
-# Idle this long or more, a connection's liveness is checked before it is reused.
-_CHECK_AFTER_IDLE = 1.0
 # How often pending read timeouts are checked (their resolution).
 _SWEEP = 0.05
 
@@ -130,6 +128,7 @@ class AsyncConnection(asyncio.Protocol):
         self.dest = dest
         self.slot = slot
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's descriptor, for the stale check
         self.parser = ResponseParser()
         self.waiter: asyncio.Future[None] | None = None
         self.error: Exception | None = None
@@ -153,6 +152,9 @@ class AsyncConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         if not self.active:
@@ -292,9 +294,16 @@ class AsyncConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def probe(self) -> bool:
-        """Cheap liveness check: the event loop tells us of closes, so flags suffice."""
+        """The stale check before every reuse: nothing received while idle (the event loop
+        reports closes and bytes as they come), not closing, and nothing unread in the
+        socket right now (bytes the loop has not delivered yet)."""
         transport = self.transport
-        return self.alive and transport is not None and not transport.is_closing()
+        return (
+            self.alive
+            and transport is not None
+            and not transport.is_closing()
+            and not unread_or_eof(self.fd)
+        )
 
     # ------------------------------------------------------------------ closing
 
@@ -595,22 +604,19 @@ async def send(
     waited = monotonic() - asked
     retried = False
     while True:
+        # Every reuse is checked for staleness (the rule lives in _state.replace).
+        slot = dest.checked_lease(slot)
         conn: AsyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
             conn = await open_slot(dest, slot, loop, ctx, _connect_limit(dest, timeouts))
-        elif not conn.alive or (
-            monotonic() - slot.idle_since > _CHECK_AFTER_IDLE and not conn.probe()
-        ):
-            slot = dest.replace(slot)
-            continue
         sent = monotonic() if probe is not None else 0.0
         try:
             head = await conn.exchange(req, timeouts)
         except _Stale as exc:
             if probe is not None:
                 probe.exchanged(dest, sent, None, exc)
-            if not fresh and not retried and req.replayable:
+            if retry_stale(not fresh, retried, req.replayable):
                 # A reused connection the peer had closed: retry once on a new one.
                 retried = True
                 slot = dest.replace(slot)

@@ -253,9 +253,16 @@ class Pool:
         """
         request = self._lean_request(method, url, params, headers, content, json, timeout)
         dest = self._route(request.url)
-        response = await dest.async_send(request, _auth_context._current.get())
+        try:
+            response = await dest.async_send(request, _auth_context._current.get())
+        except httpx.RequestError as exc:
+            _blame_caller(exc, request)
+            raise
         try:
             await response.aread()
+        except httpx.RequestError as exc:
+            _blame_caller(exc, request)
+            raise
         finally:
             await response.aclose()
         response.request = request
@@ -275,9 +282,16 @@ class Pool:
         """`request` for threads (thread-safe)."""
         request = self._lean_request(method, url, params, headers, content, json, timeout)
         dest = self._route(request.url)
-        response = dest.sync_send(request, _auth_context._current.get())
+        try:
+            response = dest.sync_send(request, _auth_context._current.get())
+        except httpx.RequestError as exc:
+            _blame_caller(exc, request)
+            raise
         try:
             response.read()
+        except httpx.RequestError as exc:
+            _blame_caller(exc, request)
+            raise
         finally:
             response.close()
         response.request = request
@@ -576,3 +590,9 @@ class Pool:
         from toolpool.resilience import _pool_api
 
         return _pool_api.on_saturation(self, callback)
+
+
+def _blame_caller(exc: httpx.RequestError, request: httpx.Request) -> None:
+    """Point an exception at the caller's request, never at a copy an auth layer made
+    (that one carries the credential), as httpx's client does for `pool.client()`."""
+    exc.request = request

@@ -152,6 +152,14 @@ class DestinationPool:
         if actions:
             self.execute(actions)
 
+    def checked_lease(self, slot: Slot) -> Slot:
+        """`slot` if its pooled connection passes the stale check, else a permit in its place
+        (the rule is `DestinationState.replace`'s). A fresh permit passes unchecked."""
+        conn = slot.conn
+        if conn is None or conn.probe():
+            return slot
+        return self.replace(slot)
+
     def replace(self, slot: Slot) -> Slot:
         """Swap a leased connection found dead for a permit, keeping the request's turn."""
         slot.conn.abort()

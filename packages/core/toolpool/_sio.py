@@ -9,7 +9,6 @@ pool's maintenance thread, so a releasing thread never blocks on a peer.
 from __future__ import annotations
 
 import math
-import select
 import socket
 import ssl
 import threading
@@ -23,8 +22,8 @@ from toolpool import _auth_context, _egress
 from toolpool._aio import _connect_limit, _wait_limit
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, pool_key
-from toolpool._state import Slot, Waiter
-from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
+from toolpool._state import Slot, Waiter, retry_stale
+from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response, unread_or_eof
 from toolpool.errors import PoolClosed
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ _current_auth = _auth_context._current
 # The driver part of pool keys for connections of the thread driver.
 SYNC_DRIVER = "threads"
 _RECV = 65536
-_CHECK_AFTER_IDLE = 1.0
 
 
 class _Stale(httpx.RemoteProtocolError):
@@ -137,14 +135,14 @@ class SyncConnection:
             raise httpx.RemoteProtocolError(str(exc)) from None
 
     def probe(self) -> bool:
-        """Cheap liveness check of an idle connection: readable now means EOF or garbage."""
+        """The stale check before every reuse: readable now means unread bytes or EOF
+        (and a TLS socket may hold decrypted bytes of its own)."""
         if not self.alive:
             return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        return not readable
+        return not unread_or_eof(sock.fileno())
 
     def close(self) -> None:
         """Close gracefully; the maintenance thread reports `connection_lost` when done."""
@@ -351,22 +349,20 @@ def send(
     waited = monotonic() - asked
     retried = False
     while True:
+        # Every reuse is checked for staleness (the rule lives in _state.replace).
+        slot = dest.checked_lease(slot)
         conn: SyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
             conn = open_slot(dest, slot, ctx, _connect_limit(dest, timeouts))
-        elif not conn.alive or (
-            monotonic() - slot.idle_since > _CHECK_AFTER_IDLE and not conn.probe()
-        ):
-            slot = dest.replace(slot)
-            continue
         sent = monotonic() if probe is not None else 0.0
         try:
             head = conn.exchange(req, timeouts)
         except _Stale as exc:
             if probe is not None:
                 probe.exchanged(dest, sent, None, exc)
-            if not fresh and not retried and req.replayable:
+            if retry_stale(not fresh, retried, req.replayable):
+                # A reused connection the peer had closed: retry once on a new one.
                 retried = True
                 slot = dest.replace(slot)
                 continue

@@ -92,6 +92,7 @@ __all__ = [
     "Slot",
     "Waiter",
     "Wake",
+    "retry_stale",
 ]
 
 Key = tuple[str | None, Hashable]  # (identity or None for unbound, driver)
@@ -231,6 +232,14 @@ class Wake(NamedTuple):
 
 Action = Close | Wake
 _NO_ACTIONS: list[Action] = []
+
+
+def retry_stale(reused: bool, retried: bool, replayable: bool) -> bool:
+    """Whether a request whose connection failed before any response byte (peer closed,
+    reset) is sent again on a new connection: only once, only if the connection was reused
+    (a fresh one failing says something about the destination, not about keep-alive), and
+    only if its body can be sent again."""
+    return reused and not retried and replayable
 
 
 class DestinationState:
@@ -442,9 +451,16 @@ class DestinationState:
         return self._return(slot, now)
 
     def replace(self, slot: Slot, now: float) -> Slot:
-        """The leased connection turned out dead before it carried the request (peer
-        closed it while idle): drop it and give the same request a permit in its place,
-        keeping its turn. The dead connection needs no graceful close."""
+        """The leased connection turned out stale before it carried the request: drop it
+        and give the same request a permit in its place, keeping its turn. The dead
+        connection needs no graceful close.
+
+        The stale rule, applied by both drivers through `DestinationPool.checked_lease` on
+        *every* reuse (not only after some idle time): a pooled connection that is not
+        alive, has unread bytes or has seen EOF (a zero-timeout readability check; on
+        asyncio also any byte received while it was idle) is replaced. Bytes nobody asked
+        for are a response to no request; reusing the connection would hand them to the
+        next one. See `retry_stale` for a reused connection that fails later."""
         assert slot.state == IN_USE
         self.in_use -= 1
         self.total -= 1

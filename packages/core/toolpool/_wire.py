@@ -6,13 +6,14 @@ Shared by the asyncio and thread drivers, so both send the same bytes and build 
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import httpx
 
 from toolpool._http11 import ResponseHead, encode_request_head
 
-__all__ = ["NO_TIMEOUTS", "RequestBytes", "make_response", "prepare"]
+__all__ = ["NO_TIMEOUTS", "RequestBytes", "make_response", "prepare", "unread_or_eof"]
 
 NO_TIMEOUTS: dict[str, float | None] = {}
 
@@ -28,7 +29,9 @@ class RequestBytes:
                 request.method.encode("ascii"), request.url.raw_path, request.headers.raw
             )
         except ValueError as exc:
-            raise httpx.LocalProtocolError(str(exc), request=request) from None
+            # No request attached: `request` may be the credentialed copy an auth layer
+            # made. httpx's client (and pool.request) attach the caller's own request.
+            raise httpx.LocalProtocolError(str(exc)) from None
         stream = request.stream
         self.head_request = request.method == "HEAD"
         self.chunked = False
@@ -45,6 +48,28 @@ class RequestBytes:
     def replayable(self) -> bool:
         """True if the request can be sent again (its body is not a one-shot stream)."""
         return self.body is not None
+
+
+def unread_or_eof(fd: int) -> bool:
+    """The zero-timeout readability check of a pooled connection's socket: True if bytes
+    are waiting or the peer closed (both make the connection stale), or the socket is gone."""
+    if fd < 0:
+        return True
+    if _poll is None:  # pragma: no cover - platforms without poll()
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+    poller = _poll()
+    poller.register(fd, _POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:  # pragma: no cover
+        return True
+
+
+_poll = getattr(select, "poll", None)
+_POLLIN = getattr(select, "POLLIN", 1)
 
 
 def prepare(request: httpx.Request) -> RequestBytes:
