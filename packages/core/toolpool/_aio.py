@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import ssl
 import threading
 import time
@@ -495,8 +496,14 @@ async def _connect(
     ctx: _auth_context.AuthContext | None,
     timeout: float | None,
 ) -> AsyncConnection:
-    """Open a connection (TCP, then TLS) for the slot; on failure report it and raise."""
+    """Open a connection (TCP, then TLS) for the slot; on failure report it and raise.
+
+    The TCP socket stays ours until the transport runs on a duplicate of it, so that a
+    connect abandoned at any point (cancelled, timed out, TLS refused) is closed gracefully
+    and its slot counted until the peer has seen the close: the downstream's own count of
+    connections never exceeds the cap, cancellations included."""
     conn = AsyncConnection(loop, dest, slot)
+    connecting: list[socket.socket] = []
     try:
         sslctx = dest.ssl_context(ctx)
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -506,27 +513,54 @@ async def _connect(
             addresses = await _egress.aresolve(dest, loop)
             for address in addresses:
                 try:
-                    await loop.create_connection(
-                        conn.tcp_connected,
-                        address,
-                        dest.port,
-                        ssl=sslctx,
-                        server_hostname=dest.host if sslctx is not None else None,
-                        ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
-                    )
+                    sock = await _tcp_connect(loop, address, dest.port, connecting)
                     break
                 except OSError as exc:
-                    if not _egress.try_next(exc, address, addresses, conn.transport):
+                    if not _egress.try_next(exc, address, addresses, None):
                         raise
+            await loop.create_connection(
+                conn.tcp_connected,
+                sock=sock.dup(),
+                ssl=sslctx,
+                server_hostname=dest.host if sslctx is not None else None,
+                ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
+            )
     except BaseException as exc:
-        dest.open_failed(slot)
         if conn.transport is not None:
             conn.transport.abort()
+        if connecting:
+            # The peer may have accepted it: the slot is freed once it saw the close.
+            dest.pool._maintenance().close_gracefully(connecting[0], lambda: dest.open_failed(slot))
+        else:
+            dest.open_failed(slot)
         err = connect_error(dest, exc, timeout)
         if err is exc:
             raise
         raise err from exc
+    sock.close()  # the transport has its own descriptor of the connection
     return conn
+
+
+async def _tcp_connect(
+    loop: asyncio.AbstractEventLoop, address: str, port: int, connecting: list[socket.socket]
+) -> socket.socket:
+    """A TCP socket connected to `address` (an IP address the egress policy checked). While
+    the connect is under way the socket is in `connecting`, for the caller to close."""
+    # A numeric address: no lookup, only its socket address form (an IPv6 zone included).
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        address, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    connecting.append(sock)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, sockaddr)
+    except OSError:
+        connecting.remove(sock)
+        sock.close()
+        raise
+    return sock
 
 
 def connect_error(

@@ -257,9 +257,12 @@ def connect(
     ctx: _auth_context.AuthContext | None,
     timeout: float | None,
 ) -> SyncConnection:
-    """Open a connection (TCP, then TLS) for the slot; on failure report it and raise."""
+    """Open a connection (TCP, then TLS) for the slot; on failure report it and raise.
+
+    As in `_aio._connect`, a connection that fails after TCP connected (a refused TLS
+    handshake) is closed gracefully, its slot counted until the peer has seen the close."""
     where = f"{dest.name} ({dest.host}:{dest.port})"
-    sock: socket.socket | None = None
+    raw: socket.socket | None = None
     tcp_done: float | None = None
     try:
         sslctx = dest.ssl_context(ctx)
@@ -267,20 +270,21 @@ def connect(
         addresses = _egress.resolve(dest)
         for address in addresses:
             try:
-                sock = socket.create_connection((address, dest.port), timeout=timeout)
+                raw = socket.create_connection((address, dest.port), timeout=timeout)
                 break
             except OSError as exc:
                 if not _egress.try_next(exc, address, addresses, None):
                     raise
-        assert sock is not None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert raw is not None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tcp_done = monotonic()
-        if sslctx is not None:
-            sock = sslctx.wrap_socket(sock, server_hostname=dest.host)
+        # TLS runs on a duplicate: a failed handshake closes that, not the connection.
+        sock = sslctx.wrap_socket(raw.dup(), server_hostname=dest.host) if sslctx else raw
     except BaseException as exc:
-        dest.open_failed(slot)
-        if sock is not None:
-            sock.close()
+        if raw is not None:
+            dest.pool._maintenance().close_gracefully(raw, lambda: dest.open_failed(slot))
+        else:
+            dest.open_failed(slot)
         if isinstance(exc, TimeoutError):
             raise httpx.ConnectTimeout(
                 f"connecting to {where} timed out after {timeout} s"
@@ -290,6 +294,8 @@ def connect(
         if isinstance(exc, OSError):
             raise httpx.ConnectError(f"cannot connect to {where}: {exc}") from exc
         raise
+    if sock is not raw:
+        raw.close()
     conn = SyncConnection(dest, slot, sock)
     conn.tcp_done = tcp_done
     return conn
