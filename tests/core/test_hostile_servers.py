@@ -1,0 +1,215 @@
+"""Issue 16's cases against real sockets: a response never reaches the wrong request.
+
+Each case is a raw-socket server on loopback whose first response is hostile or broken;
+both drivers, plain and TLS. The hostile response is rejected or its connection closed,
+never reused: the requests after it each get their own answer, on other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import toolpool
+from tests.core.conftest import assert_quiet
+from tests.core.hostile import HostileServer
+from toolpool.auth import Bearer
+from toolpool.testing._certs import CertificateAuthority
+
+H = b"HTTP/1.1 200 OK\r\n"
+OK = H + b"Content-Length: 5\r\n\r\nhello"
+CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
+ACCEPT = "hello"  # the first request gets "hello", its connection is then closed
+REJECT = None
+
+# (name, first bytes, late bytes, what the first request gets)
+CASES: list[tuple[str, bytes, bytes, str | None]] = [
+    ("an extra response later", OK, H + b"Content-Length: 5\r\n\r\nSTALE", ACCEPT),
+    ("Content-Length shorter than the body", OK, b"WORLD", ACCEPT),
+    ("garbage after the response", OK + b"WORLD", b"", ACCEPT),
+    *[
+        (
+            f"TE {te.decode()} with CL",
+            H + b"Transfer-Encoding: " + te + b"\r\nContent-Length: 5\r\n\r\nhello",
+            CHUNKED,
+            REJECT,
+        )
+        for te in [b"gzip", b"identity", b"xchunked", b"chunked;q=1", b"chunked, gzip", b"chunked,"]
+    ],
+    (
+        "two TE headers",
+        H + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED,
+        b"",
+        REJECT,
+    ),
+    (
+        "LF inside a value",
+        H + b"X-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"",
+        REJECT,
+    ),
+    ("NUL in a value", H + b"X-A: a\x00\r\nContent-Length: 5\r\n\r\nhello", b"", REJECT),
+    (
+        "CL with TE chunked",
+        H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED,
+        b"",
+        REJECT,
+    ),
+    (
+        "TE chunked on HTTP/1.0",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED,
+        b"",
+        ACCEPT,
+    ),
+    (
+        "chunk size 0x5",
+        H + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"",
+        REJECT,
+    ),
+    (
+        "chunk size 5 ;ext",
+        H + b"Transfer-Encoding: chunked\r\n\r\n5 ;ext\r\nhello\r\n0\r\n\r\n",
+        b"",
+        REJECT,
+    ),
+    (
+        "trailer without colon",
+        H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nbad\r\n\r\n",
+        b"",
+        REJECT,
+    ),
+    (
+        "close then keep-alive",
+        H + b"Connection: close\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+        b"",
+        ACCEPT,
+    ),
+    (
+        "100 KiB head",
+        H + b"X: " + b"a" * 100_000 + b"\r\nContent-Length: 5\r\n\r\nhello",
+        b"",
+        REJECT,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority(Path(tmp_path_factory.mktemp("hostile-ca")))
+
+
+@pytest.fixture(params=["plain", "tls"])
+def tls(request: pytest.FixtureRequest) -> bool:
+    return request.param == "tls"
+
+
+def _server(
+    case: tuple[str, bytes, bytes, str | None], tls: bool, ca: CertificateAuthority
+) -> HostileServer:
+    _, first, late, _ = case
+    return HostileServer(first, late, ca if tls else None)
+
+
+def _pool(server: HostileServer, ca: CertificateAuthority) -> toolpool.Pool:
+    return toolpool.Pool(
+        [toolpool.Destination("hostile", server.url, verify=ca.ca_pem_path, max_connections=1)],
+        warmup=0,
+        policy=None,
+    )
+
+
+def _check_server(server: HostileServer) -> None:
+    # The hostile connection carried exactly one request; no request was answered twice.
+    assert server.requests_per_connection[1] == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+async def test_async_driver(
+    case: tuple[str, bytes, bytes, str | None], tls: bool, ca: CertificateAuthority
+) -> None:
+    with _server(case, tls, ca) as server:
+        async with _pool(server, ca) as pool:
+            client = pool.client(timeout=10)
+            expected = case[3]
+            if expected is REJECT:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await client.get(server.url + "/", headers={"X-Req": "1"})
+            else:
+                r = await client.get(server.url + "/", headers={"X-Req": "1"})
+                assert r.text == expected
+            assert await asyncio.to_thread(server.late_sent.wait, 10)
+            for n in range(2, 5):
+                r = await client.get(server.url + "/", headers={"X-Req": str(n)})
+                assert r.text.endswith(f"-{n}") and not r.text.startswith("conn1-"), r.text
+            assert_quiet(pool)
+        _check_server(server)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_thread_driver(
+    case: tuple[str, bytes, bytes, str | None], tls: bool, ca: CertificateAuthority
+) -> None:
+    with _server(case, tls, ca) as server, _pool(server, ca) as pool:
+        client = pool.sync_client(timeout=10)
+        expected = case[3]
+        if expected is REJECT:
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.get(server.url + "/", headers={"X-Req": "1"})
+        else:
+            assert client.get(server.url + "/", headers={"X-Req": "1"}).text == expected
+        assert server.late_sent.wait(10)
+        for n in range(2, 5):
+            r = client.get(server.url + "/", headers={"X-Req": str(n)})
+            assert r.text.endswith(f"-{n}") and not r.text.startswith("conn1-"), r.text
+        assert_quiet(pool)
+    _check_server(server)
+
+
+# ---------------------------------------------------------------- credentials on exceptions
+
+
+@pytest.fixture
+def echo_server(ca: CertificateAuthority) -> Iterator[HostileServer]:
+    with HostileServer(OK) as server:
+        yield server
+
+
+async def test_exceptions_carry_the_callers_request_not_the_credentialed_copy(
+    echo_server: HostileServer,
+) -> None:
+    token = "sk-live-not-for-exceptions"
+    dest = toolpool.Destination("api", echo_server.url, auth=Bearer(token))
+    async with toolpool.Pool([dest], warmup=0) as pool:
+        for send in (
+            lambda: pool.request("GET", echo_server.url + "/", headers={"X-Bad": "a\nb"}),
+            lambda: asyncio.to_thread(
+                pool.request_sync, "GET", echo_server.url + "/", headers={"X-Bad": "a\nb"}
+            ),
+        ):
+            with pytest.raises(httpx.LocalProtocolError) as info:
+                await send()
+            exc = info.value
+            assert "Authorization" not in exc.request.headers
+            assert exc.request.headers["X-Bad"] == "a\nb"  # the caller's own request
+            assert "X-Bad" in str(exc) and "a\nb" not in str(exc) and token not in str(exc)
+        with pytest.raises(httpx.LocalProtocolError) as info:
+            await pool.client().get(echo_server.url + "/", headers={"X-Bad": "a\rb"})
+        assert "Authorization" not in info.value.request.headers
+
+
+async def test_a_server_echoing_a_credential_does_not_put_it_into_the_exception(
+    ca: CertificateAuthority,
+) -> None:
+    token = "sk-live-echoed-0123456789"
+    echoed = H + b"X-Echo: Bearer " + token.encode() + b"\x01\r\nContent-Length: 0\r\n\r\n"
+    with HostileServer(echoed) as server:
+        dest = toolpool.Destination("api", server.url, auth=Bearer(token))
+        async with toolpool.Pool([dest], warmup=0, policy=None) as pool:
+            with pytest.raises(httpx.RemoteProtocolError) as info:
+                await pool.request("GET", server.url + "/")
+            assert "sk-live" not in str(info.value) and "0123" not in str(info.value)
