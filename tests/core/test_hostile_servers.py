@@ -213,3 +213,57 @@ async def test_a_server_echoing_a_credential_does_not_put_it_into_the_exception(
             with pytest.raises(httpx.RemoteProtocolError) as info:
                 await pool.request("GET", server.url + "/")
             assert "sk-live" not in str(info.value) and "0123" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the cap under cancellation
+
+
+@pytest.mark.parametrize("tls_mode", ["plain", "tls"])
+async def test_the_server_never_counts_more_connections_than_the_cap(tls_mode: str) -> None:
+    """A randomized storm: 40 tenants over a cap of 20 (so connections are closed and
+    opened all the time), a third of the requests cancelled at a random point, connects
+    and TLS handshakes included. The server's own count of open connections is the judge."""
+    import random
+
+    from toolpool.testing import Downstream, ServiceSpec
+
+    rng = random.Random(16)
+    spec = ServiceSpec(require_auth=False, service_time=(0.0, 0.003))
+    async with Downstream({"api": spec}, tls=tls_mode == "tls", seed=16) as ds:
+        dest = toolpool.Destination(
+            "api",
+            ds.url("api"),
+            verify=ds.ca_pem_path if ds.tls else True,
+            max_connections=20,
+            queue_factor=100,
+        )
+        cancelled = 0
+        async with toolpool.Pool([dest], warmup=0, policy=None) as pool:
+            client = pool.client(timeout=30)
+
+            async def one() -> None:
+                nonlocal cancelled
+                who = f"t{rng.randrange(40)}"
+                with toolpool.auth_context(toolpool.AuthContext(tenant=who)):
+                    task = asyncio.ensure_future(
+                        client.get(ds.url("api") + "/anything", headers={"X-Tenant": who})
+                    )
+                if rng.random() < 0.33:
+                    # Anywhere from before the connect starts to well after it finished.
+                    for _ in range(rng.randrange(12)):
+                        await asyncio.sleep(0)
+                    if rng.random() < 0.5:
+                        await asyncio.sleep(rng.random() * 0.004)
+                    task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    cancelled += 1
+
+            for _ in range(5):
+                await asyncio.gather(*[one() for _ in range(300)])
+            assert_quiet(pool)
+        stats = ds.stats("api")
+        assert cancelled > 300
+        assert stats.connections_accepted > 100  # the storm did open and close connections
+        assert stats.peak_connections <= 20, stats.peak_connections
