@@ -25,6 +25,14 @@ The toolpool clients without a suffix are the pool with tracing off (not instrum
 `--otel-hooks` measures what the off path costs per request (the drivers' probe and
 observer tests) with timeit instead.
 All pools are capped at 100 connections.
+
+`--parsers` measures the HTTP/1.1 response parsers alone instead (issue 16): the codec the
+checkout ships (`toolpool._http11.ResponseParser`), h11 (httpcore's parser), llhttp through
+httptools with no work in its callbacks, and with `--baseline FILE` another version of the
+codec (an `_http11.py` from another commit), interleaved in the same run:
+
+    git show f6e6065:packages/core/toolpool/_http11.py > /tmp/http11_before.py
+    python benchmarks/overhead.py --parsers --repeat 15 --baseline /tmp/http11_before.py
 """
 
 from __future__ import annotations
@@ -246,6 +254,137 @@ def hook_cost(repeat: int) -> str:
     )
 
 
+_PARSER_INPUTS = {
+    "small (CL, 120 B)": (
+        b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Dec 2026 03:00:00 GMT\r\nserver: uvicorn\r\n"
+        b"content-type: application/json\r\ncontent-length: 120\r\n\r\n" + b"x" * 120
+    ),
+    "chunked (8 x 1 KiB)": (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"400\r\n"
+        + b"y" * 1024
+        + b"\r\n"
+    )
+    * 1
+    + (b"400\r\n" + b"y" * 1024 + b"\r\n") * 7
+    + b"0\r\n\r\n",
+    "large (CL, 256 KiB in 64 KiB reads)": b"HTTP/1.1 200 OK\r\ncontent-length: 262144\r\n\r\n"
+    + b"z" * 262144,
+}
+
+
+_CONNECTION_PARSERS: dict[Any, Any] = {}
+
+
+def _parse_toolpool(raw: bytes, reads: list[bytes], codec: Any = None) -> None:
+    # One parser per connection, `start()` per response: as the drivers use it.
+    parser = _CONNECTION_PARSERS.get(codec)
+    if parser is None:
+        if codec is None:
+            from toolpool import _http11 as default_codec
+
+            parser = default_codec.ResponseParser()
+        else:
+            parser = codec.ResponseParser()
+        _CONNECTION_PARSERS[codec] = parser
+    parser.start(False)
+    for data in reads:
+        parser.feed(data)
+        parser.take_body()
+    assert parser.complete
+
+
+def _parse_h11(raw: bytes, reads: list[bytes]) -> None:
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+    conn.send(h11.EndOfMessage())
+    for data in reads:
+        conn.receive_data(data)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or type(event) is h11.EndOfMessage:
+                break
+    assert conn.their_state is h11.DONE
+
+
+class _Sink:
+    __slots__ = ("body", "done", "headers")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def _parse_httptools(raw: bytes, reads: list[bytes]) -> None:
+    import httptools
+
+    sink = _Sink()
+    parser = httptools.HttpResponseParser(sink)
+    for data in reads:
+        parser.feed_data(data)
+    assert sink.done
+
+
+PARSERS = {"toolpool": _parse_toolpool, "h11": _parse_h11, "httptools-raw": _parse_httptools}
+
+
+def parser_bench(repeat: int, baseline: str | None) -> str:
+    """Microseconds per response for each parser and input: median [min-max] of `repeat`."""
+    import importlib.util
+    from functools import partial
+
+    parsers: dict[str, Callable[[bytes, list[bytes]], None]] = dict(PARSERS)
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_http11", baseline)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parsers["baseline"] = partial(_parse_toolpool, codec=module)
+    names = list(parsers)
+    lines = [
+        f"response parsers, µs per response, median [min-max] of {repeat}"
+        + (f"; baseline codec: {baseline}" if baseline else ""),
+        "",
+        f"| input | {' | '.join(names)} | h11 ÷ toolpool |"
+        + (" toolpool ÷ baseline (min) |" if baseline else ""),
+        "|---|" + "---|" * (len(names) + 1 + bool(baseline)),
+    ]
+    for label, raw in _PARSER_INPUTS.items():
+        reads = [raw[i : i + 65536] for i in range(0, len(raw), 65536)]
+        n = 200 if len(raw) > 100_000 else 5000
+        cells: dict[str, list[float]] = {}
+        for parse in parsers.values():  # warm-up: imports, caches, the allocator's heap
+            for _ in range(10):
+                parse(raw, reads)
+        for _ in range(repeat):
+            for name, parse in parsers.items():
+                gc.collect()
+                start = time.perf_counter()
+                for _ in range(n):
+                    parse(raw, reads)
+                cells.setdefault(name, []).append(1e6 * (time.perf_counter() - start) / n)
+        med = {k: statistics.median(v) for k, v in cells.items()}
+        row = [f"{med[k]:.1f} [{min(v):.1f}-{max(v):.1f}]" for k, v in cells.items()]
+        line = f"| {label} | {' | '.join(row)} | {med['h11'] / med['toolpool']:.1f} |"
+        if baseline:
+            line += f" {min(cells['toolpool']) / min(cells['baseline']):.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,10,100,400")
@@ -255,9 +394,14 @@ def main() -> None:
     parser.add_argument("--tls", choices=["both", "plain", "tls"], default="both")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--otel-hooks", action="store_true", help="time the off path only")
+    parser.add_argument("--parsers", action="store_true", help="measure the parsers alone")
+    parser.add_argument("--baseline", help="with --parsers: another _http11.py to compare")
     args = parser.parse_args()
     if args.otel_hooks:
         print(hook_cost(args.repeat))
+        return
+    if args.parsers:
+        print(parser_bench(args.repeat, args.baseline))
         return
     levels = [int(c) for c in args.concurrency.split(",")]
     clients = args.clients.split(",")
