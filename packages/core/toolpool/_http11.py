@@ -271,8 +271,12 @@ class ResponseParser:
                 self.reusable = False
 
     def _track_chunked_tail(self, data: bytes) -> None:
-        n = len(data) - len(data.rstrip(b"\r\n"))
-        self._chunked_tail = self._chunked_tail + n if n == len(data) else n
+        """Count the CR and LF bytes that end the body so far (up to 8: only 4 matters)."""
+        size = len(data)
+        n = 0
+        while n < size and n < 8 and data[size - 1 - n] in _CRLF:
+            n += 1
+        self._chunked_tail = self._chunked_tail + n if n == size else n
 
     def _ll_feed(self, data: bytes) -> None:
         try:
