@@ -364,3 +364,14 @@ def test_lifetime_has_jitter_and_closes_on_release() -> None:
     assert slot.expires_at == 90.0  # 100 s lifetime shortened by the full 10 % jitter
     (close,) = state.release(slot, 95.0, reusable=True)
     assert close.reason == _state.LIFETIME
+
+
+def test_stale_retry_rule() -> None:
+    """Retried once, only on a reused connection, only with a body that can be sent again."""
+    table = {
+        (reused, retried, replayable): _state.retry_stale(reused, retried, replayable)
+        for reused in (True, False)
+        for retried in (True, False)
+        for replayable in (True, False)
+    }
+    assert [key for key, retry in table.items() if retry] == [(True, False, True)]
