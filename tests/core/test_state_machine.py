@@ -109,19 +109,23 @@ class PoolRules(RuleBasedStateMachine):
         return None
 
     @precondition(lambda self: self.state is not None and self.granted)
-    @rule(index=st.integers(0, 100), opens=st.booleans())
-    def take_grant(self, index: int, opens: bool) -> None:
+    @rule(index=st.integers(0, 100), outcome=st.sampled_from(["opens", "fails", "abandoned"]))
+    def take_grant(self, index: int, outcome: str) -> None:
         """A request that got a slot (directly or by waking) uses it: a permit is opened
-        (or fails to open), a lease carries the request."""
+        (or fails to open, or is abandoned after TCP connected and closes gracefully), a
+        lease carries the request."""
         assert self.state is not None
         slot = self.granted.pop(index % len(self.granted))
         if slot.state == _state.OPENING:
-            if opens:
+            if outcome == "opens":
                 self.state.opened(slot, object(), self.now)
                 self._bind(slot)
                 self.leased.append(slot)
-            else:
+            elif outcome == "fails":
                 self._apply(self.state.open_failed(slot, self.now))
+            else:
+                self._apply(self.state.abandon(slot, self.now))
+                self.closing.append(slot)
         else:
             assert slot.state == _state.IN_USE
             self._bind(slot)

@@ -528,10 +528,14 @@ async def _connect(
     except BaseException as exc:
         if conn.transport is not None:
             conn.transport.abort()
-        if connecting:
-            # The peer may have accepted it: the slot is freed once it saw the close.
-            dest.pool._maintenance().close_gracefully(connecting[0], lambda: dest.open_failed(slot))
+        if connecting and _established(connecting[0]):
+            # The peer may count it already: the slot is freed once it saw the close.
+            dest.abandon(slot, connecting[0])
         else:
+            # Not established: closing it aborts the connect before the peer has a
+            # connection to count (a late SYN-ACK is answered with a reset).
+            for sock in connecting:
+                sock.close()
             dest.open_failed(slot)
         err = connect_error(dest, exc, timeout)
         if err is exc:
@@ -539,6 +543,15 @@ async def _connect(
         raise err from exc
     sock.close()  # the transport has its own descriptor of the connection
     return conn
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether the TCP handshake of `sock` completed (so the peer may have accepted it)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 async def _tcp_connect(

@@ -8,7 +8,6 @@ waits on has a deadline.
 
 from __future__ import annotations
 
-import errno
 import logging
 import selectors
 import socket
@@ -28,15 +27,12 @@ CLOSE_GRACE = 2.0
 
 
 class _Closing:
-    __slots__ = ("connecting", "deadline", "done", "sock")
+    __slots__ = ("deadline", "done", "sock")
 
     def __init__(self, sock: socket.socket, done: Callable[[], None], deadline: float) -> None:
         self.sock = sock
         self.done = done
         self.deadline = deadline
-        # A connect abandoned midway: wait for it to finish before closing, since the
-        # peer may be about to count the connection.
-        self.connecting = False
 
 
 class Maintenance:
@@ -148,17 +144,11 @@ class Maintenance:
             sock.shutdown(socket.SHUT_WR)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN or isinstance(sock, ssl.SSLSocket):
-                self._finish(closing)
-                return
-            closing.connecting = True
-        except ValueError:
+        except (OSError, ValueError):
             self._finish(closing)
             return
-        events = selectors.EVENT_WRITE if closing.connecting else selectors.EVENT_READ
         try:
-            self._selector.register(sock, events, closing)
+            self._selector.register(sock, selectors.EVENT_READ, closing)
         except (OSError, ValueError):
             self._finish(closing)
             return
@@ -167,17 +157,6 @@ class Maintenance:
     def _progress(self, closing: _Closing) -> None:
         """The closing socket is readable: the peer's close arrived, or leftover bytes."""
         sock = closing.sock
-        if closing.connecting:
-            # The abandoned connect finished: if it connected, close it like any other.
-            closing.connecting = False
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    raise OSError("connect failed")
-                sock.shutdown(socket.SHUT_WR)
-                self._selector.modify(sock, selectors.EVENT_READ, closing)
-            except (OSError, ValueError, KeyError):
-                self._finish(closing)
-            return
         try:
             if isinstance(sock, ssl.SSLSocket):
                 sock.unwrap()

@@ -25,7 +25,7 @@ from toolpool._egress import Egress
 from toolpool._probe import Probe
 from toolpool._state import Action, Close, DestinationState, Limits, Slot, Waiter
 from toolpool._tls import client_ssl_context
-from toolpool.errors import PoolSaturated, PoolTimeout
+from toolpool.errors import PoolClosed, PoolSaturated, PoolTimeout
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
@@ -140,6 +140,22 @@ class DestinationPool:
     def open_failed(self, slot: Slot) -> None:
         with self.lock:
             actions = self.state.open_failed(slot, monotonic())
+        if actions:
+            self.execute(actions)
+
+    def abandon(self, slot: Slot, sock: Any) -> None:
+        """Give up opening the permit's connection whose TCP handshake completed: `sock`
+        (a blocking or non-blocking socket, ours alone) closes gracefully on the maintenance
+        thread, and the slot counts against the cap until the peer has seen the close."""
+        with self.lock:
+            actions = self.state.abandon(slot, monotonic())
+        try:
+            maintenance = self.pool._maintenance()
+        except PoolClosed:  # no thread to wait on the peer any more: close at once
+            sock.close()
+            self.connection_lost(slot)
+        else:
+            maintenance.close_gracefully(sock, partial(self.connection_lost, slot))
         if actions:
             self.execute(actions)
 

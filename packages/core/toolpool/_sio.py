@@ -282,7 +282,7 @@ def connect(
         sock = sslctx.wrap_socket(raw.dup(), server_hostname=dest.host) if sslctx else raw
     except BaseException as exc:
         if raw is not None:
-            dest.pool._maintenance().close_gracefully(raw, lambda: dest.open_failed(slot))
+            dest.abandon(slot, raw)
         else:
             dest.open_failed(slot)
         if isinstance(exc, TimeoutError):

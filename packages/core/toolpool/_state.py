@@ -435,6 +435,18 @@ class DestinationState:
         self._flight(slot.key, -1)
         return self._free_capacity(now)
 
+    def abandon(self, slot: Slot, now: float) -> list[Action]:
+        """Opening the permit's connection was given up (cancelled, timed out, TLS refused)
+        after TCP connected: the peer may count the connection already, so the slot turns
+        CLOSING and counts against the cap until the driver reports `closed` (the peer saw
+        the close). Not counted as created nor closed: it never carried a request."""
+        assert slot.state == OPENING
+        self.opening -= 1
+        self.closing += 1
+        slot.state = CLOSING
+        self._flight(slot.key, -1)
+        return self._make_room()
+
     def release(self, slot: Slot, now: float, reusable: bool) -> list[Action]:
         """The request is done with the slot. Not reusable (error, `Connection: close`,
         body not read) means: close it."""
