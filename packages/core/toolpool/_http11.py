@@ -204,7 +204,8 @@ class ResponseParser:
                 if pos < 0:
                     return  # the head goes on in the next chunk
             else:
-                self._feed_body(data if not pos else data[pos:])
+                # A view, not a copy: llhttp copies the body bytes it hands out anyway.
+                self._feed_body(data if not pos else memoryview(data)[pos:])
                 return
             if self.complete:
                 if pos < end:
@@ -245,7 +246,7 @@ class ResponseParser:
             self._finish()
         return head_end
 
-    def _feed_body(self, data: bytes) -> None:
+    def _feed_body(self, data: bytes | memoryview) -> None:
         before = self.body_size
         try:
             self._ll.feed_data(data)
@@ -270,7 +271,7 @@ class ResponseParser:
             if self._chunked_tail != 4:
                 self.reusable = False
 
-    def _track_chunked_tail(self, data: bytes) -> None:
+    def _track_chunked_tail(self, data: bytes | memoryview) -> None:
         """Count the CR and LF bytes that end the body so far (up to 8: only 4 matters)."""
         size = len(data)
         n = 0
