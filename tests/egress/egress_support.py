@@ -71,7 +71,9 @@ class PacketSpy:
         async def spied_create_connection(
             self: Any, protocol_factory: Any, host: Any = None, port: Any = None, *a: Any, **kw: Any
         ) -> Any:
-            spy._connect(str(host), int(port or 0))
+            # With sock=, its connect went through socket.connect (recorded there).
+            if kw.get("sock") is None:
+                spy._connect(str(host), int(port or 0))
             return await create_connection(self, protocol_factory, host, port, *a, **kw)
 
         def spied_connect(self: socket.socket, address: Any) -> Any:

@@ -333,19 +333,13 @@ class ConnectSpy:
         original = asyncio.BaseEventLoop.create_connection
         original_sock = socket.socket.connect
 
-        original_sock_connect = asyncio.BaseEventLoop.sock_connect
-
         async def create_connection(
             self: Any, protocol_factory: Any, host: Any = None, port: Any = None, *a: Any, **kw: Any
         ) -> Any:
-            if kw.get("sock") is None:  # with sock=, its connect was recorded already
+            # With sock=, its connect went through socket.connect (recorded there).
+            if kw.get("sock") is None:
                 spy._record(str(host), int(port or 0))
             return await original(self, protocol_factory, host, port, *a, **kw)
-
-        async def sock_connect(self: Any, sock: socket.socket, address: Any) -> Any:
-            if isinstance(address, tuple):
-                spy._record(str(address[0]), int(address[1]))
-            return await original_sock_connect(self, sock, address)
 
         def connect(self: socket.socket, address: Any) -> Any:
             if isinstance(address, tuple):
@@ -353,13 +347,11 @@ class ConnectSpy:
             return original_sock(self, address)
 
         asyncio.BaseEventLoop.create_connection = create_connection  # type: ignore[method-assign]
-        asyncio.BaseEventLoop.sock_connect = sock_connect  # type: ignore[method-assign]
         socket.socket.connect = connect  # type: ignore[method-assign]
         try:
             yield self
         finally:
             asyncio.BaseEventLoop.create_connection = original  # type: ignore[method-assign]
-            asyncio.BaseEventLoop.sock_connect = original_sock_connect  # type: ignore[method-assign]
             socket.socket.connect = original_sock  # type: ignore[method-assign]
 
     def _record(self, host: str, port: int) -> None:
