@@ -141,6 +141,9 @@ class AsyncConnection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
         self.closing = False
+        # Set when its connect was abandoned: the slot's close is reported by whoever
+        # closes the original socket, not by this transport (which ran on a duplicate).
+        self.abandoned = False
         self.sweep = _ReadDeadlines.of(loop)
         self.tcp_done: float | None = None  # when TCP connected (before any TLS handshake)
 
@@ -198,7 +201,8 @@ class AsyncConnection(asyncio.Protocol):
         drain = self.drain_waiter
         if drain is not None and not drain.done():
             drain.set_result(None)
-        self.dest.connection_lost(self.slot)
+        if not self.abandoned:
+            self.dest.connection_lost(self.slot)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -526,6 +530,7 @@ async def _connect(
                 ssl_shutdown_timeout=_CLOSE_GRACE if sslctx is not None else None,
             )
     except BaseException as exc:
+        conn.abandoned = True
         if conn.transport is not None:
             conn.transport.abort()
         if connecting and _established(connecting[0]):
