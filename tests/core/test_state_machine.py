@@ -143,10 +143,22 @@ class PoolRules(RuleBasedStateMachine):
 
     @precondition(lambda self: self.state is not None and self.leased)
     @rule(index=st.integers(0, 100))
+    def response_is_an_event_stream(self, index: int) -> None:
+        """The leased connection's response is an event stream: long-lived from now on."""
+        assert self.state is not None
+        slot = self.leased[index % len(self.leased)]
+        self._apply(self.state.stream(slot, self.now))
+        assert slot.long_lived == _state.EVENT_STREAM
+
+    @precondition(lambda self: self.state is not None and self.leased)
+    @rule(index=st.integers(0, 100))
     def replace_dead(self, index: int) -> None:
         """The leased connection was dead: the same request gets a permit instead."""
         assert self.state is not None
-        slot = self.leased.pop(index % len(self.leased))
+        slot = self.leased[index % len(self.leased)]
+        if slot.long_lived == _state.EVENT_STREAM:
+            return  # a stream's response head arrived: its connection was not dead
+        self.leased.remove(slot)
         permit = self.state.replace(slot, self.now)
         assert permit.state == _state.OPENING and permit.key == slot.key
         self.granted.append(permit)
@@ -379,3 +391,83 @@ def test_stale_retry_rule() -> None:
         for replayable in (True, False)
     }
     assert [key for key, retry in table.items() if retry] == [(True, False, True)]
+
+
+def test_an_event_stream_is_not_about_to_come_back() -> None:
+    """Scenario 4 of issue 19: tenant A leaves 3 idle connections, tenant B holds a
+    streaming GET and sends one more request: B is needy at once, and A's least recently
+    used idle connection is closed for it (the stream still counts against the cap)."""
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=4, queue=8))
+    idle_a = [_open(state, a) for _ in range(3)]
+    for slot in idle_a:
+        state.release(slot, 1.0, reusable=True)
+    stream = _open(state, b, 1.5)
+    assert state.stream(stream, 1.6) == []  # nobody waits yet: nothing to close
+    assert state.streams == 1 and state.streams_total == 1
+    waiter = state.acquire(b, 2.0)
+    assert isinstance(waiter, Waiter)
+    assert state.needed == 1
+    (close,) = state.take_actions()
+    assert close.slot is idle_a[0] and close.reason == _state.AFFINITY
+    (wake,) = state.closed(close.slot, 2.1)
+    assert wake.waiter is waiter and waiter.grant is not None and waiter.grant.key == b
+    assert state.total == 4  # the stream still counts against the cap
+    state.check()
+    # The stream ends: its hold time (minutes, for a real stream) stays out of hold_ewma.
+    before = state.hold_ewma
+    state.release(stream, 500.0, reusable=True)
+    assert state.hold_ewma == before and state.streams == 0
+    state.check()
+
+
+def test_a_stream_reported_before_waiters_makes_their_key_needy_when_they_queue() -> None:
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=4))
+    idle_a = _open(state, a)
+    state.release(idle_a, 0.5, reusable=True)
+    stream = _open(state, b, 1.0)
+    waiter = state.acquire(b, 1.1)
+    assert isinstance(waiter, Waiter)
+    assert state.take_actions() == []  # B's connection looks about to come back
+    (close,) = state.stream(stream, 1.2)  # ...until its response turns out a stream
+    assert close.slot is idle_a and close.reason == _state.AFFINITY
+    state.check()
+
+
+def test_a_request_held_far_longer_than_usual_counts_as_long_lived() -> None:
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=4))
+    idle_a = _open(state, a)
+    state.release(idle_a, 0.05, reusable=True)  # typical hold: about 50 ms
+    held = _open(state, b, 1.0)
+    waiter = state.acquire(b, 1.5)  # held 0.5 s: under the floor, still coming back
+    assert isinstance(waiter, Waiter) and state.take_actions() == []
+    state.cancel(waiter, 1.6)
+    # Held past max(LONG_HOLD_FLOOR, LONG_HOLD_FACTOR x hold_ewma): long-lived.
+    late = 1.0 + max(_state.LONG_HOLD_FLOOR, _state.LONG_HOLD_FACTOR * state.hold_ewma) + 0.1
+    waiter = state.acquire(b, late)
+    assert isinstance(waiter, Waiter)
+    assert held.long_lived == _state.HELD_LONG and state.streams == 1
+    (close,) = state.take_actions()
+    assert close.slot is idle_a
+    state.check()
+    # Unlike an event stream, a slow request's hold time does teach hold_ewma.
+    before = state.hold_ewma
+    state.release(held, late + 1.0, reusable=True)
+    assert state.hold_ewma > before and state.streams == 0
+    state.check()
+
+
+def test_the_maintenance_timer_finds_requests_held_long() -> None:
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=4))
+    idle_a = _open(state, a)
+    state.release(idle_a, 0.05, reusable=True)
+    held = _open(state, b, 0.1)
+    waiter = state.acquire(b, 0.2)
+    assert isinstance(waiter, Waiter) and state.take_actions() == []
+    actions = state.expire(5.5)  # idle TTL is 10 s: only the long hold acts
+    assert [a.slot for a in actions if isinstance(a, Close)] == [idle_a]
+    assert held.long_lived == _state.HELD_LONG
+    state.check()

@@ -468,8 +468,7 @@ async def acquire(
     try:
         await fut
     except _WaitTimedOut:
-        dest.cancel(waiter, timed_out=True)
-        err = dest.timed_out(timeout)
+        err = dest.give_up(waiter, timeout)
         if dest.probe is not None:
             dest.probe.waited(dest, waiter, err)
         raise err from None
@@ -685,6 +684,7 @@ async def send(
         break
     if probe is not None:
         probe.exchanged(dest, sent, head.status, None)
+    dest.response_started(slot, head.headers)
     stream = AsyncResponseStream(dest, slot, conn, timeouts.get("read"))
     return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 

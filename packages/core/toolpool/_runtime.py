@@ -30,7 +30,7 @@ from toolpool.errors import PoolClosed, PoolSaturated, PoolTimeout
 if TYPE_CHECKING:
     from toolpool._pool import Pool
 
-__all__ = ["DestinationPool", "pool_key"]
+__all__ = ["DestinationPool", "is_event_stream", "pool_key"]
 
 log = logging.getLogger("toolpool.pool")
 
@@ -41,6 +41,15 @@ def pool_key(ctx: AuthContext | None, driver: Any) -> tuple[str, Any]:
     """The state machine's key for requests of `ctx` on `driver` (an event loop, or the
     thread driver): the auth context's fingerprint ("" for no context) and the driver."""
     return (ctx._fingerprint if ctx is not None else "", driver)
+
+
+def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response head announces a `text/event-stream` body (SSE): a long-lived
+    response that holds its connection until the stream ends."""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"content-type":
+            return value[:17].lower() == b"text/event-stream"
+    return False
 
 
 class DestinationPool:
@@ -176,6 +185,15 @@ class DestinationPool:
             return slot
         return self.replace(slot)
 
+
+    def response_started(self, slot: Slot, headers: list[tuple[bytes, bytes]]) -> None:
+        """The slot's response head arrived: an event stream is long-lived from now on."""
+        if is_event_stream(headers):
+            with self.lock:
+                actions = self.state.stream(slot, monotonic())
+            if actions:
+                self.execute(actions)
+
     def replace(self, slot: Slot) -> Slot:
         """Swap a leased connection found dead for a permit, keeping the request's turn."""
         slot.conn.abort()
@@ -187,6 +205,16 @@ class DestinationPool:
             actions = self.state.cancel(waiter, monotonic(), timed_out)
         if actions:
             self.execute(actions)
+
+    def give_up(self, waiter: Waiter, timeout: float) -> PoolTimeout:
+        """The waiter timed out: leave the queue, and the error to raise, whose counts are
+        read before it left (it was one of the waiters it reports)."""
+        with self.lock:
+            error = self.timed_out(timeout)
+            actions = self.state.cancel(waiter, monotonic(), True)
+        if actions:
+            self.execute(actions)
+        return error
 
     def connection_lost(self, slot: Slot) -> None:
         """The connection's socket is closed (by us or the peer). Called exactly once."""
@@ -231,4 +259,10 @@ class DestinationPool:
 
     def timed_out(self, timeout: float) -> PoolTimeout:
         st = self.state
-        return PoolTimeout(self.name, timeout, in_use=st.in_use, waiting=st.waiting)
+        return PoolTimeout(
+            self.name,
+            timeout,
+            in_use=st.in_use + st.opening,
+            waiting=st.waiting,
+            streams=st.streams,
+        )

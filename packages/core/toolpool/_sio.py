@@ -238,8 +238,7 @@ def acquire(dest: DestinationPool, key: tuple[str | None, Any], timeout: float) 
             dest.probe.waited(dest, waiter, exc)
         raise
     if not granted:
-        dest.cancel(waiter, timed_out=True)
-        err = dest.timed_out(timeout)
+        err = dest.give_up(waiter, timeout)
         if dest.probe is not None:
             dest.probe.waited(dest, waiter, err)
         raise err
@@ -384,6 +383,7 @@ def send(
         break
     if probe is not None:
         probe.exchanged(dest, sent, head.status, None)
+    dest.response_started(slot, head.headers)
     stream = SyncResponseStream(dest, slot, conn)
     return make_response(head, stream, dest.name, slot.id, not fresh, waited)
 

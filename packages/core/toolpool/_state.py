@@ -59,6 +59,16 @@ the head of the queue. A waiter whose key is not needy is served by its own key'
 connections as they come back; the head of the queue counts a bypass only while its key is
 needy.
 
+A *long-lived* response (a `text/event-stream` the driver reports with `stream`, such as an
+MCP session's GET event stream, or any request held past `LONG_HOLD_FACTOR` times the
+destination's typical hold time, floor `LONG_HOLD_FLOOR`) is not a connection about to come
+back: it leaves its key's in-flight count, so a request of the same key that queues behind
+it makes the key needy at once and fairness closes another key's idle connection for it.
+It still counts against the cap (the server holds the connection), it counts in `streams`
+while held, and an event stream's hold time does not enter the typical hold time. Held-too-
+long slots are found in lease order, from the oldest, when a request queues and when the
+maintenance timer calls `expire`: O(slots found) each time.
+
 Invariants, checked by the hypothesis tests in tests/core:
 
     I1  opening + idle + in_use + closing <= max_connections, and opening + idle + in_use
@@ -67,6 +77,7 @@ Invariants, checked by the hypothesis tests in tests/core:
     I3  waiters exist only while the destination is at (or over) its cap
     I4  needed > closing implies no idle slot
     I5  waiting <= queue_limit
+    I6  in_flight(K) counts K's opening and in-use slots that are not long-lived
 """
 
 from __future__ import annotations
@@ -111,6 +122,16 @@ ERROR = "error"
 SHUTDOWN = "shutdown"
 LIMIT = "limit"
 CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN, LIMIT)
+
+# A request held this many times the destination's typical hold time (`hold_ewma`), and at
+# least LONG_HOLD_FLOOR seconds, is long-lived: not expected back soon. 20x keeps an ordinary
+# slow response (a few times the mean) out of it; the 5 s floor keeps a fast destination's
+# ordinary slow calls (a tool taking a second or two) out of it.
+LONG_HOLD_FACTOR = 20.0
+LONG_HOLD_FLOOR = 5.0
+# Slot.long_lived values: why the slot is not expected back soon.
+HELD_LONG = 1
+EVENT_STREAM = 2
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is +Inf.
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -172,6 +193,7 @@ class Slot:
         "idle_since",
         "key",
         "leased_at",
+        "long_lived",
         "state",
         "uses",
     )
@@ -186,6 +208,8 @@ class Slot:
         self.checked_at = now
         self.leased_at = now
         self.uses = 0
+        # 0, HELD_LONG or EVENT_STREAM while in use (see `DestinationState.stream`).
+        self.long_lived = 0
         self.conn: Any = None
 
     def __repr__(self) -> str:
@@ -267,8 +291,14 @@ class DestinationState:
         self._waiting_by_key: dict[Key, int] = {}
         self._waiting_by_driver: dict[Hashable, int] = {}
         self.waiting = 0
-        # Connections in flight (opening or in use) per key, and the need per needy key.
+        # Connections in flight (opening or in use, not long-lived) per key, and the need
+        # per needy key.
         self._inflight: dict[Key, int] = {}
+        # IN_USE slots in lease order (oldest first), to find the ones held too long.
+        self._leased: dict[Slot, None] = {}
+        # Long-lived responses held now, and event streams reported since the start.
+        self.streams = 0
+        self.streams_total = 0
         self._need: dict[Key, int] = {}
         self.needed = 0
         self.reuse_factor = 2
@@ -327,7 +357,10 @@ class DestinationState:
         assert len(live) == self.waiting, "waiter count drift"
         assert sum(self._waiting_by_key.values()) == self.waiting, "per-key count drift"
         assert len(self._idle_lru) == sum(len(s) for s in self._idle.values()), "idle drift"
-        assert sum(self._inflight.values()) == self.in_use + self.opening, "in-flight drift"
+        assert len(self._leased) == self.in_use, "leased drift"
+        held = sum(1 for s in self._leased if s.long_lived)
+        assert held == self.streams, "I6: stream count drift"
+        assert sum(self._inflight.values()) == self.in_use + self.opening - held, "I6: in-flight"
         need = {}
         for key, n in self._waiting_by_key.items():
             k = max(0, -(-n // self.reuse_factor) - self._inflight.get(key, 0))
@@ -362,6 +395,7 @@ class DestinationState:
         if self.waiting >= self.limits.queue_limit:
             self.saturated_total += 1
             return None
+        self._find_long_held(now)
         waiter = Waiter(key, now, notify)
         self._enqueue(waiter)
         self.queued_total += 1
@@ -414,6 +448,7 @@ class DestinationState:
         slot.conn = conn
         slot.uses = 1
         slot.leased_at = now
+        self._leased[slot] = None
         return _NO_ACTIONS
 
     def warmed(self, slot: Slot, conn: Any, now: float) -> list[Action]:
@@ -425,6 +460,7 @@ class DestinationState:
         slot.state = IN_USE
         self.in_use += 1
         slot.uses = 0
+        self._leased[slot] = None
         return self._return(slot, now)
 
     def open_failed(self, slot: Slot, now: float) -> list[Action]:
@@ -452,7 +488,12 @@ class DestinationState:
         body not read) means: close it."""
         assert slot.state == IN_USE, slot
         held = now - slot.leased_at
-        self.hold_ewma += 0.1 * (held - self.hold_ewma)
+        kind = slot.long_lived
+        if kind:
+            self._unmark_long_lived(slot)
+        if kind != EVENT_STREAM:
+            # An event stream's hold time says nothing about when requests come back.
+            self.hold_ewma += 0.1 * (held - self.hold_ewma)
         self.use_time.observe(held)
         if self.observer is not None:
             self.observer.use(held)
@@ -474,6 +515,9 @@ class DestinationState:
         for are a response to no request; reusing the connection would hand them to the
         next one. See `retry_stale` for a reused connection that fails later."""
         assert slot.state == IN_USE
+        if slot.long_lived:
+            self._unmark_long_lived(slot)
+        del self._leased[slot]
         self.in_use -= 1
         self.total -= 1
         slot.state = CLOSED
@@ -501,10 +545,26 @@ class DestinationState:
         self.closed_total[reason] += 1
         return self._free_capacity(now)
 
+    def stream(self, slot: Slot, now: float) -> list[Action]:
+        """The slot's response is an event stream (`text/event-stream`): held until the
+        stream ends, not about to come back. Its key's waiters may now be needy, so this
+        may close other keys' idle connections (the returned actions)."""
+        if slot.state != IN_USE or slot.long_lived == EVENT_STREAM:
+            return _NO_ACTIONS
+        if slot.long_lived:
+            slot.long_lived = EVENT_STREAM  # already counted as held long
+            return _NO_ACTIONS
+        self.streams_total += 1
+        self._mark_long_lived(slot, EVENT_STREAM)
+        return self._make_room()
+
     def expire(self, now: float) -> list[Action]:
         """Close idle slots past their idle TTL or lifetime. O(expired) for the TTL part;
-        the lifetime part scans idle slots, so call it from the maintenance timer."""
+        the lifetime part scans idle slots, so call it from the maintenance timer. Also
+        marks requests held too long as long-lived (and closes what their waiters need)."""
         actions: list[Action] = []
+        if self._find_long_held(now):
+            actions.extend(self._make_room())
         ttl = self.limits.idle_ttl
         while self._idle_lru:
             oldest = next(iter(self._idle_lru))
@@ -590,6 +650,7 @@ class DestinationState:
 
     def _lease(self, slot: Slot, now: float) -> Slot:
         self._idle_lru.pop(slot)
+        self._leased[slot] = None
         slot.state = IN_USE
         slot.uses += 1
         slot.leased_at = now
@@ -624,11 +685,15 @@ class DestinationState:
                     self._flight(slot.key, 1)
                 slot.uses += 1
                 slot.leased_at = now
+                # Leased anew: to the end of the lease order.
+                del self._leased[slot]
+                self._leased[slot] = None
                 return [Wake(self._grant(taker, slot, now))]
             if self.needed > self.closing:
                 # Nobody waiting can use this connection, and some key needs room.
                 return self._close(slot, AFFINITY)
         self.in_use -= 1
+        del self._leased[slot]
         self._flight(slot.key, -1)
         slot.state = IDLE
         slot.idle_since = now
@@ -642,6 +707,7 @@ class DestinationState:
 
     def _close(self, slot: Slot, reason: str) -> list[Action]:
         self.in_use -= 1
+        del self._leased[slot]
         self._flight(slot.key, -1)
         self.closing += 1
         slot.state = CLOSING
@@ -701,6 +767,29 @@ class DestinationState:
         while self.needed > self.closing and self._idle_lru:
             actions.extend(self._close_idle(next(iter(self._idle_lru)), AFFINITY))
         return actions
+
+    def _find_long_held(self, now: float) -> bool:
+        """Mark the requests held past the long-hold threshold, oldest lease first; True
+        if any was marked. Stops at the first one under it (leases are in time order)."""
+        limit = now - max(LONG_HOLD_FLOOR, LONG_HOLD_FACTOR * self.hold_ewma)
+        found = False
+        for slot in self._leased:
+            if slot.leased_at > limit:
+                break
+            if not slot.long_lived:
+                self._mark_long_lived(slot, HELD_LONG)
+                found = True
+        return found
+
+    def _mark_long_lived(self, slot: Slot, kind: int) -> None:
+        slot.long_lived = kind
+        self.streams += 1
+        self._flight(slot.key, -1)
+
+    def _unmark_long_lived(self, slot: Slot) -> None:
+        slot.long_lived = 0
+        self.streams -= 1
+        self._flight(slot.key, 1)
 
     def _flight(self, key: Key, delta: int) -> None:
         n = self._inflight.get(key, 0) + delta

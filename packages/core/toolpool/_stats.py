@@ -87,6 +87,12 @@ class DestinationStats:
     effective_limit: int | None = None
     #: Requests that had to queue for a connection (the rest were served at once).
     queued_total: int = 0
+    #: Connections in use by a long-lived response: an event stream (``text/event-stream``,
+    #: such as an MCP session's GET stream) or a request held far longer than this
+    #: destination's requests usually are. Part of `in_use`, but not expected back soon.
+    streams: int = 0
+    #: Responses that turned out to be event streams, since the pool was built.
+    streams_total: int = 0
     #: Credential fetches of the destination's auth provider by reason (``initial``,
     #: ``expiry``, ``401``); empty without a provider that reports stats.
     auth_refreshes_total: Mapping[str, int] = field(default_factory=dict)
@@ -192,6 +198,8 @@ def destination_stats(dest: DestinationPool) -> DestinationStats:
             wait_p99_seconds=_percentile(waits, 0.99),
             effective_limit=st.cap,
             queued_total=st.queued_total,
+            streams=st.streams,
+            streams_total=st.streams_total,
         )
     refreshes = _auth_refreshes(dest.auth)
     if refreshes:

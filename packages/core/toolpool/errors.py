@@ -104,13 +104,19 @@ class PoolSaturated(ToolpoolError, httpx.TransportError):
 class PoolTimeout(ToolpoolError, httpx.PoolTimeout):
     """No connection became free within the acquire timeout."""
 
-    def __init__(self, destination: str, timeout: float, *, in_use: int, waiting: int) -> None:
+    def __init__(
+        self, destination: str, timeout: float, *, in_use: int, waiting: int, streams: int = 0
+    ) -> None:
         self.destination = destination
         self.timeout = timeout
+        self.in_use = in_use
+        self.waiting = waiting
+        self.streams = streams
+        held = f", {streams} of them long-lived streams" if streams else ""
         super().__init__(
             f"no connection to destination {destination!r} became free within {timeout:g} s "
-            f"({in_use} in use, {waiting} waiting); raise acquire_timeout (or httpx's pool "
-            f"timeout) or max_connections, or slow down the callers"
+            f"({in_use} in use{held}, {waiting} waiting); raise acquire_timeout (or httpx's "
+            f"pool timeout) or max_connections, or slow down the callers"
         )
 
 

@@ -41,6 +41,15 @@ METRICS: dict[str, tuple[str, str]] = {
         "the destination's limit.",
     ),
     "toolpool_connections_max": ("gauge", "Configured maximum number of connections."),
+    "toolpool_streams_held": (
+        "gauge",
+        "Connections in use by a long-lived response (an event stream, or a request held "
+        "far longer than usual): counted in use, but not expected back soon.",
+    ),
+    "toolpool_streams_total": (
+        "counter",
+        "Responses that turned out to be event streams (text/event-stream).",
+    ),
     "toolpool_connections_limit": (
         "gauge",
         "Effective connection limit: the maximum, unless the adaptive limit lowered it.",
@@ -310,6 +319,8 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
     # The core families exist (possibly empty) on every scrape, before any destination.
     conns = f.gauge("toolpool_connections", "destination", "state")
     cmax = f.gauge("toolpool_connections_max", "destination")
+    held = f.gauge("toolpool_streams_held", "destination")
+    streams = f.counter("toolpool_streams_total", "destination")
     climit = f.gauge("toolpool_connections_limit", "destination")
     pending = f.gauge("toolpool_pending_requests", "destination")
     pmax = f.gauge("toolpool_pending_requests_max", "destination")
@@ -328,6 +339,8 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
         conns.add_metric([d, "opening"], r.opening)
         conns.add_metric([d, "closing"], r.closing)
         cmax.add_metric([d], r.max_connections)
+        held.add_metric([d], r.streams)
+        streams.add_metric([d], r.streams_total)
         climit.add_metric([d], r.limit)
         pending.add_metric([d], r.waiting)
         pmax.add_metric([d], r.queue_limit)

@@ -186,6 +186,10 @@ class DestinationReading:
     policy: PolicyReading | None = None
     # Connects the egress policy refused, by rule.
     egress_denied: dict[str, int] = field(default_factory=dict)
+    # Long-lived responses (event streams, requests held long) holding a connection now,
+    # and event streams seen since the start.
+    streams: int = 0
+    streams_total: int = 0
     # Same-named destinations of other pools registered in the same registry were added in.
     merged: int = field(default=1)
 
@@ -205,6 +209,8 @@ class DestinationReading:
             "reused",
             "saturated",
             "timeouts",
+            "streams",
+            "streams_total",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.closed.items():
@@ -247,6 +253,8 @@ def read(dest: DestinationPool) -> DestinationReading:
             name=dest.name,
             idle=st.idle,
             used=st.in_use,
+            streams=st.streams,
+            streams_total=st.streams_total,
             opening=st.opening,
             closing=st.closing,
             waiting=st.waiting,
