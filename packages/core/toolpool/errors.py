@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DestinationUnavailable",
     "EgressDenied",
+    "McpUnavailable",
     "PoolClosed",
     "PoolSaturated",
     "PoolTimeout",
@@ -130,6 +131,19 @@ class DestinationUnavailable(ToolpoolError, httpx.TransportError):
         super().__init__(
             f"destination {destination!r} is unavailable ({reason}); retry after "
             f"{retry_after:.1f} s"
+        )
+
+
+class McpUnavailable(ToolpoolError):
+    """An MCP tool call could not be answered: its session failed, the server is gone or
+    did not answer in time (a busy pool raises `PoolSaturated` / `PoolTimeout` instead)."""
+
+    def __init__(self, server: str, detail: str) -> None:
+        self.server = server
+        self.detail = detail
+        super().__init__(
+            f"MCP server {server!r} unavailable: {detail}; retry later, or check that the "
+            f"server is up"
         )
 
 

@@ -1,0 +1,251 @@
+"""The httpx transport under a pooled MCP session: pool failures become MCP answers.
+
+The `mcp` client sends a session's messages from tasks of its own (`post_writer`, the GET
+stream), where an exception raised by the pool (a saturated destination, a timeout, a server
+gone) is either swallowed and logged ("Error in post_writer", leaving the caller waiting for
+an answer that never comes) or kills the session's task group. This transport stands between
+that client and the pool and never lets a failure escape that way:
+
+    message                     failure                  what the MCP client sees
+    POST of a request (id N)    sending or reading       a JSON-RPC error answering N, whose
+                                                         `data` names the failure kept here
+    POST of a notification      sending                  202 Accepted; the session is marked
+                                                         broken (the server missed a message)
+    GET (server event stream)   refused or failing       405: the session runs without it
+    DELETE (end of session)     sending                  204: nothing left to end
+
+so every request of the session is answered, and `toolpool.mcp` raises the kept failure (a
+`PoolSaturated` with its retry-after, say) to the one caller whose call met it.
+
+Every message acts for the session's auth context, set here explicitly for each request, so a
+session's traffic never depends on which task happens to send it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from toolpool import _auth_context
+from toolpool._auth_context import AuthContext
+from toolpool._pool import Pool
+from toolpool._transport import AsyncTransport
+from toolpool.adapters._busy import BUSY_ERRORS
+
+__all__ = ["FAILURE_KEY", "SessionTransport"]
+
+log = logging.getLogger("toolpool.mcp")
+
+# The key, in a synthesized JSON-RPC error's `data`, of the failure's number.
+FAILURE_KEY = "toolpool_failure"
+# A JSON-RPC error code in the implementation-defined server-error range.
+_TRANSPORT_FAILED = -32042
+
+_numbers = itertools.count(1)
+
+
+def _message_of(request: httpx.Request) -> tuple[Any, str | None]:
+    """(JSON-RPC id or None, method) of a POSTed MCP message."""
+    try:
+        body = json.loads(request.content)
+    except (ValueError, httpx.RequestNotRead):
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    return body.get("id"), body.get("method")
+
+
+class SessionTransport(httpx.AsyncBaseTransport):
+    """One MCP session's transport on `pool`, for `ctx` (see the module docstring).
+
+    `on_failure(exc, broken)` is told of every failure; `broken` means the session can no
+    longer be trusted (the server may have missed a message, or is gone). `may_listen()`
+    says whether the GET event stream may take a connection now.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        ctx: AuthContext | None,
+        *,
+        on_failure: Callable[[BaseException, bool], None],
+        may_listen: Callable[[httpx.URL], bool],
+        on_listen: Callable[[int], None],
+    ) -> None:
+        self._inner = AsyncTransport(pool)
+        self._ctx = ctx
+        self._on_failure = on_failure
+        self._may_listen = may_listen
+        self._on_listen = on_listen
+        # Failures kept until the caller whose call met them collects them (`take`).
+        self._failures: dict[int, BaseException] = {}
+
+    def take(self, number: int) -> BaseException | None:
+        """The failure a synthesized error named, once."""
+        return self._failures.pop(number, None)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        method = request.method
+        if method == "GET":
+            return await self._listen(request)
+        msg_id, rpc_method = _message_of(request) if method == "POST" else (None, None)
+        token = _auth_context._current.set(self._ctx)
+        try:
+            response = await self._inner.handle_async_request(request)
+            if method == "POST" and msg_id is not None:
+                return await self._answer(request, response, msg_id)
+            return response
+        except Exception as exc:
+            return self._failed(request, exc, msg_id, rpc_method)
+        finally:
+            _auth_context._current.reset(token)
+
+    async def _answer(
+        self, request: httpx.Request, response: httpx.Response, msg_id: Any
+    ) -> httpx.Response:
+        """A request's answer, made safe to read: a JSON body is read here (failures become
+        a JSON-RPC error at once); an event stream is wrapped so that a failure while it is
+        read ends it with one."""
+        content_type = response.headers.get("content-type", "").lower()
+        if content_type.startswith("text/event-stream"):
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_SafeEventStream(self, response, msg_id),
+                extensions=response.extensions,
+                request=request,
+            )
+        try:
+            await response.aread()
+        except Exception as exc:
+            await response.aclose()
+            return self._failed(request, exc, msg_id, None)
+        if response.status_code == 404 and request.headers.get("mcp-session-id"):
+            # The server forgot the session (restarted, or expired it): never reuse it.
+            self._on_failure(ConnectionError("the MCP server ended the session"), True)
+        return response
+
+    def _keep(self, exc: BaseException, broken: bool) -> int:
+        number = next(_numbers)
+        self._failures[number] = exc
+        self._on_failure(exc, broken)
+        return number
+
+    def error_body(self, exc: BaseException, msg_id: Any, broken: bool) -> bytes:
+        number = self._keep(exc, broken)
+        return json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": msg_id,
+                "error": {
+                    "code": _TRANSPORT_FAILED,
+                    "message": f"toolpool: {type(exc).__name__}: {exc}",
+                    "data": {FAILURE_KEY: number},
+                },
+            }
+        ).encode()
+
+    def _failed(
+        self, request: httpx.Request, exc: Exception, msg_id: Any, rpc_method: str | None
+    ) -> httpx.Response:
+        # A busy pool refused the request before it was sent: the session is intact.
+        broken = not isinstance(exc, BUSY_ERRORS)
+        log.debug("MCP %s %s failed: %s", request.method, rpc_method or "", exc)
+        if request.method == "POST" and msg_id is not None:
+            return httpx.Response(
+                200,
+                headers={"content-type": "application/json"},
+                content=self.error_body(exc, msg_id, broken),
+                request=request,
+            )
+        if request.method == "POST":
+            # A notification the server did not get (notifications/initialized, say): the
+            # session's state on the server is unknown, so it is not used again.
+            self._keep(exc, True)
+            return httpx.Response(202, request=request)
+        return httpx.Response(204, request=request)
+
+    async def _listen(self, request: httpx.Request) -> httpx.Response:
+        """The session's GET event stream: only while the destination has room for it
+        (it holds a connection for as long as the session lives), and never by queueing."""
+        if not self._may_listen(request.url):
+            return httpx.Response(405, request=request)
+        timeouts = dict(request.extensions.get("timeout", {}))
+        timeouts["pool"] = 0.0  # a stream never waits in the queue ahead of requests
+        request.extensions["timeout"] = timeouts
+        token = _auth_context._current.set(self._ctx)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except Exception as exc:
+            log.debug("MCP event stream not opened: %s", exc)
+            return httpx.Response(405, request=request)
+        finally:
+            _auth_context._current.reset(token)
+        self._on_listen(1)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_CountedStream(response, lambda: self._on_listen(-1)),
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        """Does nothing: the pool outlives its sessions."""
+
+
+class _CountedStream(httpx.AsyncByteStream):
+    """A GET event stream's body; `done` runs once when it ends or is closed."""
+
+    def __init__(self, response: httpx.Response, done: Callable[[], None]) -> None:
+        self._response = response
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        finally:
+            self._finish()
+
+    async def aclose(self) -> None:
+        try:
+            await self._response.aclose()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _SafeEventStream(httpx.AsyncByteStream):
+    """A request's SSE answer; a failure while reading it ends the stream with a JSON-RPC
+    error event answering the request, so the caller is answered instead of left waiting."""
+
+    def __init__(self, owner: SessionTransport, response: httpx.Response, msg_id: Any) -> None:
+        self._owner = owner
+        self._response = response
+        self._id = msg_id
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        tail = b"\n\n"
+        try:
+            async for chunk in self._response.aiter_raw():
+                if chunk:
+                    tail = chunk[-2:]
+                yield chunk
+        except Exception as exc:
+            # Close a partly received event first, then answer the request.
+            prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
+            body = self._owner.error_body(exc, self._id, True)
+            yield prefix + b"event: message\ndata: " + body + b"\n\n"
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
