@@ -1,18 +1,20 @@
-"""One MCP session per tenant for a pooled `McpWorkbench`, its HTTP traffic on the pool.
+"""A pooled `McpWorkbench`: its MCP sessions pooled per tenant by `toolpool.mcp`.
 
-An `McpWorkbench` (streamable HTTP or SSE) keeps one long-lived MCP session, and its HTTP
-requests are sent by tasks its session actor starts when the workbench starts. Context
-variables are copied into tasks when they are created, so a session started inside
-`atool_call_scope(pool, ctx)` sends all its traffic through the pool's transport, for `ctx`:
-with the destination's auth provider (a token per tenant) and on `ctx`'s own connections.
-A tenant's calls therefore need that tenant's session: `McpSessions` starts one per
-`AuthContext` on first use, from the wrapped workbench's configuration, and stops them all
-(or the least recently used idle one, beyond `max_sessions`).
+An `McpWorkbench` keeps one MCP session for all its callers. Pooled, an HTTP `McpWorkbench`
+gets one session per `AuthContext` instead, so that each tenant's calls carry that tenant's
+credentials and connections:
 
-Each live session holds one pooled connection for its server-to-client event stream (the MCP
-streamable HTTP GET), in addition to its requests: size the MCP destination's
-`max_connections` for the number of tenants active at once. Stdio servers have no HTTP
-traffic to pool; `PooledWorkbench` treats them like any other workbench.
+- streamable HTTP servers: sessions of `toolpool.mcp.McpSessions` (initialized once per
+  tenant, `tools/list` cached, idle TTL, errored sessions discarded), called directly; every
+  failure (a busy pool, a dead session, a server gone) comes back as the call's error
+  `ToolResult`, within the server params' `timeout`, never as a hang of the agent's run.
+  Their tools are not held at admission: a session's requests are sent by its own task,
+  outside the tool call, so the pool's queue bounds them (a full queue is a prompt "busy");
+- legacy SSE servers: one `McpWorkbench` per tenant, started inside the tenant's pooled scope
+  (its actor's tasks, created then, keep that scope), at most `max_sessions`.
+
+Stdio servers have no HTTP traffic to pool; `PooledWorkbench` treats them like any other
+workbench.
 """
 
 from __future__ import annotations
@@ -20,16 +22,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from autogen_core import CancellationToken, Image
+from autogen_core.tools import (
+    ImageResultContent,
+    ParametersSchema,
+    TextResultContent,
+    ToolResult,
+    ToolSchema,
+)
+
+from toolpool import mcp as pooled_mcp
 from toolpool._auth_context import AuthContext
 from toolpool._pool import Pool
-from toolpool.adapters import Admission, atool_call_scope
+from toolpool.adapters import Admission, atool_call_scope, find_busy
 
 try:  # autogen-ext's MCP support needs the `mcp` package (autogen-ext[mcp])
     from autogen_ext.tools.mcp import McpWorkbench, SseServerParams, StreamableHttpServerParams
+    from mcp.types import ImageContent, TextContent
 except ImportError:  # pragma: no cover - exercised only without the mcp package
     McpWorkbench = None  # type: ignore[assignment,misc]
 
@@ -58,8 +71,8 @@ class _Session:
         self.in_flight = 0
 
 
-class McpSessions:
-    """The per-tenant sessions of one pooled `McpWorkbench` (`template`)."""
+class _WorkbenchPerTenant:
+    """Legacy SSE servers: one `McpWorkbench` per tenant (see the module docstring)."""
 
     def __init__(
         self,
@@ -151,6 +164,133 @@ class McpSessions:
         for session in sessions:
             if session.workbench is not None:
                 await _stop_quietly(session.workbench)
+
+
+class McpSessions:
+    """The per-tenant MCP sessions of one pooled `McpWorkbench` (`template`)."""
+
+    def __init__(
+        self,
+        template: McpWorkbench,
+        pool: Pool,
+        admission: Admission,
+        *,
+        pool_httpx: bool,
+        max_sessions: int = DEFAULT_MAX_MCP_SESSIONS,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions!r}")
+        self._template = template
+        self._pool = pool
+        self._admission = admission
+        params = template.server_params
+        self._sessions: pooled_mcp.McpSessions | None = None
+        self._legacy: _WorkbenchPerTenant | None = None
+        if isinstance(params, StreamableHttpServerParams):
+            self._sessions = pooled_mcp.McpSessions(pool, max_sessions=max_sessions)
+            self._server = pooled_mcp.McpServer(
+                params.url,
+                headers={k: str(v) for k, v in (params.headers or {}).items()},
+                timeout=params.timeout,
+            )
+        else:
+            self._legacy = _WorkbenchPerTenant(
+                template, pool, admission, pool_httpx=pool_httpx, max_sessions=max_sessions
+            )
+
+    @property
+    def sessions(self) -> pooled_mcp.McpSessions | None:
+        """The `toolpool.mcp` sessions (None for a legacy SSE server)."""
+        return self._sessions
+
+    def __len__(self) -> int:
+        if self._sessions is not None:
+            return self._sessions.stats().open
+        assert self._legacy is not None
+        return len(self._legacy)
+
+    def contexts(self) -> list[AuthContext | None]:
+        """The auth contexts that have a live session, least recently used first."""
+        if self._sessions is not None:
+            return self._sessions.contexts()
+        assert self._legacy is not None
+        return self._legacy.contexts()
+
+    async def list_tools(self, ctx: AuthContext | None) -> list[ToolSchema]:
+        """The server's tools as AutoGen schemas, with the workbench's overrides."""
+        if self._legacy is not None:
+            async with self._legacy.use(ctx) as session:
+                return await session.list_tools()
+        assert self._sessions is not None
+        tools = await self._sessions.list_tools(self._server, ctx=ctx)
+        overrides = self._template._tool_overrides
+        schemas: list[ToolSchema] = []
+        for tool in tools:
+            name, description = tool.name, tool.description or ""
+            override = overrides.get(tool.name)
+            if override is not None:
+                name = override.name if override.name is not None else name
+                if override.description is not None:
+                    description = override.description
+            schemas.append(
+                ToolSchema(
+                    name=name,
+                    description=description,
+                    parameters=ParametersSchema(
+                        type="object",
+                        properties=tool.inputSchema.get("properties", {}),
+                        required=tool.inputSchema.get("required", []),
+                        additionalProperties=tool.inputSchema.get("additionalProperties", False),
+                    ),
+                )
+            )
+        return schemas
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None,
+        ctx: AuthContext | None,
+    ) -> ToolResult:
+        """One call on `ctx`'s session. A busy pool raises (the workbench answers "busy,
+        retry in N s" and lowers its limit); every other failure is the call's error result."""
+        if self._legacy is not None:
+            async with self._legacy.use(ctx) as session:
+                return await session.call_tool(name, arguments, cancellation_token, call_id)
+        assert self._sessions is not None
+        original = self._template._override_name_to_original.get(name, name)
+        try:
+            result = await self._sessions.call_tool(self._server, original, arguments, ctx=ctx)
+        except Exception as exc:
+            if find_busy(exc) is not None:
+                raise
+            text = pooled_mcp.failure_message(exc, name)
+            if text is None:
+                raise
+            log.debug("%s", text)
+            return _text(name, text, is_error=True)
+        parts: list[TextResultContent | ImageResultContent] = []
+        for content in result.content:
+            if isinstance(content, TextContent):
+                parts.append(TextResultContent(content=content.text))
+            elif isinstance(content, ImageContent):
+                parts.append(ImageResultContent(content=Image.from_base64(content.data)))
+            else:  # resources and the rest: their JSON, as McpWorkbench does
+                parts.append(TextResultContent(content=content.model_dump_json()))
+        return ToolResult(name=name, result=parts, is_error=bool(result.isError))
+
+    async def stop(self) -> None:
+        """End every session."""
+        if self._sessions is not None:
+            await self._sessions.aclose()
+        if self._legacy is not None:
+            await self._legacy.stop()
+
+
+def _text(name: str, text: str, *, is_error: bool) -> ToolResult:
+    return ToolResult(name=name, result=[TextResultContent(content=text)], is_error=is_error)
 
 
 _NONE: Any = object()

@@ -213,8 +213,7 @@ class PooledWorkbench(StaticStreamWorkbench):
         if self._static:
             return await super().list_tools()
         if self._mcp is not None:
-            async with self._mcp.use(self.current_auth()) as session:
-                return await session.list_tools()
+            return await self._mcp.list_tools(self.current_auth())
         return await self._inner.list_tools()
 
     async def call_tool(
@@ -422,8 +421,7 @@ class PooledWorkbench(StaticStreamWorkbench):
         call: ToolCall,
     ) -> ToolResult:
         if self._mcp is not None:
-            async with self._mcp.use(call.ctx) as session:
-                return await session.call_tool(name, arguments, cancellation_token, call_id)
+            return await self._mcp.call_tool(name, arguments, cancellation_token, call_id, call.ctx)
         inner = self._inner
         if emit is None or not isinstance(inner, StreamWorkbench):
             return await inner.call_tool(name, arguments, cancellation_token, call_id)

@@ -21,6 +21,19 @@ package (`pip install "toolpool[mcp]"`).
 from __future__ import annotations
 
 from toolpool.errors import McpUnavailable
-from toolpool.mcp._sessions import McpServer, McpSessions, McpSessionStats, sessions_of
+from toolpool.mcp._sessions import (
+    McpServer,
+    McpSessions,
+    McpSessionStats,
+    failure_message,
+    sessions_of,
+)
 
-__all__ = ["McpServer", "McpSessionStats", "McpSessions", "McpUnavailable", "sessions_of"]
+__all__ = [
+    "McpServer",
+    "McpSessionStats",
+    "McpSessions",
+    "McpUnavailable",
+    "failure_message",
+    "sessions_of",
+]

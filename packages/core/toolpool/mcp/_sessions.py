@@ -56,7 +56,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the mcp package
     ClientSession = None  # type: ignore[assignment,misc]
 
-__all__ = ["McpServer", "McpSessionStats", "McpSessions", "sessions_of"]
+__all__ = ["McpServer", "McpSessionStats", "McpSessions", "failure_message", "sessions_of"]
 
 log = logging.getLogger("toolpool.mcp")
 
@@ -141,6 +141,7 @@ class _Session:
         self.reason = CLOSED
         self.tools: list[Any] | None = None
         self.tools_at = 0.0
+        self.tools_lock = asyncio.Lock()
         self.listening = 0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.transport = SessionTransport(
@@ -288,6 +289,11 @@ class McpSessions:
         deadline = monotonic() + limit
         session = await self._acquire(server, ctx, deadline)
         try:
+            if session.tools is None:
+                # The MCP client checks results against the tools' output schemas and lists
+                # the tools itself before every call whose schema it does not know: one
+                # tools/list per session (or per list_changed) here spares that.
+                await self._tools(session, deadline, refresh=False)
             self._calls += 1
             return await self._request(
                 session,
@@ -309,10 +315,17 @@ class McpSessions:
         deadline = monotonic() + server.timeout
         session = await self._acquire(server, ctx, deadline)
         try:
+            return list(await self._tools(session, deadline, refresh=refresh))
+        finally:
+            self._release(session)
+
+    async def _tools(self, session: _Session, deadline: float, *, refresh: bool) -> list[Any]:
+        """The session's tool list: cached, or fetched once for all concurrent askers."""
+        async with session.tools_lock:
             fresh = session.listening or monotonic() - session.tools_at < self.tools_ttl
             if session.tools is not None and fresh and not refresh:
                 self._cached += 1
-                return list(session.tools)
+                return session.tools
             tools: list[Any] = []
             cursor: str | None = None
             while True:
@@ -323,9 +336,7 @@ class McpSessions:
                 if not cursor:
                     break
             session.tools, session.tools_at = tools, monotonic()
-            return list(tools)
-        finally:
-            self._release(session)
+            return tools
 
     def stats(self) -> McpSessionStats:
         """Sessions open, initialized, discarded; tools/list fetches and cache hits."""
@@ -342,9 +353,7 @@ class McpSessions:
     def contexts(self, server: McpServer | None = None) -> list[AuthContext | None]:
         """The auth contexts with an open session (to `server`), least recently used first."""
         return [
-            s.ctx
-            for s in self._sessions.values()
-            if server is None or s.server._key == server._key
+            s.ctx for s in self._sessions.values() if server is None or s.server._key == server._key
         ]
 
     async def aclose(self) -> None:
@@ -557,3 +566,19 @@ def sessions_of(pool: Pool) -> McpSessions:
     if sessions is None:
         sessions = _by_pool[pool] = McpSessions(pool)
     return sessions
+
+
+def failure_message(exc: BaseException, tool_name: str) -> str | None:
+    """What a model reads when MCP tool `tool_name` failed with `exc`: "busy, retry in N s"
+    for a busy pool, "unavailable" for a failed session or server, the server's own error
+    for a JSON-RPC error it answered; None for anything else (a bug: let it surface)."""
+    from toolpool.adapters._busy import busy_message, find_busy
+
+    busy = find_busy(exc)
+    if busy is not None:
+        return busy_message(busy, tool_name)
+    if isinstance(exc, McpUnavailable):
+        return f"tool {tool_name!r} could not run: {exc}"
+    if ClientSession is not None and isinstance(exc, McpError):
+        return f"tool {tool_name!r} failed: {exc.error.message}"
+    return None
