@@ -148,7 +148,7 @@ class _Session:
             owner.pool,
             ctx,
             on_failure=self._on_failure,
-            may_listen=owner._may_listen,
+            listen=owner.listen,
             on_listen=self._on_listen,
         )
         self.task: asyncio.Task[None] | None = None
@@ -519,16 +519,6 @@ class McpSessions:
     def _forget(self, session: _Session) -> None:
         """The owner task ended (stopped, or failed): the session is gone."""
         self._unlist(session, session.reason)
-
-    def _may_listen(self, url: httpx.URL) -> bool:
-        if not self.listen:
-            return False
-        try:
-            dest = self.pool._route(url)
-        except Exception:
-            return False
-        state = dest.state
-        return state.streams < state.cap // 2 and state.in_use + state.opening < state.cap
 
 
 def _loop_of(session: _Session) -> Any:

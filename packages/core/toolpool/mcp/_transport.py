@@ -37,7 +37,7 @@ from toolpool._pool import Pool
 from toolpool._transport import AsyncTransport
 from toolpool.adapters._busy import BUSY_ERRORS
 
-__all__ = ["FAILURE_KEY", "SessionTransport"]
+__all__ = ["CURRENT", "FAILURE_KEY", "SessionTransport", "may_listen"]
 
 log = logging.getLogger("toolpool.mcp")
 
@@ -47,6 +47,29 @@ FAILURE_KEY = "toolpool_failure"
 _TRANSPORT_FAILED = -32042
 
 _numbers = itertools.count(1)
+
+#: `SessionTransport(ctx=CURRENT)`: act for the auth context current at each request.
+CURRENT: Any = object()
+
+
+def _ignore_failure(exc: BaseException, broken: bool) -> None:
+    pass
+
+
+def _ignore_listen(delta: int) -> None:
+    pass
+
+
+def may_listen(pool: Pool, url: httpx.URL) -> bool:
+    """Whether an MCP GET event stream may take a connection of `url`'s destination now:
+    only while the destination is under its cap and long-lived streams hold less than half
+    of it, so that streams never starve the requests of the sessions that hold them."""
+    try:
+        dest = pool._route(url)
+    except Exception:
+        return False
+    state = dest.state
+    return state.streams < state.cap // 2 and state.in_use + state.opening < state.cap
 
 
 def _message_of(request: httpx.Request) -> tuple[Any, str | None]:
@@ -61,27 +84,32 @@ def _message_of(request: httpx.Request) -> tuple[Any, str | None]:
 
 
 class SessionTransport(httpx.AsyncBaseTransport):
-    """One MCP session's transport on `pool`, for `ctx` (see the module docstring).
+    """An MCP client's transport on `pool` (see the module docstring).
 
-    `on_failure(exc, broken)` is told of every failure; `broken` means the session can no
-    longer be trusted (the server may have missed a message, or is gone). `may_listen()`
-    says whether the GET event stream may take a connection now.
+    `inner` sends the requests (the pool's transport by default). `ctx`: the auth context
+    every request acts for (the session's), or `CURRENT` for the context current when the
+    MCP client sends (a per-call client built inside a tool call). `on_failure(exc, broken)`
+    is told of every failure; `broken` means the session can no longer be trusted (the
+    server may have missed a message, or is gone). The GET event stream is opened only if
+    `listen` and `may_listen(pool, url)` allow it now; `on_listen(+1 / -1)` counts it.
     """
 
     def __init__(
         self,
         pool: Pool,
-        ctx: AuthContext | None,
+        ctx: AuthContext | object | None = CURRENT,
         *,
-        on_failure: Callable[[BaseException, bool], None],
-        may_listen: Callable[[httpx.URL], bool],
-        on_listen: Callable[[int], None],
+        inner: httpx.AsyncBaseTransport | None = None,
+        on_failure: Callable[[BaseException, bool], None] | None = None,
+        listen: bool = True,
+        on_listen: Callable[[int], None] | None = None,
     ) -> None:
-        self._inner = AsyncTransport(pool)
+        self._pool = pool
+        self._inner = inner if inner is not None else AsyncTransport(pool)
         self._ctx = ctx
-        self._on_failure = on_failure
-        self._may_listen = may_listen
-        self._on_listen = on_listen
+        self._on_failure = on_failure or _ignore_failure
+        self._listen_ok = listen
+        self._on_listen = on_listen or _ignore_listen
         # Failures kept until the caller whose call met them collects them (`take`).
         self._failures: dict[int, BaseException] = {}
 
@@ -94,7 +122,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
         if method == "GET":
             return await self._listen(request)
         msg_id, rpc_method = _message_of(request) if method == "POST" else (None, None)
-        token = _auth_context._current.set(self._ctx)
+        token = self._enter()
         try:
             response = await self._inner.handle_async_request(request)
             if method == "POST" and msg_id is not None:
@@ -103,6 +131,13 @@ class SessionTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             return self._failed(request, exc, msg_id, rpc_method)
         finally:
+            self._leave(token)
+
+    def _enter(self) -> Any:
+        return None if self._ctx is CURRENT else _auth_context._current.set(self._ctx)  # type: ignore[arg-type]
+
+    def _leave(self, token: Any) -> None:
+        if token is not None:
             _auth_context._current.reset(token)
 
     async def _answer(
@@ -173,19 +208,19 @@ class SessionTransport(httpx.AsyncBaseTransport):
     async def _listen(self, request: httpx.Request) -> httpx.Response:
         """The session's GET event stream: only while the destination has room for it
         (it holds a connection for as long as the session lives), and never by queueing."""
-        if not self._may_listen(request.url):
+        if not (self._listen_ok and may_listen(self._pool, request.url)):
             return httpx.Response(405, request=request)
         timeouts = dict(request.extensions.get("timeout", {}))
         timeouts["pool"] = 0.0  # a stream never waits in the queue ahead of requests
         request.extensions["timeout"] = timeouts
-        token = _auth_context._current.set(self._ctx)
+        token = self._enter()
         try:
             response = await self._inner.handle_async_request(request)
         except Exception as exc:
             log.debug("MCP event stream not opened: %s", exc)
             return httpx.Response(405, request=request)
         finally:
-            _auth_context._current.reset(token)
+            self._leave(token)
         self._on_listen(1)
         return httpx.Response(
             response.status_code,

@@ -19,12 +19,14 @@ agent = create_agent(model, tools, middleware=[ToolpoolMiddleware(pool, auth=...
 Tools need no edit: `httpx.Client()` / `httpx.AsyncClient()` they build inside a tool call
 send through the pool, on connections of the run's tenant only. A busy destination becomes a
 readable tool result ("... busy, retry in N s") instead of an exception that ends the run.
-MCP tools from langchain-mcp-adapters pool with `mcp_client_factory(pool)`.
+MCP tools on pooled MCP sessions (one per server and tenant): `await mcp_tools(pool, ...)`;
+langchain-mcp-adapters' own per-call sessions pool their connections with
+`mcp_client_factory(pool)`.
 """
 
 from __future__ import annotations
 
-from toolpool.langchain._mcp import mcp_client_factory
+from toolpool.langchain._mcp import mcp_client_factory, mcp_tools
 from toolpool.langchain._middleware import AUTH_HINT, ToolpoolMiddleware
 from toolpool.langchain._wrap import (
     TESTED_LANGGRAPH_PREBUILT,
@@ -40,6 +42,7 @@ __all__ = [
     "ToolpoolMiddleware",
     "check_tool_node_hooks",
     "mcp_client_factory",
+    "mcp_tools",
     "middleware_of",
     "tool_nodes",
     "wrap",

@@ -220,7 +220,9 @@ class ToolpoolMiddleware(AgentMiddleware):
                 ):
                     result = handler(request)
             except Exception as exc:
-                busy = find_busy(exc)
+                # The tool's own traffic may have met the busy pool inside an SDK that
+                # reports it as its own error (an MCP client's JSON-RPC error, say).
+                busy = find_busy(exc) or (call.busy if call is not None else None)
                 if busy is None:
                     return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
@@ -260,7 +262,9 @@ class ToolpoolMiddleware(AgentMiddleware):
                 ):
                     result = await handler(request)
             except Exception as exc:
-                busy = find_busy(exc)
+                # The tool's own traffic may have met the busy pool inside an SDK that
+                # reports it as its own error (an MCP client's JSON-RPC error, say).
+                busy = find_busy(exc) or (call.busy if call is not None else None)
                 if busy is None:
                     return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
