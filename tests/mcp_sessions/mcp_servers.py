@@ -46,6 +46,9 @@ class McpTestServer:
     deletes: int = 0
     # Set to make the app answer 503 to everything (a server that is "gone" but listening).
     down: bool = False
+    # Set to answer 503 only to requests carrying credentials (tool discovery that sends
+    # none still works).
+    down_for_tenants: bool = False
     extra_tools: list[str] = field(default_factory=list)
     server: Any = None
 
@@ -125,7 +128,7 @@ def serve_mcp(*, stateful: bool) -> Iterator[McpTestServer]:
                 info.gets += 1
             elif scope["method"] == "DELETE":
                 info.deletes += 1
-        if info.down:
+        if info.down or (info.down_for_tenants and auth):
             await send({"type": "http.response.start", "status": 503, "headers": []})
             await send({"type": "http.response.body", "body": b"down"})
             return

@@ -43,6 +43,7 @@ from toolpool.adapters import (
     tool_call_scope,
 )
 from toolpool.crewai._loop import in_running_loop, run_on_tool_loop
+from toolpool.crewai._mcp import pooled_mcp_run
 from toolpool.errors import EgressDenied, ToolpoolError
 
 if TYPE_CHECKING:
@@ -368,8 +369,12 @@ def wrap_tool(tool: Any, binding: Binding) -> bool:
     hook = _ToolHook(tool, binding)
     own = vars(tool)
     attrs = TOOL_METHODS + (("func",) if inspect.iscoroutinefunction(own.get("func")) else ())
+    # CrewAI's MCP tools of streamable HTTP servers run on pooled MCP sessions instead.
+    mcp_run = pooled_mcp_run(tool, binding.pool)
     for attr in attrs:
         original = getattr(tool, attr, None)
+        if attr == "_run" and mcp_run is not None:
+            original = mcp_run
         if original is None or not callable(original):
             continue
         hook.saved[attr] = own.get(attr, _MISSING)
