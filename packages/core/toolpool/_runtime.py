@@ -185,7 +185,6 @@ class DestinationPool:
             return slot
         return self.replace(slot)
 
-
     def response_started(self, slot: Slot, headers: list[tuple[bytes, bytes]]) -> None:
         """The slot's response head arrived: an event stream is long-lived from now on."""
         if is_event_stream(headers):
