@@ -384,7 +384,9 @@ async def test_retries_are_spans_between_attempts(
     names = [k.name for k in sorted(children(spans, warm_retried), key=lambda s: s.start_time or 0)]
     assert names == ["toolpool.response", "toolpool.retry", "toolpool.response"]
     assert (warm_retried.attributes or {})["http.request.resend_count"] == 1
-    check_accounted(spans, warm_retried)
+    # Structure, not the 5 % accounting: these requests last a few ms, so one scheduling delay
+    # of a loaded machine between two children is already 5 % (the agent tests check that).
+    check_accounted(spans, warm_retried, exact=False)
     attrs = request.attributes or {}
     assert attrs["http.request.resend_count"] == 2
     assert attrs["http.response.status_code"] == 200
@@ -410,7 +412,7 @@ async def test_retries_are_spans_between_attempts(
         assert retry.end_time is not None and after.start_time is not None
         assert retry.end_time <= after.start_time
         assert retry.end_time > retry.start_time  # the backoff (jittered, > 0)
-    check_accounted(spans, request)
+    check_accounted(spans, request, exact=False)
 
 
 async def test_unsampled_requests_cost_no_child_spans(
