@@ -95,11 +95,13 @@ class PoolRules(RuleBasedStateMachine):
     # ------------------------------------------------------------------ rules
 
     @precondition(lambda self: self.state is not None)
-    @rule(target=waiters, key=KEYS)
-    def acquire(self, key: tuple[str, str]) -> Any:
+    @rule(target=waiters, key=KEYS, counted=st.booleans())
+    def acquire(self, key: tuple[str, str], counted: bool) -> Any:
         assert self.state is not None
         self.now += 0.01
-        got = self.state.acquire(key, self.now)
+        got = self.state.acquire(key, self.now, None, counted)
+        if counted:
+            assert got is not None, "a request of a counted call was refused"
         if isinstance(got, Waiter):
             self.arrivals.setdefault(key, []).append(got)
             self._apply(self.state.take_actions())
@@ -357,6 +359,12 @@ def test_queue_bound_then_saturated() -> None:
     assert isinstance(state.acquire(key, 0.2), Waiter)
     assert state.acquire(key, 0.3) is None
     assert state.saturated_total == 1 and state.waiting == 2
+    # A request of a counted call (admitted, a token fetch, a retry) still queues, in order.
+    counted = state.acquire(key, 0.4, None, True)
+    assert isinstance(counted, Waiter) and counted.counted
+    assert state.waiting == 3 and state.waiting_counted == 1
+    assert state.acquire(key, 0.5) is None  # and calls are still bounded by the queue
+    state.check()
 
 
 def test_lifo_reuse_and_idle_ttl() -> None:

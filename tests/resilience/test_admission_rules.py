@@ -71,12 +71,14 @@ def test_capacity_follows_the_effective_limit() -> None:
         "rate_limited",
         0.3,
     )
-    # Connections still closing hold their place under the limit: the pool takes fewer.
-    assert assess(**numbers(closing=3)).capacity == 7 + 20
-    # A lowered limit shrinks the queue bound with it; closing connections then matter only
-    # when the pool's own bound is the smaller one.
+    # The bound counts calls: connections still closing (tenant hand-overs) do not shrink it,
+    # since the pool queues the requests of counted calls without its own bound.
+    assert assess(**numbers(closing=3)).capacity == 10 + 20
+    # A lowered limit shrinks the queue bound with it.
     assert assess(**numbers(cap=5, closing=3)).capacity == 5 + 10
-    assert assess(**numbers(cap=5, closing=5, pool_queue_limit=8)).capacity == 0 + 8
+    # Requests of counted calls queued in the pool are not counted twice.
+    both = numbers(in_use=10, pool_waiting=25, pool_waiting_counted=20, tracked=25)
+    assert assess(**both).occupancy == 25
 
 
 def test_admitted_calls_count_even_before_they_send() -> None:

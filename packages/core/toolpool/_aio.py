@@ -20,7 +20,7 @@ import httpx
 
 from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool, pool_key
+from toolpool._runtime import DestinationPool, counted_calls, pool_key
 from toolpool._state import Slot, Waiter, retry_stale
 from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response, unread_or_eof
 from toolpool.errors import PoolClosed
@@ -446,10 +446,12 @@ async def acquire(
     loop: asyncio.AbstractEventLoop,
     timeout: float,
 ) -> Slot:
-    """A slot for `key`: an idle connection, a permit to open one, or after waiting."""
+    """A slot for `key`: an idle connection, a permit to open one, or after waiting. A
+    request of a call already counted (`counted_calls`) is never refused for a full queue."""
     state = dest.state
+    counted = id(dest) in counted_calls.get()
     with dest.lock:
-        got = state.acquire(key, monotonic())
+        got = state.acquire(key, monotonic(), None, counted)
         if type(got) is Waiter:
             fut: asyncio.Future[None] = loop.create_future()
             got.notify = _Notifier(loop, fut)

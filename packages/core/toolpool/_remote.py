@@ -334,6 +334,8 @@ class RemotePool:
                 queue_limit=int(_number(data.get("queue_limit"), 0)),
                 retry_after=retry_after,
                 reason=str(data.get("reason", "queue_full")),
+                opening=int(_number(data.get("opening"), 0)),
+                closing=int(_number(data.get("closing"), 0)),
             )
         if code == "pool_timeout":
             raise PoolTimeout(destination, _number(data.get("timeout"), 0.0), in_use=0, waiting=0)

@@ -8,6 +8,7 @@ thread or event loop) and starting graceful closes.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import ssl
 import threading
@@ -30,11 +31,44 @@ from toolpool.errors import PoolClosed, PoolSaturated, PoolTimeout
 if TYPE_CHECKING:
     from toolpool._pool import Pool
 
-__all__ = ["DestinationPool", "is_event_stream", "pool_key"]
+__all__ = [
+    "DestinationPool",
+    "counted_calls",
+    "is_event_stream",
+    "mark_counted",
+    "pool_key",
+    "unmark_counted",
+]
 
 log = logging.getLogger("toolpool.pool")
 
 monotonic = time.monotonic
+
+#: The destinations (ids of their `DestinationPool`) for which the requests made in the
+#: current task or thread belong to a call already counted: a call inside admission or
+#: accepted by the resilience layer (which bound their number), a token fetch (part of the
+#: call it is for), a retry of such a call. The drivers queue such requests without the
+#: queue bound (see `_state`'s theory of operation); the layers that count set it around
+#: their inner send.
+counted_calls: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "toolpool_counted_calls", default=frozenset()
+)
+
+
+def mark_counted(dest: DestinationPool) -> contextvars.Token[frozenset[int]] | None:
+    """Mark the current task's (or thread's) requests to `dest` as belonging to a counted
+    call until `unmark_counted(token)`; None (nothing to undo) if they already are."""
+    marks = counted_calls.get()
+    key = id(dest)
+    if key in marks:
+        return None
+    return counted_calls.set(marks | {key})
+
+
+def unmark_counted(token: contextvars.Token[frozenset[int]] | None) -> None:
+    """Undo `mark_counted` (in the same task or thread)."""
+    if token is not None:
+        counted_calls.reset(token)
 
 
 def pool_key(ctx: AuthContext | None, driver: Any) -> tuple[str, Any]:
@@ -249,11 +283,13 @@ class DestinationPool:
         st = self.state
         return PoolSaturated(
             self.name,
-            in_use=st.in_use + st.opening,
+            in_use=st.in_use,
             waiting=st.waiting,
             max_connections=st.limits.max_connections,
             queue_limit=st.limits.queue_limit,
             retry_after=round(st.retry_after(), 3),
+            opening=st.opening,
+            closing=st.closing,
         )
 
     def timed_out(self, timeout: float) -> PoolTimeout:

@@ -21,7 +21,7 @@ import httpx
 from toolpool import _auth_context, _egress
 from toolpool._aio import _connect_limit, _wait_limit
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool, pool_key
+from toolpool._runtime import DestinationPool, counted_calls, pool_key
 from toolpool._state import Slot, Waiter, retry_stale
 from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response, unread_or_eof
 from toolpool.errors import PoolClosed
@@ -214,10 +214,12 @@ class SyncResponseStream(httpx.SyncByteStream):
 
 
 def acquire(dest: DestinationPool, key: tuple[str | None, Any], timeout: float) -> Slot:
-    """A slot for `key`: an idle connection, a permit to open one, or after waiting."""
+    """A slot for `key`: an idle connection, a permit to open one, or after waiting. A
+    request of a call already counted (`counted_calls`) is never refused for a full queue."""
     state = dest.state
+    counted = id(dest) in counted_calls.get()
     with dest.lock:
-        got = state.acquire(key, monotonic())
+        got = state.acquire(key, monotonic(), None, counted)
         if type(got) is Waiter:
             notifier = _Notifier()
             got.notify = notifier

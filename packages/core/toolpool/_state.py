@@ -33,6 +33,14 @@ A request asks `acquire(key)` and gets, in this order of preference:
     3. a new OPENING slot (a permit) when the destination is under its cap,
     4. else a place in the wait queue, or `None` (saturated) when the queue is full.
 
+The queue bound limits *calls*, not requests. A request that belongs to a call already
+counted elsewhere (`counted=True`: a call inside admission or accepted by the resilience
+layer, whose bound covers it; a token fetch, part of the call it is for; a retry of a counted
+call) always gets its place: refusing it would fail a call that was already let in. Such
+waiters queue in order with the rest but do not take places under the bound, so the bound is
+`waiting - waiting_counted <= queue_limit`, and every counted waiter is bounded by whoever
+counted its call.
+
 Waiters form one FIFO per destination, and one per key. A released connection is handed to
 the oldest waiter of *its* key, which is usually not the head when many tenants share a
 destination; serving it out of order avoids closing a warm connection to open a cold one,
@@ -76,7 +84,7 @@ Invariants, checked by the hypothesis tests in tests/core:
     I2  no waiter while an idle slot it could use exists
     I3  waiters exist only while the destination is at (or over) its cap
     I4  needed > closing implies no idle slot
-    I5  waiting <= queue_limit
+    I5  waiting - waiting_counted <= queue_limit (counted requests are bounded upstream)
     I6  in_flight(K) counts K's opening and in-use slots that are not long-lived
 """
 
@@ -219,10 +227,12 @@ class Slot:
 class Waiter:
     """A request waiting for a slot. `grant` is set when it is served (state GRANTED)."""
 
-    __slots__ = ("bypassed", "grant", "granted_at", "key", "notify", "since", "state")
+    __slots__ = ("bypassed", "counted", "grant", "granted_at", "key", "notify", "since", "state")
 
-    def __init__(self, key: Key, now: float, notify: Any = None) -> None:
+    def __init__(self, key: Key, now: float, notify: Any = None, counted: bool = False) -> None:
         self.key = key
+        # Part of a call counted elsewhere: takes no place under the queue bound.
+        self.counted = counted
         self.since = now
         self.state = WAITING
         self.grant: Slot | None = None
@@ -291,6 +301,8 @@ class DestinationState:
         self._waiting_by_key: dict[Key, int] = {}
         self._waiting_by_driver: dict[Hashable, int] = {}
         self.waiting = 0
+        # The part of `waiting` that belongs to calls counted elsewhere (outside the bound).
+        self.waiting_counted = 0
         # Connections in flight (opening or in use, not long-lived) per key, and the need
         # per needy key.
         self._inflight: dict[Key, int] = {}
@@ -345,7 +357,8 @@ class DestinationState:
         # Over a lowered cap only by connections in use or opening (they close on return).
         busy = self.in_use + self.opening
         assert self.total - self.closing <= max(self.cap, busy), "I1: over lowered cap"
-        assert self.waiting <= lim.queue_limit, "I5: queue bound exceeded"
+        assert self.waiting - self.waiting_counted <= lim.queue_limit, "I5: queue bound exceeded"
+        assert 0 <= self.waiting_counted <= self.waiting, "counted waiters drift"
         if self.waiting:
             assert self.total >= self.cap, "I3: waiter while under cap"
             assert self.needed <= self.closing or not self._idle_lru, "I4: idle blocks a need"
@@ -355,6 +368,7 @@ class DestinationState:
                     assert not self._idle.get((None, key[1])), "I2: waiter beside unbound"
         live = [w for w in self._queue if w.state == WAITING]
         assert len(live) == self.waiting, "waiter count drift"
+        assert sum(w.counted for w in live) == self.waiting_counted, "counted waiter drift"
         assert sum(self._waiting_by_key.values()) == self.waiting, "per-key count drift"
         assert len(self._idle_lru) == sum(len(s) for s in self._idle.values()), "idle drift"
         assert len(self._leased) == self.in_use, "leased drift"
@@ -371,13 +385,16 @@ class DestinationState:
 
     # ------------------------------------------------------------------ requests
 
-    def acquire(self, key: Key, now: float, notify: Any = None) -> Slot | Waiter | None:
+    def acquire(
+        self, key: Key, now: float, notify: Any = None, counted: bool = False
+    ) -> Slot | Waiter | None:
         """A request of `key` wants a connection.
 
         Returns an IN_USE slot (reuse), an OPENING slot (a permit: open a connection for
         it and report `opened` or `open_failed`), a Waiter (queued; wait for its Wake), or
-        None when the queue is full (saturated). Closes needed to make room for the new
-        waiter are returned by `take_actions()`.
+        None when the queue is full (saturated). A `counted` request (its call is counted
+        elsewhere, see the theory of operation) is never refused. Closes needed to make
+        room for the new waiter are returned by `take_actions()`.
         """
         stack = self._idle.get(key)
         if stack:
@@ -392,11 +409,11 @@ class DestinationState:
             self._record_wait(0.0)
             self.acquired_total += 1
             return self._new_slot(key, now)
-        if self.waiting >= self.limits.queue_limit:
+        if not counted and self.waiting - self.waiting_counted >= self.limits.queue_limit:
             self.saturated_total += 1
             return None
         self._find_long_held(now)
-        waiter = Waiter(key, now, notify)
+        waiter = Waiter(key, now, notify, counted)
         self._enqueue(waiter)
         self.queued_total += 1
         self._pending = self._make_room()
@@ -420,7 +437,7 @@ class DestinationState:
             self.timeouts_total += 1
         if waiter.state == WAITING:
             waiter.state = GONE
-            self._count_waiter(waiter.key, -1)
+            self._count_waiter(waiter, -1)
             self._compact_if_sparse()
             return _NO_ACTIONS
         if waiter.state == GRANTED:
@@ -634,6 +651,7 @@ class DestinationState:
         self._need.clear()
         self.needed = 0
         self.waiting = 0
+        self.waiting_counted = 0
         return gone
 
     # ------------------------------------------------------------------ internals
@@ -817,7 +835,7 @@ class DestinationState:
             self.reused_total += 1
         waiter.state = GRANTED
         waiter.grant = slot
-        self._count_waiter(waiter.key, -1)
+        self._count_waiter(waiter, -1)
         waiter.granted_at = now
         self._record_wait(now - waiter.since)
         return waiter
@@ -847,10 +865,13 @@ class DestinationState:
         if by_driver is None:
             by_driver = self._by_driver[driver] = deque()
         by_driver.append(waiter)
-        self._count_waiter(waiter.key, 1)
+        self._count_waiter(waiter, 1)
 
-    def _count_waiter(self, key: Key, delta: int) -> None:
+    def _count_waiter(self, waiter: Waiter, delta: int) -> None:
+        key = waiter.key
         self.waiting += delta
+        if waiter.counted:
+            self.waiting_counted += delta
         n = self._waiting_by_key.get(key, 0) + delta
         if n:
             self._waiting_by_key[key] = n

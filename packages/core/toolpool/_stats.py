@@ -55,7 +55,8 @@ class DestinationStats:
     opening: int
     #: Connections being closed (they count against the cap until the close completes).
     closing: int
-    #: Requests queued for a connection right now.
+    #: Requests queued for a connection right now (`waiting_counted` of them belong to calls
+    #: counted upstream and take no place under `queue_limit`).
     waiting: int
     #: Connections opened successfully, warm-up included.
     created_total: int
@@ -96,6 +97,10 @@ class DestinationStats:
     #: Credential fetches of the destination's auth provider by reason (``initial``,
     #: ``expiry``, ``401``); empty without a provider that reports stats.
     auth_refreshes_total: Mapping[str, int] = field(default_factory=dict)
+    #: Queued requests of calls already counted (admitted or let in by the resilience layer,
+    #: token fetches, retries): they wait in order but never make the pool refuse, so the
+    #: queue may hold `queue_limit` calls plus these.
+    waiting_counted: int = 0
 
     @property
     def connections(self) -> int:
@@ -200,6 +205,7 @@ def destination_stats(dest: DestinationPool) -> DestinationStats:
             queued_total=st.queued_total,
             streams=st.streams,
             streams_total=st.streams_total,
+            waiting_counted=st.waiting_counted,
         )
     refreshes = _auth_refreshes(dest.auth)
     if refreshes:

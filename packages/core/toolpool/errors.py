@@ -68,17 +68,27 @@ class PoolSaturated(ToolpoolError, httpx.TransportError):
         queue_limit: int,
         retry_after: float,
         reason: str = "queue_full",
+        opening: int = 0,
+        closing: int = 0,
     ) -> None:
         self.destination = destination
         self.in_use = in_use
+        # Slots being opened or closed: they count against the cap without carrying a
+        # request, so "in use" below the cap does not mean free capacity.
+        self.opening = opening
+        self.closing = closing
         self.waiting = waiting
         self.max_connections = max_connections
         self.queue_limit = queue_limit
         self.retry_after = retry_after
         self.reason = reason
         where = f"destination {destination!r}"
+        turning = "".join(
+            f", {n} {what}" for n, what in ((opening, "opening"), (closing, "closing")) if n
+        )
         load = (
-            f"{in_use} in use of {max_connections}, {waiting} waiting (queue limit {queue_limit})"
+            f"{in_use} in use{turning} of {max_connections}, {waiting} waiting "
+            f"(queue limit {queue_limit})"
         )
         after = f"retry after {retry_after:.1f} s"
         # What to change depends on why the request was refused (toolpool.resilience).

@@ -22,6 +22,7 @@ import httpx
 
 from toolpool import _aio, _sio
 from toolpool._auth_context import AuthContext
+from toolpool._runtime import mark_counted, unmark_counted
 from toolpool.auth._cache import (
     FAIL,
     LEAD,
@@ -235,7 +236,12 @@ class HeaderAuth:
             raise self._reject(key, ctx, "the provider has no other credential to try")
         with self.lock:
             self.cache.counters.retries_total += 1
-        response = await self._inner_a(with_header(request, fresh.header, fresh.value), ctx)
+        # The retry belongs to the call that was already let in.
+        marked = mark_counted(self.dest)
+        try:
+            response = await self._inner_a(with_header(request, fresh.header, fresh.value), ctx)
+        finally:
+            unmark_counted(marked)
         if response.status_code != 401:
             return response
         await response.aclose()
@@ -265,7 +271,11 @@ class HeaderAuth:
             raise self._reject(key, ctx, "the provider has no other credential to try")
         with self.lock:
             self.cache.counters.retries_total += 1
-        response = self._inner_s(with_header(request, fresh.header, fresh.value), ctx)
+        marked = mark_counted(self.dest)
+        try:
+            response = self._inner_s(with_header(request, fresh.header, fresh.value), ctx)
+        finally:
+            unmark_counted(marked)
         if response.status_code != 401:
             return response
         response.close()
@@ -348,12 +358,17 @@ class HeaderAuth:
                     preconnect = asyncio.get_running_loop().create_task(
                         _aio.preconnect(self.dest, ctx)
                     )
-                with _token_scope(self.dest, flight.reason):
-                    response = await token_dest.base_async_send(self._bounded(step), ctx)
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
+                # Part of the call it is fetched for: never refused for a full queue.
+                marked = mark_counted(token_dest)
+                try:
+                    with _token_scope(self.dest, flight.reason):
+                        response = await token_dest.base_async_send(self._bounded(step), ctx)
+                        try:
+                            await response.aread()
+                        finally:
+                            await response.aclose()
+                finally:
+                    unmark_counted(marked)
                 step = self.provider.token_response(ctx, response)
             return _credential(step)
 
@@ -451,12 +466,16 @@ class HeaderAuth:
                         daemon=True,
                     )
                     preconnect.start()
-                with _token_scope(self.dest, flight.reason):
-                    response = token_dest.base_sync_send(self._bounded(step), ctx)
-                    try:
-                        response.read()
-                    finally:
-                        response.close()
+                marked = mark_counted(token_dest)
+                try:
+                    with _token_scope(self.dest, flight.reason):
+                        response = token_dest.base_sync_send(self._bounded(step), ctx)
+                        try:
+                            response.read()
+                        finally:
+                            response.close()
+                finally:
+                    unmark_counted(marked)
                 step = self.provider.token_response(ctx, response)
             return _credential(step)
 

@@ -6,8 +6,9 @@ The rules, in one place (the runtime in `_policy` applies them under its lock):
 - *Capacity* of a destination is its effective limit plus its effective queue bound, the
   pool's queue bound scaled down with the limit (`queue_limit * cap / max_connections`), so
   that a call admitted while the limit is low waits at most about `queue_factor` service
-  times; and never more than the pool itself takes (its limit, less the connections still
-  closing, plus its own queue bound).
+  times. The bound counts calls: the requests of a counted call (admitted, or let in by
+  the layer) queue in the pool without its own bound, so connections opening and closing
+  during tenant hand-overs never make the pool refuse a call this layer let in.
 - A destination-wide rate limit admits only the calls it can start within `max_wait` (its
   *room*, less the admitted calls that have not sent yet); with no room the destination is
   saturated ("rate_limited"), as it is during a Retry-After pause.
@@ -15,11 +16,12 @@ The rules, in one place (the runtime in `_policy` applies them under its lock):
   `admit`, or sending) up to the limit; the rest of those count as *queued*, with the
   requests waiting in the pool and the calls waiting in `admit`.
 - *Occupancy* is the larger of (calls inside `admit` + requests in flight that were not
-  admitted) and (connections in use or opening + requests queued in the pool). A call is
+  admitted) and (connections in use or opening + requests queued in the pool that no layer
+  counted, such as traffic sent before the policy was bound). A call is
   admitted while occupancy < capacity, the breaker lets calls through and no Retry-After
   pause is on; otherwise it waits in FIFO order (or is refused at once when it cannot wait).
-  Because admitted calls are counted, a call admitted will not meet a full queue when it
-  sends, in the common case of one request at a time per call.
+  An admitted call never meets a full queue when it sends: its requests (token fetch, 401
+  refresh, retries included) wait in order for a connection, bounded by their timeouts.
 - *Levels* (the callbacks hear every crossing), with hysteresis so that they do not flap at
   a threshold:
 
@@ -125,6 +127,7 @@ def assess(
     pool_waiting: int,
     admit_waiting: int,
     tracked: int,
+    pool_waiting_counted: int = 0,
     breaker_wait: float,
     pause_wait: float,
     rate_room: int | None,
@@ -135,13 +138,9 @@ def assess(
 ) -> Assessment:
     """Apply the rules of the module docstring to one destination's numbers."""
     queue_limit = pool_queue_limit * cap // max_connections
-    capacity = min(
-        cap + queue_limit,
-        # What the pool itself takes before refusing: its connections (less those still
-        # closing, which count against the limit until the peer saw them close) and its queue.
-        max(0, cap - closing) + pool_queue_limit,
-    )
-    occupancy = max(tracked, in_use + pool_waiting)
+    capacity = cap + queue_limit
+    # Requests in the pool that no layer counted (counted ones are inside `tracked`).
+    occupancy = max(tracked, in_use + pool_waiting - pool_waiting_counted)
     rate_limited = pause_wait > 0 or (rate_room is not None and rate_room <= 0)
     if rate_room is not None:
         capacity = min(capacity, occupancy + max(0, rate_room))

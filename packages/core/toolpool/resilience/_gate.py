@@ -240,11 +240,9 @@ class AdmissionControl:
         st = self.dest.state
         limits = st.limits
         cap = st.cap
-        capacity = min(
-            cap + limits.queue_limit * cap // limits.max_connections,
-            max(0, cap - st.closing) + limits.queue_limit,
-        )
-        room = capacity - max(self.admission.tracked, st.in_use + st.opening + st.waiting)
+        capacity = cap + limits.queue_limit * cap // limits.max_connections
+        unseen = st.in_use + st.opening + st.waiting - st.waiting_counted
+        room = capacity - max(self.admission.tracked, unseen)
         if admission:
             rate_room = self.limiter.room(now)
             if rate_room is not None:
@@ -263,6 +261,7 @@ class AdmissionControl:
             in_use=st.in_use + st.opening,
             closing=st.closing,
             pool_waiting=st.waiting,
+            pool_waiting_counted=st.waiting_counted,
             admit_waiting=self.admission.waiting,
             tracked=self.admission.tracked,
             breaker_wait=breaker.retry_after(now) if breaker is not None else 0.0,

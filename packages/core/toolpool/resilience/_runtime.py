@@ -35,6 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying
 from tenacity.stop import stop_after_attempt
 
 from toolpool._auth_context import AuthContext
+from toolpool._runtime import mark_counted, unmark_counted
 from toolpool._watched import WatchedStream
 from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
 from toolpool.resilience._adaptive import INITIAL, AimdLimit
@@ -269,14 +270,21 @@ class PolicyRuntime(AdmissionControl):
 
     # ------------------------------------------------------------------ send chain
 
+    # A call this layer let in (admitted, or with room) is counted here, so its requests
+    # (retries, token fetch, 401 refresh included) are marked for the pool: they queue without
+    # its queue bound, which the room check above already enforced for the call.
+
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         """The outermost async send of the destination (see the module docstring)."""
         counted = self._enter()
+        marked = mark_counted(self.dest)
         try:
             response = await self._send_async(request, ctx)
         except BaseException:
             self._leave(counted)
             raise
+        finally:
+            unmark_counted(marked)
         response.stream = WatchedStream(
             response.stream, functools.partial(self._leave, counted), self.dest.pool
         )
@@ -285,11 +293,14 @@ class PolicyRuntime(AdmissionControl):
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         """The outermost sync send of the destination (see the module docstring)."""
         counted = self._enter()
+        marked = mark_counted(self.dest)
         try:
             response = self._send_sync(request, ctx)
         except BaseException:
             self._leave(counted)
             raise
+        finally:
+            unmark_counted(marked)
         response.stream = WatchedStream(
             response.stream, functools.partial(self._leave, counted), self.dest.pool
         )

@@ -609,6 +609,8 @@ def _failure(exc: Exception, dest: str) -> Refusal:
             {
                 "destination": dest,
                 "in_use": exc.in_use,
+                "opening": exc.opening,
+                "closing": exc.closing,
                 "waiting": exc.waiting,
                 "max_connections": exc.max_connections,
                 "queue_limit": exc.queue_limit,
