@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 from resilience_support import eventually, policy_of, quantile
 
 import toolpool
@@ -132,3 +133,23 @@ async def test_503s_from_an_overloaded_downstream_lower_the_limit() -> None:
     statuses, stats = await run_against_a_limit_of_8(policy, 300)
     assert statuses.count(503) / len(statuses) > 0.3
     assert stats.effective_limit == 16
+
+
+async def test_a_callers_own_short_timeout_does_not_lower_the_limit(ds: Any) -> None:
+    """Issue 20: `timeout=0.2` on a 1 s completion is the caller's deadline, not overload;
+    everyone else keeps the full limit. A 503 still lowers it (the control)."""
+    dest = toolpool.Destination("crm", ds.url("crm"), max_connections=20)
+    async with toolpool.Pool([dest], warmup=0) as pool:
+        runtime = policy_of(pool, "crm")
+        client = pool.client()
+        url = ds.url("crm")
+        for _ in range(6):
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(url + "/delay?s=1", timeout=0.2)
+        assert runtime.effective_limit == 20
+        assert runtime.limit_reason == "initial"
+        # A connect timeout the caller chose below the pool's connect_timeout is its own too.
+        assert runtime.stats().limit_decreases_total == 0
+        r = await client.get(url + "/status/503")
+        assert r.status_code == 503
+        assert runtime.effective_limit < 20 and runtime.limit_reason == "http_503"

@@ -321,20 +321,22 @@ class Pool:
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An `httpx.AsyncClient` whose requests go through this pool.
 
-        Keyword arguments go to `httpx.AsyncClient`. Closing the client does not close the
-        pool. The default timeout is httpx's, except that waiting for a connection is bounded
-        by the pool's `acquire_timeout` instead of httpx's 5 s pool timeout.
+        Keyword arguments go to `httpx.AsyncClient`; everything not given keeps httpx's
+        default, timeouts included, so an SDK handed this client (`openai.AsyncOpenAI(
+        http_client=pool.client())`) sees a plain httpx client and applies its own timeouts.
+        Waiting for a connection is bounded by the pool's `acquire_timeout` whatever the
+        timeouts say (or by a shorter httpx pool timeout). Closing the client does not close
+        the pool.
         """
         from toolpool._transport import AsyncTransport
 
-        kwargs.setdefault("timeout", httpx.Timeout(5.0, pool=None))
         return httpx.AsyncClient(transport=AsyncTransport(self), **kwargs)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
-        """An `httpx.Client` whose requests go through this pool (thread-safe)."""
+        """An `httpx.Client` whose requests go through this pool (thread-safe); httpx's
+        defaults for everything not given, as `client`."""
         from toolpool._transport import Transport
 
-        kwargs.setdefault("timeout", httpx.Timeout(5.0, pool=None))
         return httpx.Client(transport=Transport(self), **kwargs)
 
     # ------------------------------------------------------------------ lifecycle

@@ -9,7 +9,7 @@ Theory of operation
 -------------------
 Additive increase / multiplicative decrease, as in TCP and Netflix's concurrency-limits:
 
-    a 429, 503 or timeout             limit *= overload_backoff at once   reason "http_429" ...
+    a 429, 503 or connect timeout     limit *= overload_backoff at once   reason "http_429" ...
     at the end of a window (at least `interval` seconds and `min_samples` samples):
       median service time > latency_tolerance x baseline
         (and > baseline + min_latency_rise)     limit *= latency_backoff  reason "latency"
@@ -50,7 +50,9 @@ REASONS = (INITIAL, LATENCY, RECOVERY, *OVERLOAD_SIGNALS)
 class AdaptiveLimit:
     """How the effective connection limit reacts to overload.
 
-    By default it reacts to unambiguous overload signals (429, 503, timeouts). Reacting to
+    By default it reacts to unambiguous overload signals from the downstream: 429, 503 and
+    connect timeouts at the pool's own `connect_timeout`. A read timeout is the caller's own
+    deadline and lowers nothing (a slow downstream shows in its latency). Reacting to
     latency is opt-in (`latency_tolerance=2.0`): one tool destination often serves endpoints
     whose latencies differ a hundredfold, so its median latency moves with the mix of calls,
     not only with load, and a latency-driven limit would throttle healthy traffic.
@@ -66,7 +68,7 @@ class AdaptiveLimit:
     interval: float = 0.25
     # ...and at least 10 samples, so that a window's median means something.
     min_samples: int = 10
-    # 429/503/timeouts cut the limit by a quarter: the downstream said "too much" outright.
+    # 429/503/connect timeouts cut the limit by a quarter: the downstream said "too much".
     overload_backoff: float = 0.75
     # Rising latency cuts by a tenth: a softer signal, a gentler step (Netflix's AIMD value).
     latency_backoff: float = 0.9

@@ -41,9 +41,11 @@ _CONNECTION_LOST = (
 )
 
 
-# Errors that say the destination did not work: it could not be reached, dropped the
-# connection, spoke garbage, or did not answer in time.
-_DESTINATION_FAILURES = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
+# Errors that say the destination did not work: it could not be reached (in time), dropped
+# the connection or spoke garbage. A read or write timeout is not among them: it fires at the
+# caller's own deadline (a 1 s timeout on a 5 s completion), which says nothing about the
+# destination, and must not open the breaker for every other caller.
+_DESTINATION_FAILURES = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
 def replayable(request: httpx.Request) -> bool:
@@ -96,10 +98,24 @@ def breaker_outcome(
     return FAILURE if response.status_code in failure_statuses else SUCCESS
 
 
-def overload_signal(response: httpx.Response | None, exc: BaseException | None) -> str | None:
-    """ "http_429", "http_503" or "timeout" when the outcome says "too much load"."""
+def overload_signal(
+    response: httpx.Response | None,
+    exc: BaseException | None,
+    caller_connect_deadline: bool = False,
+) -> str | None:
+    """ "http_429", "http_503" or "timeout" when the downstream says "too much load".
+
+    A read or write timeout is the caller's own deadline (a 1 s timeout on a 5 s completion
+    says nothing about load), so it is no signal: a downstream that slows down shows in its
+    latency instead. A connect timeout is one (the downstream stops accepting), unless it
+    fired at a connect timeout the caller chose below the pool's (`caller_connect_deadline`).
+    Local refusals and waits for a pooled connection are never signals."""
     if exc is not None:
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, ToolpoolError):
+        if (
+            isinstance(exc, httpx.ConnectTimeout)
+            and not isinstance(exc, ToolpoolError)
+            and not caller_connect_deadline
+        ):
             return TIMEOUT
         return None
     assert response is not None

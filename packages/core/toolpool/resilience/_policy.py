@@ -45,7 +45,8 @@ class Policy:
     # No rate limit unless you know the downstream's (the connection limit already bounds
     # concurrency; a made-up rate would only slow healthy traffic).
     rate_limit: RateLimit | None = None
-    # On: 429, 503 and timeouts lower the connection limit below max_connections, and
+    # On: 429, 503 and connect timeouts (never a caller's own read timeout) lower the
+    # connection limit below max_connections, and
     # recovery raises it one step per window (latency is opt-in, see AdaptiveLimit).
     adaptive: AdaptiveLimit | None = field(default_factory=AdaptiveLimit)
     # A request waits at most 5 s for a rate-limit start or the end of a Retry-After pause,

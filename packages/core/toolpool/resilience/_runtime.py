@@ -397,9 +397,9 @@ class PolicyRuntime(AdmissionControl):
         try:
             response = await self._inner_async(request, ctx)
         except BaseException as exc:
-            self._after_attempt(permit, started, ctx, None, exc)
+            self._after_attempt(permit, started, ctx, None, exc, request)
             raise
-        self._after_attempt(permit, started, ctx, response, None)
+        self._after_attempt(permit, started, ctx, response, None, request)
         return response
 
     def _attempt_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
@@ -421,9 +421,9 @@ class PolicyRuntime(AdmissionControl):
         try:
             response = self._inner_sync(request, ctx)
         except BaseException as exc:
-            self._after_attempt(permit, started, ctx, None, exc)
+            self._after_attempt(permit, started, ctx, None, exc, request)
             raise
-        self._after_attempt(permit, started, ctx, response, None)
+        self._after_attempt(permit, started, ctx, response, None, request)
         return response
 
     def _enter(self) -> bool:
@@ -540,6 +540,7 @@ class PolicyRuntime(AdmissionControl):
         ctx: AuthContext | None,
         response: httpx.Response | None,
         exc: BaseException | None,
+        request: httpx.Request | None = None,
     ) -> None:
         """Feed one attempt's outcome to the breaker, the pauses and the adaptive limit."""
         now = monotonic()
@@ -563,10 +564,14 @@ class PolicyRuntime(AdmissionControl):
                     self.limiter.pause(tenant, seconds, now, whole=response.status_code == 503)
             adaptive = self.adaptive
             if adaptive is not None:
-                signal = overload_signal(response, exc)
+                signal = overload_signal(response, exc, self._caller_connect_deadline(request))
                 latency: float | None = None
                 if response is not None:
                     latency = max(0.0, now - started - _wait_seconds(response))
+                elif isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
+                    # The caller's deadline, not overload; as a service time it is a lower
+                    # bound, which only the (opt-in) latency rule reads.
+                    latency = now - started
                 if latency is not None or signal is not None:
                     old_limit = adaptive.limit
                     changed = adaptive.sample(now, latency, signal, started)
@@ -604,6 +609,15 @@ class PolicyRuntime(AdmissionControl):
                 self.limit_reason,
             )
         self._after_unlock(woken, queued)
+
+    def _caller_connect_deadline(self, request: httpx.Request | None) -> bool:
+        """True if the request's own connect timeout is shorter than the pool's (a connect
+        timeout then is the caller's deadline, not the downstream refusing connections)."""
+        if request is None:
+            return False
+        timeouts = request.extensions.get("timeout")
+        connect = timeouts.get("connect") if isinstance(timeouts, dict) else None
+        return connect is not None and connect < self.dest.settings.connect_timeout
 
     def _spend_retry(self, reason: str) -> bool:
         """The retry strategy asks for one retry (`BudgetSpent`)."""
