@@ -41,6 +41,7 @@ from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,
     AuthSource,
+    Held,
     ToolCall,
     atool_call_scope,
     busy_message,
@@ -319,11 +320,12 @@ class PooledWorkbench(StaticStreamWorkbench):
             # misconfiguration is reported as the call's error result and logged.
             log.error("tool %r not run: %s", name, exc)
             return _text_result(name, str(exc), is_error=True)
-        async with self._concurrency.slot() as slot:
+        async with self._concurrency.slot(ctx.label if ctx is not None else None) as slot:
             call: ToolCall | None = None
+            held = Held()
             try:
                 async with (
-                    self._admission.hold(name),
+                    self._admission.hold(name, ctx) as held,
                     atool_call_scope(
                         self._pool,
                         ctx,
@@ -350,8 +352,10 @@ class PooledWorkbench(StaticStreamWorkbench):
                 text = busy_message(busy, name)
                 log.debug("%s", text)
                 return _text_result(name, text, is_error=True)
-            if call is not None and call.busy is not None:
-                slot.busy()  # the tool met a busy destination and handled it itself
+            if held.waited or (call is not None and (call.busy is not None or call.waited)):
+                # The tool waited at a saturated destination, or met a busy one and handled
+                # it itself: fewer parallel tool calls until it recovers.
+                slot.busy()
             else:
                 slot.success()
             return result

@@ -29,7 +29,8 @@ with limiter.slot_sync() as slot:
   transparent pooling of the httpx clients it builds, destination learning).
 - `run_in_thread_with_context`: run a sync tool in a worker thread, context copied.
 - `Admission`: wait (boundedly) while a destination the tool uses is saturated; `hold` keeps
-  the call counted against the destination's capacity while it runs.
+  the call counted against the destination's capacity while it runs; destinations not known
+  up front are gated by the scope on the call's first request to them.
 - `AdaptiveToolConcurrency`: AIMD limit on parallel tool calls, fed by busy signals.
 - `BUSY_ERRORS`, `find_busy`, `busy_message`: which errors mean "busy" (also when wrapped
   in another error or an exception group) and what the model reads.
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from toolpool.adapters._admission import Admission
+from toolpool.adapters._admission import Admission, Held
 from toolpool.adapters._auth import AuthSource, resolve_auth
 from toolpool.adapters._busy import BUSY_ERRORS, busy_message, find_busy, retry_after_of
 from toolpool.adapters._concurrency import AdaptiveToolConcurrency, ToolSlot
@@ -63,6 +64,7 @@ __all__ = [
     "AdaptiveToolConcurrency",
     "Admission",
     "AuthSource",
+    "Held",
     "ToolCall",
     "ToolSlot",
     "atool_call_scope",

@@ -11,21 +11,51 @@ tool result.
 against the destination's capacity and its requests do not meet a full queue; `admit` /
 `admit_sync` only wait for the gate to open and let go at once. Destinations are admitted in
 name order, so two calls never wait on each other's destinations crosswise.
+
+A destination a call reaches that was not admitted up front (the first call of a tool, a URL
+taken from the call's arguments) is admitted when the call's first request to it goes out
+(`tool_call_scope` does it), within what is left of the same `max_wait`. A destination is
+learned for admission up front once a tool used it in two calls in a row, so a tool whose
+destination changes per call does not hold places at destinations it will not use.
+Waiting calls are served per tenant in turn (the auth context's label).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from toolpool._auth_context import AuthContext
+
 if TYPE_CHECKING:
     from toolpool._pool import Pool
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "Held"]
+
+# When the current tool call's admission waits must end (set by `hold` for the call's body,
+# read by `tool_call_scope` when a request reaches a destination not admitted up front).
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "toolpool_admission_deadline", default=None
+)
+
+
+class Held:
+    """What `hold` did for one tool call: `waited` is True if the call had to queue at a
+    saturated destination (the adapters then narrow their tool-call concurrency)."""
+
+    __slots__ = ("waited",)
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def note_wait(self) -> None:
+        self.waited = True
+
 
 log = logging.getLogger("toolpool.adapters")
 
@@ -53,6 +83,8 @@ class Admission:
         self._lock = threading.Lock()
         self._learned: dict[str, frozenset[str]] = {}
         self._declared: dict[str, frozenset[str]] = {}
+        # The destinations each tool's last finished call used.
+        self._last_used: dict[str, frozenset[str]] = {}
 
     def __repr__(self) -> str:
         return f"<Admission max_wait={self.max_wait:g} tools={sorted(self._tools())}>"
@@ -71,6 +103,23 @@ class Admission:
             known = self._learned.get(tool_name, frozenset())
             self._learned[tool_name] = known | {destination}
         log.debug("tool %r uses destination %r", tool_name, destination)
+
+    def settle(self, tool_name: str, used: Iterable[str]) -> None:
+        """A call of `tool_name` ended having used `used`: keep as learned only the
+        destinations it shares with the tool's previous call (called by the scope)."""
+        now = frozenset(used)
+        with self._lock:
+            before = self._last_used.get(tool_name, now)
+            self._last_used[tool_name] = now
+            self._learned[tool_name] = now & before
+
+    def remaining(self, started: float) -> float:
+        """Seconds a call that started at `started` may still wait for admission (the
+        `hold` around it sets the deadline; otherwise `max_wait` from `started`)."""
+        deadline = _deadline.get()
+        if deadline is None:
+            deadline = started + self.max_wait
+        return max(0.0, deadline - monotonic())
 
     def declare(self, tool_name: str, destinations: Iterable[str]) -> None:
         """Declare the destinations `tool_name` uses (names or URLs), before any traffic."""
@@ -99,26 +148,66 @@ class Admission:
         return sorted(set(names))
 
     @contextlib.asynccontextmanager
-    async def hold(self, tool_name: str) -> AsyncIterator[None]:
+    async def hold(self, tool_name: str, ctx: AuthContext | None = None) -> AsyncIterator[Held]:
         """Be admitted to every destination of `tool_name` and stay admitted (counted against
-        their capacity) for the enclosed tool call. Waits at most `max_wait` seconds in
-        total, then raises `PoolSaturated` (with `retry_after` and `reason`)."""
+        their capacity) for the enclosed tool call, acting for `ctx` (its turn at each
+        gate; default: the current auth context). Waits at most `max_wait` seconds in total,
+        then raises `PoolSaturated` (with `retry_after` and `reason`). The enclosed body's
+        requests to destinations not admitted here wait within the same `max_wait`."""
+        from toolpool.resilience._gate import admitted_here, mark_admitted, unmark_admitted
+        from toolpool.resilience._pool_api import runtime_for
+
+        held = Held()
         deadline = monotonic() + self.max_wait
-        async with contextlib.AsyncExitStack() as stack:
+        tenant = _label(ctx)
+        runtimes = []
+        token = _deadline.set(deadline)
+        marks = []
+        try:
             for name in self._names(tool_name):
+                runtime = runtime_for(self.pool.destination(name))
+                if admitted_here(runtime):
+                    continue  # a nested call inside one already admitted here
                 remaining = max(0.0, deadline - monotonic())
-                await stack.enter_async_context(self.pool.admit(name, timeout=remaining))
-            yield
+                await runtime.admit_async(remaining, tenant, held.note_wait)
+                runtimes.append(runtime)
+                marks.append(mark_admitted(runtime))
+            yield held
+        finally:
+            for mark in reversed(marks):
+                unmark_admitted(mark)
+            for runtime in runtimes:
+                runtime.release_admission()
+            _deadline.reset(token)
 
     @contextlib.contextmanager
-    def hold_sync(self, tool_name: str) -> Iterator[None]:
+    def hold_sync(self, tool_name: str, ctx: AuthContext | None = None) -> Iterator[Held]:
         """`hold` for sync tool calls (blocks the calling thread while waiting)."""
+        from toolpool.resilience._gate import admitted_here, mark_admitted, unmark_admitted
+        from toolpool.resilience._pool_api import runtime_for
+
+        held = Held()
         deadline = monotonic() + self.max_wait
-        with contextlib.ExitStack() as stack:
+        tenant = _label(ctx)
+        runtimes = []
+        token = _deadline.set(deadline)
+        marks = []
+        try:
             for name in self._names(tool_name):
+                runtime = runtime_for(self.pool.destination(name))
+                if admitted_here(runtime):
+                    continue  # a nested call inside one already admitted here
                 remaining = max(0.0, deadline - monotonic())
-                stack.enter_context(self.pool.admit_sync(name, timeout=remaining))
-            yield
+                runtime.admit_blocking(remaining, tenant, held.note_wait)
+                runtimes.append(runtime)
+                marks.append(mark_admitted(runtime))
+            yield held
+        finally:
+            for mark in reversed(marks):
+                unmark_admitted(mark)
+            for runtime in runtimes:
+                runtime.release_admission()
+            _deadline.reset(token)
 
     async def admit(self, tool_name: str) -> None:
         """Wait until every destination of `tool_name` admits a call, then let go at once;
@@ -130,3 +219,12 @@ class Admission:
         """`admit` for sync tool calls (blocks the calling thread). Prefer `hold_sync`."""
         with self.hold_sync(tool_name):
             pass
+
+
+def _label(ctx: AuthContext | None) -> str | None:
+    """The tenant a call's turn at a gate belongs to (the current context by default)."""
+    if ctx is None:
+        from toolpool._auth_context import current_auth
+
+        ctx = current_auth()
+    return ctx.label if ctx is not None else None

@@ -6,9 +6,11 @@ queues and earns "busy" results; this limiter lets fewer run at a time after a b
 and grows back as calls succeed (additive increase, multiplicative decrease, as TCP does).
 
 Rules:
-  - a call takes a slot (`slot()` / `slot_sync()`) before it runs; slots are granted in FIFO
-    order while fewer than `limit` are in flight;
-  - a busy signal halves the limit (not below `minimum`), at most once per *generation*:
+  - a call takes a slot (`slot()` / `slot_sync()`) before it runs; slots are granted while
+    fewer than `limit` are in flight, FIFO per tenant and tenants in turn (round-robin), so
+    one tenant's burst does not hold back another tenant's calls;
+  - a busy signal (a busy result, or a call that had to wait at a saturated destination)
+    halves the limit (not below `minimum`), at most once per *generation*:
     calls that started before the last decrease do not decrease it again, so a burst of
     twenty refusals counts as one signal, not twenty;
   - `limit` successes in a row raise the limit by one, up to the initial limit;
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 
 __all__ = ["AdaptiveToolConcurrency", "ToolSlot"]
@@ -57,14 +59,16 @@ class ToolSlot:
 
 
 class _Waiter:
-    __slots__ = ("event", "fut", "generation", "granted", "loop", "thread")
+    __slots__ = ("event", "fut", "generation", "granted", "loop", "tenant", "thread")
 
     def __init__(
         self,
         event: threading.Event | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         fut: asyncio.Future[None] | None = None,
+        tenant: str | None = None,
     ) -> None:
+        self.tenant = tenant
         self.granted = False
         self.generation = 0
         self.thread = threading.get_ident()
@@ -121,7 +125,9 @@ class AdaptiveToolConcurrency:
         self._in_flight = 0
         self._generation = 0
         self._successes = 0
-        self._waiters: deque[_Waiter] = deque()
+        # Tenant -> its waiting calls (oldest first); the first tenant is served next.
+        self._waiters: OrderedDict[str | None, deque[_Waiter]] = OrderedDict()
+        self._waiting = 0
         self._lock = threading.Lock()
         self.decreases_total = 0
         self.increases_total = 0
@@ -129,7 +135,7 @@ class AdaptiveToolConcurrency:
     def __repr__(self) -> str:
         return (
             f"<AdaptiveToolConcurrency limit={self._limit}/{self.initial} "
-            f"in_flight={self._in_flight} waiting={len(self._waiters)}>"
+            f"in_flight={self._in_flight} waiting={self._waiting}>"
         )
 
     @property
@@ -145,7 +151,7 @@ class AdaptiveToolConcurrency:
     @property
     def waiting(self) -> int:
         """Calls waiting for a slot now."""
-        return len(self._waiters)
+        return self._waiting
 
     # ------------------------------------------------------------------ signals
 
@@ -178,8 +184,15 @@ class AdaptiveToolConcurrency:
 
     def _grant_locked(self) -> list[_Waiter]:
         granted = []
-        while self._waiters and self._in_flight < self._limit:
-            waiter = self._waiters.popleft()
+        waiters = self._waiters
+        while waiters and self._in_flight < self._limit:
+            tenant, queue = next(iter(waiters.items()))
+            waiter = queue.popleft()
+            if queue:
+                waiters.move_to_end(tenant)
+            else:
+                del waiters[tenant]
+            self._waiting -= 1
             waiter.granted = True
             waiter.generation = self._generation
             self._in_flight += 1
@@ -212,19 +225,28 @@ class AdaptiveToolConcurrency:
                 waiter.generation = self._generation
                 self._in_flight += 1
             else:
-                self._waiters.append(waiter)
+                queue = self._waiters.get(waiter.tenant)
+                if queue is None:
+                    queue = self._waiters[waiter.tenant] = deque()
+                queue.append(waiter)
+                self._waiting += 1
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up (cancelled, interrupted): return its grant or leave the queue."""
         with self._lock:
             if not waiter.granted:
-                self._waiters.remove(waiter)
+                queue = self._waiters[waiter.tenant]
+                queue.remove(waiter)
+                self._waiting -= 1
+                if not queue:
+                    del self._waiters[waiter.tenant]
                 return
         self._release()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[ToolSlot]:
-        """Hold one slot for the enclosed async tool call (waits FIFO for it)."""
+    async def slot(self, tenant: str | None = None) -> AsyncIterator[ToolSlot]:
+        """Hold one slot for the enclosed async tool call (waits FIFO among `tenant`'s
+        calls, tenants in turn)."""
         held = _held.get()
         if id(self) in held:
             yield ToolSlot(self, self._generation, nested=True)
@@ -232,7 +254,7 @@ class AdaptiveToolConcurrency:
         generation = self._take()
         if generation is None:
             loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop=loop, fut=loop.create_future())
+            waiter = _Waiter(loop=loop, fut=loop.create_future(), tenant=tenant)
             self._queue(waiter)
             if not waiter.granted:
                 assert waiter.fut is not None
@@ -250,15 +272,16 @@ class AdaptiveToolConcurrency:
             self._release()
 
     @contextlib.contextmanager
-    def slot_sync(self) -> Iterator[ToolSlot]:
-        """Hold one slot for the enclosed sync tool call (blocks the thread while waiting)."""
+    def slot_sync(self, tenant: str | None = None) -> Iterator[ToolSlot]:
+        """Hold one slot for the enclosed sync tool call (blocks the thread while waiting;
+        FIFO among `tenant`'s calls, tenants in turn)."""
         held = _held.get()
         if id(self) in held:
             yield ToolSlot(self, self._generation, nested=True)
             return
         generation = self._take()
         if generation is None:
-            waiter = _Waiter(event=threading.Event())
+            waiter = _Waiter(event=threading.Event(), tenant=tenant)
             self._queue(waiter)
             if not waiter.granted:
                 assert waiter.event is not None

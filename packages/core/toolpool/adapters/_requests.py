@@ -39,6 +39,7 @@ import requests.exceptions
 import requests.structures
 import requests.utils
 
+from toolpool._auth_context import current_auth
 from toolpool._pool import Pool
 from toolpool._transport import Transport
 from toolpool.adapters._busy import BUSY_ERRORS
@@ -239,7 +240,13 @@ class RequestsAdapter(requests.adapters.BaseAdapter):
         )
         call = current_tool_call()
         try:
-            response = self._transport.handle_request(outgoing)
+            if call is not None and call.pool is self.pool:
+                # Inside a tool call: its gates and waits apply (see tool_call_scope).
+                dest = self.pool._route(outgoing.url)
+                call.used(dest.name)
+                response = call.send_sync(dest, outgoing, current_auth() or call.ctx)
+            else:
+                response = self._transport.handle_request(outgoing)
         except BUSY_ERRORS as exc:
             if call is not None:
                 call.met_busy(exc)

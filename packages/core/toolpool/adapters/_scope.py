@@ -2,7 +2,14 @@
 clients that the tool body creates itself.
 
 Theory of operation: `tool_call_scope` sets two context variables (the auth context and the
-current `ToolCall`) for the duration of the tool body. A one-time, idempotent patch of
+current `ToolCall`) for the duration of the tool body. With an `Admission`, a request to a
+destination the call was not admitted to up front (a cold tool, a URL from the arguments)
+first waits at that destination's admission gate, within the call's `max_wait`, and the call
+stays admitted there until it ends: its requests then never meet a full queue, so the tool
+call waits instead of failing while waiting could serve it. A destination behind a pool
+service's overflow tier (whose capacity the local gate does not see) is not gated here;
+a saturated answer from the service is waited out (its retry-after, within `max_wait`) and
+the request sent again when its body can be. A one-time, idempotent patch of
 `httpx.Client.__init__` and `httpx.AsyncClient.__init__` reads the second: a client built
 inside a scope with no transport of its own (the naive `httpx.AsyncClient()` that opens one
 connection per call) gets a toolpool transport on the scope's pool instead. Outside a scope the
@@ -19,6 +26,7 @@ import contextvars
 import functools
 import logging
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,10 +37,13 @@ from toolpool import _auth_context
 from toolpool._auth_context import AuthContext
 from toolpool._transport import AsyncTransport, Transport
 from toolpool.adapters._busy import BUSY_ERRORS
+from toolpool.errors import PoolSaturated
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
+    from toolpool._runtime import DestinationPool
     from toolpool.adapters._admission import Admission
+    from toolpool.resilience import PolicyRuntime
 
 __all__ = [
     "ToolCall",
@@ -43,6 +54,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("toolpool.adapters")
+
+monotonic = time.monotonic
 
 T = TypeVar("T")
 
@@ -55,10 +68,23 @@ class ToolCall:
     """One tool call in progress: what it acts for and what it touched.
 
     `destinations` collects the names of the destinations its pooled traffic went to;
-    `busy` is the last busy error (`BUSY_ERRORS`) its traffic met, even if the tool caught it.
+    `busy` is the last busy error (`BUSY_ERRORS`) its traffic met, even if the tool caught it;
+    `waited` is True once it had to wait at a saturated destination's gate.
     """
 
-    __slots__ = ("admission", "busy", "ctx", "destinations", "pool", "pool_httpx", "tool_name")
+    __slots__ = (
+        "_gates",
+        "_lock",
+        "admission",
+        "busy",
+        "ctx",
+        "destinations",
+        "pool",
+        "pool_httpx",
+        "started",
+        "tool_name",
+        "waited",
+    )
 
     def __init__(
         self,
@@ -75,6 +101,11 @@ class ToolCall:
         self.admission = admission
         self.destinations: set[str] = set()
         self.busy: BaseException | None = None
+        self.waited = False
+        self.started = monotonic()
+        # Gates this call passed on first use of a destination (released when it ends).
+        self._gates: dict[int, PolicyRuntime] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         who = self.ctx.label if self.ctx is not None else None
@@ -93,6 +124,128 @@ class ToolCall:
         where = getattr(exc, "destination", None)
         if isinstance(where, str):
             self.used(where)
+
+    def note_wait(self) -> None:
+        """The call had to queue at a saturated destination."""
+        self.waited = True
+
+    # ------------------------------------------------------------------ the gate
+
+    def _remaining(self) -> float:
+        assert self.admission is not None
+        return self.admission.remaining(self.started)
+
+    def _gate_of(self, dest: DestinationPool) -> PolicyRuntime | None:
+        """The gate to pass before sending to `dest`, or None (no admission, an overflow
+        tier's destination, or passed already: up front, or earlier in this call)."""
+        if self.admission is None:
+            return None
+        pool = dest.pool
+        if pool.overflow is not None and dest.settings.listed:
+            return None  # the service's capacity is not the local gate's
+        from toolpool.resilience._gate import admitted_here
+        from toolpool.resilience._pool_api import runtime_for
+
+        runtime = runtime_for(dest)
+        if admitted_here(runtime):
+            return None
+        return runtime
+
+    def _keep(self, runtime: PolicyRuntime) -> None:
+        with self._lock:
+            twice = id(runtime) in self._gates
+            if not twice:
+                self._gates[id(runtime)] = runtime
+        if twice:  # two tasks of this call were admitted at once: one place is enough
+            runtime.release_admission()
+
+    def _label(self) -> str | None:
+        return self.ctx.label if self.ctx is not None else None
+
+    async def send_async(
+        self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
+    ) -> httpx.Response:
+        """Send one of the call's requests, passing `dest`'s gate on first use."""
+        from toolpool.resilience._gate import mark_admitted, unmark_admitted
+
+        runtime = self._gate_of(dest)
+        if runtime is None:
+            return await self._send_waiting_async(dest, request, ctx)
+        if id(runtime) not in self._gates:
+            await runtime.admit_async(self._remaining(), self._label(), self.note_wait)
+            self._keep(runtime)
+        mark = mark_admitted(runtime)
+        try:
+            return await self._send_waiting_async(dest, request, ctx)
+        finally:
+            unmark_admitted(mark)
+
+    def send_sync(
+        self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
+    ) -> httpx.Response:
+        """`send_async` for sync clients (blocks the thread while waiting)."""
+        from toolpool.resilience._gate import mark_admitted, unmark_admitted
+
+        runtime = self._gate_of(dest)
+        if runtime is None:
+            return self._send_waiting_sync(dest, request, ctx)
+        if id(runtime) not in self._gates:
+            runtime.admit_blocking(self._remaining(), self._label(), self.note_wait)
+            self._keep(runtime)
+        mark = mark_admitted(runtime)
+        try:
+            return self._send_waiting_sync(dest, request, ctx)
+        finally:
+            unmark_admitted(mark)
+
+    def _wait_for(self, exc: PoolSaturated, request: httpx.Request) -> float | None:
+        """Seconds to wait before sending again after a full queue (a pool service's, the
+        only one an admitted call can still meet), or None: give up with the error."""
+        if (
+            self.admission is None
+            or exc.reason != "queue_full"
+            or not isinstance(request.stream, httpx.ByteStream)
+        ):
+            return None
+        remaining = self._remaining()
+        if remaining <= 0:
+            return None
+        self.waited = True
+        return min(remaining, max(0.05, exc.retry_after))
+
+    async def _send_waiting_async(
+        self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
+    ) -> httpx.Response:
+        while True:
+            try:
+                return await dest.async_send(request, ctx)
+            except PoolSaturated as exc:
+                pause = self._wait_for(exc, request)
+                if pause is None:
+                    raise
+            await asyncio.sleep(pause)
+
+    def _send_waiting_sync(
+        self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
+    ) -> httpx.Response:
+        while True:
+            try:
+                return dest.sync_send(request, ctx)
+            except PoolSaturated as exc:
+                pause = self._wait_for(exc, request)
+                if pause is None:
+                    raise
+            time.sleep(pause)
+
+    def end(self) -> None:
+        """The call is over: leave the gates it passed, and settle what it learned."""
+        with self._lock:
+            gates = list(self._gates.values())
+            self._gates.clear()
+        for runtime in gates:
+            runtime.release_admission()
+        if self.admission is not None:
+            self.admission.settle(self.tool_name, self.destinations)
 
 
 def current_tool_call() -> ToolCall | None:
@@ -118,7 +271,7 @@ class _ScopedAsyncTransport(AsyncTransport):
         # was made for this call's identity, so it keeps acting for it.
         ctx = _auth_context._current.get() or self._call.ctx
         try:
-            return await dest.async_send(request, ctx)
+            return await call.send_async(dest, request, ctx)
         except BUSY_ERRORS as exc:
             call.met_busy(exc)
             raise
@@ -137,7 +290,7 @@ class _ScopedTransport(Transport):
         call.used(dest.name)
         ctx = _auth_context._current.get() or self._call.ctx
         try:
-            return dest.sync_send(request, ctx)
+            return call.send_sync(dest, request, ctx)
         except BUSY_ERRORS as exc:
             call.met_busy(exc)
             raise
@@ -266,6 +419,7 @@ def tool_call_scope(
     finally:
         _auth_context._current.reset(auth_token)
         _current_call.reset(call_token)
+        call.end()
 
 
 @contextlib.asynccontextmanager

@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -198,12 +198,16 @@ def assess(
 
 class AdmitWaiter:
     """A call waiting in `admit`. `outcome` is None while waiting, then "admitted" or the
-    reason it was refused; `wake()` is called (outside any lock) once it is set."""
+    reason it was refused; `wake()` is called (outside any lock) once it is set. `tenant`
+    is whom the call acts for: waiting calls are served tenant by tenant, in turn."""
 
-    __slots__ = ("_event", "_fut", "_loop", "_thread", "outcome")
+    __slots__ = ("_event", "_fut", "_loop", "_thread", "outcome", "tenant")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None = None, tenant: str | None = None
+    ) -> None:
         self.outcome: str | None = None
+        self.tenant = tenant
         self._thread = threading.get_ident()
         self._loop = loop
         if loop is not None:
@@ -262,10 +266,12 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 class AdmissionQueue:
-    """Counts of admitted and tracked calls, and the FIFO of waiting ones. Not thread-safe
-    by itself; the runtime calls it under its lock."""
+    """Counts of admitted and tracked calls, and the waiting ones: a FIFO per tenant, the
+    tenants served in turn (round-robin), so one tenant's burst of 200 calls delays another
+    tenant's single call by one turn, not by the burst. Not thread-safe by itself; the
+    runtime calls it under its lock."""
 
-    __slots__ = ("_waiters", "admitted", "sending", "unadmitted", "waiting")
+    __slots__ = ("_turns", "admitted", "sending", "unadmitted", "waiting")
 
     def __init__(self) -> None:
         self.admitted = 0
@@ -274,7 +280,9 @@ class AdmissionQueue:
         self.sending = 0
         self.unadmitted = 0
         self.waiting = 0
-        self._waiters: deque[AdmitWaiter] = deque()
+        # Tenant -> its waiting calls (oldest first); the first tenant is served next. Calls
+        # that left are dropped lazily.
+        self._turns: OrderedDict[str | None, deque[AdmitWaiter]] = OrderedDict()
 
     @property
     def tracked(self) -> int:
@@ -294,16 +302,38 @@ class AdmissionQueue:
         return False
 
     def enqueue(self, waiter: AdmitWaiter) -> None:
-        self._waiters.append(waiter)
+        queue = self._turns.get(waiter.tenant)
+        if queue is None:
+            queue = self._turns[waiter.tenant] = deque()
+        queue.append(waiter)
         self.waiting += 1
 
+    def _next(self) -> AdmitWaiter | None:
+        """Pop the oldest waiting call of the tenant whose turn it is; that tenant goes to
+        the back of the turn order."""
+        turns = self._turns
+        while turns:
+            tenant, queue = next(iter(turns.items()))
+            while queue and queue[0].outcome is not None:
+                queue.popleft()  # left already
+            if not queue:
+                del turns[tenant]
+                continue
+            waiter = queue.popleft()
+            if queue:
+                turns.move_to_end(tenant)
+            else:
+                del turns[tenant]
+            return waiter
+        return None
+
     def grant(self, room: int) -> list[AdmitWaiter]:
-        """Admit waiters from the head while there is room; the caller wakes them."""
+        """Admit waiters, tenants in turn, while there is room; the caller wakes them."""
         granted: list[AdmitWaiter] = []
         while room > 0 and self.waiting:
-            waiter = self._waiters.popleft()
-            if waiter.outcome is not None:
-                continue  # left already
+            waiter = self._next()
+            if waiter is None:
+                break
             waiter.outcome = "admitted"
             self.waiting -= 1
             self.admitted += 1
@@ -313,10 +343,10 @@ class AdmissionQueue:
 
     def refuse_all(self, reason: str) -> list[AdmitWaiter]:
         """Refuse every waiter (breaker opened); the caller wakes them."""
-        refused = [w for w in self._waiters if w.outcome is None]
+        refused = [w for q in self._turns.values() for w in q if w.outcome is None]
         for waiter in refused:
             waiter.outcome = reason
-        self._waiters.clear()
+        self._turns.clear()
         self.waiting = 0
         return refused
 
@@ -328,10 +358,16 @@ class AdmissionQueue:
         if waiter.outcome is None:
             waiter.outcome = reason
             self.waiting -= 1
-            if self.waiting == 0:
-                self._waiters.clear()
-            elif len(self._waiters) > 2 * self.waiting + 64:
-                self._waiters = deque(w for w in self._waiters if w.outcome is None)
+            queue = self._turns.get(waiter.tenant)
+            if queue is not None:
+                if self.waiting == 0:
+                    self._turns.clear()
+                elif len(queue) > 64 and len(queue) > 2 * self.waiting:
+                    live = deque(w for w in queue if w.outcome is None)
+                    if live:
+                        self._turns[waiter.tenant] = live
+                    else:
+                        del self._turns[waiter.tenant]
         return False
 
     def leave(self) -> None:

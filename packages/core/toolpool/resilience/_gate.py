@@ -13,9 +13,11 @@ import contextvars
 import math
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from toolpool import _auth_context
 from toolpool.errors import PoolSaturated
 from toolpool.resilience._admission import (
     BREAKER_OPEN,
@@ -36,7 +38,14 @@ if TYPE_CHECKING:
     from toolpool._runtime import DestinationPool
     from toolpool.resilience._policy import Policy
 
-__all__ = ["AdmissionControl", "AsyncAdmission", "SyncAdmission", "admitted_here"]
+__all__ = [
+    "AdmissionControl",
+    "AsyncAdmission",
+    "SyncAdmission",
+    "admitted_here",
+    "mark_admitted",
+    "unmark_admitted",
+]
 
 monotonic = time.monotonic
 
@@ -124,21 +133,29 @@ class AdmissionControl:
         self._admitted_total += len(granted)
         return granted
 
-    async def admit_async(self, timeout: float) -> Saturation:
-        """Wait (FIFO, at most `timeout` s) until a call may start; see `pool.admit`."""
+    async def admit_async(
+        self,
+        timeout: float,
+        tenant: str | None = None,
+        on_wait: Callable[[], object] | None = None,
+    ) -> Saturation:
+        """Wait (FIFO per tenant, tenants in turn; at most `timeout` s) until a call may
+        start; see `pool.admit`. `on_wait` is called if the call has to queue."""
         deadline = monotonic() + timeout
         now = monotonic()
         waiter: AdmitWaiter | None = None
         with self._lock:
             verdict = self._admit_now_locked(now, timeout)
             if verdict is None:
-                waiter = AdmitWaiter(asyncio.get_running_loop())
+                waiter = AdmitWaiter(asyncio.get_running_loop(), tenant)
                 self.admission.enqueue(waiter)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
             queued = self._note_level_locked(found, now)
         if queued:
             self._deliver()
+        if waiter is not None and on_wait is not None:
+            on_wait()
         if waiter is not None:
             try:
                 while True:
@@ -152,7 +169,12 @@ class AdmissionControl:
                 raise
         return self._verdict(verdict)
 
-    def admit_blocking(self, timeout: float) -> Saturation:
+    def admit_blocking(
+        self,
+        timeout: float,
+        tenant: str | None = None,
+        on_wait: Callable[[], object] | None = None,
+    ) -> Saturation:
         """`admit_async` for threads (blocks the calling thread)."""
         deadline = monotonic() + timeout
         now = monotonic()
@@ -160,13 +182,15 @@ class AdmissionControl:
         with self._lock:
             verdict = self._admit_now_locked(now, timeout)
             if verdict is None:
-                waiter = AdmitWaiter()
+                waiter = AdmitWaiter(None, tenant)
                 self.admission.enqueue(waiter)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
             queued = self._note_level_locked(found, now)
         if queued:
             self._deliver()
+        if waiter is not None and on_wait is not None:
+            on_wait()
         if waiter is not None:
             try:
                 while True:
@@ -394,7 +418,7 @@ class AsyncAdmission:
         key = id(self._runtime)
         if key in held:  # nested admit for the same destination: already counted
             return self._runtime.saturation()
-        snapshot = await self._runtime.admit_async(self._timeout)
+        snapshot = await self._runtime.admit_async(self._timeout, _tenant())
         self._token = _admitted.set(held | {key})
         return snapshot
 
@@ -423,7 +447,7 @@ class SyncAdmission:
         key = id(self._runtime)
         if key in held:
             return self._runtime.saturation()
-        snapshot = self._runtime.admit_blocking(self._timeout)
+        snapshot = self._runtime.admit_blocking(self._timeout, _tenant())
         self._token = _admitted.set(held | {key})
         return snapshot
 
@@ -435,6 +459,28 @@ class SyncAdmission:
     ) -> None:
         _exit_admission(self._runtime, self._token)
         self._token = None
+
+
+def _tenant() -> str | None:
+    """Whom the current call acts for (its turn at the gate): the auth context's label."""
+    ctx = _auth_context._current.get()
+    return ctx.label if ctx is not None else None
+
+
+def mark_admitted(runtime: AdmissionControl) -> contextvars.Token[frozenset[int]] | None:
+    """Mark the current task's (or thread's) requests to `runtime`'s destination as those of
+    an admitted call, until `unmark_admitted(token)`; None if they already are."""
+    held = _admitted.get()
+    key = id(runtime)
+    if key in held:
+        return None
+    return _admitted.set(held | {key})
+
+
+def unmark_admitted(token: contextvars.Token[frozenset[int]] | None) -> None:
+    """Undo `mark_admitted` (in the same task or thread)."""
+    if token is not None:
+        _admitted.reset(token)
 
 
 def _exit_admission(

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from toolpool._pool import Pool
     from toolpool._runtime import DestinationPool
 
-__all__ = ["admit", "admit_sync", "on_saturation", "runtime_of", "saturation"]
+__all__ = ["admit", "admit_sync", "on_saturation", "runtime_for", "runtime_of", "saturation"]
 
 
 def _destination(pool: Pool, destination: str) -> DestinationPool:
@@ -43,7 +43,12 @@ def _destination(pool: Pool, destination: str) -> DestinationPool:
 
 def runtime_of(pool: Pool, destination: str) -> PolicyRuntime:
     """The policy runtime of `destination` (a name or URL)."""
-    dest = _destination(pool, destination)
+    return runtime_for(_destination(pool, destination))
+
+
+def runtime_for(dest: DestinationPool) -> PolicyRuntime:
+    """The policy runtime of a destination's run-time pool (`Policy.off()` bound if none)."""
+    pool = dest.pool
     runtime = dest.policy
     if runtime is None:
         with pool._registry_lock:

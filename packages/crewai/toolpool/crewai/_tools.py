@@ -33,6 +33,7 @@ from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,
     AuthSource,
+    Held,
     ToolSlot,
     atool_call_scope,
     busy_message,
@@ -169,42 +170,56 @@ class _ToolHook:
         return current_auth(), limiter
 
 
+def _label(ctx: AuthContext | None) -> str | None:
+    return ctx.label if ctx is not None else None
+
+
 @contextlib.contextmanager
-def _slot_sync(limiter: AdaptiveToolConcurrency | None) -> Iterator[ToolSlot | None]:
+def _slot_sync(
+    limiter: AdaptiveToolConcurrency | None, ctx: AuthContext | None
+) -> Iterator[ToolSlot | None]:
     if limiter is None:
         yield None
     else:
-        with limiter.slot_sync() as slot:
+        with limiter.slot_sync(_label(ctx)) as slot:
             yield slot
 
 
 @contextlib.asynccontextmanager
-async def _slot(limiter: AdaptiveToolConcurrency | None) -> Any:
+async def _slot(limiter: AdaptiveToolConcurrency | None, ctx: AuthContext | None) -> Any:
     if limiter is None:
         yield None
     else:
-        async with limiter.slot() as slot:
+        async with limiter.slot(_label(ctx)) as slot:
             yield slot
 
 
 @contextlib.contextmanager
-def _hold_sync(admission: Admission | None, tool_name: str) -> Iterator[None]:
+def _hold_sync(
+    admission: Admission | None, tool_name: str, ctx: AuthContext | None
+) -> Iterator[Held]:
     """Admission for the whole call: wait (boundedly) while a destination the tool uses is
     saturated, and count the call against its capacity while it runs."""
     if admission is None:
-        yield
+        yield Held()
     else:
-        with admission.hold_sync(tool_name):
-            yield
+        with admission.hold_sync(tool_name, ctx) as held:
+            yield held
 
 
 @contextlib.asynccontextmanager
-async def _hold(admission: Admission | None, tool_name: str) -> Any:
+async def _hold(admission: Admission | None, tool_name: str, ctx: AuthContext | None) -> Any:
     if admission is None:
-        yield
+        yield Held()
     else:
-        async with admission.hold(tool_name):
-            yield
+        async with admission.hold(tool_name, ctx) as held:
+            yield held
+
+
+def _congested(call: Any, held: Held) -> bool:
+    """The call met a busy destination or waited at a saturated one (it caught the error
+    itself, or admission made it wait): the run's tool-call limit narrows."""
+    return call.busy is not None or call.waited or held.waited
 
 
 def _report(slot: ToolSlot | None, busy: bool) -> None:
@@ -228,7 +243,7 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
     ctx, limiter = hook.context()
     token = _inside.set(hook)
     try:
-        with _slot_sync(limiter) as slot:
+        with _slot_sync(limiter, ctx) as slot:
             try:
                 with (
                     tool_call_scope(
@@ -238,7 +253,7 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
                         pool_httpx=binding.pool_httpx,
                         admission=binding.admission,
                     ) as call,
-                    _hold_sync(binding.admission, name),
+                    _hold_sync(binding.admission, name, ctx) as held,
                 ):
                     result = original(*args, **kwargs)
                     if inspect.iscoroutine(result) and not in_running_loop():
@@ -255,7 +270,7 @@ def _call_sync(hook: _ToolHook, original: Callable[..., Any], args: Any, kwargs:
                     raise
                 _report(slot, True)
                 raise ToolBusy(name, busy) from exc
-            _report(slot, call.busy is not None)
+            _report(slot, _congested(call, held))
     finally:
         _inside.reset(token)
     if inspect.iscoroutine(result):
@@ -280,7 +295,7 @@ async def _call_async(
     ctx, limiter = hook.context()
     token = _inside.set(hook)
     try:
-        async with _slot(limiter) as slot:
+        async with _slot(limiter, ctx) as slot:
             try:
                 async with (
                     atool_call_scope(
@@ -290,7 +305,7 @@ async def _call_async(
                         pool_httpx=binding.pool_httpx,
                         admission=binding.admission,
                     ) as call,
-                    _hold(binding.admission if admit else None, name),
+                    _hold(binding.admission if admit else None, name, ctx) as held,
                 ):
                     result = await original(*args, **kwargs)
             except Exception as exc:
@@ -303,7 +318,7 @@ async def _call_async(
                     raise
                 _report(slot, True)
                 raise ToolBusy(name, busy) from exc
-            _report(slot, call.busy is not None)
+            _report(slot, _congested(call, held))
             return result
     finally:
         _inside.reset(token)

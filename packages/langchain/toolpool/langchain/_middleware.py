@@ -25,6 +25,7 @@ from toolpool._pool import Pool
 from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,
+    Held,
     ToolCall,
     ToolSlot,
     atool_call_scope,
@@ -127,19 +128,19 @@ class ToolpoolMiddleware(AgentMiddleware):
         return resolve_auth(self.auth, request.runtime, framework="langchain", hint=AUTH_HINT)
 
     @contextlib.contextmanager
-    def _slot_sync(self) -> Iterator[ToolSlot | None]:
+    def _slot_sync(self, ctx: AuthContext | None) -> Iterator[ToolSlot | None]:
         if self.concurrency is None:
             yield None
         else:
-            with self.concurrency.slot_sync() as slot:
+            with self.concurrency.slot_sync(_label(ctx)) as slot:
                 yield slot
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[ToolSlot | None]:
+    async def _slot(self, ctx: AuthContext | None) -> AsyncIterator[ToolSlot | None]:
         if self.concurrency is None:
             yield None
         else:
-            async with self.concurrency.slot() as slot:
+            async with self.concurrency.slot(_label(ctx)) as slot:
                 yield slot
 
     def _tool_span(self, request: ToolCallRequest) -> contextlib.AbstractContextManager[Any]:
@@ -155,11 +156,13 @@ class ToolpoolMiddleware(AgentMiddleware):
         )
 
     @staticmethod
-    def _settle(slot: ToolSlot | None, call: ToolCall | None) -> None:
+    def _settle(slot: ToolSlot | None, call: ToolCall | None, held: Held) -> None:
         if slot is None:
             return
-        if call is not None and call.busy is not None:
-            slot.busy()  # the tool caught a busy error itself; the signal still counts
+        if held.waited or (call is not None and (call.busy is not None or call.waited)):
+            # The tool waited at a saturated destination, or caught a busy error itself:
+            # fewer tool calls at once until it recovers.
+            slot.busy()
         else:
             slot.success()
 
@@ -205,11 +208,12 @@ class ToolpoolMiddleware(AgentMiddleware):
         """Run one tool call (sync path) pooled, for its run's tenant, under admission."""
         ctx = self._auth(request)
         name = request.tool_call["name"]
-        with self._tool_span(request), self._slot_sync() as slot:
+        with self._tool_span(request), self._slot_sync(ctx) as slot:
             call: ToolCall | None = None
+            held = Held()
             try:
                 with (
-                    self.admission.hold_sync(name),
+                    self.admission.hold_sync(name, ctx) as held,
                     tool_call_scope(
                         self.pool,
                         ctx,
@@ -226,7 +230,7 @@ class ToolpoolMiddleware(AgentMiddleware):
                 if busy is None:
                     return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
-            self._settle(slot, call)
+            self._settle(slot, call, held)
             return result
 
     async def awrap_tool_call(
@@ -247,11 +251,12 @@ class ToolpoolMiddleware(AgentMiddleware):
         ctx: AuthContext | None,
         name: str,
     ) -> ToolResult:
-        async with self._slot() as slot:
+        async with self._slot(ctx) as slot:
             call: ToolCall | None = None
+            held = Held()
             try:
                 async with (
-                    self.admission.hold(name),
+                    self.admission.hold(name, ctx) as held,
                     atool_call_scope(
                         self.pool,
                         ctx,
@@ -268,5 +273,9 @@ class ToolpoolMiddleware(AgentMiddleware):
                 if busy is None:
                     return self._denied_result(request, exc)
                 return self._busy_result(request, busy, slot)
-            self._settle(slot, call)
+            self._settle(slot, call, held)
             return result
+
+
+def _label(ctx: AuthContext | None) -> str | None:
+    return ctx.label if ctx is not None else None
