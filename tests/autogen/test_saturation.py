@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -94,7 +93,7 @@ async def test_twelve_parallel_calls_on_two_connections(slow_crm: Downstream) ->
         (wb,) = agent._workbench
         assert isinstance(wb, PooledWorkbench)
         assert wb.concurrency.decreases_total == 2
-        assert DEFAULT_MAX_PARALLEL_TOOL_CALLS // 4 <= wb.concurrency.limit
+        assert wb.concurrency.limit >= DEFAULT_MAX_PARALLEL_TOOL_CALLS // 4
         assert wb.concurrency.limit <= DEFAULT_MAX_PARALLEL_TOOL_CALLS // 4 + 1
 
         # Nothing leaked: no connection in use, no waiter, no slot held.
