@@ -289,9 +289,11 @@ def _open(state: DestinationState, key: tuple[str, str], now: float = 0.0) -> Sl
 
 
 def test_released_connection_goes_to_its_key_then_the_starved_head_gets_capacity() -> None:
-    a, b = ("A", "loop"), ("B", "loop")
-    state = DestinationState(_limits(cap=2, queue=10, bypass=1))
+    a, b, c = ("A", "loop"), ("B", "loop"), ("C", "loop")
+    state = DestinationState(_limits(cap=4, queue=10, bypass=1))
+    # B and C hold two connections each: their fair share of 4 among three tenants.
     conn_b, other_b = _open(state, b), _open(state, b)
+    _open(state, c), _open(state, c)
     head = state.acquire(a, 1.0)  # A has no connection at all: it is needy
     b1 = state.acquire(b, 1.1)
     b2 = state.acquire(b, 1.2)
@@ -310,6 +312,46 @@ def test_released_connection_goes_to_its_key_then_the_starved_head_gets_capacity
     assert wake.waiter is head and head.grant is not None
     assert head.grant.state == _state.OPENING and head.grant.key == a
     assert other_b.state == _state.IN_USE
+    state.check()
+
+
+def test_a_tenant_over_its_share_gives_a_returning_connection_to_a_starved_one() -> None:
+    """Tenants in turn: B's burst holds every connection and A waits with none; B's next
+    returning connection is closed for A at once (B is over its share), although B has
+    waiters of its own and A has not been passed over yet."""
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=2, queue=10))
+    conn_b, other_b = _open(state, b), _open(state, b)
+    b1 = state.acquire(b, 1.0)
+    head = state.acquire(a, 1.1)
+    assert isinstance(head, Waiter) and isinstance(b1, Waiter)
+    (close,) = state.release(conn_b, 2.0, reusable=True)
+    assert isinstance(close, Close) and close.reason == _state.AFFINITY
+    (wake,) = state.closed(conn_b, 2.1)
+    assert wake.waiter is head and head.grant is not None and head.grant.key == a
+    # Now each holds its share (1 of 2): B's connection goes to B's own waiter.
+    (wake,) = state.release(other_b, 2.2, reusable=True)
+    assert wake.waiter is b1
+    state.check()
+
+
+def test_freed_capacity_goes_to_the_needy_tenant_with_fewest_connections() -> None:
+    a, b, c = ("A", "loop"), ("B", "loop"), ("C", "loop")
+    state = DestinationState(_limits(cap=3, queue=10))
+    held_b = _open(state, b)
+    _open(state, b)
+    _open(state, c)
+    b1 = state.acquire(b, 1.0)  # older, but B already has connections in flight
+    b2 = state.acquire(b, 1.05)
+    b3 = state.acquire(b, 1.06)
+    b4 = state.acquire(b, 1.07)
+    b5 = state.acquire(b, 1.08)
+    a1 = state.acquire(a, 1.1)
+    assert all(isinstance(w, Waiter) for w in (b1, b2, b3, b4, b5, a1))
+    assert state._need.get(b) and state._need.get(a)
+    (close,) = [x for x in state.release(held_b, 2.0, reusable=False) if isinstance(x, Close)]
+    (wake,) = state.closed(close.slot, 2.1)
+    assert wake.waiter is a1  # A has none in flight: its turn comes first
     state.check()
 
 

@@ -61,9 +61,12 @@ soon: `need(K) = max(0, ceil(waiting(K) / reuse_factor) - in_flight(K))`, where
 `reuse_factor` (default 2) is how many waiters one connection serves in about the time a new
 connection takes to open. `needed` is the sum over keys. Connections of other keys are
 closed (reason "affinity") only for needy keys: an idle one when `needed > closing` (the
-closes under way do not cover the need yet), and a returning one that no waiter of its key
-takes, likewise. Capacity that frees up goes to the oldest waiter of a needy key, else to
-the head of the queue. A waiter whose key is not needy is served by its own key's
+closes under way do not cover the need yet), a returning one that no waiter of its key
+takes, likewise, and a returning one whose key holds more than its fair share of the cap
+(the cap over the keys waiting or holding connections), so that one tenant's burst does not
+keep the connections while another tenant waits with none. Capacity that frees up goes to
+the needy key with the fewest connections in flight (its oldest waiter), else to the head of
+the queue. A waiter whose key is not needy is served by its own key's
 connections as they come back; the head of the queue counts a bypass only while its key is
 needy.
 
@@ -690,6 +693,10 @@ class DestinationState:
             queue = self._by_driver.get(driver) if identity is None else self._by_key.get(slot.key)
             taker = self._peek_oldest(queue)
             if queue is not None and taker is not None:
+                if identity is not None and self._over_share(slot.key):
+                    # Its key holds more than its share while another key has nothing
+                    # coming: the capacity goes there (tenants served in turn).
+                    return self._close(slot, AFFINITY)
                 head = self._peek_head()
                 if head is not None and taker is not head and self._need.get(head.key):
                     if head.bypassed >= self.limits.bypass_limit:
@@ -764,15 +771,30 @@ class DestinationState:
         assert waiter is not None
         return Wake(self._grant(waiter, self._new_slot(waiter.key, now), now))
 
+    def _over_share(self, key: Key) -> bool:
+        """True while a need is not covered by the closes under way and `key` holds more
+        connections in flight than its fair share of the cap (the cap over the keys that
+        wait or hold connections). O(keys), and only while some key is needy."""
+        if self.needed <= self.closing:
+            return False
+        active = len(self._inflight.keys() | self._waiting_by_key.keys())
+        return self._inflight.get(key, 0) > -(-self.cap // active)
+
     def _oldest_needy(self) -> Waiter | None:
-        """Pop and return the oldest waiter among needy keys (O(needy keys))."""
+        """Pop and return a waiter of a needy key: the key with the fewest connections in
+        flight (tenants served in turn), its oldest waiter; ties go to the oldest waiter
+        (O(needy keys))."""
         best: Waiter | None = None
         best_queue: deque[Waiter] | None = None
+        best_rank: tuple[int, float] | None = None
         for key in self._need:
             queue = self._by_key.get(key)
             waiter = self._peek_oldest(queue)
-            if waiter is not None and (best is None or waiter.since < best.since):
-                best, best_queue = waiter, queue
+            if waiter is None:
+                continue
+            rank = (self._inflight.get(key, 0), waiter.since)
+            if best_rank is None or rank < best_rank:
+                best, best_queue, best_rank = waiter, queue, rank
         if best_queue is not None:
             best_queue.popleft()
         return best
