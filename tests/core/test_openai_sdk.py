@@ -140,7 +140,7 @@ async def test_sse_streams_and_early_closes_leave_nothing_in_use(
     stream = await sdk.chat.completions.create(
         model="drip", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    async for _chunk_ in stream:
+    async for _ in stream:
         assert pool.stats()["llm"].in_use == 1
         break
     await stream.close()
