@@ -136,3 +136,47 @@ def test_overflow_needs_a_remote_pool() -> None:
             local_max_connections=0,
             overflow=toolpool.RemotePool("http://127.0.0.1:9", token="t" * 20),
         )
+
+
+async def test_tool_calls_wait_out_a_saturated_overflow_tier(
+    slow_ds: Downstream, tmp_path: Path
+) -> None:
+    """Issue 20, through the overflow tier: both tiers full (3 local connections, the service
+    takes 2 + 2 queued), 30 tool calls at once. Plain requests are refused (`PoolSaturated`);
+    tool calls inside a wrapped agent's scope wait (the service's retry-after, within
+    max_wait) and are all answered; with a max_wait too short, only busy errors come back."""
+    from toolpool.adapters import Admission, atool_call_scope
+
+    text = service_config(slow_ds, search_cap=2, search_extra="queue_factor = 1")
+    url = slow_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        pool = toolpool.Pool(
+            [toolpool.Destination("search", url)], local_max_connections=3, overflow=remote
+        )
+        async with pool:
+            # The control: without a tool call's scope, the 30 meet both full tiers.
+            with toolpool.auth_context(ACME):
+                plain = await asyncio.gather(
+                    *[pool.client().get(url + "/anything") for _ in range(30)],
+                    return_exceptions=True,
+                )
+            assert any(isinstance(r, toolpool.PoolSaturated) for r in plain)
+
+            async def tool_call(admission: Admission) -> int | str:
+                async with atool_call_scope(pool, ACME, tool_name="search", admission=admission):
+                    try:
+                        async with httpx.AsyncClient(timeout=30.0) as client:
+                            return (await client.get(url + "/anything")).status_code
+                    except toolpool.PoolSaturated as exc:
+                        return f"busy: {exc.reason}"
+
+            waiting = Admission(pool, max_wait=30.0)
+            results = await asyncio.gather(*[tool_call(waiting) for _ in range(30)])
+            assert results == [200] * 30
+            impatient = Admission(pool, max_wait=0.01)
+            results = await asyncio.gather(*[tool_call(impatient) for _ in range(30)])
+            assert set(results) <= {200, "busy: queue_full"}
+            assert "busy: queue_full" in results
+            stats = pool.stats()["search"]
+            assert (stats.in_use, stats.waiting) == (0, 0)

@@ -340,7 +340,8 @@ class AdmissionControl:
         st = self.dest.state
         return PoolSaturated(
             self.name,
-            in_use=found.in_use,
+            # Calls in flight, less the slots still opening (named on their own).
+            in_use=max(0, found.in_use - st.opening),
             waiting=found.queued,
             max_connections=st.cap,
             queue_limit=found.queue_limit,
@@ -348,6 +349,8 @@ class AdmissionControl:
                 max(0.05, found.retry_after if retry_after is None else retry_after), 3
             ),
             reason=reason,
+            opening=st.opening,
+            closing=st.closing,
         )
 
     def _rate_limited_error(self, tenant: str | None, now: float) -> PoolSaturated:
