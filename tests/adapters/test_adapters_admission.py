@@ -14,6 +14,7 @@ import toolpool
 from toolpool.adapters import (
     BUSY_ERRORS,
     Admission,
+    atool_call_scope,
     busy_message,
     find_busy,
     resolve_auth,
@@ -256,3 +257,52 @@ def test_resolve_auth_says_what_to_pass(
 def test_resolve_auth_rejects_other_types() -> None:
     with pytest.raises(toolpool.ConfigError, match="auth= must be"):
         resolve_auth("acme", None, framework="crewai", hint="h")  # type: ignore[arg-type]
+
+
+def test_a_destination_is_learned_once_used_in_two_calls_in_a_row() -> None:
+    """A tool whose destination changes per call does not hold places at destinations it
+    will not use; one that keeps using a destination is admitted to it up front."""
+    admission = Admission(toolpool.Pool(), max_wait=0)
+    admission.settle("fetch", {"a"})
+    assert admission.destinations("fetch") == {"a"}  # the first call: what it used
+    admission.settle("fetch", {"b"})
+    assert admission.destinations("fetch") == frozenset()  # changes per call: nothing
+    admission.settle("fetch", {"b", "c"})
+    assert admission.destinations("fetch") == {"b"}
+    admission.declare("fetch", ["crm"])
+    admission.settle("fetch", {"d"})
+    assert admission.destinations("fetch") == {"crm"}  # declared ones stay
+
+
+async def test_destinations_that_change_per_call_wait_at_their_gates(ds: Downstream) -> None:
+    """Issue 20: a tool taking its URL from the call's arguments, 2 x 12 calls at once over
+    two destinations capped at 1 (2 queue places each): every call waits at the gate of the
+    destination it reaches and is answered; none is refused."""
+    pool = toolpool.Pool(
+        [
+            toolpool.Destination("crm", ds.url("crm"), max_connections=1),
+            toolpool.Destination("search", ds.url("search"), max_connections=1),
+        ],
+        warmup=0,
+    )
+    admission = Admission(pool, max_wait=30.0)
+
+    async def fetch(i: int) -> int:
+        url = ds.url("crm" if i % 2 else "search") + "/delay?s=0.02"
+        ctx = toolpool.AuthContext(tenant=f"t{i % 3}")
+        async with atool_call_scope(pool, ctx, tool_name="fetch", admission=admission):
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(url)).status_code
+        return status
+
+    async with pool:
+        statuses = await asyncio.gather(*(fetch(i) for i in range(24)))
+        stats = pool.stats()
+        waits = sum(
+            pool.destination(n).policy.stats().admission_waits_total for n in ("crm", "search")
+        )
+    assert statuses == [200] * 24
+    assert stats["crm"].saturated_total == stats["search"].saturated_total == 0
+    assert waits > 0  # 12 calls per destination against 3 places: some had to wait
+    assert ds.stats("crm").peak_connections <= 1 and ds.stats("search").peak_connections <= 1
+    assert admission.destinations("fetch") == frozenset()
