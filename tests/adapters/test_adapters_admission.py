@@ -72,6 +72,20 @@ def test_declare_and_learn() -> None:
         Admission(toolpool.Pool(), max_wait=-1)
 
 
+def test_gates_of_one_pool_share_what_they_learned() -> None:
+    # Agents built and wrapped per task get a new Admission each (issue 25): the second must
+    # know what the first learned, or every call of every task is the tool's "first".
+    pool, other = toolpool.Pool(), toolpool.Pool()
+    first = Admission(pool, max_wait=0)
+    first.declare("t", ["declared-only-here"])
+    first.learn("t", "crm")
+    later = Admission(pool, max_wait=5)
+    assert later.destinations("t") == frozenset({"crm"})  # declared ones stay per gate
+    later.learn("t", "search")
+    assert first.destinations("t") == frozenset({"crm", "search", "declared-only-here"})
+    assert Admission(other, max_wait=0).destinations("t") == frozenset()
+
+
 async def test_admit_passes_when_nothing_is_saturated(tight: toolpool.Pool) -> None:
     admission = Admission(tight, max_wait=0)
     admission.declare("t", ["crm", "search", "never-used-destination"])

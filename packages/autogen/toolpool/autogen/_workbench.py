@@ -58,10 +58,12 @@ __all__ = ["DEFAULT_MAX_PARALLEL_TOOL_CALLS", "PooledWorkbench"]
 
 log = logging.getLogger("toolpool.autogen")
 
-# AutoGen runs every tool call of a model turn at once; models rarely ask for more than a
-# handful, so 16 never slows a normal turn but bounds a runaway fan-out. The AIMD limit
-# starts here and halves on every busy destination.
-DEFAULT_MAX_PARALLEL_TOOL_CALLS = 16
+# Tool calls in flight across the agents `wrap` put on one pool (they share the limit), as
+# LangChain's middleware allows its runs (64): high enough not to slow a healthy fleet of
+# agents, low enough that a storm waits here rather than in the pool's queues, where waiting
+# tenants close each other's idle connections. The AIMD limit starts here and halves on every
+# busy destination.
+DEFAULT_MAX_PARALLEL_TOOL_CALLS = 64
 
 # The same bound as toolpool.adapters.Admission's default: long enough to ride out a burst,
 # short enough that the model hears "busy" while retrying still makes sense.

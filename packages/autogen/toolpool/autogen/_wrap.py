@@ -9,6 +9,8 @@ private names used here are pinned by tests/autogen/test_version_pin.py, per sup
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -52,6 +54,35 @@ def _check_version() -> None:
         ", ".join(TESTED_AUTOGEN_VERSIONS),
         version,
     )
+
+
+# The gates of the agents wrapped on one pool, per (max_parallel_tool_calls, max_wait): AutoGen
+# agents are stateful, so applications build one per conversation or task and wrap each; had
+# every wrap its own limit, the limit would bound one turn and nothing else, and a storm of
+# agents would queue every call in the pool (issue 25: 6x the connections of LangChain's one
+# middleware per agent, whose limit all its runs share). Weak keys: a closed, dropped pool
+# takes its gates along.
+_gates: weakref.WeakKeyDictionary[
+    Pool, dict[tuple[int, float], tuple[Admission, AdaptiveToolConcurrency]]
+] = weakref.WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def _shared_gates(
+    pool: Pool, max_parallel_tool_calls: int, max_wait: float
+) -> tuple[Admission, AdaptiveToolConcurrency]:
+    """The admission gate and adaptive tool-call limit that `wrap` gives every agent it wraps
+    on `pool` with these settings: one of each, shared across wraps."""
+    with _gates_lock:
+        by_settings = _gates.setdefault(pool, {})
+        key = (max_parallel_tool_calls, float(max_wait))
+        gates = by_settings.get(key)
+        if gates is None:
+            gates = by_settings[key] = (
+                Admission(pool, max_wait=max_wait),
+                AdaptiveToolConcurrency(max_parallel_tool_calls),
+            )
+        return gates
 
 
 def assistant_agents(target: Any) -> Iterator[AssistantAgent]:
@@ -102,8 +133,11 @@ def wrap(
     the call, returning it; or None (default) for the context current around the run. AutoGen
     has no per-run context object, so a per-run tenant is set with `toolpool.auth_context`.
 
-    A team shares one admission gate and one adaptive tool-call limit (`max_parallel_tool_calls`
-    at most, halved on each busy destination); `max_wait` bounds how long a call waits for a
+    Every agent wrapped on the same pool (with the same `max_parallel_tool_calls` and
+    `max_wait`) shares one admission gate and one adaptive tool-call limit: at most
+    `max_parallel_tool_calls` tool calls of these agents in flight, halved on each busy
+    destination, so agents built and wrapped per task are held back together, as the runs of
+    one wrapped LangChain agent are; `max_wait` bounds how long a call waits for a
     saturated destination before the model reads "busy, retry in N s". `destinations` declares
     `{tool name: [destination names]}` for admission from the first call. An `McpWorkbench`
     over HTTP gets one session per tenant (at most `max_mcp_sessions`); stop them with
@@ -120,8 +154,7 @@ def wrap(
             f"an autogen_agentchat AssistantAgent or a team (RoundRobinGroupChat, "
             f"SelectorGroupChat, ...) that contains one"
         )
-    admission = Admission(pool, max_wait=max_wait)
-    concurrency = AdaptiveToolConcurrency(max_parallel_tool_calls)
+    admission, concurrency = _shared_gates(pool, max_parallel_tool_calls, max_wait)
     for agent in agents:
         inner = [_unwrapped(wb) for wb in agent._workbench]
         agent._workbench = [

@@ -1,7 +1,11 @@
 """Admission per tool call: wait (boundedly) while a destination the tool uses is saturated.
 
 Which destinations a tool uses is learned from its pooled traffic (`tool_call_scope` reports
-it) or declared up front. Before a tool call runs, admission is asked of each of them through
+it) or declared up front. What is learned is knowledge about the pool's tools, not about one
+wrapping: every `Admission` on the same pool shares it, so an agent built and wrapped per task
+(AutoGen's `AssistantAgent`, a CrewAI `Crew` per kickoff) is gated from its first call rather
+than only after its own traffic taught a fresh gate (issue 25). Declared destinations stay
+per gate. Before a tool call runs, admission is asked of each of them through
 the pool's admission API (`pool.admit` / `pool.admit_sync`, toolpool.resilience): while one is
 saturated the call waits in FIFO order, up to `max_wait` in total, then gives up with
 `PoolSaturated` carrying a retry-after that adapters turn into a readable "busy, retry in N s"
@@ -27,6 +31,7 @@ import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -62,6 +67,28 @@ log = logging.getLogger("toolpool.adapters")
 monotonic = time.monotonic
 
 
+class _Learned:
+    """Tool name -> destinations its traffic reached, for one pool (shared by its gates)."""
+
+    __slots__ = ("lock", "tools")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tools: dict[str, frozenset[str]] = {}
+
+
+_learned_by_pool: weakref.WeakKeyDictionary[Pool, _Learned] = weakref.WeakKeyDictionary()
+_learned_lock = threading.Lock()
+
+
+def _learned_of(pool: Pool) -> _Learned:
+    with _learned_lock:
+        learned = _learned_by_pool.get(pool)
+        if learned is None:
+            learned = _learned_by_pool[pool] = _Learned()
+        return learned
+
+
 class Admission:
     """Gates tool calls on the saturation of the destinations they use.
 
@@ -73,6 +100,9 @@ class Admission:
     ```
 
     `max_wait` bounds the total wait of one call (seconds); 0 checks without waiting.
+    Destinations learned from traffic are shared by all `Admission`s of the same pool (an
+    agent wrapped per task starts with what earlier ones learned); declared ones are this
+    gate's own.
     """
 
     def __init__(self, pool: Pool, *, max_wait: float = 5.0) -> None:
@@ -81,7 +111,9 @@ class Admission:
         self.pool = pool
         self.max_wait = float(max_wait)
         self._lock = threading.Lock()
-        self._learned: dict[str, frozenset[str]] = {}
+        shared = _learned_of(pool)
+        self._learned_lock = shared.lock
+        self._learned = shared.tools
         self._declared: dict[str, frozenset[str]] = {}
         # The destinations each tool's last finished call used.
         self._last_used: dict[str, frozenset[str]] = {}
@@ -99,7 +131,7 @@ class Admission:
         known = self._learned.get(tool_name)
         if known is not None and destination in known:
             return
-        with self._lock:
+        with self._learned_lock:
             known = self._learned.get(tool_name, frozenset())
             self._learned[tool_name] = known | {destination}
         log.debug("tool %r uses destination %r", tool_name, destination)
