@@ -19,6 +19,10 @@ hits all of them alike. Per run it records:
 - the process's CPU seconds during the storm and the event loop's lag (a 10 ms ticker's
   overshoot): how much the agent framework itself keeps the loop busy.
 
+`autogen-main` in `--frameworks` is the AutoGen run with the adapter as it was before issue 25,
+emulated here (benchmark only): every `wrap` gets its own fresh `Admission`, which learns
+alone, and its own `AdaptiveToolConcurrency(16)`.
+
 `--tool noop` swaps the tools' body for `await asyncio.sleep(0)`: the same storm through the
 same agents with a do-nothing tool, measuring what the framework alone costs.
 """
@@ -126,6 +130,48 @@ async def _noop_tool(service: str, tenant: str, query: str) -> dict[str, Any]:
     return {}
 
 
+class PoolTimeline:
+    """Connections created and affinity closes over time (every 0.25 s), to see in which part
+    of the storm connections are opened."""
+
+    def __init__(self, pool: toolpool.Pool) -> None:
+        self.pool = pool
+        self.points: list[tuple[float, int, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        t0 = time.perf_counter()
+        while True:
+            stats = self.pool.stats()
+            affinity = sum(d.closed_total.get("affinity", 0) for d in stats.values())
+            self.points.append((time.perf_counter() - t0, stats.created_total, affinity))
+            await asyncio.sleep(0.25)
+
+    def __enter__(self) -> PoolTimeline:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    def created_by_phase(self, records: list[Any]) -> dict[str, int]:
+        """Connections created while each phase's calls ran (from its first call's start to
+        the next phase's first call)."""
+        starts = sorted(
+            {r.phase: r.started for r in sorted(records, key=lambda r: -r.started)}.items(),
+            key=lambda kv: kv[1],
+        )
+        out: dict[str, int] = {}
+        for i, (phase, start) in enumerate(starts):
+            end = starts[i + 1][1] if i + 1 < len(starts) else float("inf")
+            inside = [p[1] for p in self.points if start <= p[0] < end]
+            before = [p[1] for p in self.points if p[0] < start]
+            if inside:
+                out[phase] = inside[-1] - (before[-1] if before else inside[0])
+        return out
+
+
 class LoopLag:
     """A 10 ms ticker: how late the event loop wakes it up (the loop's CPU backlog)."""
 
@@ -146,6 +192,37 @@ class LoopLag:
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+
+
+# ---------------------------------------------------------------------------- before issue 25
+
+
+def _add_autogen_main() -> None:
+    import toolpool.adapters._admission as admission_module
+    import toolpool.autogen._wrap as wrap_module
+
+    shared_learned, shared_gates = admission_module._learned_of, wrap_module._shared_gates
+
+    def per_wrap_gates(
+        pool: toolpool.Pool, limit: int, max_wait: float
+    ) -> tuple[Admission, AdaptiveToolConcurrency]:
+        return Admission(pool, max_wait=max_wait), AdaptiveToolConcurrency(16)
+
+    def variant(base: Callable[..., Any], before: bool) -> Callable[..., Any]:
+        def runner(spec: StormSpec, pool: toolpool.Pool) -> Any:
+            admission_module._learned_of = (  # type: ignore[assignment]
+                (lambda pool: admission_module._Learned()) if before else shared_learned
+            )
+            wrap_module._shared_gates = per_wrap_gates if before else shared_gates  # type: ignore[assignment]
+            return base(spec, pool)
+
+        return runner
+
+    runners = demo.RUNNERS
+    for name in ("langchain", "crewai", "none"):
+        runners[name] = variant(runners[name], False)
+    runners["autogen-main"] = variant(runners["autogen"], True)
+    runners["autogen"] = variant(runners["autogen"], False)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -183,7 +260,7 @@ async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]
         ds.reset_stats()
         PHASES.clear()
         cpu0 = time.process_time()
-        with LoopLag() as lag:
+        with LoopLag() as lag, PoolTimeline(pool) as timeline:
             t0 = time.perf_counter()
             records = await demo.run_storm(spec, runner)
             duration = time.perf_counter() - t0
@@ -224,6 +301,7 @@ async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]
         "pool_acquired": sum(d.acquired_total for d in stats.values()),
         "pool_reused": sum(d.reused_total for d in stats.values()),
         "token_fetches": dict(tokens),
+        "created_by_phase": timeline.created_by_phase(records),
         "limiters": len(LIMITERS),
         "limiter_decreases": sum(lim.decreases_total for lim in LIMITERS),
         "limiter_lowest": min((lim.limit for lim in LIMITERS), default=None),
@@ -332,6 +410,7 @@ def main() -> None:
     )
     demo.__dict__["_real_call_service"] = demo.call_service
     instrument()
+    _add_autogen_main()
     frameworks = args.frameworks.split(",")
     runs = []
     for i in range(args.repeat):
@@ -342,7 +421,8 @@ def main() -> None:
             print(
                 f"[{i + 1}/{args.repeat}] {fw:9} p50 {run['p50_ms']:.0f} p99 {run['p99_ms']:.0f} "
                 f"warm {run['warm_burst_p99_ms']:.0f} conns {run['conns_opened']} "
-                f"affinity {run['pool_closed'].get('affinity')} limiters {run['limiters']} "
+                f"affinity {run['pool_closed'].get('affinity')} by phase {run['created_by_phase']} "
+                f"limiters {run['limiters']} "
                 f"(decreases {run['limiter_decreases']}, lowest {run['limiter_lowest']}) "
                 f"cpu/call {run['cpu_ms_per_call']} ms "
                 f"lag99 {run['loop_lag_p99_ms']} ms ({time.perf_counter() - t0:.0f} s; "
