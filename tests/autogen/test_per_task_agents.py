@@ -5,6 +5,8 @@ the pool's queues, where waiting tenants close each other's idle connections."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 
 import httpx
@@ -119,3 +121,14 @@ async def test_an_agent_wrapped_later_knows_the_destinations_earlier_agents_used
     later = wrap(AssistantAgent("later", model_client=replay_model("done"), tools=[tool]), pool)
     assert _workbench(later).admission is not _workbench(first).admission
     assert _workbench(later).admission.destinations("lookup") == {"crm"}
+
+
+async def test_shared_gates_do_not_keep_a_pool_alive(downstream: Downstream) -> None:
+    # The gates live on the pool (a module-level map would keep every pool ever wrapped on).
+    pool = toolpool.Pool([toolpool.Destination("crm", downstream.url("crm"))], warmup=0)
+    agent = wrap(AssistantAgent("a", model_client=replay_model("done")), pool)
+    assert _workbench(agent).pool is pool
+    gone = weakref.ref(pool)
+    del pool, agent
+    gc.collect()
+    assert gone() is None

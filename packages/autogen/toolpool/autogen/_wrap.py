@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -59,12 +58,10 @@ def _check_version() -> None:
 # The gates of the agents wrapped on one pool, per (max_parallel_tool_calls, max_wait): AutoGen
 # agents are stateful, so applications build one per conversation or task and wrap each; had
 # every wrap its own limit, the limit would bound one turn and nothing else, and a storm of
-# agents would queue every call in the pool (issue 25: 6x the connections of LangChain's one
-# middleware per agent, whose limit all its runs share). Weak keys: a closed, dropped pool
-# takes its gates along.
-_gates: weakref.WeakKeyDictionary[
-    Pool, dict[tuple[int, float], tuple[Admission, AdaptiveToolConcurrency]]
-] = weakref.WeakKeyDictionary()
+# agents would queue every call in the pool (issue 25: 2.5-3.6x the connections of LangChain's
+# one middleware per agent, whose limit all its runs share). Kept on the pool itself: a global
+# map would keep every pool alive (each Admission refers to its pool).
+_GATES_ATTR = "_toolpool_autogen_gates"
 _gates_lock = threading.Lock()
 
 
@@ -74,7 +71,8 @@ def _shared_gates(
     """The admission gate and adaptive tool-call limit that `wrap` gives every agent it wraps
     on `pool` with these settings: one of each, shared across wraps."""
     with _gates_lock:
-        by_settings = _gates.setdefault(pool, {})
+        by_settings: dict[tuple[int, float], tuple[Admission, AdaptiveToolConcurrency]]
+        by_settings = pool.__dict__.setdefault(_GATES_ATTR, {})
         key = (max_parallel_tool_calls, float(max_wait))
         gates = by_settings.get(key)
         if gates is None:
