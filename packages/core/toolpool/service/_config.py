@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import toolpool
 from toolpool._auth_context import AuthContext
@@ -829,22 +829,8 @@ def _auth(dest: str, t: _Table, verify: Any) -> AuthConfig:
     elif kind == "oauth2_client_credentials":
         token_url = t.str_("token_url")
         scope = t.str_("scope", None)
-        method = t.str_("auth_method", "client_secret_basic")
-        if method not in ("client_secret_basic", "client_secret_post"):
-            raise t.error("auth_method", "must be 'client_secret_basic' or 'client_secret_post'")
-        shared_id = t.str_("client_id", None)
-        shared_secret = t.secret("client_secret", required=shared_id is not None)
-        if shared_secret is not None and shared_id is None:
-            raise t.error("client_id", "is required next to client_secret_env/_file")
-        clients: dict[str, tuple[str, Secret]] = {}
-        for tenant, sub in per_tenant.items():
-            cid = sub.str_("client_id")
-            secret = sub.secret("client_secret", required=True)
-            assert secret is not None
-            clients[tenant] = (cid, secret)
-            sub.finish()
-        shared_client = (shared_id, shared_secret) if shared_id is not None else None
-        if shared_client is None and not clients:
+        method, shared_secret, clients, client_of = _client_credentials(dest, t, per_tenant)
+        if shared_secret is None and not clients:
             raise t.error(
                 None, "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
             )
@@ -852,17 +838,6 @@ def _auth(dest: str, t: _Table, verify: Any) -> AuthConfig:
             toolpool.auth.OAuth2ClientCredentials(token_url, ("probe", "probe"))
         except ConfigError as exc:
             raise t.error("token_url", str(exc)) from None
-
-        def client_of(ctx: AuthContext | None) -> tuple[str, str]:
-            tenant = ctx.tenant if ctx is not None else None
-            found = clients.get(tenant) if tenant is not None else None
-            if found is None and shared_client is not None:
-                found = shared_client  # type: ignore[assignment]
-            if found is None or found[1] is None:
-                raise toolpool.auth.TokenFailure(
-                    f"no client credentials are configured for this tenant at {dest!r}"
-                )
-            return found[0], found[1].reveal()
 
         def make() -> Any:
             return toolpool.auth.OAuth2ClientCredentials(
@@ -925,6 +900,39 @@ def _token_exchange(
     `client_secret_env/_file` (shared or per tenant), or not at all when neither is given."""
     token_url = t.str_("token_url")
     options = {key: t.str_(key, None) for key in _TOKEN_EXCHANGE_OPTIONS}
+    method, shared_secret, clients, client_of = _client_credentials(dest, t, per_tenant)
+    anonymous = shared_secret is None and not clients
+    try:
+        toolpool.auth.TokenExchange(token_url, **{k: v for k, v in options.items() if v})
+    except ConfigError as exc:
+        raise t.error("token_url", str(exc)) from None
+
+    def make() -> Any:
+        return toolpool.auth.TokenExchange(
+            token_url,
+            client_credentials=None if anonymous else client_of,
+            auth_method=method,
+            **{k: v for k, v in options.items() if v},
+        )
+
+    # Without client credentials every tenant is served (the subject token is the identity).
+    shared: Any = shared_secret if not anonymous else True
+    return make, shared, {tenant: c[1] for tenant, c in clients.items()}
+
+
+def _client_credentials(
+    dest: str, t: _Table, per_tenant: Mapping[str, _Table]
+) -> tuple[
+    Literal["client_secret_basic", "client_secret_post"],
+    Secret | None,
+    dict[str, tuple[str, Secret]],
+    Callable[[AuthContext | None], tuple[str, str]],
+]:
+    """The client authentication to a token endpoint, shared by `oauth2_client_credentials` and
+    `token_exchange`: `auth_method`, a shared `client_id` + `client_secret_env/_file` and the
+    per-tenant ones. Returns the method, the shared secret (None when there is no shared
+    client), the per-tenant clients and `client_of(ctx)`, which picks the tenant's client, else
+    the shared one, and raises TokenFailure when there is neither."""
     method = t.str_("auth_method", "client_secret_basic")
     if method not in ("client_secret_basic", "client_secret_post"):
         raise t.error("auth_method", "must be 'client_secret_basic' or 'client_secret_post'")
@@ -940,11 +948,6 @@ def _token_exchange(
         clients[tenant] = (cid, secret)
         sub.finish()
     shared_client = (shared_id, shared_secret) if shared_id is not None else None
-    anonymous = shared_client is None and not clients
-    try:
-        toolpool.auth.TokenExchange(token_url, **{k: v for k, v in options.items() if v})
-    except ConfigError as exc:
-        raise t.error("token_url", str(exc)) from None
 
     def client_of(ctx: AuthContext | None) -> tuple[str, str]:
         tenant = ctx.tenant if ctx is not None else None
@@ -957,17 +960,7 @@ def _token_exchange(
             )
         return found[0], found[1].reveal()
 
-    def make() -> Any:
-        return toolpool.auth.TokenExchange(
-            token_url,
-            client_credentials=None if anonymous else client_of,
-            auth_method=method,
-            **{k: v for k, v in options.items() if v},
-        )
-
-    # Without client credentials every tenant is served (the subject token is the identity).
-    shared: Any = shared_secret if not anonymous else True
-    return make, shared, {tenant: c[1] for tenant, c in clients.items()}
+    return method, shared_secret, clients, client_of
 
 
 def _need_some(t: _Table, shared: Secret | None, per: Mapping[str, Any], base: str) -> None:
