@@ -39,6 +39,7 @@ from toolpool._auth_context import AuthContext
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
+    from toolpool.resilience._runtime import PolicyRuntime
 
 __all__ = ["Admission", "Held"]
 
@@ -186,60 +187,28 @@ class Admission:
         gate; default: the current auth context). Waits at most `max_wait` seconds in total,
         then raises `PoolSaturated` (with `retry_after` and `reason`). The enclosed body's
         requests to destinations not admitted here wait within the same `max_wait`."""
-        from toolpool.resilience._gate import admitted_here, mark_admitted, unmark_admitted
-        from toolpool.resilience._pool_api import runtime_for
-
-        held = Held()
-        deadline = monotonic() + self.max_wait
-        tenant = _label(ctx)
-        runtimes = []
-        token = _deadline.set(deadline)
-        marks = []
+        holding = _Holding(self.max_wait, ctx)
         try:
-            for name in self._names(tool_name):
-                runtime = runtime_for(self.pool.destination(name))
-                if admitted_here(runtime):
-                    continue  # a nested call inside one already admitted here
-                remaining = max(0.0, deadline - monotonic())
-                await runtime.admit_async(remaining, tenant, held.note_wait)
-                runtimes.append(runtime)
-                marks.append(mark_admitted(runtime))
-            yield held
+            for runtime in holding.to_admit(self, tool_name):
+                await runtime.admit_async(
+                    holding.remaining(), holding.tenant, holding.held.note_wait
+                )
+                holding.admitted(runtime)
+            yield holding.held
         finally:
-            for mark in reversed(marks):
-                unmark_admitted(mark)
-            for runtime in runtimes:
-                runtime.release_admission()
-            _deadline.reset(token)
+            holding.release()
 
     @contextlib.contextmanager
     def hold_sync(self, tool_name: str, ctx: AuthContext | None = None) -> Iterator[Held]:
         """`hold` for sync tool calls (blocks the calling thread while waiting)."""
-        from toolpool.resilience._gate import admitted_here, mark_admitted, unmark_admitted
-        from toolpool.resilience._pool_api import runtime_for
-
-        held = Held()
-        deadline = monotonic() + self.max_wait
-        tenant = _label(ctx)
-        runtimes = []
-        token = _deadline.set(deadline)
-        marks = []
+        holding = _Holding(self.max_wait, ctx)
         try:
-            for name in self._names(tool_name):
-                runtime = runtime_for(self.pool.destination(name))
-                if admitted_here(runtime):
-                    continue  # a nested call inside one already admitted here
-                remaining = max(0.0, deadline - monotonic())
-                runtime.admit_blocking(remaining, tenant, held.note_wait)
-                runtimes.append(runtime)
-                marks.append(mark_admitted(runtime))
-            yield held
+            for runtime in holding.to_admit(self, tool_name):
+                runtime.admit_blocking(holding.remaining(), holding.tenant, holding.held.note_wait)
+                holding.admitted(runtime)
+            yield holding.held
         finally:
-            for mark in reversed(marks):
-                unmark_admitted(mark)
-            for runtime in runtimes:
-                runtime.release_admission()
-            _deadline.reset(token)
+            holding.release()
 
     async def admit(self, tool_name: str) -> None:
         """Wait until every destination of `tool_name` admits a call, then let go at once;
@@ -251,6 +220,51 @@ class Admission:
         """`admit` for sync tool calls (blocks the calling thread). Prefer `hold_sync`."""
         with self.hold_sync(tool_name):
             pass
+
+
+class _Holding:
+    """One `hold` / `hold_sync` in progress: its deadline, its tenant, the destinations it was
+    admitted to (and marked as admitted here), released in `release`. The two hold methods
+    are only the I/O shells around it (await vs block at each gate)."""
+
+    __slots__ = ("deadline", "held", "marks", "runtimes", "tenant", "token")
+
+    def __init__(self, max_wait: float, ctx: AuthContext | None) -> None:
+        self.held = Held()
+        self.deadline = monotonic() + max_wait
+        self.tenant = _label(ctx)
+        self.runtimes: list[PolicyRuntime] = []
+        self.token = _deadline.set(self.deadline)
+        self.marks: list[contextvars.Token[frozenset[int]] | None] = []
+
+    def to_admit(self, admission: Admission, tool_name: str) -> Iterator[PolicyRuntime]:
+        """The runtimes of `tool_name`'s destinations, lazily, skipping those the current
+        task or thread is already admitted to (a nested call inside one admitted here)."""
+        from toolpool.resilience._gate import admitted_here
+        from toolpool.resilience._pool_api import runtime_for
+
+        for name in admission._names(tool_name):
+            runtime = runtime_for(admission.pool.destination(name))
+            if not admitted_here(runtime):
+                yield runtime
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - monotonic())
+
+    def admitted(self, runtime: PolicyRuntime) -> None:
+        from toolpool.resilience._gate import mark_admitted
+
+        self.runtimes.append(runtime)
+        self.marks.append(mark_admitted(runtime))
+
+    def release(self) -> None:
+        from toolpool.resilience._gate import unmark_admitted
+
+        for mark in reversed(self.marks):
+            unmark_admitted(mark)
+        for runtime in self.runtimes:
+            runtime.release_admission()
+        _deadline.reset(self.token)
 
 
 def _label(ctx: AuthContext | None) -> str | None:
