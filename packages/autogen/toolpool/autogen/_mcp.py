@@ -72,7 +72,8 @@ class _Session:
 
 
 class _WorkbenchPerTenant:
-    """Legacy SSE servers: one `McpWorkbench` per tenant (see the module docstring)."""
+    """Legacy SSE servers: one `McpWorkbench` per tenant (see the module docstring). Built only
+    by `McpSessions`, which has checked `max_sessions`."""
 
     def __init__(
         self,
@@ -81,10 +82,8 @@ class _WorkbenchPerTenant:
         admission: Admission,
         *,
         pool_httpx: bool,
-        max_sessions: int = DEFAULT_MAX_MCP_SESSIONS,
+        max_sessions: int,
     ) -> None:
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions!r}")
         self._template = template
         self._pool = pool
         self._admission = admission
