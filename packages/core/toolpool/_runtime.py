@@ -172,6 +172,22 @@ class DestinationPool:
             if connect_seconds is not None:
                 self.state.record_create(connect_seconds)
 
+    def connect_failed(self, started: float, exc: BaseException) -> None:
+        """A driver's connect for this destination, begun at `started`, raised `exc`: told to
+        the probe, if any (the driver itself reports the slot with `open_failed`)."""
+        if self.probe is not None:
+            self.probe.connected(self, started, None, monotonic(), exc)
+
+    def connect_done(self, slot: Slot, conn: Any, started: float) -> None:
+        """A driver's connect for the request holding `slot`, begun at `started`, opened
+        `conn`: `opened` with its connect time, and told to the probe, if any."""
+        done = monotonic()
+        with self.lock:
+            self.state.opened(slot, conn, done)
+            self.state.record_create(done - started)
+        if self.probe is not None:
+            self.probe.connected(self, started, conn.tcp_done, done, None)
+
     def warmed(self, slot: Slot, conn: Any, connect_seconds: float | None = None) -> None:
         with self.lock:
             actions = self.state.warmed(slot, conn, monotonic())

@@ -313,13 +313,9 @@ def open_slot(
     try:
         conn = connect(dest, slot, ctx, timeout)
     except BaseException as exc:
-        if dest.probe is not None:
-            dest.probe.connected(dest, started, None, monotonic(), exc)
+        dest.connect_failed(started, exc)
         raise
-    done = monotonic()
-    dest.opened(slot, conn, done - started)
-    if dest.probe is not None:
-        dest.probe.connected(dest, started, conn.tcp_done, done, None)
+    dest.connect_done(slot, conn, started)
     return conn
 
 
