@@ -132,6 +132,29 @@ class FleetTokens:
             return int(_NO_EXPIRY_TTL * 1000)
         return max(1, int(policy.refresh_after(lifetime) * 1000))
 
+    def _shared(self, key: str, sealed: bytes | None) -> Credential | None:
+        """The fleet's copy read under `key` (`sealed`, None if there was none), if it opens
+        and is still good; counted as shared."""
+        found = self._open(key, sealed) if sealed is not None else None
+        if found is not None:
+            self._count(shared=True)
+        return found
+
+    def _fetched(
+        self, key: str, credential: Credential, requested: float, policy: TokenPolicy
+    ) -> tuple[bytes, str, int]:
+        """Count the fetch of `credential` (requested at wall time `requested`) and say what
+        to store under `key`: (sealed copy, fingerprint, time to live in ms)."""
+        self._count(shared=False)
+        expires_at = (
+            requested + credential.expires_in if credential.expires_in is not None else None
+        )
+        return (
+            self._seal(key, credential, expires_at),
+            self._fingerprint(credential.value),
+            self._ttl_ms(credential, policy),
+        )
+
     # ------------------------------------------------------------------ async
 
     async def obtain(
@@ -151,11 +174,9 @@ class FleetTokens:
         while True:
             try:
                 sealed = await coordinator.run(lambda c: c.hget(key, "ct"))
-                if sealed is not None:
-                    found = self._open(key, sealed)
-                    if found is not None:
-                        self._count(shared=True)
-                        return found
+                found = self._shared(key, sealed)
+                if found is not None:
+                    return found
                 got = await coordinator.run(lambda c: c.set(lock, token, nx=True, px=lock_ms))
             except CoordinatorDown:
                 return await self._fetch_alone(fetch)
@@ -179,19 +200,12 @@ class FleetTokens:
                 sealed = await self.coordinator.run(lambda c: c.hget(key, "ct"))
             except CoordinatorDown:
                 sealed = None
-            found = self._open(key, sealed) if sealed is not None else None
+            found = self._shared(key, sealed)
             if found is not None:
-                self._count(shared=True)
                 return found
             requested = time.time()
             credential = await fetch()
-            self._count(shared=False)
-            expires_at = (
-                requested + credential.expires_in if credential.expires_in is not None else None
-            )
-            sealed = self._seal(key, credential, expires_at)
-            ttl = self._ttl_ms(credential, policy)
-            fp = self._fingerprint(credential.value)
+            sealed, fp, ttl = self._fetched(key, credential, requested, policy)
 
             async def store(c: Any) -> None:
                 pipe = c.pipeline(transaction=True)
@@ -244,11 +258,9 @@ class FleetTokens:
         while True:
             try:
                 sealed = run(lambda c: c.hget(key, "ct"))
-                if sealed is not None:
-                    found = self._open(key, sealed)
-                    if found is not None:
-                        self._count(shared=True)
-                        return found
+                found = self._shared(key, sealed)
+                if found is not None:
+                    return found
                 got = run(lambda c: c.set(lock, token, nx=True, px=lock_ms))
             except CoordinatorDown:
                 return self._fetch_alone_sync(fetch)
@@ -273,19 +285,12 @@ class FleetTokens:
                 sealed = run(lambda c: c.hget(key, "ct"))
             except CoordinatorDown:
                 sealed = None
-            found = self._open(key, sealed) if sealed is not None else None
+            found = self._shared(key, sealed)
             if found is not None:
-                self._count(shared=True)
                 return found
             requested = time.time()
             credential = fetch()
-            self._count(shared=False)
-            expires_at = (
-                requested + credential.expires_in if credential.expires_in is not None else None
-            )
-            sealed = self._seal(key, credential, expires_at)
-            ttl = self._ttl_ms(credential, policy)
-            fp = self._fingerprint(credential.value)
+            sealed, fp, ttl = self._fetched(key, credential, requested, policy)
 
             def store(c: Any) -> None:
                 pipe = c.pipeline(transaction=True)
