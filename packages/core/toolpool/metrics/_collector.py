@@ -24,7 +24,7 @@ from toolpool.metrics._readings import (
     DestinationReading,
     HistogramReading,
     PolicyReading,
-    read,
+    read_into,
 )
 from toolpool.metrics._tenants import TenantCounters, TenantLabels, install, uninstall
 
@@ -262,12 +262,7 @@ class PoolCollector:
             entries = list(self._pools.items())
         for pool, entry in entries:
             tenant_counters += self._install_tenants(pool, entry)
-            for name in pool.destinations:
-                reading = read(pool.destination(name))
-                if name in readings:
-                    readings[name].merge(reading)
-                else:
-                    readings[name] = reading
+            read_into(readings, pool)
         yield from _families(list(readings.values()))
         yield from _tenant_families(tenant_counters)
 

@@ -8,12 +8,22 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolpool._runtime import DestinationPool
 from toolpool._state import CLOSE_REASONS, WAIT_BUCKETS, Durations
 
-__all__ = ["AuthReading", "DestinationReading", "HistogramReading", "PolicyReading", "read"]
+if TYPE_CHECKING:
+    from toolpool._pool import Pool
+
+__all__ = [
+    "AuthReading",
+    "DestinationReading",
+    "HistogramReading",
+    "PolicyReading",
+    "read",
+    "read_into",
+]
 
 log = logging.getLogger("toolpool.metrics")
 
@@ -285,6 +295,17 @@ def read(dest: DestinationPool) -> DestinationReading:
 # not report stats, and whose snapshots may grow fields over time. They are read by field
 # name, tolerating absence, and a failing `stats()` never breaks a scrape (it drops that
 # destination's auth or policy series for this scrape and logs at debug level).
+
+
+def read_into(readings: dict[str, DestinationReading], pool: Pool) -> None:
+    """Read every destination of `pool` into `readings` (by name), merged into the reading of
+    a same-named destination of another pool already there."""
+    for name in pool.destinations:
+        reading = read(pool.destination(name))
+        if name in readings:
+            readings[name].merge(reading)
+        else:
+            readings[name] = reading
 
 
 def _stats_of(obj: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from toolpool._state import CREATE_BUCKETS, USE_BUCKETS, WAIT_BUCKETS
-from toolpool.metrics._readings import DestinationReading, read
+from toolpool.metrics._readings import DestinationReading, read_into
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
@@ -227,12 +227,7 @@ class MeterBridge:
             pools = list(self._pools)
         merged: dict[str, DestinationReading] = {}
         for pool in pools:
-            for name in pool.destinations:
-                reading = read(pool.destination(name))
-                if name in merged:
-                    merged[name].merge(reading)
-                else:
-                    merged[name] = reading
+            read_into(merged, pool)
         readings = list(merged.values())
         with self._lock:
             self._cached = (now, readings)
