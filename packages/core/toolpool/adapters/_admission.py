@@ -39,6 +39,7 @@ from toolpool._auth_context import AuthContext
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
+    from toolpool._runtime import DestinationPool
     from toolpool.resilience._runtime import PolicyRuntime
 
 __all__ = ["Admission", "Held"]
@@ -170,15 +171,17 @@ class Admission:
 
     # ------------------------------------------------------------------ admission
 
-    def _names(self, tool_name: str) -> list[str]:
-        """The tool's destinations that the pool knows (declared ones may not exist yet)."""
-        names = []
-        for name in sorted(self.destinations(tool_name)):
+    def _dests(self, tool_name: str) -> list[DestinationPool]:
+        """The tool's destinations that the pool knows (declared ones may not exist yet),
+        once each, in name order (the order every hold is admitted in)."""
+        found: dict[str, DestinationPool] = {}
+        for name in self.destinations(tool_name):
             try:
-                names.append(self.pool.destination(name).name)
+                dest = self.pool.destination(name)
             except KeyError:
                 continue  # declared, never used yet: nothing to be saturated
-        return sorted(set(names))
+            found[dest.name] = dest
+        return [found[name] for name in sorted(found)]
 
     @contextlib.asynccontextmanager
     async def hold(self, tool_name: str, ctx: AuthContext | None = None) -> AsyncIterator[Held]:
@@ -243,8 +246,8 @@ class _Holding:
         from toolpool.resilience._gate import admitted_here
         from toolpool.resilience._pool_api import runtime_for
 
-        for name in admission._names(tool_name):
-            runtime = runtime_for(admission.pool.destination(name))
+        for dest in admission._dests(tool_name):
+            runtime = runtime_for(dest)
             if not admitted_here(runtime):
                 yield runtime
 
