@@ -5,6 +5,7 @@ through a counting relay, so the relay's peak of open connections is the local t
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,10 +82,14 @@ def test_threads_overflow_too(slow_ds: Downstream, tmp_path: Path) -> None:
             [toolpool.Destination("search", local_url)], local_max_connections=2, overflow=remote
         ) as pool:
             client = pool.sync_client()
+            # All 16 start together and the local two stay busy for 2 s, so the other 14 meet
+            # a full local tier however slowly a loaded machine schedules the threads.
+            start = threading.Barrier(16)
 
             def call(_: int) -> httpx.Response:
+                start.wait(timeout=30)
                 with toolpool.auth_context(ACME):
-                    return client.get(local_url + "/anything")
+                    return client.get(local_url + "/delay?s=2")
 
             with ThreadPoolExecutor(16) as ex:
                 responses = list(ex.map(call, range(16)))
