@@ -51,6 +51,15 @@ class McpTestServer:
     down_for_tenants: bool = False
     extra_tools: list[str] = field(default_factory=list)
     server: Any = None
+    thread: threading.Thread | None = None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server for good (blocking): in-flight requests are cut after uvicorn's
+        1 s graceful shutdown, the listening socket is closed, new connects are refused."""
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+            assert not self.thread.is_alive(), "the MCP server did not stop"
 
     def count(self, method: str) -> int:
         with self.lock:
@@ -165,6 +174,7 @@ def serve_mcp(*, stateful: bool) -> Iterator[McpTestServer]:
     )
     info.server = runner
     thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
+    info.thread = thread
     thread.start()
     try:
         deadline = time.monotonic() + 30

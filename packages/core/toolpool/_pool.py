@@ -7,7 +7,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -132,6 +132,9 @@ class Pool:
         self.closed = False
         # Called once when the pool starts closing (auth providers stop background refreshes).
         self._close_callbacks: list[Callable[[], None]] = []
+        # Awaited by aclose() before the pool closes, so that what ends gracefully over the
+        # pool (an MCP session's DELETE) still can: toolpool.mcp registers its sessions here.
+        self._aclose_hooks: list[Callable[[], Awaitable[None]]] = []
         # Called with each destination added later (pooled on demand), after its layers are
         # bound: instrumentation that applies to every destination (toolpool.otel).
         self._destination_hooks: list[Callable[[DestinationPool], None]] = []
@@ -432,6 +435,12 @@ class Pool:
     async def aclose(self) -> None:
         """Close the pool: fail waiting requests, close idle connections (gracefully, on
         their event loops), and close in-use ones as their requests finish."""
+        if not self.closed:
+            for hook in list(self._aclose_hooks):
+                try:
+                    await asyncio.wait_for(hook(), 15.0)
+                except Exception as exc:
+                    log.debug("a close hook of the pool failed: %s", exc)
         self._begin_close()
         deadline = monotonic() + 3.0
         # Closes finish on several event loops and the maintenance thread; a bounded poll

@@ -37,6 +37,9 @@ with limiter.slot_sync() as slot:
 - `find_denied`, `denied_message`: a connect the egress policy refused (`EgressDenied`) and
   the tool error the model reads instead ("tool ... could not run: address ... is not
   allowed by the egress policy").
+- `find_mcp_failure`, `mcp_failure_message`, `is_mcp_tool`: an MCP failure (a server gone, a
+  dead session, an MCP error, in whatever exception group the MCP client raised it) and the
+  tool error the model reads instead ("tool ... could not run: MCP server unavailable ...").
 - `RequestsAdapter`, `install_requests_patch`: the same transparent pooling for tools written
   with `requests` (imported on first use: `requests` is not a dependency of the core).
 """
@@ -50,6 +53,7 @@ from toolpool.adapters._auth import AuthSource, resolve_auth
 from toolpool.adapters._busy import BUSY_ERRORS, busy_message, find_busy, retry_after_of
 from toolpool.adapters._concurrency import AdaptiveToolConcurrency, ToolSlot
 from toolpool.adapters._denied import denied_message, find_denied
+from toolpool.adapters._mcp_failure import find_mcp_failure, is_mcp_tool, mcp_failure_message
 from toolpool.adapters._scope import (
     ToolCall,
     atool_call_scope,
@@ -73,7 +77,10 @@ __all__ = [
     "denied_message",
     "find_busy",
     "find_denied",
+    "find_mcp_failure",
     "install_httpx_patch",
+    "is_mcp_tool",
+    "mcp_failure_message",
     "resolve_auth",
     "retry_after_of",
     "run_in_thread_with_context",

@@ -262,8 +262,21 @@ class _ScopedAsyncTransport(AsyncTransport):
     def __init__(self, pool: Pool, call: ToolCall) -> None:
         super().__init__(pool)
         self._call = call
+        self._mcp: httpx.AsyncBaseTransport | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if _is_mcp(request):
+            # An MCP client's session (built inside the tool call, not over
+            # toolpool.langchain.mcp_client_factory): a failure must answer its request, not
+            # vanish in the client's own tasks and leave the call waiting (see mcp._transport).
+            if self._mcp is None:
+                from toolpool.mcp._transport import CURRENT, SessionTransport
+
+                self._mcp = SessionTransport(self.pool, CURRENT, inner=_Direct(self))
+            return await self._mcp.handle_async_request(request)
+        return await self._send(request)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
         dest = self.pool._route(request.url)
         call = _current_call.get() or self._call
         call.used(dest.name)
@@ -275,6 +288,32 @@ class _ScopedAsyncTransport(AsyncTransport):
         except BUSY_ERRORS as exc:
             call.met_busy(exc)
             raise
+
+
+class _Direct(httpx.AsyncBaseTransport):
+    """A scoped transport's own sending, under the MCP session transport."""
+
+    def __init__(self, scoped: _ScopedAsyncTransport) -> None:
+        self._scoped = scoped
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._scoped._send(request)
+
+
+def _is_mcp(request: httpx.Request) -> bool:
+    """Whether `request` is an MCP streamable HTTP client's: its POSTs are JSON-RPC and
+    accept both JSON and an event stream (the specification requires it), its GET stream and
+    DELETE carry the session's `mcp-session-id`."""
+    headers = request.headers
+    if request.method == "POST":
+        accept = headers.get("accept", "")
+        if not ("text/event-stream" in accept and "application/json" in accept):
+            return False
+        try:
+            return b'"jsonrpc"' in request.content
+        except httpx.RequestNotRead:
+            return False
+    return "mcp-session-id" in headers
 
 
 class _ScopedTransport(Transport):

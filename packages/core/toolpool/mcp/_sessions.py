@@ -267,6 +267,13 @@ class McpSessions:
         self._calls = 0
         self._streams = 0
         self._closed = False
+        # The sessions end with their pool: before it closes when it closes in an event loop
+        # (`await pool.aclose()`: DELETEs still go out), at once when closed from sync code
+        # (their DELETEs are then not sent: the pool is closed). Weakly: the pool does not
+        # keep these sessions alive.
+        ref = weakref.ref(self)
+        pool._aclose_hooks.append(_hook(ref))
+        pool._close_callbacks.append(_callback(ref))
 
     def __repr__(self) -> str:
         return f"<toolpool.mcp.McpSessions {len(self._sessions)} open on {self.pool!r}>"
@@ -370,6 +377,18 @@ class McpSessions:
             for task in mine:
                 if not task.done():
                     task.cancel()
+
+    def _pool_closed(self) -> None:
+        """The pool closes (from any thread): stop every session, on its own loop."""
+        self._closed = True
+        for session in list(self._sessions.values()):
+            loop = _loop_of(session)
+            if loop is None or loop.is_closed():
+                continue
+            try:
+                loop.call_soon_threadsafe(self._stop, session, CLOSED)
+            except RuntimeError:  # the loop closed meanwhile
+                continue
 
     # ------------------------------------------------------------------ internals
 
@@ -543,6 +562,24 @@ def _busy_in(exc: BaseException) -> BaseException | None:
 def _wrap(session: _Session, exc: BaseException | None) -> McpUnavailable:
     detail = f"{type(exc).__name__}: {exc}" if exc is not None else "the session ended"
     return McpUnavailable(session.server.label, detail)
+
+
+def _hook(ref: weakref.ref[McpSessions]) -> Any:
+    async def hook() -> None:
+        sessions = ref()
+        if sessions is not None and not sessions._closed:
+            await sessions.aclose()
+
+    return hook
+
+
+def _callback(ref: weakref.ref[McpSessions]) -> Any:
+    def callback() -> None:
+        sessions = ref()
+        if sessions is not None:
+            sessions._pool_closed()
+
+    return callback
 
 
 _by_pool: weakref.WeakKeyDictionary[Pool, McpSessions] = weakref.WeakKeyDictionary()

@@ -121,6 +121,10 @@ class SessionTransport(httpx.AsyncBaseTransport):
         method = request.method
         if method == "GET":
             return await self._listen(request)
+        if method == "DELETE" and self._pool.closed:
+            # The end of a session whose pool closed: nothing may be sent any more, and
+            # nothing is left to end on this side.
+            return httpx.Response(204, request=request)
         msg_id, rpc_method = _message_of(request) if method == "POST" else (None, None)
         token = self._enter()
         try:

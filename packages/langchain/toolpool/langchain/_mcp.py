@@ -64,8 +64,13 @@ def mcp_client_factory(pool: Pool) -> McpClientFactory:
         auth: httpx.Auth | None = None,
     ) -> httpx.AsyncClient:
         call = current_tool_call()
-        inner = _ScopedAsyncTransport(pool, call) if call is not None else None
-        transport = SessionTransport(pool, CURRENT, inner=inner)
+        # Inside a tool call the scoped transport answers MCP failures itself (as
+        # SessionTransport does), reporting busy errors and destinations to the call.
+        transport: httpx.AsyncBaseTransport = (
+            _ScopedAsyncTransport(pool, call)
+            if call is not None
+            else SessionTransport(pool, CURRENT)
+        )
         if timeout is None:
             timeout = _MCP_TIMEOUT
         return httpx.AsyncClient(transport=transport, headers=headers, timeout=timeout, auth=auth)

@@ -33,6 +33,9 @@ from toolpool.adapters import (
     denied_message,
     find_busy,
     find_denied,
+    find_mcp_failure,
+    is_mcp_tool,
+    mcp_failure_message,
     resolve_auth,
     tool_call_scope,
 )
@@ -185,14 +188,21 @@ class ToolpoolMiddleware(AgentMiddleware):
 
     @staticmethod
     def _denied_result(request: ToolCallRequest, exc: Exception) -> ToolMessage:
-        """A connect the egress policy refused becomes the tool's error message; any other
-        error propagates unchanged."""
-        denied = find_denied(exc)
-        if denied is None:
-            raise exc
+        """A connect the egress policy refused, or an MCP failure (a server gone, a dead
+        session, an MCP error, in whatever exception group the MCP client raised it),
+        becomes the tool's error message; any other error propagates unchanged."""
         name = request.tool_call["name"]
+        denied = find_denied(exc)
+        if denied is not None:
+            text = denied_message(denied, name)
+        else:
+            failure = find_mcp_failure(exc, mcp_tool=is_mcp_tool(request.tool))
+            if failure is None:
+                raise exc
+            text = mcp_failure_message(failure, name)
+            log.info("%s", text)
         return ToolMessage(
-            content=denied_message(denied, name),
+            content=text,
             name=name,
             tool_call_id=request.tool_call["id"],
             status="error",
