@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from mcp_servers import McpTestServer
 
 import toolpool
 from toolpool.auth import Bearer
-from toolpool.mcp import McpServer, McpSessions, McpUnavailable
+from toolpool.mcp import McpServer, McpSessions, McpUnavailable, sessions_of
 
 ACME = toolpool.AuthContext(tenant="acme")
 GLOBEX = toolpool.AuthContext(tenant="globex")
@@ -198,3 +199,60 @@ def test_server_config_is_checked_and_headers_stay_out_of_reprs() -> None:
         McpServer("http://127.0.0.1/mcp", timeout=0)
     server = McpServer("http://127.0.0.1/mcp", headers={"X-Api-Key": "s3cret"})
     assert "s3cret" not in repr(server)
+
+
+async def test_sessions_of_a_pool_end_before_it_closes(
+    mcp_server: McpTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`await pool.aclose()` ends `sessions_of(pool)`'s sessions first: each stateful one
+    with its DELETE (sent while the pool is still open), their tasks done, nothing sent after
+    the pool closed, no warning from the MCP client or toolpool."""
+    caplog.set_level(logging.WARNING)
+    pool = toolpool.Pool([_dest(mcp_server, max_connections=8)], warmup=0)
+    sessions = sessions_of(pool)
+    crm = McpServer(mcp_server.url)
+    for ctx in (ACME, GLOBEX):
+        result = await asyncio.wait_for(sessions.call_tool(crm, "whoami", ctx=ctx), 60)
+        assert _tenant(result) == ctx.tenant
+    tasks = [s.task for s in sessions._sessions.values()]
+    assert len(tasks) == 2 and not any(t is None or t.done() for t in tasks)
+    await asyncio.wait_for(pool.aclose(), 60)
+    assert all(t is not None and t.done() for t in tasks)
+    assert sessions.stats().open == 0
+    assert sessions.stats().discarded_total == {"closed": 2}
+    sent = len(mcp_server.methods), mcp_server.gets, mcp_server.deletes
+    assert mcp_server.deletes == (2 if mcp_server.stateful else 0)
+    with pytest.raises(McpUnavailable, match="closed"):
+        await sessions.call_tool(crm, "whoami", ctx=ACME)
+    assert (len(mcp_server.methods), mcp_server.gets, mcp_server.deletes) == sent
+    assert _client_warnings(caplog) == []
+
+
+async def test_sessions_end_when_their_pool_is_closed_from_sync_code(
+    mcp_server: McpTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pool.close()` (sync, here from another thread) stops the sessions on their loop;
+    their DELETEs are not sent (the pool is closed) and nothing warns."""
+    caplog.set_level(logging.WARNING)
+    pool = toolpool.Pool([_dest(mcp_server, max_connections=8)], warmup=0)
+    sessions = sessions_of(pool)
+    crm = McpServer(mcp_server.url)
+    result = await asyncio.wait_for(sessions.call_tool(crm, "whoami", ctx=ACME), 60)
+    assert _tenant(result) == "acme"
+    tasks = [s.task for s in sessions._sessions.values()]
+    assert len(tasks) == 1 and tasks[0] is not None
+    await asyncio.to_thread(pool.close)
+    await asyncio.wait_for(asyncio.gather(*(t for t in tasks if t is not None)), 30)
+    assert sessions.stats().open == 0
+    assert mcp_server.deletes == 0
+    assert _client_warnings(caplog) == []
+
+
+def _client_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Warnings and errors logged on the client side (the FastMCP server in the same process
+    logs its own "Error in standalone SSE writer" when a session's DELETE ends its stream)."""
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.name.startswith(("mcp.server", "uvicorn"))
+    ]
