@@ -77,7 +77,7 @@ class McpTestServer:
             self.gets = self.deletes = 0
 
 
-def _build(info: McpTestServer, stateful: bool) -> Any:
+def _build(info: McpTestServer, stateful: bool, sse: bool = False) -> Any:
     server = FastMCP(
         "crm",
         log_level="CRITICAL",
@@ -111,19 +111,23 @@ def _build(info: McpTestServer, stateful: bool) -> Any:
         await ctx.session.send_tool_list_changed()
         return "ok"
 
-    return server.streamable_http_app()
+    return server.sse_app() if sse else server.streamable_http_app()
 
 
 @contextmanager
-def serve_mcp(*, stateful: bool) -> Iterator[McpTestServer]:
+def serve_mcp(*, stateful: bool = True, sse: bool = False) -> Iterator[McpTestServer]:
+    """A FastMCP server on loopback: streamable HTTP at /mcp (stateful or stateless), or
+    with `sse` the legacy HTTP+SSE transport (GET /sse, POST /messages/)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(256)
     port = sock.getsockname()[1]
     info = McpTestServer(
-        url=f"http://127.0.0.1:{port}/mcp", origin=f"http://127.0.0.1:{port}", stateful=stateful
+        url=f"http://127.0.0.1:{port}/{'sse' if sse else 'mcp'}",
+        origin=f"http://127.0.0.1:{port}",
+        stateful=stateful,
     )
-    app = _build(info, stateful)
+    app = _build(info, stateful, sse)
 
     async def recording(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -31,6 +31,7 @@ waits without a bound: every call is bounded by `timeout`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -42,17 +43,26 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import anyio
 import httpx
 
 from toolpool._auth_context import AuthContext, current_auth
 from toolpool._pool import Pool
 from toolpool.adapters._busy import BUSY_ERRORS
-from toolpool.errors import ConfigError, McpUnavailable
+from toolpool.errors import (
+    ConfigError,
+    DestinationUnavailable,
+    McpUnavailable,
+    PoolSaturated,
+    PoolTimeout,
+)
 from toolpool.mcp._transport import FAILURE_KEY, SessionTransport
 
 try:
     from mcp import ClientSession, McpError, types
+    from mcp.client.sse import sse_client
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared.message import SessionMessage
 except ImportError:  # pragma: no cover - exercised only without the mcp package
     ClientSession = None  # type: ignore[assignment,misc]
 
@@ -71,10 +81,12 @@ ERROR = "error"
 EVICTED = "max_sessions"
 CLOSED = "closed"
 
+TRANSPORTS = ("streamable_http", "sse")
+
 
 @dataclass(frozen=True)
 class McpServer:
-    """An MCP server reached over streamable HTTP.
+    """An MCP server reached over streamable HTTP (or the legacy HTTP+SSE transport).
 
     `headers` are sent with every request of its sessions (per-tenant credentials belong in
     the destination's auth provider instead, which gives each context its own); their values
@@ -86,10 +98,19 @@ class McpServer:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
     timeout: float = 30.0
     name: str | None = None
+    #: "streamable_http", or "sse" for the legacy HTTP+SSE transport (`url` is then the
+    #: server's SSE endpoint; the session's GET stream carries every answer and holds one
+    #: connection for the session's life).
+    transport: str = "streamable_http"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"McpServer url must be http(s)://..., got {self.url!r}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(
+                f"McpServer transport must be one of {', '.join(TRANSPORTS)}, "
+                f"got {self.transport!r}"
+            )
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConfigError(f"McpServer timeout must be a positive number, got {self.timeout}")
 
@@ -99,8 +120,8 @@ class McpServer:
         return self.name or self.url.split("?", 1)[0]
 
     @property
-    def _key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
-        return self.url, tuple(sorted(self.headers.items()))
+    def _key(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        return self.transport, self.url, tuple(sorted(self.headers.items()))
 
 
 @dataclass(frozen=True)
@@ -144,12 +165,15 @@ class _Session:
         self.tools_lock = asyncio.Lock()
         self.listening = 0
         self.idle_timer: asyncio.TimerHandle | None = None
+        # SSE sessions: failed requests are answered into the session's incoming messages.
+        self.inject: Any = None
         self.transport = SessionTransport(
             owner.pool,
             ctx,
             on_failure=self._on_failure,
             listen=owner.listen,
             on_listen=self._on_listen,
+            answer=self._answer if server.transport == "sse" else None,
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -172,26 +196,86 @@ class _Session:
         if isinstance(root, types.ToolListChangedNotification):
             self.tools = None
 
+    async def _answer(self, msg_id: Any, body: bytes) -> None:
+        """Answer request `msg_id` of an SSE session with `body` (a JSON-RPC error)."""
+        inject = self.inject
+        if inject is None:
+            return  # the session is closing: its pending requests are answered by that
+        message = SessionMessage(types.JSONRPCMessage.model_validate_json(body))
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await inject.send(message)
+
+    def _client(
+        self,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+        auth: httpx.Auth | None = None,
+    ) -> httpx.AsyncClient:
+        """The session's HTTP client, on its transport (sse_client asks with its own
+        headers and timeouts: the server's are used)."""
+        return httpx.AsyncClient(
+            transport=self.transport,
+            headers=dict(self.server.headers),
+            timeout=httpx.Timeout(self.server.timeout, read=300.0, pool=None),
+        )
+
+    async def _serve(self, session: Any) -> None:
+        await session.initialize()
+        if self.broken:
+            raise McpUnavailable(self.server.label, "the session's handshake failed")
+        self.session = session
+        self.owner._initialized += 1
+        self.ready.set()
+        await self.stop.wait()
+
+    async def _run_sse(self) -> None:
+        server = self.server
+        async with sse_client(
+            server.url,
+            timeout=server.timeout,
+            sse_read_timeout=300.0,
+            httpx_client_factory=self._client,
+        ) as (read, write):
+            # The session reads the server's messages and the answers given to requests
+            # whose POST failed; when the server's stream ends, so does what it reads (its
+            # pending requests are then answered "Connection closed").
+            inject, incoming = anyio.create_memory_object_stream[Any](16)
+            self.inject = inject
+
+            async def forward() -> None:
+                try:
+                    async with read:
+                        async for item in read:
+                            await inject.send(item)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass
+                finally:
+                    self.inject = None
+                    await inject.aclose()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(forward)
+                try:
+                    async with ClientSession(
+                        incoming, write, message_handler=self._on_message
+                    ) as session:
+                        await self._serve(session)
+                finally:
+                    tg.cancel_scope.cancel()
+
     async def run(self) -> None:
         """The owner task: open, initialize, serve until told to stop, then end the session."""
         server = self.server
         try:
-            async with (
-                httpx.AsyncClient(
-                    transport=self.transport,
-                    headers=dict(server.headers),
-                    timeout=httpx.Timeout(server.timeout, read=300.0, pool=None),
-                ) as client,
-                streamable_http_client(server.url, http_client=client) as (read, write, _),
-                ClientSession(read, write, message_handler=self._on_message) as session,
-            ):
-                await session.initialize()
-                if self.broken:
-                    raise McpUnavailable(server.label, "the session's handshake failed")
-                self.session = session
-                self.owner._initialized += 1
-                self.ready.set()
-                await self.stop.wait()
+            if server.transport == "sse":
+                await self._run_sse()
+            else:
+                async with (
+                    self._client() as client,
+                    streamable_http_client(server.url, http_client=client) as (read, write, _),
+                    ClientSession(read, write, message_handler=self._on_message) as session,
+                ):
+                    await self._serve(session)
         except Exception as exc:
             self.error = self.error or exc
             self.broken = True
@@ -260,6 +344,8 @@ class McpSessions:
         self.tools_ttl = tools_ttl
         self.listen = listen
         self._sessions: OrderedDict[tuple[Any, ...], _Session] = OrderedDict()
+        # The last tool list of each (server, auth context), for a server gone later.
+        self._known_tools: dict[tuple[Any, ...], list[Any]] = {}
         self._initialized = 0
         self._discarded: Counter[str] = Counter()
         self._fetched = 0
@@ -319,12 +405,26 @@ class McpSessions:
     ) -> list[Any]:
         """`server`'s tools (`mcp.types.Tool`) for `ctx`, from its session's cache when the
         cache is fresh (see the class docstring)."""
+        if ctx is _UNSET:
+            ctx = current_auth()
+        known = (server._key, ctx._fingerprint if ctx is not None else "")
         deadline = monotonic() + server.timeout
-        session = await self._acquire(server, ctx, deadline)
         try:
-            return list(await self._tools(session, deadline, refresh=refresh))
-        finally:
-            self._release(session)
+            session = await self._acquire(server, ctx, deadline)
+            try:
+                tools = list(await self._tools(session, deadline, refresh=refresh))
+            finally:
+                self._release(session)
+        except (McpUnavailable, PoolSaturated, PoolTimeout, DestinationUnavailable) as exc:
+            # A server gone (or busy) when a run starts: the run still gets the tools it had
+            # (each call then answers "unavailable" or "busy" on its own), not an exception.
+            last = self._known_tools.get(known)
+            if last is None:
+                raise
+            log.info("listing the tools of %s failed (%s); using the last list", server.label, exc)
+            return list(last)
+        self._known_tools[known] = tools
+        return tools
 
     async def _tools(self, session: _Session, deadline: float, *, refresh: bool) -> list[Any]:
         """The session's tool list: cached, or fetched once for all concurrent askers."""
@@ -560,6 +660,9 @@ def _busy_in(exc: BaseException) -> BaseException | None:
 
 
 def _wrap(session: _Session, exc: BaseException | None) -> McpUnavailable:
+    # An MCP client's task group reports its failure as a group: name the failure itself.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
     detail = f"{type(exc).__name__}: {exc}" if exc is not None else "the session ended"
     return McpUnavailable(session.server.label, detail)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -103,6 +103,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
         on_failure: Callable[[BaseException, bool], None] | None = None,
         listen: bool = True,
         on_listen: Callable[[int], None] | None = None,
+        answer: Callable[[Any, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self._pool = pool
         self._inner = inner if inner is not None else AsyncTransport(pool)
@@ -110,6 +111,9 @@ class SessionTransport(httpx.AsyncBaseTransport):
         self._on_failure = on_failure or _ignore_failure
         self._listen_ok = listen
         self._on_listen = on_listen or _ignore_listen
+        # Legacy SSE transport: answers arrive on the session's GET stream, and `answer(id,
+        # JSON-RPC error body)` hands the session the answer to a request that failed.
+        self._answer = answer
         # Failures kept until the caller whose call met them collects them (`take`).
         self._failures: dict[int, BaseException] = {}
 
@@ -120,6 +124,8 @@ class SessionTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         method = request.method
         if method == "GET":
+            if self._answer is not None:
+                return await self._stream(request)
             return await self._listen(request)
         if method == "DELETE" and self._pool.closed:
             # The end of a session whose pool closed: nothing may be sent any more, and
@@ -129,13 +135,68 @@ class SessionTransport(httpx.AsyncBaseTransport):
         token = self._enter()
         try:
             response = await self._inner.handle_async_request(request)
+            if self._answer is not None and method == "POST":
+                return await self._accepted(request, response, msg_id)
             if method == "POST" and msg_id is not None:
-                return await self._answer(request, response, msg_id)
+                return await self._read(request, response, msg_id)
             return response
         except Exception as exc:
+            if self._answer is not None and method == "POST":
+                return await self._sse_failed(request, exc, msg_id, broken=True)
             return self._failed(request, exc, msg_id, rpc_method)
         finally:
             self._leave(token)
+
+    async def _accepted(
+        self, request: httpx.Request, response: httpx.Response, msg_id: Any
+    ) -> httpx.Response:
+        """An SSE session's POST: accepted (its answer comes on the stream), or failed."""
+        try:
+            await response.aread()
+        except Exception as exc:
+            await response.aclose()
+            return await self._sse_failed(request, exc, msg_id, broken=True)
+        if response.status_code >= 400:
+            status = httpx.HTTPStatusError(
+                f"HTTP {response.status_code}", request=request, response=response
+            )
+            return await self._sse_failed(request, status, msg_id, broken=True)
+        return response
+
+    async def _sse_failed(
+        self, request: httpx.Request, exc: Exception, msg_id: Any, *, broken: bool
+    ) -> httpx.Response:
+        """A failed POST of an SSE session: the request is answered with a JSON-RPC error
+        through `answer` (the MCP client would only log the failure and leave the caller
+        waiting); the POST itself reads as accepted."""
+        assert self._answer is not None
+        broken = broken and not isinstance(exc, BUSY_ERRORS)
+        log.debug("MCP POST failed: %s", exc)
+        if msg_id is None:
+            self._keep(exc, True)
+        else:
+            await self._answer(msg_id, self.error_body(exc, msg_id, broken))
+        return httpx.Response(202, request=request)
+
+    async def _stream(self, request: httpx.Request) -> httpx.Response:
+        """An SSE session's GET stream: the session itself (its answers come on it), so it
+        is sent like a request; a failure fails the session's opening."""
+        token = self._enter()
+        try:
+            response = await self._inner.handle_async_request(request)
+        except Exception as exc:
+            self._on_failure(exc, True)
+            raise
+        finally:
+            self._leave(token)
+        self._on_listen(1)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_CountedStream(response, lambda: self._on_listen(-1)),
+            extensions=response.extensions,
+            request=request,
+        )
 
     def _enter(self) -> Any:
         return None if self._ctx is CURRENT else _auth_context._current.set(self._ctx)  # type: ignore[arg-type]
@@ -144,7 +205,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
         if token is not None:
             _auth_context._current.reset(token)
 
-    async def _answer(
+    async def _read(
         self, request: httpx.Request, response: httpx.Response, msg_id: Any
     ) -> httpx.Response:
         """A request's answer, made safe to read: a JSON body is read here (failures become
