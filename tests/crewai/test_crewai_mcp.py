@@ -5,6 +5,7 @@ kickoff raises or hangs (each runs under a hard timeout); no connection carries 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -122,3 +123,22 @@ def test_a_server_gone_is_tool_error_text(mcp_server: McpTestServer) -> None:
         _kickoffs([crew], ["acme"])
         unavailable = [o for o in llm.observations if "unavailable" in o]
         assert len(unavailable) == 2, llm.observations
+
+
+def test_a_server_stopped_mid_run_is_tool_error_text(mcp_server: McpTestServer) -> None:
+    """Calls in flight when the server stops (cut after uvicorn's 1 s graceful shutdown)
+    come back to the model as the tool's error text; the kickoff completes, nothing raises."""
+    llm = ScriptedLLM(plan=_plan(mcp_server, 2, delay=30.0), busy_retries=0)
+    with _pool(mcp_server) as pool, ThreadPoolExecutor(1) as executor:
+        crew = _wrapped(mcp_server, llm, pool)
+        run = executor.submit(crew.kickoff, inputs={"tenant_id": "acme"})
+        deadline = time.monotonic() + 60
+        while mcp_server.count("tools/call") < 2:
+            assert time.monotonic() < deadline, "the calls did not reach the server"
+            assert not run.done(), run.exception()
+            time.sleep(0.01)
+        mcp_server.stop()
+        assert run.result(timeout=HARD_TIMEOUT) is not None  # no exception, no hang
+        unavailable = [o for o in llm.observations if "unavailable" in o]
+        assert len(unavailable) == 2, llm.observations
+        assert not any("t-acme" in o for o in llm.observations)
