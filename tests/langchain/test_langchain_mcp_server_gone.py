@@ -114,3 +114,46 @@ async def test_server_stopped_mid_run_is_an_error_message(
                 assert "t-acme" not in message.text  # no credential in what the model reads
         finally:
             await asyncio.wait_for(sessions.aclose(), HARD_TIMEOUT)
+
+
+async def test_mcp_tools_on_a_legacy_sse_server() -> None:
+    """`mcp_tools` pools legacy HTTP+SSE servers too: two tenants' calls answered on their
+    own sessions; then the server stopped mid-run gives error messages, not an exception."""
+    with serve_mcp(sse=True) as server:
+        async with _pool(server) as pool:
+            sessions = McpSessions(pool)
+            try:
+                tools = await mcp_tools(
+                    pool,
+                    {"crm": {"transport": "sse", "url": server.url, "timeout": 10}},
+                    ctx=toolpool.AuthContext(tenant="acme"),
+                    sessions=sessions,
+                )
+                model = ScriptedChatModel(tool_calls=_slow_calls(delay=0.1))
+                agent = wrap(create_agent(model, tools, context_schema=Ctx), pool, auth=by_context)
+                outs = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            agent.ainvoke({"messages": [("user", "go")]}, context=Ctx(t))
+                            for t in ("acme", "globex")
+                        )
+                    ),
+                    HARD_TIMEOUT,
+                )
+                for out in outs:
+                    assert [m.status for m in _tool_messages(out)] == ["success"] * CALLS
+                assert sessions.stats().initialized_total == 2
+                assert server.mixed_connections() == {}
+
+                model = ScriptedChatModel(tool_calls=_slow_calls(delay=30.0))
+                agent = wrap(create_agent(model, tools, context_schema=Ctx), pool, auth=by_context)
+                run = asyncio.ensure_future(
+                    agent.ainvoke({"messages": [("user", "go")]}, context=Ctx("acme"))
+                )
+                await _wait_for(lambda: server.count("tools/call") >= 3 * CALLS, "calls")
+                await asyncio.to_thread(server.stop)
+                messages = _tool_messages(await asyncio.wait_for(run, HARD_TIMEOUT))
+                assert len(messages) == CALLS
+                assert all(m.status == "error" and "unavailable" in m.text for m in messages)
+            finally:
+                await asyncio.wait_for(sessions.aclose(), HARD_TIMEOUT)

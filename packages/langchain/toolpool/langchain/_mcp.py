@@ -123,7 +123,8 @@ async def mcp_tools(
 
     `connections`: langchain-mcp-adapters' connection dicts by server name, or a
     `MultiServerMCPClient` (its connections and tool interceptors are used). Streamable HTTP
-    servers only (`"url"`, optional `"headers"` and `"timeout"`); per-tenant credentials come
+    or legacy SSE servers (`"transport": "streamable_http"` or `"sse"`, `"url"`, optional
+    `"headers"` and `"timeout"`); per-tenant credentials come
     from the destination's auth provider, not from headers. `ctx` is the auth context the
     tools are listed for (None: the current one); each call then runs on the session of the
     calling run's tenant. `sessions`: default `toolpool.mcp.sessions_of(pool)`.
@@ -157,13 +158,19 @@ async def mcp_tools(
 
 def _server(name: str, connection: Mapping[str, Any]) -> McpServer:
     transport = connection.get("transport")
-    if transport not in _HTTP_TRANSPORTS or "url" not in connection:
+    if transport not in (*_HTTP_TRANSPORTS, "sse") or "url" not in connection:
         raise ConfigError(
-            f"MCP server {name!r}: mcp_tools pools streamable HTTP servers "
-            f"({{'transport': 'streamable_http', 'url': ...}}), not {transport!r}; use "
-            f"langchain-mcp-adapters directly for it"
+            f"MCP server {name!r}: mcp_tools pools HTTP servers "
+            f"({{'transport': 'streamable_http' or 'sse', 'url': ...}}), not {transport!r}; "
+            f"use langchain-mcp-adapters directly for it"
         )
     timeout = connection.get("timeout", 30.0)
     seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
     headers = {str(k): str(v) for k, v in (connection.get("headers") or {}).items()}
-    return McpServer(str(connection["url"]), headers=headers, timeout=seconds, name=name)
+    return McpServer(
+        str(connection["url"]),
+        headers=headers,
+        timeout=seconds,
+        name=name,
+        transport="sse" if transport == "sse" else "streamable_http",
+    )
