@@ -21,13 +21,9 @@ def test_session_errors_are_found_inside_groups_and_causes() -> None:
     closed = anyio.ClosedResourceError()
     assert find_mcp_failure(_group(ValueError("x"), _group(closed))) is closed
     error = McpError(ErrorData(code=-32000, message="Connection closed"))
-    try:
-        try:
-            raise error
-        except McpError as exc:
-            raise RuntimeError("tool failed") from exc
-    except RuntimeError as outer:
-        assert find_mcp_failure(outer) is error
+    outer = RuntimeError("tool failed")
+    outer.__cause__ = error
+    assert find_mcp_failure(outer) is error
     text = mcp_failure_message(error, "crm_lookup")
     assert text.startswith("tool 'crm_lookup' could not run: MCP server unavailable")
     gone = McpUnavailable("crm", "ConnectError: All connection attempts failed")
