@@ -108,7 +108,9 @@ async def test_a_server_stopped_mid_run_is_an_error_result(sse_server: McpTestSe
             await asyncio.to_thread(sse_server.stop)
             result = await asyncio.wait_for(run, HARD_TIMEOUT)
             assert _outcomes(result) == ["unavailable"] * 3
+            # The server gone: "unavailable", or "busy (breaker_open)" once failures opened
+            # the destination's breaker; an error result either way.
             outcomes = await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT)
-            assert outcomes == ["unavailable"] * 2
+            assert len(outcomes) == 2 and set(outcomes) <= {"unavailable", "busy"}
         finally:
             await asyncio.wait_for(workbench.stop(), HARD_TIMEOUT)
