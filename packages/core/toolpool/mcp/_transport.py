@@ -189,14 +189,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
             raise
         finally:
             self._leave(token)
-        self._on_listen(1)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_CountedStream(response, lambda: self._on_listen(-1)),
-            extensions=response.extensions,
-            request=request,
-        )
+        return self._listening(request, response)
 
     def _enter(self) -> Any:
         return None if self._ctx is CURRENT else _auth_context._current.set(self._ctx)  # type: ignore[arg-type]
@@ -286,6 +279,10 @@ class SessionTransport(httpx.AsyncBaseTransport):
             return httpx.Response(405, request=request)
         finally:
             self._leave(token)
+        return self._listening(request, response)
+
+    def _listening(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        """`response` as an event stream counted in `streams` until its body is closed."""
         self._on_listen(1)
         return httpx.Response(
             response.status_code,
