@@ -23,22 +23,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from service_hop import TOKEN, ServiceChild  # benchmarks/ is on sys.path as a script
 
 from toolpool.testing import ServiceSpec, spawn_downstream
 
-TOKEN = "benchmark-agent-token-0123456789"
 CAP = 12
 CONFIGS = ("static", "redis")
 SPLIT = (0.8, 0.1, 0.1)
@@ -101,35 +99,11 @@ class Redis:
         self.proc.wait(10)
 
 
-class Replica:
-    """`python -m toolpool serve` on a free loopback port, until closed."""
+class Replica(ServiceChild):
+    """`python -m toolpool serve` on a free loopback port with the fleet's Redis, until closed."""
 
     def __init__(self, config_path: Path, redis_url: str) -> None:
-        env = {**os.environ, "BENCH_AGENT_TOKEN": TOKEN, "TOOLPOOL_REDIS_URL": redis_url}
-        cmd = [sys.executable, "-m", "toolpool", "serve", "--config", str(config_path)]
-        self.proc = subprocess.Popen(
-            [*cmd, "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.url = json.loads(self.proc.stdout.readline())["url"]
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the service did not become ready")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        super().__init__(config_path, env={"TOOLPOOL_REDIS_URL": redis_url})
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -54,8 +54,8 @@ tenants = ["acme"]
 class ServiceChild:
     """`python -m toolpool serve` on a free loopback port, until closed."""
 
-    def __init__(self, config_path: Path) -> None:
-        env = {**os.environ, "BENCH_AGENT_TOKEN": TOKEN}
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "BENCH_AGENT_TOKEN": TOKEN, **(env or {})}
         cmd = [sys.executable, "-m", "toolpool", "serve", "--config", str(config_path)]
         self.proc = subprocess.Popen(
             [*cmd, "--port", "0"],
