@@ -239,22 +239,7 @@ async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]
         clients = register_tenants(ds, spec)
         urls = {s: ds.url(s) for s in spec.services}
         demo.DOWNSTREAM = demo.Downstream(urls, clients, "pool")
-        pool = toolpool.Pool(
-            [
-                toolpool.Destination(
-                    service,
-                    urls[service],
-                    documented_limit=spec.concurrency_limit,
-                    queue_factor=8,
-                    verify=ds.ca_pem_path,
-                    auth=toolpool.auth.OAuth2ClientCredentials(
-                        urls[service] + "/oauth/token",
-                        credentials=lambda ctx: clients[ctx.tenant],
-                    ),
-                )
-                for service in spec.services
-            ]
-        )
+        pool = demo.storm_pool(spec, urls, clients, ds.ca_pem_path)
         await pool.astart()
         runner = demo.RUNNERS[framework](spec, pool)
         ds.reset_stats()

@@ -449,6 +449,29 @@ async def probe_costs(ds: Any, spec: StormSpec, clients: dict[str, tuple[str, st
     return {"connect_s": max(0.0, sorted(connects)[2] - rtt), "token_s": sorted(tokens)[2]}
 
 
+def storm_pool(
+    spec: StormSpec, urls: dict[str, str], clients: dict[str, Any], ca_pem_path: str
+) -> toolpool.Pool:
+    """The "toolpool" run's pool: one destination per service, OAuth2 per tenant."""
+    return toolpool.Pool(
+        [
+            toolpool.Destination(
+                service,
+                urls[service],
+                # The seed's sizing: 70 % of the downstream's documented limit (18 -> 12).
+                documented_limit=spec.concurrency_limit,
+                queue_factor=8,
+                verify=ca_pem_path,
+                auth=toolpool.auth.OAuth2ClientCredentials(
+                    urls[service] + "/oauth/token",
+                    credentials=lambda ctx: clients[ctx.tenant],
+                ),
+            )
+            for service in spec.services
+        ]
+    )
+
+
 async def run_once(
     strategy: str, spec: StormSpec, framework: str, progress: Callable[[int, int], None]
 ) -> tuple[dict[str, Any], list[CallRecord], list[tuple[float, int]]]:
@@ -463,23 +486,7 @@ async def run_once(
         DOWNSTREAM = Downstream(urls, clients, "pool" if strategy == "toolpool" else "per-call")
         pool: toolpool.Pool | None = None
         if strategy == "toolpool":
-            pool = toolpool.Pool(
-                [
-                    toolpool.Destination(
-                        service,
-                        urls[service],
-                        # The seed's sizing: 70 % of the downstream's documented limit (18 -> 12).
-                        documented_limit=spec.concurrency_limit,
-                        queue_factor=8,
-                        verify=ds.ca_pem_path,
-                        auth=toolpool.auth.OAuth2ClientCredentials(
-                            urls[service] + "/oauth/token",
-                            credentials=lambda ctx: clients[ctx.tenant],
-                        ),
-                    )
-                    for service in spec.services
-                ]
-            )
+            pool = storm_pool(spec, urls, clients, ds.ca_pem_path)
             if framework == "crewai":
                 # CrewAI's tools are synchronous: warm connections for the thread driver.
                 await asyncio.to_thread(pool.start)
