@@ -179,12 +179,7 @@ class ToolpoolMiddleware(AgentMiddleware):
         name = request.tool_call["name"]
         text = busy_message(exc, name)
         log.info("%s", text)
-        return ToolMessage(
-            content=text,
-            name=name,
-            tool_call_id=request.tool_call["id"],
-            status="error",
-        )
+        return _error_message(request, text)
 
     @staticmethod
     def _denied_result(request: ToolCallRequest, exc: Exception) -> ToolMessage:
@@ -201,12 +196,7 @@ class ToolpoolMiddleware(AgentMiddleware):
                 raise exc
             text = mcp_failure_message(failure, name)
             log.info("%s", text)
-        return ToolMessage(
-            content=text,
-            name=name,
-            tool_call_id=request.tool_call["id"],
-            status="error",
-        )
+        return _error_message(request, text)
 
     # ------------------------------------------------------------------ the hooks
 
@@ -289,3 +279,13 @@ class ToolpoolMiddleware(AgentMiddleware):
 
 def _label(ctx: AuthContext | None) -> str | None:
     return ctx.label if ctx is not None else None
+
+
+def _error_message(request: ToolCallRequest, text: str) -> ToolMessage:
+    """The `ToolMessage(status="error")` the model reads instead of the tool's result."""
+    return ToolMessage(
+        content=text,
+        name=request.tool_call["name"],
+        tool_call_id=request.tool_call["id"],
+        status="error",
+    )
