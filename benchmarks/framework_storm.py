@@ -55,7 +55,8 @@ for _name, _value in {
 
 import toolpool  # noqa: E402
 import toolpool.auth  # noqa: E402
-from toolpool import _aio  # noqa: E402
+from toolpool._async import request as async_request  # noqa: E402
+from toolpool._async.connection import AsyncConnection  # noqa: E402
 from toolpool.adapters import AdaptiveToolConcurrency, Admission  # noqa: E402
 from toolpool.auth._runtime import HeaderAuth  # noqa: E402
 from toolpool.testing import spawn_downstream  # noqa: E402
@@ -119,10 +120,10 @@ def instrument() -> None:
     AdaptiveToolConcurrency.__init__ = init  # type: ignore[method-assign]
     AdaptiveToolConcurrency.slot = _timed_async_cm("tool_slot_wait", AdaptiveToolConcurrency.slot)  # type: ignore[method-assign]
     Admission.hold = _timed_async_cm("admission_wait", Admission.hold)  # type: ignore[method-assign]
-    _aio.acquire = _timed_coro("pool_wait", _aio.acquire)  # type: ignore[assignment]
-    _aio.open_slot = _timed_coro("connect", _aio.open_slot)  # type: ignore[assignment]
+    async_request.acquire = _timed_coro("pool_wait", async_request.acquire)  # type: ignore[assignment]
+    async_request.open_slot = _timed_coro("connect", async_request.open_slot)  # type: ignore[assignment]
     HeaderAuth._obtain_async = _timed_coro("token", HeaderAuth._obtain_async)  # type: ignore[method-assign]
-    _aio.AsyncConnection.exchange = _timed_coro("request", _aio.AsyncConnection.exchange)  # type: ignore[method-assign]
+    AsyncConnection.exchange = _timed_coro("request", AsyncConnection.exchange)  # type: ignore[method-assign]
 
 
 async def _noop_tool(service: str, tenant: str, query: str) -> dict[str, Any]:

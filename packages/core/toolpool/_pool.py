@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from toolpool import _aio, _auth_context, _sio, _state
+from toolpool import _auth_context, _state
+from toolpool._async import request as async_request
 from toolpool._config import (
     Destination,
     DestinationSettings,
@@ -27,6 +28,8 @@ from toolpool._maintenance import Maintenance
 from toolpool._runtime import DestinationPool
 from toolpool._state import Slot
 from toolpool._stats import DestinationStats, PoolStats, destination_stats
+from toolpool._sync import request as sync_request
+from toolpool._sync.connection import SYNC_DRIVER
 from toolpool.errors import ConfigError, PoolClosed, UnknownDestination
 
 if TYPE_CHECKING:
@@ -372,7 +375,7 @@ class Pool:
         """Start the pool and warm up its destinations on the running event loop."""
         self._ensure_started()
         jobs = [
-            _aio.warm(dest, slot, ctx)
+            async_request.warm(dest, slot, ctx)
             for dest, slot, ctx in self._warmup_permits(asyncio.get_running_loop())
         ]
         if jobs:
@@ -382,10 +385,10 @@ class Pool:
     def start(self) -> None:
         """Start the pool and warm up its destinations for the thread driver."""
         self._ensure_started()
-        permits = self._warmup_permits(_sio.SYNC_DRIVER)
+        permits = self._warmup_permits(SYNC_DRIVER)
         if permits:
             with ThreadPoolExecutor(min(16, len(permits)), "toolpool-warmup") as ex:
-                results = list(ex.map(lambda p: _sio.warm(*p), permits))
+                results = list(ex.map(lambda p: sync_request.warm(*p), permits))
             self._log_warmup(len(results), sum(results))
 
     def _warmup_permits(self, driver: Any) -> list[tuple[DestinationPool, Slot, Any]]:

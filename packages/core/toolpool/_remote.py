@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from toolpool import _sio
 from toolpool._auth_context import AuthContext, _current
 from toolpool._config import Destination, Origin, origin_of, origin_text
 from toolpool._runtime import pool_key
+from toolpool._sync.connection import SYNC_DRIVER
 from toolpool._watched import WatchedStream
 from toolpool.errors import (
     AuthError,
@@ -585,7 +585,7 @@ class _Overflow:
         return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        if self._claim_local(ctx, _sio.SYNC_DRIVER):
+        if self._claim_local(ctx, SYNC_DRIVER):
             try:
                 response = self._inner_s(request, ctx)
             except PoolSaturated as exc:

@@ -121,10 +121,13 @@ class DestinationPool:
         # How a request is sent: the drivers' pooled send, which an auth provider and a
         # resilience policy may each wrap once at bind time. `base_*` stay unwrapped (for
         # requests that must skip the wrappers, such as token requests).
-        from toolpool import _aio, _sio
+        from toolpool._async import request as async_request
+        from toolpool._sync import request as sync_request
 
-        self.base_async_send: Callable[..., Awaitable[httpx.Response]] = partial(_aio.send, self)
-        self.base_sync_send: Callable[..., httpx.Response] = partial(_sio.send, self)
+        self.base_async_send: Callable[..., Awaitable[httpx.Response]] = partial(
+            async_request.send, self
+        )
+        self.base_sync_send: Callable[..., httpx.Response] = partial(sync_request.send, self)
         self.async_send: Callable[..., Awaitable[httpx.Response]] = self.base_async_send
         self.sync_send: Callable[..., httpx.Response] = self.base_sync_send
 

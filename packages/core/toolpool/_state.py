@@ -1,7 +1,7 @@
 """The pool's rules for one destination, as a state machine with no I/O.
 
 Everything that decides which request gets which connection must live in this file. The
-drivers (`_pool` with `_aio` and `_sio`) execute the actions these methods return (close a
+drivers (`_pool` with `_async` and `_sync`) execute the actions these methods return (close a
 connection, wake a waiter) and report what happened (opened, closed, released); they never
 decide anything themselves. Every method takes `now` (a monotonic clock reading) and
 returns a list of actions; none blocks, sleeps or touches a socket. The caller serialises

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from toolpool import _aio, _sio
+from toolpool._async import request as async_request
+from toolpool._sync import request as sync_request
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
@@ -30,7 +31,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
         self.pool = pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await _aio.handle_request(self.pool, request)
+        return await async_request.handle_request(self.pool, request)
 
     async def aclose(self) -> None:
         """Does nothing: the pool is closed by its owner (`pool.aclose()`)."""
@@ -43,7 +44,7 @@ class Transport(httpx.BaseTransport):
         self.pool = pool
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return _sio.handle_request(self.pool, request)
+        return sync_request.handle_request(self.pool, request)
 
     def close(self) -> None:
         """Does nothing: the pool is closed by its owner (`pool.close()`)."""

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from toolpool import _aio, _sio
+from toolpool._async import request as async_request
 from toolpool._auth_context import AuthContext
 from toolpool._runtime import mark_counted, unmark_counted
+from toolpool._sync import request as sync_request
 from toolpool.auth._cache import (
     FAIL,
     LEAD,
@@ -356,7 +357,7 @@ class HeaderAuth:
                 if cold and self.policy.preconnect and token_dest is not self.dest:
                     # Open the API connection while the token is on its way.
                     preconnect = asyncio.get_running_loop().create_task(
-                        _aio.preconnect(self.dest, ctx)
+                        async_request.preconnect(self.dest, ctx)
                     )
                 # Part of the call it is fetched for: never refused for a full queue.
                 marked = mark_counted(token_dest)
@@ -661,7 +662,7 @@ def _who(ctx: AuthContext | None) -> str:
 
 def _preconnect_sync(dest: DestinationPool, ctx: AuthContext | None) -> None:
     try:
-        _sio.preconnect(dest, ctx)
+        sync_request.preconnect(dest, ctx)
     except Exception as exc:  # the request itself meets (and reports) any real failure
         log.debug("preconnect to %s failed: %s", dest.name, type(exc).__name__)
 
