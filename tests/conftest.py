@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-# Test modules are imported by path (--import-mode=importlib), so test files in different
-# folders may share a name. Each folder's helper modules (rawhttp, lc_support, ...) and the
-# `tests.<area>` package paths stay importable:
-_TESTS = Path(__file__).resolve().parent
-for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"):
-    if str(_folder) not in sys.path:
-        sys.path.append(str(_folder))
-if str(_TESTS.parent) not in sys.path:
-    sys.path.insert(0, str(_TESTS.parent))
+# Fixtures shared by several folders (the helpers themselves are plain modules of
+# tests/_support, importable as `tests._support.<module>` through pytest's `pythonpath`).
+pytest_plugins = ["tests._support.fixtures"]
 
 # Agent frameworks and their dependencies must not try to reach the network.
 for _name, _value in {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from auth_support import TENANTS, register
 
+from tests._support.oauth_tenants import TENANTS, register
 from toolpool.testing import Downstream, ServiceSpec
 
 

@@ -12,9 +12,9 @@ import threading
 
 import httpx
 import pytest
-from auth_support import destination, oauth, register, tenant_ctx
 
 import toolpool
+from tests._support.oauth_tenants import destination, oauth, register, tenant_ctx
 from toolpool.testing import Downstream, ServiceSpec
 
 TENANTS = [f"tenant{i:02d}" for i in range(20)]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from auth_support import destination
 
 import toolpool
+from tests._support.oauth_tenants import destination
 from toolpool.testing import Downstream, ServiceSpec
 
 MTLS = ServiceSpec(mtls=True, require_auth=False)

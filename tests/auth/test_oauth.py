@@ -12,9 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from auth_support import TENANTS, client_secret, destination, oauth, register, tenant_ctx
 
 import toolpool
+from tests._support.oauth_tenants import (
+    TENANTS,
+    client_secret,
+    destination,
+    oauth,
+    register,
+    tenant_ctx,
+)
 from toolpool.testing import Downstream, ServiceSpec
 
 

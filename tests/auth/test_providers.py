@@ -8,9 +8,16 @@ import traceback
 
 import httpx
 import pytest
-from auth_support import RUN, client_secret, destination, oauth, register, tenant_ctx
 
 import toolpool
+from tests._support.oauth_tenants import (
+    RUN,
+    client_secret,
+    destination,
+    oauth,
+    register,
+    tenant_ctx,
+)
 from toolpool.auth import ApiKey, Bearer, Credential, TokenPolicy, TokenProvider
 from toolpool.testing import Downstream, ServiceSpec
 

@@ -17,9 +17,9 @@ import time
 from collections import Counter
 
 import pytest
-from auth_support import destination, oauth, register, tenant_ctx
 
 import toolpool
+from tests._support.oauth_tenants import destination, oauth, register, tenant_ctx
 from toolpool.testing import Downstream, ServiceSpec
 
 SERVICES = [f"svc{i}" for i in range(5)]

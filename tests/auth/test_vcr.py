@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import vcr
-from auth_support import RUN, client_secret, destination, oauth, register, tenant_ctx
 from vcr.errors import CannotOverwriteExistingCassetteException
 
 import toolpool
+from tests._support.oauth_tenants import (
+    RUN,
+    client_secret,
+    destination,
+    oauth,
+    register,
+    tenant_ctx,
+)
 from toolpool.testing import Downstream, ServiceSpec
 
 SERVICES = {"crm": ServiceSpec(token_latency=0.01), "search": ServiceSpec(require_auth=False)}

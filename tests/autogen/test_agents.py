@@ -14,9 +14,9 @@ from autogen_agentchat.messages import ToolCallExecutionEvent
 from autogen_agentchat.teams import RoundRobinGroupChat, SelectorGroupChat
 from autogen_core.models import FunctionExecutionResult
 from autogen_core.tools import StaticStreamWorkbench
-from autogen_support import describe, replay_model, tenant_headers
 
 import toolpool
+from tests._support.autogen_replay import describe, replay_model, tenant_headers
 from toolpool.autogen import PooledWorkbench, unwrap, wrap
 from toolpool.testing import Downstream
 

@@ -15,9 +15,9 @@ from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import ToolCallExecutionEvent
 from autogen_core import CancellationToken
 from autogen_ext.tools.http import HttpTool
-from autogen_support import replay_model
 
 import toolpool
+from tests._support.autogen_replay import replay_model
 from toolpool.auth import OAuth2ClientCredentials
 from toolpool.autogen import PooledHttpTool, wrap
 from toolpool.testing import Downstream, ServiceSpec

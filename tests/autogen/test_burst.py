@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from autogen_agentchat.agents import AssistantAgent
-from autogen_support import describe, replay_model, tenant_headers, tool_results_seen
 
 import toolpool
+from tests._support.autogen_replay import describe, replay_model, tenant_headers, tool_results_seen
 from toolpool.autogen import wrap
 from toolpool.testing import Downstream, ServiceSpec
 

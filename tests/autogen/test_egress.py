@@ -7,9 +7,9 @@ from __future__ import annotations
 import httpx
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import ToolCallExecutionEvent
-from autogen_support import replay_model
 
 import toolpool
+from tests._support.autogen_replay import replay_model
 from toolpool.autogen import wrap
 from toolpool.testing import Downstream, HostMap
 

@@ -21,9 +21,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from autogen_agentchat.agents import AssistantAgent  # noqa: E402
 from autogen_agentchat.messages import ToolCallExecutionEvent  # noqa: E402
 from autogen_ext.tools.mcp import McpWorkbench, StreamableHttpServerParams  # noqa: E402
-from autogen_support import replay_model  # noqa: E402
 
 import toolpool  # noqa: E402
+from tests._support.autogen_replay import replay_model  # noqa: E402
 from toolpool.auth import Bearer  # noqa: E402
 from toolpool.autogen import PooledWorkbench, wrap  # noqa: E402
 

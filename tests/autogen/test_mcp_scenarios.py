@@ -6,80 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import pytest
-from autogen_agentchat.agents import AssistantAgent
-from autogen_agentchat.messages import ToolCallExecutionEvent
 from autogen_ext.tools.mcp import McpWorkbench, StreamableHttpServerParams
-from autogen_support import replay_model
-from mcp_servers import McpTestServer, serve_mcp
 
 import toolpool
-from toolpool.auth import Bearer
+from tests._support.autogen_mcp import HARD_TIMEOUT, mcp_pool, run_agent
+from tests._support.mcp_servers import McpTestServer
 from toolpool.autogen import PooledWorkbench
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Use `streamable_http_client` instead:DeprecationWarning"
 )
 
-# A run that has not returned by then hangs.
-HARD_TIMEOUT = 90
-
-
-@pytest.fixture(params=["stateful", "stateless"])
-def mcp_server(request: pytest.FixtureRequest) -> Iterator[McpTestServer]:
-    with serve_mcp(stateful=request.param == "stateful") as server:
-        yield server
-
-
-def _pool(server: McpTestServer, **kw: float) -> toolpool.Pool:
-    dest = toolpool.Destination(
-        "mcp", server.origin, auth=Bearer(lambda ctx: f"t-{ctx.tenant}"), **kw
-    )
-    return toolpool.Pool([dest], warmup=0)
-
-
-def _outcomes(result: object) -> list[str]:
-    """'ok', 'busy' or 'unavailable' per tool call of the run."""
-    events = [m for m in result.messages if isinstance(m, ToolCallExecutionEvent)]  # type: ignore[attr-defined]
-    out = []
-    for r in (r for e in events for r in e.content):
-        if not r.is_error:
-            out.append("ok")
-        elif "busy" in r.content:
-            out.append("busy")
-        else:
-            assert "unavailable" in r.content, r.content
-            out.append("unavailable")
-    return out
-
-
-async def _run(
-    workbench: PooledWorkbench, tenant: str, calls: int, *, tool: str = "slow_add"
-) -> list[str]:
-    args = {"a": 1, "b": 2, "delay": 0.2} if tool == "slow_add" else {}
-    agent = AssistantAgent(
-        f"{tenant}_agent",
-        model_client=replay_model([(tool, args)] * calls, "done"),
-        workbench=workbench,
-        max_tool_iterations=1,
-    )
-    with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
-        result = await agent.run(task="add")
-    outcomes = _outcomes(result)
-    assert len(outcomes) == calls
-    return outcomes
-
 
 async def test_six_parallel_calls_on_cap_4_complete(mcp_server: McpTestServer) -> None:
     """Scenario 1a: cap 4, default queue, 6 parallel calls: the run returns, all answered."""
-    async with _pool(mcp_server, max_connections=4) as pool:
+    async with mcp_pool(mcp_server, max_connections=4) as pool:
         workbench = PooledWorkbench(
             McpWorkbench(StreamableHttpServerParams(url=mcp_server.url)), pool
         )
         try:
-            outcomes = await asyncio.wait_for(_run(workbench, "acme", 6), HARD_TIMEOUT)
+            outcomes = await asyncio.wait_for(run_agent(workbench, "acme", 6), HARD_TIMEOUT)
         finally:
             await workbench.stop()
         assert outcomes == ["ok"] * 6
@@ -90,14 +38,14 @@ async def test_six_parallel_calls_on_cap_4_complete(mcp_server: McpTestServer) -
 async def test_one_workbench_for_acme_then_globex(mcp_server: McpTestServer) -> None:
     """Scenario 1b: one workbench, tenant acme then globex (queue_factor 10): both runs
     complete on their own sessions."""
-    async with _pool(mcp_server, max_connections=4, queue_factor=10) as pool:
+    async with mcp_pool(mcp_server, max_connections=4, queue_factor=10) as pool:
         workbench = PooledWorkbench(
             McpWorkbench(StreamableHttpServerParams(url=mcp_server.url)), pool
         )
         try:
             for tenant in ("acme", "globex", "acme"):
                 outcomes = await asyncio.wait_for(
-                    _run(workbench, tenant, 3, tool="whoami"), HARD_TIMEOUT
+                    run_agent(workbench, tenant, 3, tool="whoami"), HARD_TIMEOUT
                 )
                 assert outcomes == ["ok"] * 3
             sessions = workbench.mcp_sessions
@@ -110,13 +58,13 @@ async def test_one_workbench_for_acme_then_globex(mcp_server: McpTestServer) -> 
 
 async def test_four_tenants_on_cap_4_get_answers_or_busy(mcp_server: McpTestServer) -> None:
     """Scenario 1c: 4 tenants at once on cap 4: no hang, every call answered or busy."""
-    async with _pool(mcp_server, max_connections=4, acquire_timeout=5) as pool:
+    async with mcp_pool(mcp_server, max_connections=4, acquire_timeout=5) as pool:
         workbench = PooledWorkbench(
             McpWorkbench(StreamableHttpServerParams(url=mcp_server.url, timeout=20)), pool
         )
         try:
             runs = await asyncio.wait_for(
-                asyncio.gather(*(_run(workbench, f"t{i}", 4) for i in range(4))), HARD_TIMEOUT
+                asyncio.gather(*(run_agent(workbench, f"t{i}", 4) for i in range(4))), HARD_TIMEOUT
             )
         finally:
             await workbench.stop()
@@ -129,13 +77,15 @@ async def test_four_tenants_on_cap_4_get_answers_or_busy(mcp_server: McpTestServ
 async def test_two_tenants_ten_calls_each_do_not_starve(mcp_server: McpTestServer) -> None:
     """Scenario 3: cap 4, queue_factor 10, 2 tenants x 10 concurrent calls: GET streams do
     not starve the pool; every call answered (the queue is deep enough)."""
-    async with _pool(mcp_server, max_connections=4, queue_factor=10) as pool:
+    async with mcp_pool(mcp_server, max_connections=4, queue_factor=10) as pool:
         workbench = PooledWorkbench(
             McpWorkbench(StreamableHttpServerParams(url=mcp_server.url)), pool
         )
         try:
             runs = await asyncio.wait_for(
-                asyncio.gather(_run(workbench, "acme", 10), _run(workbench, "globex", 10)),
+                asyncio.gather(
+                    run_agent(workbench, "acme", 10), run_agent(workbench, "globex", 10)
+                ),
                 HARD_TIMEOUT,
             )
             stats = pool.stats()["mcp"]
@@ -149,24 +99,26 @@ async def test_two_tenants_ten_calls_each_do_not_starve(mcp_server: McpTestServe
 
 
 async def test_a_server_gone_is_an_error_result_not_a_hang(mcp_server: McpTestServer) -> None:
-    async with _pool(mcp_server) as pool:
+    async with mcp_pool(mcp_server) as pool:
         workbench = PooledWorkbench(
             McpWorkbench(StreamableHttpServerParams(url=mcp_server.url, timeout=10)), pool
         )
         try:
-            assert await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT) == ["ok"] * 2
+            assert (
+                await asyncio.wait_for(run_agent(workbench, "acme", 2), HARD_TIMEOUT) == ["ok"] * 2
+            )
             mcp_server.down = True
-            outcomes = await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT)
+            outcomes = await asyncio.wait_for(run_agent(workbench, "acme", 2), HARD_TIMEOUT)
             assert outcomes == ["unavailable"] * 2
             mcp_server.down = False
-            assert await asyncio.wait_for(_run(workbench, "acme", 1), HARD_TIMEOUT) == ["ok"]
+            assert await asyncio.wait_for(run_agent(workbench, "acme", 1), HARD_TIMEOUT) == ["ok"]
         finally:
             await workbench.stop()
 
 
 def test_results_are_the_servers_answers(mcp_server: McpTestServer) -> None:
     async def go() -> None:
-        async with _pool(mcp_server) as pool:
+        async with mcp_pool(mcp_server) as pool:
             workbench = PooledWorkbench(
                 McpWorkbench(StreamableHttpServerParams(url=mcp_server.url)), pool
             )

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_ext.tools.mcp import McpWorkbench, SseServerParams
-from autogen_support import replay_model
-from mcp_servers import McpTestServer, serve_mcp
-from test_mcp_scenarios import HARD_TIMEOUT, _outcomes, _pool, _run
 
 import toolpool
+from tests._support.autogen_mcp import HARD_TIMEOUT, call_outcomes, mcp_pool, run_agent
+from tests._support.autogen_replay import replay_model
+from tests._support.mcp_servers import McpTestServer, serve_mcp
 from toolpool.autogen import PooledWorkbench
 
 
@@ -34,10 +34,10 @@ def _workbench(server: McpTestServer, pool: toolpool.Pool, timeout: float = 10) 
 
 async def test_six_parallel_calls_on_cap_4_complete(sse_server: McpTestServer) -> None:
     """Scenario 1a on SSE: cap 4, 6 parallel calls, one session: all answered."""
-    async with _pool(sse_server, max_connections=4) as pool:
+    async with mcp_pool(sse_server, max_connections=4) as pool:
         workbench = _workbench(sse_server, pool)
         try:
-            outcomes = await asyncio.wait_for(_run(workbench, "acme", 6), HARD_TIMEOUT)
+            outcomes = await asyncio.wait_for(run_agent(workbench, "acme", 6), HARD_TIMEOUT)
             assert workbench.mcp_sessions is not None
             assert workbench.mcp_sessions.sessions.stats().streams == 1  # the session's GET
         finally:
@@ -51,12 +51,12 @@ async def test_six_parallel_calls_on_cap_4_complete(sse_server: McpTestServer) -
 async def test_one_workbench_for_acme_then_globex(sse_server: McpTestServer) -> None:
     """Scenario 1b on SSE: one workbench, acme then globex then acme: each run completes on
     its tenant's own session (the second acme run reuses the first one's)."""
-    async with _pool(sse_server, max_connections=4, queue_factor=10) as pool:
+    async with mcp_pool(sse_server, max_connections=4, queue_factor=10) as pool:
         workbench = _workbench(sse_server, pool)
         try:
             for tenant in ("acme", "globex", "acme"):
                 outcomes = await asyncio.wait_for(
-                    _run(workbench, tenant, 3, tool="whoami"), HARD_TIMEOUT
+                    run_agent(workbench, tenant, 3, tool="whoami"), HARD_TIMEOUT
                 )
                 assert outcomes == ["ok"] * 3
             sessions = workbench.mcp_sessions
@@ -72,17 +72,19 @@ async def test_one_workbench_for_acme_then_globex(sse_server: McpTestServer) -> 
 async def test_a_server_answering_errors_is_an_error_result(sse_server: McpTestServer) -> None:
     """POSTs answered 503 (the MCP client would only log them and wait for an answer on the
     stream forever): each call is "unavailable" at once; the server back, calls work."""
-    async with _pool(sse_server) as pool:
+    async with mcp_pool(sse_server) as pool:
         workbench = _workbench(sse_server, pool, timeout=30)
         try:
-            assert await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT) == ["ok"] * 2
+            assert (
+                await asyncio.wait_for(run_agent(workbench, "acme", 2), HARD_TIMEOUT) == ["ok"] * 2
+            )
             sse_server.down = True
             started = time.monotonic()
-            outcomes = await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT)
+            outcomes = await asyncio.wait_for(run_agent(workbench, "acme", 2), HARD_TIMEOUT)
             assert outcomes == ["unavailable"] * 2
             assert time.monotonic() - started < 20  # answered, not timed out (30 s)
             sse_server.down = False
-            assert await asyncio.wait_for(_run(workbench, "acme", 1), HARD_TIMEOUT) == ["ok"]
+            assert await asyncio.wait_for(run_agent(workbench, "acme", 1), HARD_TIMEOUT) == ["ok"]
         finally:
             await workbench.stop()
 
@@ -90,7 +92,7 @@ async def test_a_server_answering_errors_is_an_error_result(sse_server: McpTestS
 async def test_a_server_stopped_mid_run_is_an_error_result(sse_server: McpTestServer) -> None:
     """Calls in flight when the server stops, and calls after it is gone, are error
     results within the hard timeout."""
-    async with _pool(sse_server) as pool:
+    async with mcp_pool(sse_server) as pool:
         workbench = _workbench(sse_server, pool, timeout=30)
         try:
             agent = AssistantAgent(
@@ -107,10 +109,10 @@ async def test_a_server_stopped_mid_run_is_an_error_result(sse_server: McpTestSe
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(sse_server.stop)
             result = await asyncio.wait_for(run, HARD_TIMEOUT)
-            assert _outcomes(result) == ["unavailable"] * 3
+            assert call_outcomes(result) == ["unavailable"] * 3
             # The server gone: "unavailable", or "busy (breaker_open)" once failures opened
             # the destination's breaker; an error result either way.
-            outcomes = await asyncio.wait_for(_run(workbench, "acme", 2), HARD_TIMEOUT)
+            outcomes = await asyncio.wait_for(run_agent(workbench, "acme", 2), HARD_TIMEOUT)
             assert len(outcomes) == 2 and set(outcomes) <= {"unavailable", "busy"}
         finally:
             await asyncio.wait_for(workbench.stop(), HARD_TIMEOUT)

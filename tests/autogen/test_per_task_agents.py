@@ -13,9 +13,9 @@ import httpx
 import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_core.tools import FunctionTool
-from autogen_support import replay_model, tenant_headers
 
 import toolpool
+from tests._support.autogen_replay import replay_model, tenant_headers
 from toolpool.autogen import PooledWorkbench, wrap
 from toolpool.testing import Downstream
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import TextMessage
-from autogen_support import describe, replay_model, tenant_headers, tool_results_seen
 
 import toolpool
+from tests._support.autogen_replay import describe, replay_model, tenant_headers, tool_results_seen
 from toolpool.autogen import DEFAULT_MAX_PARALLEL_TOOL_CALLS, PooledWorkbench, wrap
 from toolpool.testing import Downstream, ServiceSpec
 

@@ -25,8 +25,8 @@ from autogen_agentchat.messages import ToolCallExecutionEvent
 from autogen_agentchat.teams import BaseGroupChat, RoundRobinGroupChat
 from autogen_core import CancellationToken
 from autogen_core.tools import FunctionTool, StaticStreamWorkbench, StaticWorkbench, ToolResult
-from autogen_support import replay_model
 
+from tests._support.autogen_replay import replay_model
 from toolpool.autogen import TESTED_AUTOGEN_VERSIONS
 
 marker: contextvars.ContextVar[str | None] = contextvars.ContextVar("marker", default=None)

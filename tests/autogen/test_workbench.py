@@ -33,10 +33,10 @@ from autogen_core.tools import (
     ToolSchema,
     Workbench,
 )
-from autogen_support import replay_model, tenant_headers
 from pydantic import BaseModel
 
 import toolpool
+from tests._support.autogen_replay import replay_model, tenant_headers
 from toolpool.autogen import ContextFunctionTool, PooledWorkbench, unwrap, wrap
 from toolpool.testing import Downstream
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 import toolpool
-from tests.core.conftest import assert_quiet
-from tests.core.hostile import HostileServer
+from tests._support.hostile_server import HostileServer
+from tests._support.pools import assert_quiet
 from toolpool.auth import Bearer
 from toolpool.testing._certs import CertificateAuthority
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import toolpool
-from tests.core.conftest import assert_quiet, destination
+from tests._support.pools import assert_quiet, destination
 from toolpool.testing import Downstream
 
 

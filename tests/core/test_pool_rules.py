@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import toolpool
-from tests.core.conftest import assert_quiet, destination, tenant
+from tests._support.pools import assert_quiet, destination, tenant
 from toolpool.testing import Downstream, ServiceSpec
 
 

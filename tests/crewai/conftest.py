@@ -100,7 +100,7 @@ def no_network() -> Iterator[None]:
 
 # ---------------------------------------------------------------------- test bed
 
-from crewai_support import TENANTS, make_pool, register_tenants  # noqa: E402
+from tests._support.crewai_crews import TENANTS, make_pool, register_tenants  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from crewai_support import (
+
+import toolpool
+from tests._support.crewai_crews import (
     CALLS_PER_KICKOFF,
     TENANTS,
     CallLog,
@@ -19,8 +21,6 @@ from crewai_support import (
     tenants_in,
     three_agent_crew,
 )
-
-import toolpool
 from toolpool.crewai import is_wrapped, wrap
 from toolpool.testing import Downstream
 

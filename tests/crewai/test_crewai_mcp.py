@@ -6,29 +6,21 @@ kickoff raises or hangs (each runs under a hard timeout); no connection carries 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 from crewai import Agent, Crew, Task
 from crewai.mcp import MCPServerHTTP
 from crewai.utilities.string_utils import sanitize_tool_name
-from mcp_servers import McpTestServer, serve_mcp
 
 import toolpool
+from tests._support.mcp_servers import McpTestServer
 from toolpool.auth import Bearer
 from toolpool.crewai import wrap
 from toolpool.crewai.testing import ScriptedLLM, is_busy_result
 
 HARD_TIMEOUT = 120
-
-
-@pytest.fixture(params=["stateful", "stateless"])
-def mcp_server(request: pytest.FixtureRequest) -> Iterator[McpTestServer]:
-    with serve_mcp(stateful=request.param == "stateful") as server:
-        yield server
 
 
 def _tool_name(server: McpTestServer, tool: str) -> str:

@@ -178,7 +178,7 @@ def test_tls_settings_of_the_tool_are_left_alone(
 ) -> None:
     """verify= its own CA or False, or a client cert: urllib3 as before (not pooled). The CA
     bundle requests reads from REQUESTS_CA_BUNDLE is process configuration: pooled."""
-    from crewai_support import tenant_ctx
+    from tests._support.crewai_crews import tenant_ctx
 
     url = ds.url("search")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")

@@ -16,9 +16,9 @@ import pytest
 from crewai import Agent, Crew, Task
 from crewai.tools import BaseTool
 from crewai.tools.tool_failure import ToolExecutionFailedError
-from crewai_support import TENANTS, tenant_ctx
 
 import toolpool
+from tests._support.crewai_crews import TENANTS, tenant_ctx
 from toolpool.crewai import wrap
 from toolpool.crewai.testing import ScriptedLLM, is_busy_result
 from toolpool.testing import Downstream, ServiceSpec

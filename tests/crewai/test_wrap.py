@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from crewai import Agent, Crew, Task
 from crewai.tools import BaseTool
-from crewai_support import CallLog, CrmLookup, tenant_ctx
 from pydantic import Field
 
 import toolpool
+from tests._support.crewai_crews import CallLog, CrmLookup, tenant_ctx
 from toolpool.crewai import is_wrapped, unwrap, wrap
 from toolpool.crewai._tools import TOOL_METHODS
 from toolpool.crewai.testing import ScriptedLLM

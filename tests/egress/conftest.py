@@ -7,16 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.egress.egress_support import PacketSpy, hostmap
+from tests._support.packet_spy import hostmap
 from toolpool.testing import Downstream, HostMap, ServiceSpec
-
-
-@pytest.fixture
-def spy() -> Iterator[PacketSpy]:
-    guard = PacketSpy()
-    with guard.installed():
-        yield guard
-    assert guard.refused == [], f"something tried to leave loopback: {guard.refused}"
 
 
 @pytest.fixture

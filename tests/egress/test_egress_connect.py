@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 import toolpool
 import toolpool.metrics
-from tests.egress.egress_support import PacketSpy
-from tests.egress.test_egress_policy import METADATA_FORMS
+from tests._support.metadata_forms import METADATA_FORMS
+from tests._support.packet_spy import PacketSpy
 from toolpool.testing import Downstream, HostMap
 
 DRIVERS = ["asyncio", "threads"]

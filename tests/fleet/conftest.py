@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.fleet_support import RedisServer
+from tests._support.redis_fleet import RedisServer
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fleet.fleet_support import RedisServer, fleet_config, limits_section
-from tests.service.support import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.pool_service import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.redis_fleet import RedisServer, fleet_config, limits_section
 from toolpool.fleet import RedisFleet
 from toolpool.testing import Downstream, ServiceSpec
 

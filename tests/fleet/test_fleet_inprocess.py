@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import toolpool
-from tests.fleet.fleet_support import FLEET_KEY, RedisServer
+from tests._support.redis_fleet import FLEET_KEY, RedisServer
 from toolpool.fleet import RedisFleet
 from toolpool.resilience import Policy, RateLimit
 from toolpool.testing import Downstream, ServiceSpec

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.fleet.fleet_support import RedisServer
-from tests.resilience.resilience_support import eventually
+from tests._support.redis_fleet import RedisServer
+from tests._support.resilience_probes import eventually
 from toolpool.fleet import RedisFleet
 
 CAP = 10

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 import toolpool
-from tests.fleet.fleet_support import RedisServer, fleet_config, limits_section
-from tests.service.support import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.pool_service import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.redis_fleet import RedisServer, fleet_config, limits_section
 from toolpool.errors import ConfigError
 from toolpool.fleet import RedisFleet
 from toolpool.resilience import Policy, RateLimit

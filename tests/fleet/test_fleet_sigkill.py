@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fleet.fleet_support import RedisServer, fleet_config, limits_section
-from tests.service.support import AGENT_A_TOKEN, ServiceProcess, write_config
+from tests._support.pool_service import AGENT_A_TOKEN, ServiceProcess, write_config
+from tests._support.redis_fleet import RedisServer, fleet_config, limits_section
 from toolpool.testing import Downstream, ServiceSpec
 
 CAP = 12

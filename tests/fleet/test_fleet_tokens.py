@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fleet.fleet_support import (
+from tests._support.pool_service import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.redis_fleet import (
     FLEET_KEY,
     RedisServer,
     fleet_config,
@@ -20,7 +21,6 @@ from tests.fleet.fleet_support import (
     secret_env,
     secret_of,
 )
-from tests.service.support import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
 from toolpool.fleet import RedisFleet
 from toolpool.testing import Downstream, ServiceSpec
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from lc_support import make_pool
 
 import toolpool
+from tests._support.langchain_tools import make_pool
 from toolpool.testing import Downstream, ServiceSpec
 
 

@@ -18,9 +18,9 @@ import pytest
 from langchain.agents import create_agent
 from langchain.tools import ToolRuntime, tool
 from langchain_core.messages import ToolMessage
-from lc_support import Ctx, by_context, tenant_of
 
 import toolpool
+from tests._support.langchain_tools import Ctx, by_context, tenant_of
 from toolpool.langchain import wrap
 from toolpool.langchain.testing import ScriptedChatModel
 from toolpool.testing import Downstream, ServiceSpec

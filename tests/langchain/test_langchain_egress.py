@@ -8,9 +8,9 @@ import httpx
 from langchain.agents import create_agent
 from langchain.tools import tool
 from langchain_core.messages import ToolMessage
-from lc_support import Ctx, by_context
 
 import toolpool
+from tests._support.langchain_tools import Ctx, by_context
 from toolpool.langchain import wrap
 from toolpool.langchain.testing import ScriptedChatModel
 from toolpool.testing import Downstream, HostMap

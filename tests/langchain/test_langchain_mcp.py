@@ -18,10 +18,10 @@ from langchain.agents import create_agent
 from langchain_core.messages import ToolMessage
 from langchain_mcp_adapters.client import MultiServerMCPClient
 from langchain_mcp_adapters.interceptors import MCPToolCallRequest
-from lc_support import Ctx, by_context, calls
 from mcp.server.fastmcp import Context, FastMCP
 
 import toolpool
+from tests._support.langchain_tools import Ctx, by_context, calls
 from toolpool.langchain import mcp_client_factory, wrap
 from toolpool.langchain.testing import ScriptedChatModel
 

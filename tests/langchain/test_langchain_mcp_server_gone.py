@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import ToolMessage
 from langchain_mcp_adapters.client import MultiServerMCPClient
-from lc_support import Ctx, by_context
-from mcp_servers import McpTestServer, serve_mcp
 
 import toolpool
+from tests._support.langchain_tools import Ctx, by_context
+from tests._support.mcp_servers import McpTestServer, serve_mcp
 from toolpool.auth import Bearer
 from toolpool.langchain import mcp_client_factory, mcp_tools, wrap
 from toolpool.langchain.testing import ScriptedChatModel
@@ -28,12 +27,6 @@ from toolpool.mcp import McpSessions
 
 HARD_TIMEOUT = 60
 CALLS = 4
-
-
-@pytest.fixture(params=["stateful", "stateless"])
-def mcp_server(request: pytest.FixtureRequest) -> Iterator[McpTestServer]:
-    with serve_mcp(stateful=request.param == "stateful") as server:
-        yield server
 
 
 def _pool(server: McpTestServer) -> toolpool.Pool:

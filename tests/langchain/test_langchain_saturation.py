@@ -15,9 +15,9 @@ import pytest
 from langchain.agents import create_agent
 from langchain.tools import ToolRuntime, tool
 from langchain_core.messages import ToolMessage
-from lc_support import Ctx, by_context, calls, make_pool, tenant_of
 
 import toolpool
+from tests._support.langchain_tools import Ctx, by_context, calls, make_pool, tenant_of
 from toolpool.langchain import ToolpoolMiddleware
 from toolpool.langchain.testing import ScriptedChatModel
 from toolpool.testing import Downstream

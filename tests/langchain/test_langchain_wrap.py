@@ -18,9 +18,16 @@ from langchain.tools import ToolRuntime, tool
 from langchain_core.messages import ToolMessage
 from langgraph.graph import START, StateGraph
 from langgraph.prebuilt.tool_node import ToolCallRequest
-from lc_support import Ctx, by_configurable, by_context, calls, naive_tools, tenant_of
 
 import toolpool
+from tests._support.langchain_tools import (
+    Ctx,
+    by_configurable,
+    by_context,
+    calls,
+    naive_tools,
+    tenant_of,
+)
 from toolpool.langchain import ToolpoolMiddleware, middleware_of, tool_nodes, wrap
 from toolpool.langchain.testing import ScriptedChatModel
 from toolpool.testing import Downstream
@@ -77,7 +84,7 @@ async def test_wrap_pools_an_existing_agent_async(ds: Downstream, pool: toolpool
 
 
 def test_wrap_pools_sync_invocation_with_configurable_tenant(ds: Downstream) -> None:
-    from lc_support import make_pool
+    from tests._support.langchain_tools import make_pool
 
     with make_pool(ds) as pool:
         model = ScriptedChatModel(tool_calls=PARALLEL_SYNC)

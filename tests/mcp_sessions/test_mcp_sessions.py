@@ -9,9 +9,9 @@ import logging
 from typing import Any
 
 import pytest
-from mcp_servers import McpTestServer
 
 import toolpool
+from tests._support.mcp_servers import McpTestServer
 from toolpool.auth import Bearer
 from toolpool.mcp import McpServer, McpSessions, McpUnavailable, sessions_of
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from obs_support import Samples, scrape_registry, scrape_url
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.registry import REGISTRY
 
 import toolpool
 import toolpool.auth
 import toolpool.metrics
+from tests._support.prometheus_samples import Samples, scrape_registry, scrape_url
 from toolpool.testing import Downstream, ServiceSpec
 
 # Random per run, so that finding one in the exposition cannot be a coincidence of a constant.

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 
-from obs_support import scrape_registry
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 import toolpool
 import toolpool.metrics
+from tests._support.prometheus_samples import scrape_registry
 from toolpool import _top
 from toolpool.resilience import AdaptiveLimit, CircuitBreaker, Policy, Retry
 from toolpool.testing import Downstream, ServiceSpec

@@ -8,11 +8,11 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from obs_support import Samples, closed_by_reason, scrape_registry, scrape_url
 from prometheus_client import CollectorRegistry
 
 import toolpool
 import toolpool.metrics
+from tests._support.prometheus_samples import Samples, closed_by_reason, scrape_registry, scrape_url
 from toolpool.testing import Downstream, ServiceSpec
 
 TENANTS = [f"tenant-{i}" for i in range(6)]

@@ -14,7 +14,10 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otel_support import (
+
+import toolpool
+import toolpool.otel
+from tests._support.otel_spans import (
     SECRETS,
     by_id,
     check_accounted,
@@ -23,9 +26,6 @@ from otel_support import (
     oauth_pool,
     tls_children,
 )
-
-import toolpool
-import toolpool.otel
 from toolpool.testing import ServiceSpec, spawn_downstream
 from toolpool.testing._remote import RemoteDownstream
 
@@ -126,9 +126,9 @@ async def test_autogen_agent_run_spans_nest_under_autogen_tool_spans(
     ds: RemoteDownstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     from autogen_agentchat.agents import AssistantAgent
-    from autogen_support import replay_model
 
     import toolpool.autogen
+    from tests._support.autogen_replay import replay_model
 
     url = ds.url("crm") + "/anything"
 

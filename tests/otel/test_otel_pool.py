@@ -19,17 +19,17 @@ from typing import Any
 import httpx
 import prometheus_client
 import pytest
-from obs_support import Samples
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otel_support import SECRETS, check_accounted, children, client_spans, oauth_pool
 
 import toolpool
 import toolpool.metrics
 import toolpool.otel
+from tests._support.otel_spans import SECRETS, check_accounted, children, client_spans, oauth_pool
+from tests._support.prometheus_samples import Samples
 from toolpool.testing import Downstream, ServiceSpec
 
 pytestmark = pytest.mark.timeout(120)

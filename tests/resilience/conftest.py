@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from resilience_support import eventually_sync, resilience_threads
 
+from tests._support.resilience_probes import eventually_sync, resilience_threads
 from toolpool.testing import Downstream, ServiceSpec
 
 

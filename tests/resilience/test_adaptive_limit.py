@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from resilience_support import eventually, policy_of, quantile
 
 import toolpool
+from tests._support.resilience_probes import eventually, policy_of, quantile
 from toolpool.resilience import AdaptiveLimit, Policy
 from toolpool.testing import ServiceSpec, spawn_downstream
 

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from resilience_support import eventually, policy_of
 
 import toolpool
+from tests._support.resilience_probes import eventually, policy_of
 from toolpool.resilience import CircuitBreaker, Policy, PolicyRuntime, Saturation
 from toolpool.testing import Downstream
 

@@ -14,9 +14,9 @@ import time
 
 import httpx
 import pytest
-from resilience_support import eventually, policy_of
 
 import toolpool
+from tests._support.resilience_probes import eventually, policy_of
 from toolpool.resilience import CircuitBreaker, Policy
 from toolpool.resilience._breaker import CLOSED, HALF_OPEN, OPEN
 from toolpool.testing import ServiceSpec, spawn_downstream

@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from resilience_support import policy_of
 
 import toolpool
+from tests._support.resilience_probes import policy_of
 from toolpool.resilience import (
     DEFAULT_POLICY,
     AdaptiveLimit,

@@ -8,9 +8,9 @@ import asyncio
 import time
 
 import pytest
-from resilience_support import policy_of
 
 import toolpool
+from tests._support.resilience_probes import policy_of
 from toolpool.resilience import Policy, RateLimit
 from toolpool.testing import Downstream
 

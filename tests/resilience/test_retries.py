@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
-from resilience_support import eventually, policy_of
 
 import toolpool
+from tests._support.resilience_probes import eventually, policy_of
 from toolpool.resilience import Policy, Retry
 from toolpool.testing import Downstream, ServiceSpec
 

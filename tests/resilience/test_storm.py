@@ -9,9 +9,9 @@ import asyncio
 import threading
 
 import httpx
-from resilience_support import eventually, policy_of
 
 import toolpool
+from tests._support.resilience_probes import eventually, policy_of
 from toolpool.resilience import Saturation
 from toolpool.testing import Downstream, ServiceSpec
 

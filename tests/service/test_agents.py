@@ -11,18 +11,18 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import service_config
-from tests.service.support import (
+from tests._support.pool_service import (
     AGENT_A_TOKEN,
     AGENT_B_TOKEN,
     SERVICE_ENV,
     ServiceProcess,
+    service_config,
     write_config,
 )
 from toolpool.testing import Downstream, ServiceSpec
 
-SCRIPT = Path(__file__).with_name("agent_script.py")
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "_support" / "agent_script.py"
 
 
 def _agent(

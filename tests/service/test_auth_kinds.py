@@ -11,7 +11,7 @@ import httpx
 import trustme
 
 import toolpool
-from tests.service.support import AGENT_B_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.pool_service import AGENT_B_TOKEN, SERVICE_ENV, ServiceThread, write_config
 from toolpool.testing import Downstream, ServiceSpec
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import service_config
-from tests.service.support import AGENT_B_TOKEN, ServiceProcess, write_config
+from tests._support.pool_service import AGENT_B_TOKEN, ServiceProcess, service_config, write_config
 from toolpool.testing import Downstream
 
 HEADERS = {"Authorization": f"Bearer {AGENT_B_TOKEN}", "X-Toolpool-Tenant": "acme"}

@@ -7,14 +7,13 @@ Also: the config's egress table, and the RFC 8693 token-exchange auth type."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.egress.egress_support import PacketSpy
-from tests.service.support import AGENT_B_TOKEN, SERVICE_ENV, ServiceThread, write_config
+from tests._support.packet_spy import PacketSpy
+from tests._support.pool_service import AGENT_B_TOKEN, SERVICE_ENV, ServiceThread, write_config
 from toolpool.errors import ConfigError
 from toolpool.service import ServiceConfig, parse_config
 from toolpool.testing import Downstream, HostMap, ServiceSpec
@@ -48,14 +47,6 @@ token_env = "AGENT_B_TOKEN"
 tenants = ["acme", "globex"]
 {extra}
 """
-
-
-@pytest.fixture
-def spy() -> Iterator[PacketSpy]:
-    guard = PacketSpy()
-    with guard.installed():
-        yield guard
-    assert guard.refused == [], f"something tried to leave loopback: {guard.refused}"
 
 
 def _with_resolver(names: HostMap) -> object:

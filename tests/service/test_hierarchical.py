@@ -14,8 +14,13 @@ import httpx
 import pytest
 
 import toolpool
-from tests.service.conftest import service_config
-from tests.service.support import AGENT_B_TOKEN, CountingRelay, ServiceThread, write_config
+from tests._support.pool_service import (
+    AGENT_B_TOKEN,
+    CountingRelay,
+    ServiceThread,
+    service_config,
+    write_config,
+)
 from toolpool.testing import Downstream, ServiceSpec
 
 ACME = toolpool.AuthContext(tenant="acme")

@@ -16,8 +16,13 @@ import httpx
 import pytest
 
 import toolpool
-from tests.service.conftest import service_config
-from tests.service.support import AGENT_A_TOKEN, AGENT_B_TOKEN, ServiceThread, write_config
+from tests._support.pool_service import (
+    AGENT_A_TOKEN,
+    AGENT_B_TOKEN,
+    ServiceThread,
+    service_config,
+    write_config,
+)
 from toolpool.testing import Downstream
 
 B = {"Authorization": f"Bearer {AGENT_B_TOKEN}", "X-Toolpool-Tenant": "acme"}
@@ -135,7 +140,7 @@ async def test_a_fleet_coordinator_plugs_in_as_the_global_limit(
 ) -> None:
     text = service_config(ds).replace(
         "[pool]",
-        '[limits]\nprovider = "tests.service.support:OnePermitLimit"\npermits = 1\n\n[pool]',
+        '[limits]\nprovider = "tests._support.pool_service:OnePermitLimit"\npermits = 1\n\n[pool]',
     )
     with ServiceThread(write_config(tmp_path, text)) as svc:
         limit = svc.config.limit

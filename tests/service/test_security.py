@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import service_config
-from tests.service.support import (
+from tests._support.pool_service import (
     AGENT_A_TOKEN,
     AGENT_B_TOKEN,
     ConnectSpy,
     ServiceThread,
     raw_request,
+    service_config,
     sha256,
     write_config,
 )

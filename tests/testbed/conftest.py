@@ -6,7 +6,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from rawhttp import RawClient
+
+from tests._support.raw_http import RawClient
 
 
 @pytest.fixture

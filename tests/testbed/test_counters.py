@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
-from rawhttp import RawClient
 
+from tests._support.raw_http import RawClient
 from toolpool.testing import Downstream, ServiceSpec
 
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from rawhttp import RawClient
 
+from tests._support.raw_http import RawClient
 from toolpool.testing import Downstream, ServiceSpec
 from toolpool.testing._loop import LoopName
 

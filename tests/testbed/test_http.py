@@ -8,8 +8,8 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from rawhttp import RawClient
 
+from tests._support.raw_http import RawClient
 from toolpool.testing import Downstream, ServiceSpec
 from toolpool.testing._http import MAX_HEAD, ProtocolError, Request, RequestParser
 

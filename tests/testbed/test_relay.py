@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from rawhttp import RawClient
 
+from tests._support.raw_http import RawClient
 from toolpool.testing import Downstream, LatencyRelay, ServiceSpec
 
 OW = 0.1  # one-way delay: large against scheduling noise, so the bounds below are safe

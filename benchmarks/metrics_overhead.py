@@ -1,6 +1,6 @@
 """What the metrics cost (run by hand; not a test: performance is measured, not asserted).
 
-    .venv/bin/python tests/observability/bench_metrics_overhead.py
+    .venv/bin/python benchmarks/metrics_overhead.py
 
 1. the request-path recording added for the metrics (one `Durations.observe` per connection
    release and per connection opened);

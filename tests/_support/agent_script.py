@@ -1,7 +1,9 @@
 """An agent process for the service tests: N concurrent tool calls per tenant through
 `toolpool.RemoteTransport`, using the destination's ordinary URL; prints one JSON report.
 
-    python agent_script.py SERVICE_URL TARGET_URL TENANT[,TENANT...] N   (token in AGENT_TOKEN)
+    python tests/_support/agent_script.py SERVICE_URL TARGET_URL TENANT[,TENANT...] N
+
+(the agent token in the environment variable AGENT_TOKEN)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ token endpoint is another destination: with `TokenPolicy(preconnect=True)` the A
 (TCP + TLS) is opened while the token is fetched; without, after it. Both services sit behind
 `LatencyRelay`s (one-way delay below), the token endpoint answers after 50 ms.
 
-    .venv/bin/python tests/auth/bench_cold_call.py [one_way_seconds] [rounds]
+    .venv/bin/python benchmarks/cold_call.py [one_way_seconds] [rounds]
 """
 
 from __future__ import annotations

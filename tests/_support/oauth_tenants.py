@@ -1,5 +1,5 @@
 """Helpers for the auth registry tests: tenants with OAuth clients, and pools whose
-destinations authenticate per tenant (imported by tests/auth as `auth_support`)."""
+destinations authenticate per tenant (tests/auth)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import httpx
 import uvicorn
 
 from toolpool.service import PoolService, ServiceConfig, load_config
+from toolpool.testing import Downstream
 
 AGENT_A_TOKEN = "agent-a-token-0123456789abcdef"
 AGENT_B_TOKEN = "agent-b-token-0123456789abcdef"
@@ -395,3 +396,62 @@ class OnePermitLimit:
             yield
         finally:
             self.held -= 1
+
+
+def service_config(
+    ds: Downstream,
+    *,
+    crm_cap: int = 4,
+    search_cap: int = 8,
+    service: str = "",
+    extra: str = "",
+    search_extra: str = "",
+    crm_extra: str = "",
+) -> str:
+    """A config for `ds`: crm with OAuth per tenant, search open (tenant forwarded as X-Tenant),
+    agent-a (acme only) and agent-b (acme and globex)."""
+    return f"""
+[service]
+allowed_hosts = ["127.0.0.1", "localhost"]
+max_request_body = 1048576
+max_response_body = 1048576
+{service}
+
+[pool]
+warmup = 0.0
+# Counted tests: no retries or adaptive limit between the service and the test bed (the
+# suite also passes with "default"; examples/toolpool.toml uses it).
+policy = "off"
+
+[destinations.crm]
+url = "{ds.url("crm")}"
+max_connections = {crm_cap}
+{crm_extra}
+
+[destinations.crm.auth]
+type = "oauth2_client_credentials"
+token_url = "{ds.token_url("crm")}"
+
+[destinations.crm.auth.tenants.acme]
+client_id = "acme-app"
+client_secret_env = "CRM_ACME_SECRET"
+
+[destinations.crm.auth.tenants.globex]
+client_id = "globex-app"
+client_secret_env = "CRM_GLOBEX_SECRET"
+
+[destinations.search]
+url = "{ds.url("search")}"
+max_connections = {search_cap}
+forward_tenant_as = "X-Tenant"
+{search_extra}
+
+[agents.agent-a]
+token_env = "AGENT_A_TOKEN"
+tenants = ["acme"]
+
+[agents.agent-b]
+token_env = "AGENT_B_TOKEN"
+tenants = ["acme", "globex"]
+{extra}
+"""
