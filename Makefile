@@ -20,7 +20,7 @@ export LANGSMITH_TRACING := false
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: test test-latest demo bench lint typecheck install lock clean suite redis-server
+.PHONY: test test-latest demo bench lint typecheck install lock clean suite redis-server unasync
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,14 @@ lock: | $(BIN)/python
 		--custom-compile-command "make lock" pyproject.toml -o $(LOCK)
 
 lint: $(STAMP)
-	$(BIN)/ruff check packages tests benchmarks examples
-	$(BIN)/ruff format --check packages tests benchmarks examples
+	$(BIN)/ruff check packages tests benchmarks examples tools
+	$(BIN)/ruff format --check packages tests benchmarks examples tools
+	$(BIN)/python tools/unasync.py --check
+
+# The thread driver's request path is generated from the asyncio driver's (tools/unasync.py):
+# edit packages/core/toolpool/_async/request.py, then run this.
+unasync: $(STAMP)
+	$(BIN)/python tools/unasync.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DestinationPool",
+    "connect_error",
     "counted_calls",
     "is_event_stream",
     "mark_counted",
@@ -75,6 +76,21 @@ def pool_key(ctx: AuthContext | None, driver: Any) -> tuple[str, Any]:
     """The state machine's key for requests of `ctx` on `driver` (an event loop, or the
     thread driver): the auth context's fingerprint ("" for no context) and the driver."""
     return (ctx._fingerprint if ctx is not None else "", driver)
+
+
+def connect_error(
+    dest: DestinationPool, exc: BaseException, timeout: float | None
+) -> BaseException:
+    """The httpx exception for a driver's failed connect (cancellation and others pass
+    through), naming the destination and what to look at."""
+    where = f"{dest.name} ({dest.host}:{dest.port})"
+    if isinstance(exc, TimeoutError):
+        return httpx.ConnectTimeout(f"connecting to {where} timed out after {timeout} s")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return httpx.ConnectError(f"TLS handshake with {where} failed: {exc}")
+    if isinstance(exc, OSError):
+        return httpx.ConnectError(f"cannot connect to {where}: {exc}")
+    return exc
 
 
 def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -231,12 +247,38 @@ class DestinationPool:
             self.execute(actions)
 
     def checked_lease(self, slot: Slot) -> Slot:
-        """`slot` if its pooled connection passes the stale check, else a permit in its place
-        (the rule is `DestinationState.replace`'s). A fresh permit passes unchecked."""
-        conn = slot.conn
-        if conn is None or conn.probe():
+        """`slot` if its connection passes the stale check the state machine asks for
+        (`DestinationState.must_check`), else a permit in its place."""
+        if not self.state.must_check(slot) or slot.conn.probe():
             return slot
         return self.replace(slot)
+
+    def unanswered(self, slot: Slot, reused: bool, retried: bool, replayable: bool) -> Slot | None:
+        """The slot's connection failed before any byte of the response: a permit to retry
+        the request on, or None once the slot is closed and the request must fail (the
+        state machine decides: `DestinationState.unanswered`)."""
+        conn = slot.conn
+        conn.active = False
+        with self.lock:
+            got = self.state.unanswered(slot, monotonic(), reused, retried, replayable)
+        if isinstance(got, Slot):
+            conn.abort()  # dead: no graceful close, and no report follows for its slot
+            return got
+        if got:
+            self.execute(got)
+        return None
+
+    def wait_limit(self, timeouts: dict[str, float | None]) -> float:
+        """How long a request may wait for a slot: the pool's bound and httpx's, the smaller."""
+        pool_timeout = timeouts.get("pool")
+        limit = self.settings.acquire_timeout
+        return pool_timeout if pool_timeout is not None and pool_timeout < limit else limit
+
+    def connect_limit(self, timeouts: dict[str, float | None]) -> float:
+        """How long a connect may take: the pool's bound and httpx's, the smaller."""
+        connect = timeouts.get("connect")
+        limit = self.settings.connect_timeout
+        return connect if connect is not None and connect < limit else limit
 
     def response_started(self, slot: Slot, headers: list[tuple[bytes, bytes]]) -> None:
         """The slot's response head arrived: an event stream is long-lived from now on."""

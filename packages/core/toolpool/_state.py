@@ -523,17 +523,33 @@ class DestinationState:
             return self._close(slot, LIFETIME)
         return self._return(slot, now)
 
-    def replace(self, slot: Slot, now: float) -> Slot:
-        """The leased connection turned out stale before it carried the request: drop it
-        and give the same request a permit in its place, keeping its turn. The dead
-        connection needs no graceful close.
+    @staticmethod
+    def must_check(slot: Slot) -> bool:
+        """Probe-on-borrow: whether the driver checks the leased slot's connection for
+        staleness before sending on it (and reports a failed check with `replace`).
 
-        The stale rule, applied by both drivers through `DestinationPool.checked_lease` on
-        *every* reuse (not only after some idle time): a pooled connection that is not
-        alive, has unread bytes or has seen EOF (a zero-timeout readability check; on
-        asyncio also any byte received while it was idle) is replaced. Bytes nobody asked
-        for are a response to no request; reusing the connection would hand them to the
-        next one. See `retry_stale` for a reused connection that fails later."""
+        The rule: *every* reuse is checked, not only after some idle time. A pooled
+        connection that is not alive, has unread bytes or has seen EOF (a zero-timeout
+        readability check; on asyncio also any byte received while it was idle) is stale.
+        Bytes nobody asked for are a response to no request; reusing the connection would
+        hand them to the next one. A fresh permit has nothing to check."""
+        return slot.conn is not None
+
+    def unanswered(
+        self, slot: Slot, now: float, reused: bool, retried: bool, replayable: bool
+    ) -> Slot | list[Action]:
+        """The slot's connection failed before any byte of the response arrived (the peer
+        closed or reset it). Either a permit in its place, for the same request to retry
+        once on a new connection (`retry_stale` says when), or the slot closed (the
+        returned actions) and the request fails."""
+        if retry_stale(reused, retried, replayable):
+            return self.replace(slot, now)
+        return self.release(slot, now, reusable=False)
+
+    def replace(self, slot: Slot, now: float) -> Slot:
+        """The leased connection turned out stale before it carried the request (see
+        `must_check` and `unanswered`): drop it and give the same request a permit in its
+        place, keeping its turn. The dead connection needs no graceful close."""
         assert slot.state == IN_USE
         if slot.long_lived:
             self._unmark_long_lived(slot)

@@ -8,8 +8,8 @@ cap. Like every driver module it executes what `_state` decides and never decide
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
-import ssl
 import threading
 import time
 import weakref
@@ -19,11 +19,18 @@ import httpx
 
 from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool
+from toolpool._runtime import DestinationPool, connect_error
 from toolpool._state import Slot
 from toolpool._wire import RequestBytes, unread_or_eof
 
-__all__ = ["AsyncConnection", "AsyncResponseStream", "Stale", "connect", "connect_error"]
+__all__ = [
+    "AsyncConnection",
+    "AsyncResponseStream",
+    "Notifier",
+    "Stale",
+    "connect",
+    "current_driver",
+]
 
 monotonic = time.monotonic
 get_ident = threading.get_ident
@@ -50,15 +57,39 @@ def time_out(fut: asyncio.Future[None], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def current_driver() -> asyncio.AbstractEventLoop:
+    """The driver part of the pool keys of this task's requests: its event loop (a socket
+    owned by one loop cannot be used from another)."""
+    return asyncio.get_running_loop()
+
+
+class _WaitTimedOut(Exception):
+    pass
+
+
 class Notifier:
     """Wakes a waiting task from whichever thread grants it a slot."""
 
     __slots__ = ("fut", "loop", "thread")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
-        self.loop = loop
-        self.fut = fut
+    def __init__(self) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        self.fut: asyncio.Future[None] = loop.create_future()
         self.thread = get_ident()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until woken; False if `timeout` (seconds, or math.inf) passed first."""
+        if timeout == math.inf:
+            await self.fut
+            return True
+        handle = self.loop.call_later(timeout, time_out, self.fut, _WaitTimedOut())
+        try:
+            await self.fut
+        except _WaitTimedOut:
+            return False
+        finally:
+            handle.cancel()
+        return True
 
     def __call__(self) -> bool:
         if get_ident() == self.thread:
@@ -140,6 +171,7 @@ class AsyncConnection(asyncio.Protocol):
         self.abandoned = False
         self.sweep = _ReadDeadlines.of(loop)
         self.tcp_done: float | None = None  # when TCP connected (before any TLS handshake)
+        self.read_timeout: float | None = None  # the current request's, for its body too
 
     def tcp_connected(self) -> AsyncConnection:
         """The protocol factory: asyncio calls it once TCP is connected, before TLS."""
@@ -276,7 +308,7 @@ class AsyncConnection(asyncio.Protocol):
                 transport.write(LAST_CHUNK)
         if self.writing_paused:
             await self._drain(timeouts.get("write"))
-        read_timeout = timeouts.get("read")
+        self.read_timeout = read_timeout = timeouts.get("read")
         while parser.head is None:
             if self.error is not None:
                 raise self.error
@@ -372,15 +404,12 @@ class AsyncConnection(asyncio.Protocol):
 class AsyncResponseStream(httpx.AsyncByteStream):
     """A response body read from its connection; releases the connection when done."""
 
-    __slots__ = ("_conn", "_dest", "_done", "_slot", "_timeout")
+    __slots__ = ("_conn", "_dest", "_done", "_slot")
 
-    def __init__(
-        self, dest: DestinationPool, slot: Slot, conn: AsyncConnection, timeout: float | None
-    ) -> None:
+    def __init__(self, dest: DestinationPool, slot: Slot, conn: AsyncConnection) -> None:
         self._dest = dest
         self._slot = slot
         self._conn = conn
-        self._timeout = timeout
         self._done = False
 
     async def __aiter__(self) -> Any:
@@ -405,7 +434,7 @@ class AsyncResponseStream(httpx.AsyncByteStream):
                     raise httpx.RemoteProtocolError(
                         "peer closed connection without sending complete message body"
                     )
-                await conn.wait(self._timeout)
+                await conn.wait(conn.read_timeout)
         except BaseException:
             self._finish(False)
             raise
@@ -437,7 +466,6 @@ class AsyncResponseStream(httpx.AsyncByteStream):
 async def connect(
     dest: DestinationPool,
     slot: Slot,
-    loop: asyncio.AbstractEventLoop,
     ctx: _auth_context.AuthContext | None,
     timeout: float | None,
 ) -> AsyncConnection:
@@ -447,6 +475,7 @@ async def connect(
     connect abandoned at any point (cancelled, timed out, TLS refused) is closed gracefully
     and its slot counted until the peer has seen the close: the downstream's own count of
     connections never exceeds the cap, cancellations included."""
+    loop = asyncio.get_running_loop()
     conn = AsyncConnection(loop, dest, slot)
     connecting: list[socket.socket] = []
     try:
@@ -520,17 +549,3 @@ async def _tcp_connect(
         sock.close()
         raise
     return sock
-
-
-def connect_error(
-    dest: DestinationPool, exc: BaseException, timeout: float | None
-) -> BaseException:
-    """The httpx exception for a failed connect (cancellation and others pass through)."""
-    where = f"{dest.name} ({dest.host}:{dest.port})"
-    if isinstance(exc, TimeoutError):
-        return httpx.ConnectTimeout(f"connecting to {where} timed out after {timeout} s")
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return httpx.ConnectError(f"TLS handshake with {where} failed: {exc}")
-    if isinstance(exc, OSError):
-        return httpx.ConnectError(f"cannot connect to {where}: {exc}")
-    return exc

@@ -19,11 +19,19 @@ import httpx
 
 from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool
+from toolpool._runtime import DestinationPool, connect_error
 from toolpool._state import Slot
 from toolpool._wire import RequestBytes, unread_or_eof
 
-__all__ = ["SYNC_DRIVER", "Notifier", "Stale", "SyncConnection", "SyncResponseStream", "connect"]
+__all__ = [
+    "SYNC_DRIVER",
+    "Notifier",
+    "Stale",
+    "SyncConnection",
+    "SyncResponseStream",
+    "connect",
+    "current_driver",
+]
 
 monotonic = time.monotonic
 
@@ -34,6 +42,12 @@ _RECV = 65536
 
 class Stale(httpx.RemoteProtocolError):
     """The connection was closed by the peer before any byte of the response arrived."""
+
+
+def current_driver() -> str:
+    """The driver part of the pool keys of this thread's requests: the thread driver's
+    connections are shared by all threads."""
+    return SYNC_DRIVER
 
 
 class Notifier:
@@ -216,7 +230,6 @@ def connect(
 
     As in `_async.connection.connect`, a connection that fails after TCP connected (a refused TLS
     handshake) is closed gracefully, its slot counted until the peer has seen the close."""
-    where = f"{dest.name} ({dest.host}:{dest.port})"
     raw: socket.socket | None = None
     tcp_done: float | None = None
     try:
@@ -240,15 +253,10 @@ def connect(
             dest.abandon(slot, raw)
         else:
             dest.open_failed(slot)
-        if isinstance(exc, TimeoutError):
-            raise httpx.ConnectTimeout(
-                f"connecting to {where} timed out after {timeout} s"
-            ) from exc
-        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-            raise httpx.ConnectError(f"TLS handshake with {where} failed: {exc}") from exc
-        if isinstance(exc, OSError):
-            raise httpx.ConnectError(f"cannot connect to {where}: {exc}") from exc
-        raise
+        err = connect_error(dest, exc, timeout)
+        if err is exc:
+            raise
+        raise err from exc
     if sock is not raw:
         raw.close()
     conn = SyncConnection(dest, slot, sock)
