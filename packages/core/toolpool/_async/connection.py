@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
 
@@ -25,7 +25,6 @@ from toolpool._wire import RequestBytes, unread_or_eof
 
 __all__ = [
     "AsyncConnection",
-    "AsyncResponseStream",
     "Notifier",
     "Stale",
     "connect",
@@ -319,6 +318,16 @@ class AsyncConnection(asyncio.Protocol):
             await self.wait(read_timeout)
         return parser.head
 
+    async def read_more(self) -> None:
+        """Wait for more of the response body; raise if the connection failed or closed."""
+        if self.error is not None:
+            raise self.error
+        if not self.alive:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body"
+            )
+        await self.wait(self.read_timeout)
+
     def resume_reading(self) -> None:
         if self.reading_paused and self.transport is not None and not self.lost:
             self.reading_paused = False
@@ -399,68 +408,6 @@ class AsyncConnection(asyncio.Protocol):
             self.lost = True
             self.alive = False
             self.dest.connection_lost(self.slot)
-
-
-class AsyncResponseStream(httpx.AsyncByteStream):
-    """A response body read from its connection; releases the connection when done."""
-
-    __slots__ = ("_conn", "_dest", "_done", "_slot")
-
-    def __init__(self, dest: DestinationPool, slot: Slot, conn: AsyncConnection) -> None:
-        self._dest = dest
-        self._slot = slot
-        self._conn = conn
-        self._done = False
-
-    async def __aiter__(self) -> Any:
-        conn = self._conn
-        parser = conn.parser
-        try:
-            while True:
-                chunk = parser.take_body()
-                if parser.complete:
-                    # Release before handing out the last bytes: the connection is free.
-                    self._finish(parser.reusable and conn.error is None)
-                    if chunk:
-                        yield chunk
-                    return
-                if chunk:
-                    conn.resume_reading()
-                    yield chunk
-                    continue
-                if conn.error is not None:
-                    raise conn.error
-                if not conn.alive:
-                    raise httpx.RemoteProtocolError(
-                        "peer closed connection without sending complete message body"
-                    )
-                await conn.wait(conn.read_timeout)
-        except BaseException:
-            self._finish(False)
-            raise
-
-    async def aclose(self) -> None:
-        # A body already received in full (a 202 with none, an SSE stream whose end came with
-        # its last event) leaves the connection reusable, as httpcore does.
-        conn = self._conn
-        parser = conn.parser
-        reusable = parser.complete and parser.reusable and conn.error is None
-        if reusable and not self._done:
-            conn.resume_reading()
-        self._finish(reusable)
-
-    def _finish(self, reusable: bool) -> None:
-        if not self._done:
-            self._done = True
-            self._conn.active = False
-            self._dest.release(self._slot, reusable)
-
-    def __del__(self) -> None:
-        # A response that was never read to the end nor closed: close its connection
-        # (from any thread, without taking locks that the collecting thread may hold).
-        if not self._done:
-            self._done = True
-            self._dest.pool._orphaned(self._dest, self._slot)
 
 
 async def connect(

@@ -1,5 +1,5 @@
 """The request path of a driver: acquire a slot, open its connection if needed, exchange,
-retry once on a stale reuse; warm-up and preconnect.
+retry once on a stale reuse, read the response body and release; warm-up and preconnect.
 
 Written once, for asyncio; `_sync/request.py` is generated from this file by
 `tools/unasync.py` (`make unasync`; `make lint` fails when it is not current), so edit this
@@ -11,6 +11,7 @@ carries the decisions out and decides nothing itself.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -18,7 +19,6 @@ import httpx
 from toolpool import _auth_context
 from toolpool._async.connection import (
     AsyncConnection,
-    AsyncResponseStream,
     Notifier,
     Stale,
     connect,
@@ -32,10 +32,74 @@ from toolpool.errors import PoolClosed
 if TYPE_CHECKING:
     from toolpool._pool import Pool
 
-__all__ = ["acquire", "handle_request", "open_slot", "preconnect", "send", "warm"]
+__all__ = [
+    "AsyncResponseStream",
+    "acquire",
+    "handle_request",
+    "open_slot",
+    "preconnect",
+    "send",
+    "warm",
+]
 
 monotonic = time.monotonic
 _current_auth = _auth_context._current
+
+
+class AsyncResponseStream(httpx.AsyncByteStream):
+    """A response body read from its connection; releases the connection when done."""
+
+    __slots__ = ("_conn", "_dest", "_done", "_slot")
+
+    def __init__(self, dest: DestinationPool, slot: Slot, conn: AsyncConnection) -> None:
+        self._dest = dest
+        self._slot = slot
+        self._conn = conn
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        parser = conn.parser
+        try:
+            while True:
+                chunk = parser.take_body()
+                if parser.complete:
+                    # Release before handing out the last bytes: the connection is free.
+                    self._finish(parser.reusable and conn.error is None)
+                    if chunk:
+                        yield chunk
+                    return
+                if chunk:
+                    conn.resume_reading()
+                    yield chunk
+                    continue
+                await conn.read_more()
+        except BaseException:
+            self._finish(False)
+            raise
+
+    async def aclose(self) -> None:
+        # A body already received in full (a 202 with none, an SSE stream whose end came with
+        # its last event) leaves the connection reusable, as httpcore does.
+        conn = self._conn
+        parser = conn.parser
+        reusable = parser.complete and parser.reusable and conn.error is None
+        if reusable and not self._done:
+            conn.resume_reading()
+        self._finish(reusable)
+
+    def _finish(self, reusable: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._conn.active = False
+            self._dest.release(self._slot, reusable)
+
+    def __del__(self) -> None:
+        # A response that was never read to the end nor closed: close its connection
+        # (from any thread, without taking locks that the collecting thread may hold).
+        if not self._done:
+            self._done = True
+            self._dest.pool._orphaned(self._dest, self._slot)
 
 
 async def acquire(dest: DestinationPool, key: tuple[str | None, Any], timeout: float) -> Slot:

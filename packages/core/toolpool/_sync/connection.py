@@ -13,7 +13,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 
@@ -28,7 +27,6 @@ __all__ = [
     "Notifier",
     "Stale",
     "SyncConnection",
-    "SyncResponseStream",
     "connect",
     "current_driver",
 ]
@@ -141,6 +139,13 @@ class SyncConnection:
             self.alive = False
             raise httpx.RemoteProtocolError(str(exc)) from None
 
+    # What the request path asks of both drivers' connections (see `_async.connection`): a
+    # blocking socket raises its errors as they happen and reads only when asked.
+    error: Exception | None = None
+
+    def resume_reading(self) -> None:
+        """Nothing to resume: a blocking socket is read only when the body is iterated."""
+
     def probe(self) -> bool:
         """The stale check before every reuse: readable now means unread bytes or EOF
         (and a TLS socket may hold decrypted bytes of its own)."""
@@ -171,53 +176,6 @@ class SyncConnection:
             self.sock.close()
         except OSError:
             pass
-
-
-class SyncResponseStream(httpx.SyncByteStream):
-    """A response body read from its connection; releases the connection when done."""
-
-    __slots__ = ("_conn", "_dest", "_done", "_slot")
-
-    def __init__(self, dest: DestinationPool, slot: Slot, conn: SyncConnection) -> None:
-        self._dest = dest
-        self._slot = slot
-        self._conn = conn
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        conn = self._conn
-        parser = conn.parser
-        try:
-            while True:
-                chunk = parser.take_body()
-                if parser.complete:
-                    self._finish(parser.reusable)
-                    if chunk:
-                        yield chunk
-                    return
-                if chunk:
-                    yield chunk
-                    continue
-                conn.read_more()
-        except BaseException:
-            self._finish(False)
-            raise
-
-    def close(self) -> None:
-        # A body already received in full leaves the connection reusable (see _async.connection).
-        parser = self._conn.parser
-        self._finish(parser.complete and parser.reusable)
-
-    def _finish(self, reusable: bool) -> None:
-        if not self._done:
-            self._done = True
-            self._conn.active = False
-            self._dest.release(self._slot, reusable)
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._done = True
-            self._dest.pool._orphaned(self._dest, self._slot)
 
 
 def connect(
