@@ -165,6 +165,34 @@ class PoolRules(RuleBasedStateMachine):
         assert permit.state == _state.OPENING and permit.key == slot.key
         self.granted.append(permit)
 
+    @precondition(lambda self: self.state is not None and self.leased)
+    @rule(
+        index=st.integers(0, 100),
+        reused=st.booleans(),
+        retried=st.booleans(),
+        replayable=st.booleans(),
+    )
+    def fails_before_the_response(
+        self, index: int, reused: bool, retried: bool, replayable: bool
+    ) -> None:
+        """The leased connection failed before any response byte: the state machine either
+        gives the same request a permit to retry on, or closes the slot."""
+        assert self.state is not None
+        slot = self.leased[index % len(self.leased)]
+        if slot.long_lived == _state.EVENT_STREAM:
+            return  # a stream's response head arrived: it did not fail before it
+        self.leased.remove(slot)
+        got = self.state.unanswered(slot, self.now, reused, retried, replayable)
+        if _state.retry_stale(reused, retried, replayable):
+            assert isinstance(got, Slot), "a retry gets a permit"
+            assert got.state == _state.OPENING and got.key == slot.key
+            assert slot.state == _state.CLOSED
+            self.granted.append(got)
+        else:
+            assert isinstance(got, list), "no retry: the slot is closed"
+            assert [a.slot for a in got if isinstance(a, Close)] == [slot]
+            self._apply(got)
+
     @precondition(lambda self: self.state is not None)
     @rule(waiter=consumes(waiters), timed_out=st.booleans())
     def cancel(self, waiter: Waiter | None, timed_out: bool) -> None:
@@ -441,6 +469,35 @@ def test_stale_retry_rule() -> None:
         for replayable in (True, False)
     }
     assert [key for key, retry in table.items() if retry] == [(True, False, True)]
+
+
+def test_every_reuse_is_checked_and_a_fresh_permit_is_not() -> None:
+    """Probe-on-borrow: the driver checks a pooled connection before each use (an idle one
+    and one handed over by a returning request alike), never a permit it opens itself."""
+    key = ("A", "loop")
+    state = DestinationState(_limits(cap=1, queue=1))
+    permit = state.acquire(key, 0.0)
+    assert isinstance(permit, Slot) and not state.must_check(permit)
+    state.opened(permit, object(), 0.0)
+    state.release(permit, 0.1, reusable=True)
+    reused = state.acquire(key, 0.2)
+    assert reused is permit and state.must_check(reused)
+    waiter = state.acquire(key, 0.3)
+    assert isinstance(waiter, Waiter)
+    (wake,) = state.release(reused, 0.4, reusable=True)
+    assert wake.waiter.grant is permit and state.must_check(permit)
+
+
+def test_a_reused_connection_failing_unanswered_is_retried_once_on_a_permit() -> None:
+    key = ("A", "loop")
+    state = DestinationState(_limits(cap=1, queue=0))
+    slot = _open(state, key)
+    retry = state.unanswered(slot, 1.0, reused=True, retried=False, replayable=True)
+    assert isinstance(retry, Slot) and retry.state == _state.OPENING and retry is not slot
+    assert state.total == 1 and state.closed_total[_state.HEALTH] == 1
+    state.opened(retry, object(), 1.0)
+    (close,) = state.unanswered(retry, 2.0, reused=True, retried=True, replayable=True)
+    assert close.slot is retry and close.reason == _state.ERROR
 
 
 def test_an_event_stream_is_not_about_to_come_back() -> None:
