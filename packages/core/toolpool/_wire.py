@@ -13,7 +13,14 @@ import httpx
 
 from toolpool._http11 import ResponseHead, encode_request_head
 
-__all__ = ["NO_TIMEOUTS", "RequestBytes", "make_response", "prepare", "unread_or_eof"]
+__all__ = [
+    "NO_TIMEOUTS",
+    "ReadCheck",
+    "RequestBytes",
+    "make_response",
+    "prepare",
+    "unread_or_eof",
+]
 
 NO_TIMEOUTS: dict[str, float | None] = {}
 
@@ -70,6 +77,31 @@ def unread_or_eof(fd: int) -> bool:
 
 _poll = getattr(select, "poll", None)
 _POLLIN = getattr(select, "POLLIN", 1)
+
+
+class ReadCheck:
+    """`unread_or_eof` for one connection's socket, set up once when it opens: a poll object
+    with the descriptor registered, so a check on reuse is one `poll(0)` call, not the
+    creation and registration of a poll object each time."""
+
+    __slots__ = ("_fd", "_poll")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll: Any = None
+        if fd >= 0 and _poll is not None:
+            self._poll = _poll()
+            self._poll.register(fd, _POLLIN)
+
+    def __call__(self) -> bool:
+        """True if bytes are waiting or the peer closed, or the socket is gone."""
+        poller = self._poll
+        if poller is None:
+            return unread_or_eof(self._fd)
+        try:
+            return bool(poller.poll(0))  # POLLIN, POLLHUP, POLLERR or POLLNVAL: stale
+        except OSError:  # pragma: no cover
+            return True
 
 
 def prepare(request: httpx.Request) -> RequestBytes:

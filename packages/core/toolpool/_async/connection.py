@@ -21,7 +21,7 @@ from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, connect_error
 from toolpool._state import Slot
-from toolpool._wire import RequestBytes, unread_or_eof
+from toolpool._wire import ReadCheck, RequestBytes
 
 __all__ = [
     "AsyncConnection",
@@ -40,6 +40,9 @@ _HIGH_WATER = 256 * 1024
 _CLOSE_GRACE = 2.0
 # How often pending read timeouts are checked (their resolution).
 _SWEEP = 0.05
+
+
+_NO_SOCKET = ReadCheck(-1)
 
 
 class Stale(httpx.RemoteProtocolError):
@@ -153,7 +156,7 @@ class AsyncConnection(asyncio.Protocol):
         self.dest = dest
         self.slot = slot
         self.transport: asyncio.Transport | None = None
-        self.fd = -1  # the socket's descriptor, for the stale check
+        self.unread_or_eof = _NO_SOCKET  # the stale check of its socket, once connected
         self.parser = ResponseParser()
         self.waiter: asyncio.Future[None] | None = None
         self.error: Exception | None = None
@@ -183,7 +186,7 @@ class AsyncConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            self.fd = sock.fileno()
+            self.unread_or_eof = ReadCheck(sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         if not self.active:
@@ -342,7 +345,7 @@ class AsyncConnection(asyncio.Protocol):
             self.alive
             and transport is not None
             and not transport.is_closing()
-            and not unread_or_eof(self.fd)
+            and not self.unread_or_eof()
         )
 
     # ------------------------------------------------------------------ closing

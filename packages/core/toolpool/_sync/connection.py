@@ -20,7 +20,7 @@ from toolpool import _auth_context, _egress
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._runtime import DestinationPool, connect_error
 from toolpool._state import Slot
-from toolpool._wire import RequestBytes, unread_or_eof
+from toolpool._wire import ReadCheck, RequestBytes
 
 __all__ = [
     "SYNC_DRIVER",
@@ -68,12 +68,23 @@ class Notifier:
 class SyncConnection:
     """One HTTP/1.1 connection on a blocking socket (plain or TLS)."""
 
-    __slots__ = ("active", "alive", "closing", "dest", "parser", "slot", "sock", "tcp_done")
+    __slots__ = (
+        "active",
+        "alive",
+        "closing",
+        "dest",
+        "parser",
+        "slot",
+        "sock",
+        "tcp_done",
+        "unread_or_eof",
+    )
 
     def __init__(self, dest: DestinationPool, slot: Slot, sock: socket.socket) -> None:
         self.dest = dest
         self.slot = slot
         self.sock = sock
+        self.unread_or_eof = ReadCheck(sock.fileno())
         self.parser = ResponseParser()
         self.alive = True
         self.active = False
@@ -154,7 +165,7 @@ class SyncConnection:
         sock = self.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        return not unread_or_eof(sock.fileno())
+        return not self.unread_or_eof()
 
     def close(self) -> None:
         """Close gracefully; the maintenance thread reports `connection_lost` when done."""
