@@ -35,16 +35,16 @@ HEADER = (
 )
 
 
-def generate(name: str) -> str:
+def generate(name: str, core: Path = CORE) -> str:
     """The sync text of `_async/<name>`, import-sorted and formatted like the rest."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "_async", name)
         src.parent.mkdir()
-        src.write_text((CORE / "_async" / name).read_text())
+        src.write_text((core / "_async" / name).read_text())
         rule = unasync.Rule("/_async/", "/_sync/", additional_replacements=REPLACEMENTS)
         unasync.unasync_files([str(src)], rules=[rule])
         text = HEADER.format(name=name) + Path(tmp, "_sync", name).read_text()
-    stdin_name = str(CORE / "_sync" / name)
+    stdin_name = str(CORE / "_sync" / name)  # the real place: ruff applies its settings
     ruff = [sys.executable, "-m", "ruff"]
     text = _run([*ruff, "check", "--select", "I", "--fix", "--stdin-filename", stdin_name], text)
     return _run([*ruff, "format", "--stdin-filename", stdin_name], text)
@@ -57,22 +57,22 @@ def _run(cmd: list[str], text: str) -> str:
     return done.stdout
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, core: Path = CORE) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check, write nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     stale = []
     for name in FILES:
-        target = CORE / "_sync" / name
-        text = generate(name)
+        target = core / "_sync" / name
+        text = generate(name, core)
         current = target.read_text() if target.exists() else None
         if current == text:
             continue
         if args.check:
-            stale.append(str(target.relative_to(ROOT)))
+            stale.append(str(target))
         else:
             target.write_text(text)
-            print(f"wrote {target.relative_to(ROOT)}")
+            print(f"wrote {target}")
     if stale:
         print(
             f"not current with its _async original: {', '.join(stale)}; run `make unasync` "
