@@ -9,12 +9,11 @@ The layout (`examples/toolpool.toml` documents every key):
     [destinations.NAME]  one allowlisted downstream: url, limits, timeouts, [.auth]
     [agents.NAME]        one agent: how it authenticates to the service, tenants it may act for
 
-Pydantic reads the document (tables, known keys, types of the service's own settings, secrets,
-files); the values toolpool already checks go unchanged to `toolpool.Destination`,
-`toolpool.PoolDefaults`, `toolpool.Egress`, the auth providers and the limit, whose
-`ConfigError` is the only check of them. Every error names the file, the line and the key, and
-says what to write instead. A secret's value never appears in an error, a repr or a log line:
-only where it came from.
+Pydantic reads the tables, their keys and the service's own values. Values that toolpool's
+constructors check (`Destination`, `PoolDefaults`, `Egress`, the auth providers, the limit) go
+to them as written, so theirs is the only check. Every error names the file, the line and the
+key, and says what to write instead. A secret's value never appears in an error, a repr or a
+log line: only where it came from.
 """
 
 from __future__ import annotations
@@ -22,27 +21,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib
-import math
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+import pydantic
+from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 import toolpool
@@ -66,6 +58,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Tenants travel in a header and key connections: printable, no separators that could smuggle.
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_AGENT_TENANT = rf"^\*$|{TENANT_PATTERN.pattern}"  # or "*": any tenant
 _T = TypeVar("_T")
 
 
@@ -100,49 +93,55 @@ class Secret:
 
 # ---------------------------------------------------------------------------- where, and why
 
-
+_KEY = r"[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'"
+_KEY_LINE = re.compile(rf"^\s*((?:{_KEY})(?:\s*\.\s*(?:{_KEY}))*)\s*=")
 _TABLE_LINE = re.compile(r"^\s*\[\[?\s*(.+?)\s*\]\]?\s*(#.*)?$")
-_KEY = r"(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
-_KEY_LINE = re.compile(rf"^\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*=")
 
 
-def _split_key(text: str) -> tuple[str, ...]:
-    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in re.findall(_KEY, text))
+def _key_path(text: str) -> tuple[str, ...]:
+    return tuple(p[1:-1] if p[0] in "\"'" else p for p in re.findall(_KEY, text))
 
 
-class _Lines:
-    """Where each table and key of a TOML document is written (1-based line numbers); tomllib
-    keeps no positions."""
+def _lines(text: str) -> dict[tuple[str, ...], int]:
+    """Where each table and key of a TOML document is written (tomllib keeps no positions)."""
+    where: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    multiline: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if multiline is not None:
+            multiline = None if line.count(multiline) % 2 else multiline
+        elif key := _KEY_LINE.match(line):
+            where.setdefault(table + _key_path(key.group(1)), number)
+            multiline = next((q for q in ('"""', "'''") if line[key.end() :].count(q) % 2), None)
+        elif header := _TABLE_LINE.match(line):
+            table = _key_path(header.group(1))
+            where.setdefault(table, number)
+    return where
 
-    def __init__(self, text: str) -> None:
-        self.where: dict[tuple[str, ...], int] = {}
-        table: tuple[str, ...] = ()
-        in_multiline: str | None = None
-        for number, line in enumerate(text.splitlines(), 1):
-            if in_multiline is not None:
-                if line.count(in_multiline) % 2 == 1:
-                    in_multiline = None
-                continue
-            key = _KEY_LINE.match(line)
-            header = None if key else _TABLE_LINE.match(line)
-            if header:
-                table = _split_key(header.group(1))
-                self.where.setdefault(table, number)
-            elif key:
-                self.where.setdefault(table + _split_key(key.group(1)), number)
-                rest = line[key.end() :]
-                for quote in ('"""', "'''"):
-                    if rest.count(quote) % 2 == 1:
-                        in_multiline = quote
 
-    def line(self, path: tuple[str, ...]) -> int | None:
-        """The line of `path`, else of its nearest written ancestor."""
-        while path:
-            found = self.where.get(path)
-            if found is not None:
-                return found
-            path = path[:-1]
-        return None
+# pydantic's error types in this module's words; string patterns by pattern.
+_SAID = {
+    "int_type": "must be a whole number, got {got}",
+    "float_type": "must be a number, got {got}",
+    "finite_number": "must be a finite number, got {got}",
+    "bool_type": "must be true or false, got {got}",
+    "string_type": "must be a string, got {got}",
+    "string_too_short": "must be a non-empty string, got {got}",
+    "tuple_type": "must be a list of non-empty strings, got {got}",
+    "greater_than": "must be > {gt}, got {got}",
+    "greater_than_equal": "must be >= {ge}, got {got}",
+    "less_than_equal": "must be <= {le}, got {got}",
+    "literal_error": "must be {expected}, got {got}",
+    "missing": "is required",
+    "dict_type": "must be a table ([{where}])",
+    "model_type": "must be a table ([{where}])",
+    "dataclass_type": "must be a table ([{where}])",
+    _HEADER_NAME.pattern: "{got} is not a valid HTTP header name",
+    TENANT_PATTERN.pattern: "{got} is not a valid tenant name",
+    _AGENT_TENANT: "{got} is not a valid tenant name",
+    "^[0-9a-fA-F]{64}$": "must be 64 hex digits (sha256sum of the token)",
+}
+_AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "token_exchange", "mtls")
 
 
 @dataclass
@@ -150,74 +149,84 @@ class _Doc:
     """The document being read: the validation context of every validator below."""
 
     source: str
-    lines: _Lines
+    lines: dict[tuple[str, ...], int]
     env: Mapping[str, str]
     base: Path  # relative paths in the file are relative to it
 
+    def line(self, path: tuple[str, ...]) -> int | None:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path)
+
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
-        line = self.lines.line(path)
+        line = self.line(path)
         where = f"{self.source}, line {line}" if line is not None else self.source
-        key = ".".join(path)
-        return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        return ConfigError(
+            f"{where}: {'.'.join(path)}: {message}" if path else f"{where}: {message}"
+        )
 
     def blame(
         self, path: tuple[str, ...], message: str, keys: Collection[str], other: str = ""
-    ) -> ConfigError:
-        """A toolpool constructor's `ConfigError` about some of `keys` (those of the table at
-        `path`), placed at the key it starts with, else at the last one it names ("give A or
-        B, not both": B), else at `other` (or the table)."""
+    ) -> tuple[tuple[str, ...], str]:
+        """Where a toolpool constructor's error about some of `keys` (the table's at `path`)
+        belongs: at the key it starts with, else at the last one it names ("give A or B, not
+        both": B), else at `other`, else at the table."""
         named = [(m.start(), k) for k in keys if (m := re.search(rf"\b{re.escape(k)}\b", message))]
         message = re.sub(r"^(destination '[^']*'|[A-Z]\w*(\(\w+=\.\.\.\))?): ", "", message)
         lead = re.split(r"[ =]", message, maxsplit=1)[0]
         key = lead if lead in keys else max(named)[1] if named else other
-        return self.error((*path, key) if key else path, message.removeprefix(f"{key} "))
+        return ((*path, key) if key else path), message.removeprefix(f"{key} ")
 
     @contextlib.contextmanager
     def checking(
         self, path: tuple[str, ...], keys: Collection[str], other: str = ""
     ) -> Iterator[None]:
-        """Run a toolpool constructor given the values of `keys`; its error, blamed."""
+        """Around a toolpool constructor given `keys`: its `ConfigError`, located."""
         try:
             yield
         except ConfigError as exc:
-            raise self.blame(path, str(exc), keys, other) from None
+            raise self.error(*self.blame(path, str(exc), keys, other)) from None
 
-    def path(self, value: str) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else self.base / p
-
-    def located(self, data: Mapping[str, Any], exc: ValidationError) -> ConfigError:
-        """The first (by line) of pydantic's errors, named the way this module names them."""
+    def located(self, data: Mapping[str, Any], exc: pydantic.ValidationError) -> ConfigError:
+        """The first (by line) of pydantic's errors, located and in this module's words."""
         found = []
-        for err in exc.errors(include_url=False, include_input=False):
+        for err in exc.errors(include_url=False):
             path: tuple[str, ...] = ()
             node: Any = data
             for seg in err["loc"]:  # union tags and "[key]" are not in the document
                 if isinstance(node, dict) and seg in node:
                     path, node = (*path, str(seg)), node[seg]
-                elif isinstance(node, list) and isinstance(seg, int) and seg < len(node):
+                elif isinstance(node, list) and isinstance(seg, int):
                     node = node[seg]
             kind, ctx = err["type"], err.get("ctx", {})
-            if kind == "value_error":
-                error = self.blame(path, str(ctx["error"]), node if isinstance(node, dict) else ())
+            if kind == "value_error":  # a ConfigError from a validator or a toolpool class
+                keys = node if isinstance(node, dict) else ()
+                path, message = self.blame(path, str(ctx["error"]), keys)
             elif kind == "toolpool":
-                error = self.error((*path, *ctx["path"]), ctx["message"])
+                path, message = (*path, *ctx["path"]), ctx["message"]
             elif kind == "union_tag_invalid":
                 close = difflib.get_close_matches(ctx["tag"], _AUTH_KINDS, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                kinds = ", ".join(_AUTH_KINDS)
-                error = self.error(
-                    (*path, "type"), f"unknown auth type {ctx['tag']!r}{hint} (one of {kinds})"
+                path = (*path, "type")
+                message = (
+                    f"unknown auth type {ctx['tag']!r}{hint} (one of {', '.join(_AUTH_KINDS)})"
                 )
-            elif kind in ("missing", "union_tag_not_found"):
-                last = "type" if kind == "union_tag_not_found" else str(err["loc"][-1])
-                error = self.error((*path, last), "is required")
-            elif kind.endswith("_type"):
-                error = self.error(path, f"must be a table ([{'.'.join(path)}])")
             else:
-                error = self.error(path, err["msg"])
-            found.append((self.lines.line(path) or 0, error))
+                if kind in ("missing", "union_tag_not_found"):
+                    path, kind = (
+                        (*path, str(err["loc"][-1]) if kind == "missing" else "type"),
+                        "missing",
+                    )
+                template = _SAID.get(ctx.get("pattern", kind), "{msg}")
+                message = template.format(
+                    **ctx, got=_shown(err.get("input")), msg=err["msg"], where=".".join(path)
+                )
+            found.append((self.line(path) or 0, self.error(path, message)))
         return min(found, key=lambda f: f[0])[1]
+
+
+def _doc(info: ValidationInfo) -> _Doc:
+    return typing.cast(_Doc, info.context)
 
 
 def _fault(message: str, *path: str) -> PydanticCustomError:
@@ -225,14 +234,23 @@ def _fault(message: str, *path: str) -> PydanticCustomError:
     return PydanticCustomError("toolpool", "{message}", {"message": message, "path": path})
 
 
-def _unknown_key(key: str, known: Collection[str]) -> str:
+def _unknown(key: str, known: Collection[str]) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown key{hint} (known here: {', '.join(sorted(known))})"
 
 
-def _unknown(key: str, known: Collection[str]) -> PydanticCustomError:
-    return _fault(_unknown_key(key, known), key)
+def _known_keys(data: Mapping[str, Any], known: Collection[str], secret: str = "") -> None:
+    for key in data:
+        if secret and key == secret:
+            raise _fault(
+                f"secrets are never written in the config file (it ends up in repositories "
+                f'and logs); write {key}_env = "VARIABLE" (an environment variable) or '
+                f'{key}_file = "/run/secrets/..." (a file holding only the secret)',
+                key,
+            )
+        if key not in known:
+            raise _fault(_unknown(key, known), key)
 
 
 def _shown(value: object) -> str:
@@ -241,41 +259,11 @@ def _shown(value: object) -> str:
     return type(value).__name__
 
 
-# ---------------------------------------------------------------------------- value types
+# ---------------------------------------------------------------------------- values
 
 
-def _must(kind: str, ok: Callable[[Any], bool], convert: Callable[[Any], Any] | None = None) -> Any:
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise ConfigError(f"must be {kind}, got {_shown(value)}")
-        return convert(value) if convert is not None else value
-
-    return PlainValidator(check)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _header(value: Any) -> str:
-    if not isinstance(value, str) or not _HEADER_NAME.match(value):
-        raise ConfigError(f"{_shown(value)} is not a valid HTTP header name")
-    return value
-
-
-def _tenant(value: Any) -> str:
-    if not TENANT_PATTERN.match(value):
-        raise ConfigError(f"{value!r} is not a valid tenant name")
-    return str(value)
-
-
-def _file(value: Any, info: ValidationInfo) -> str:
-    path = info.context.path(_text_check(value))
-    if not path.is_file():
+def _file(value: str, info: ValidationInfo) -> str:
+    if not (path := _doc(info).base / value).is_file():
         raise ConfigError(f"{path} is not a file; fix the path")
     return str(path)
 
@@ -285,65 +273,37 @@ def _verify(value: Any, info: ValidationInfo) -> bool | str:
         return value
     if not isinstance(value, str) or not value:
         raise ConfigError(f"must be true, false or a CA bundle path, got {_shown(value)}")
-    path = info.context.path(value)
-    if not path.exists():
+    if not (path := _doc(info).base / value).exists():
         raise ConfigError(f"CA bundle {path} does not exist; fix the path")
     return str(path)
 
 
 def _cert(value: Any, info: ValidationInfo) -> str | tuple[str, str]:
     paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not 1 <= len(paths) <= 2 or not all(paths):
+    if (
+        not isinstance(paths, list)
+        or not 1 <= len(paths) <= 2
+        or not all(isinstance(p, str) and p for p in paths)
+    ):
         raise ConfigError("must be a PEM path or [cert_path, key_path]")
-    resolved = [
-        info.context.path(_text_check(p, "a PEM path or [cert_path, key_path]")) for p in paths
-    ]
-    for path in resolved:
-        if not path.exists():
+    found = [str(_doc(info).base / p) for p in paths]
+    for path in found:
+        if not os.path.exists(path):
             raise ConfigError(f"{path} does not exist; fix the path")
-    return str(resolved[0]) if len(resolved) == 1 else (str(resolved[0]), str(resolved[1]))
+    return found[0] if len(found) == 1 else (found[0], found[1])
 
 
 def _policy(value: Any) -> Any:
     """`"default"` (toolpool.resilience's default policy), `"off"` (no retries, breaker, rate
     or adaptive limit; admission kept) or `"none"` (no resilience layer)."""
-    choices = {"default": resilience.Policy, "off": resilience.Policy.off, "none": lambda: None}
-    if value not in choices:
-        shown = ", ".join(map(repr, choices))
-        raise ConfigError(f"must be one of {shown}, got {_shown(value)}")
+    choices: dict[str, Callable[[], Any]] = {
+        "default": resilience.Policy,
+        "off": resilience.Policy.off,
+        "none": lambda: None,
+    }
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {_shown(value)}")
     return choices[value]()
-
-
-def _refused(message: str) -> Any:
-    def refuse(value: Any) -> Any:
-        raise ConfigError(message)
-
-    return PlainValidator(refuse)
-
-
-def _text_check(value: Any, kind: str = "a non-empty string") -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be {kind}, got {_shown(value)}")
-    return value
-
-
-_Text = Annotated[str, PlainValidator(_text_check)]
-_Texts = Annotated[
-    tuple[str, ...],
-    _must(
-        "a list of non-empty strings",
-        lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
-        tuple,
-    ),
-]
-_Flag = Annotated[bool, _must("true or false", lambda v: isinstance(v, bool))]
-_Seconds = Annotated[float, _must("a finite number > 0", lambda v: _number(v) and v > 0, float)]
-_Header = Annotated[str, PlainValidator(_header)]
-_File = Annotated[str | None, PlainValidator(_file)]
-_Verify = Annotated[bool | str, PlainValidator(_verify)]
-_Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
-_Policy = Annotated[Any, PlainValidator(_policy)]
-_Tenant = Annotated[str, PlainValidator(_tenant)]
 
 
 def _egress(value: Any) -> toolpool.Egress:
@@ -356,12 +316,31 @@ def _egress(value: Any) -> toolpool.Egress:
             "use deny (and allow for the exceptions)",
             "deny_unknown",
         )
+    _known_keys(value, ("allow", "deny"))
     for key, entries in value.items():
-        if key not in ("deny", "allow"):
-            raise _unknown(key, ("allow", "deny"))
         if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
             raise _fault(f"must be a list of non-empty strings, got {_shown(entries)}", key)
-    return toolpool.Egress(**value)  # its ConfigError names the list, which is blamed
+    return toolpool.Egress(**value)  # its error names the list, where it is then located
+
+
+def _refused(message: str) -> Any:
+    def refuse(value: Any) -> Any:
+        raise ConfigError(message)
+
+    return PlainValidator(refuse)
+
+
+_Text = Annotated[str, Field(strict=True, min_length=1)]
+_Texts = tuple[_Text, ...]
+_Seconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+_Size = Annotated[int, Field(strict=True, ge=0)]
+_Flag = Annotated[bool, Field(strict=True)]
+_Header = Annotated[str, Field(strict=True, pattern=_HEADER_NAME.pattern)]
+_Tenant = Annotated[str, Field(pattern=TENANT_PATTERN.pattern)]
+_File = Annotated[_Text, AfterValidator(_file)]
+_Verify = Annotated[bool | str, PlainValidator(_verify)]
+_Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
+_Policy = Annotated[Any, PlainValidator(_policy)]
 
 
 # ---------------------------------------------------------------------------- settings
@@ -375,29 +354,16 @@ class ServiceSettings:
     # deliberately for a central service.
     host: _Text = "127.0.0.1"
     # An unassigned port near the metrics port family; 0 picks a free one.
-    port: Annotated[int, _must("a TCP port 0..65535", lambda v: _whole(v) and 0 <= v <= 65535)] = (
-        8780
-    )
+    port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 8780
     # In-flight requests get this long to finish after SIGTERM (Kubernetes' default grace
     # period is 30 s; leave a few seconds for the pool to close).
     drain_timeout: _Seconds = 25.0
     # Tool payloads are small; 10 MiB stops accidental uploads without hurting real ones.
-    max_request_body: Annotated[
-        int, _must("a whole number >= 0", lambda v: _whole(v) and v >= 0)
-    ] = 10 * 1024 * 1024
+    max_request_body: _Size = 10 * 1024 * 1024
     # Downloads through a tool rarely exceed this; larger answers fail as 502.
-    max_response_body: Annotated[
-        int, _must("a whole number >= 0", lambda v: _whole(v) and v >= 0)
-    ] = 100 * 1024 * 1024
+    max_response_body: _Size = 100 * 1024 * 1024
     # Host header values the service answers to; empty: any (it never routes by Host).
-    allowed_hosts: Annotated[
-        tuple[str, ...],
-        _must(
-            "a list of non-empty strings",
-            lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
-            lambda v: tuple(s.lower() for s in v),
-        ),
-    ] = ()
+    allowed_hosts: Annotated[_Texts, AfterValidator(lambda v: tuple(h.lower() for h in v))] = ()
     # The header in which an agent names the tenant it acts for.
     tenant_header: _Header = "X-Toolpool-Tenant"
     # One JSON line per request on logger toolpool.service.access (no secrets, no query).
@@ -406,13 +372,11 @@ class ServiceSettings:
     metrics: _Flag = True
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
-    warmup_timeout: Annotated[
-        float, _must("a finite number >= 0", lambda v: _number(v) and v >= 0, float)
-    ] = 10.0
+    warmup_timeout: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 10.0
     # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
-    tls_cert_file: _File = None
-    tls_key_file: _File = None
+    tls_cert_file: _File | None = None
+    tls_key_file: _File | None = None
     # `[service.egress]`: checked on the resolved address of every connect (the default
     # refuses cloud metadata, link-local, unspecified and multicast addresses).
     egress: Annotated[toolpool.Egress, PlainValidator(_egress)] = field(
@@ -465,8 +429,8 @@ class AuthConfig:
 class DestinationConfig:
     """`[destinations.NAME]`: one allowlisted downstream and how requests to it are sent."""
 
-    # The validated destination without auth; its cap is the fleet-wide one (the replica's
-    # share is found by the GlobalLimit when a pool is built).
+    # The checked destination without auth; its cap is the fleet-wide one (each pool gets
+    # this replica's share of it from the GlobalLimit).
     spec: toolpool.Destination
     auth: AuthConfig | None
     # A read timeout per response chunk: downstream tools can be slow, not silent forever.
@@ -485,8 +449,7 @@ class DestinationConfig:
 
     @property
     def fleet_cap(self) -> int | None:
-        """The fleet-wide cap (max_connections, or 70 % of documented_limit); None: the
-        pool's default."""
+        """`max_connections`, or 70 % of `documented_limit`; None: the pool's default."""
         given = self.spec.max_connections is not None or self.spec.documented_limit is not None
         return self.spec.connection_cap(0) if given else None
 
@@ -532,36 +495,30 @@ class ServiceConfig:
 # ---------------------------------------------------------------------------- tables
 
 
-class _Table(BaseModel):
-    """One TOML table: unknown keys are refused naming the closest known one, and the secret
-    `secret_name`, if the table has one, is read from `<name>_env` or `<name>_file`."""
+class _Table(pydantic.BaseModel):
+    """One TOML table. Unknown keys are refused, naming the closest known one; `passed_on` keys go
+    to a toolpool constructor that checks them; the secret `secret_name`, if the table has
+    one, is read from `<name>_env` or `<name>_file` into `secret`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     secret_name: ClassVar[str] = ""
-    secret_required: ClassVar[bool] = True
+    secret_required: ClassVar[bool] = False
+    passed_on: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
-    def _keys_and_secret(cls, data: Any, info: ValidationInfo) -> Any:
+    def _keys(cls, data: Any, info: ValidationInfo) -> Any:
         if not isinstance(data, dict):
             return data
         base = cls.secret_name
         files = (f"{base}_env", f"{base}_file") if base else ()
-        known = {*cls.model_fields, *files} - {"secret"}
-        for key in data:
-            if base and key == base:
-                raise _fault(
-                    f"secrets are never written in the config file (it ends up in repositories "
-                    f'and logs); write {base}_env = "VARIABLE" (an environment variable) or '
-                    f'{base}_file = "/run/secrets/..." (a file holding only the secret)',
-                    key,
-                )
-            if key not in known:
-                raise _unknown(key, known)
-        if not base:
-            return data
-        rest = {k: v for k, v in data.items() if k not in files}
-        return {**rest, "secret": _read_secret(info.context, data, base, cls.secret_required)}
+        _known_keys(data, {*cls.model_fields, *files, *cls.passed_on} - {"secret", "options"}, base)
+        tables = {k: v for k, v in data.items() if k not in files and k not in cls.passed_on}
+        if cls.passed_on:
+            tables["options"] = {k: v for k, v in data.items() if k in cls.passed_on}
+        if base:
+            tables["secret"] = _read_secret(_doc(info), data, base, cls.secret_required)
+        return tables
 
 
 def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) -> Secret | None:
@@ -569,8 +526,7 @@ def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) 
     if env_key in data and file_key in data:
         raise _fault(f"give {env_key} or {file_key}, not both", env_key)
     if env_key in data:
-        name = data[env_key]
-        if not isinstance(name, str) or not name:
+        if not isinstance(name := data[env_key], str) or not name:
             raise _fault("must name an environment variable", env_key)
         if not doc.env.get(name):
             raise _fault(
@@ -582,7 +538,7 @@ def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) 
     if file_key in data:
         if not isinstance(data[file_key], str) or not data[file_key]:
             raise _fault("must be a file path", file_key)
-        path = doc.path(data[file_key])
+        path = doc.base / data[file_key]
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -598,47 +554,45 @@ def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) 
 
 
 def _pick(
-    dest: str, per: Mapping[str, _T | None], shared: _T | None, what: str, error: Any = None
+    dest: str, per: Mapping[str, _T], shared: _T | None, what: str, error: type[Exception]
 ) -> Callable[[toolpool.AuthContext | None], _T]:
-    """The tenant's own credential, else the shared one, else `error` (TokenFailure)."""
+    """The tenant's own credential, else the shared one, else `error`."""
 
     def pick(ctx: toolpool.AuthContext | None) -> _T:
         found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
-        found = found if found is not None else shared
-        if found is None:
-            raise (error or toolpool.auth.TokenFailure)(
-                f"no {what} configured for this tenant at {dest!r}"
-            )
+        if (found := found if found is not None else shared) is None:
+            raise error(f"no {what} configured for this tenant at {dest!r}")
         return found
 
     return pick
 
 
-class _Secrets(_Table):
+def _auth(
+    kind: str,
+    dest: str,
+    shared: Any,
+    per: Mapping[str, Any],
+    what: str,
+    make: Any,
+    everyone: bool = False,
+) -> AuthConfig:
+    """An `AuthConfig` whose `make(pick)` gets `pick(ctx)`: the tenant's `per`, else `shared`."""
+    pick = _pick(
+        dest, per, shared, what, TypeError if kind == "mtls" else toolpool.auth.TokenFailure
+    )
+    return AuthConfig(
+        kind, lambda: make(pick), frozenset(per) or None, shared is not None or everyone
+    )
+
+
+class _Token(_Table):
+    secret_name, secret_required = "token", True
     secret: Secret | None = None
 
-    def _config(
-        self, kind: str, dest: str, tenants: Mapping[str, _Secrets], make: Any
-    ) -> AuthConfig:
-        if self.secret is None and not tenants:
-            base = self.secret_name
-            raise ConfigError(
-                f"needs {base}_env / {base}_file (one credential for all tenants) or "
-                f"[.tenants.NAME] tables with {base}_env / {base}_file"
-            )
-        per = {tenant: t.secret for tenant, t in tenants.items()}
-        pick = _pick(dest, per, self.secret, "credential is")
-        return AuthConfig(
-            kind, lambda: make(lambda ctx: pick(ctx).reveal()), _keys(per), self.secret is not None
-        )
 
-
-class _Token(_Secrets):
-    secret_name = "token"
-
-
-class _Key(_Secrets):
-    secret_name = "key"
+class _Key(_Table):
+    secret_name, secret_required = "key", True
+    secret: Secret | None = None
 
 
 class _Bearer(_Token):
@@ -647,7 +601,7 @@ class _Bearer(_Token):
     tenants: dict[_Tenant, _Token] = {}
 
     def config(self, dest: str, verify: Any) -> AuthConfig:
-        return self._config("bearer", dest, self.tenants, toolpool.auth.Bearer)
+        return _secrets(self, dest, self.tenants, toolpool.auth.Bearer)
 
 
 class _ApiKey(_Key):
@@ -658,41 +612,57 @@ class _ApiKey(_Key):
     tenants: dict[_Tenant, _Key] = {}
 
     def config(self, dest: str, verify: Any) -> AuthConfig:
-        def make(key: Any) -> Any:
-            return toolpool.auth.ApiKey(key, header=self.header, scheme=self.scheme)
+        make = functools.partial(toolpool.auth.ApiKey, header=self.header, scheme=self.scheme)
+        return _secrets(self, dest, self.tenants, make)
 
-        return self._config("api_key", dest, self.tenants, make)
+
+def _secrets(
+    auth: _Bearer | _ApiKey, dest: str, tenants: Mapping[str, _Token | _Key], make: Any
+) -> AuthConfig:
+    """bearer and api_key: one secret for every tenant, or one per tenant."""
+    if auth.secret is None and not tenants:
+        base = auth.secret_name
+        raise ConfigError(
+            f"needs {base}_env / {base}_file (one credential for all tenants) or "
+            f"[.tenants.NAME] tables with {base}_env / {base}_file"
+        )
+    per = {tenant: t.secret for tenant, t in tenants.items()}
+    return _auth(
+        auth.type,
+        dest,
+        auth.secret,
+        per,
+        "credential is",
+        lambda pick: make(lambda ctx: pick(ctx).reveal()),
+    )
 
 
 class _Client(_Table):
-    secret_name = "client_secret"
+    secret_name, secret_required = "client_secret", True
     client_id: _Text
     secret: Secret | None = None
 
 
 class _TokenEndpoint(_Table):
-    """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint and the
-    client authentication to it (a shared client and per-tenant ones)."""
+    """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint, and the
+    service's client at it (one for all tenants, or one per tenant)."""
 
     secret_name = "client_secret"
-    secret_required = False
+    type: str
     token_url: _Text
     scope: _Text | None = None
-    auth_method: Annotated[
-        Literal["client_secret_basic", "client_secret_post"],
-        _must("'client_secret_basic' or 'client_secret_post'", lambda v: v in _AUTH_METHODS),
-    ] = "client_secret_basic"
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     client_id: _Text | None = None
     secret: Secret | None = None
     tenants: dict[_Tenant, _Client] = {}
 
     @model_validator(mode="after")
-    def _shared_client(self) -> _TokenEndpoint:
+    def _client(self) -> _TokenEndpoint:
         if self.secret is not None and self.client_id is None:
             raise _fault("is required next to client_secret_env/_file", "client_id")
         if self.secret is None and self.client_id is not None:
             raise _fault('needs client_secret_env = "VARIABLE" or client_secret_file = "PATH"')
-        self.provider(lambda ctx: ("probe", "probe"))  # the provider checks token_url
+        self.provider(lambda ctx: ("probe", "probe"))  # the provider checks the rest
         return self
 
     def provider(self, client: Any) -> Any:
@@ -700,29 +670,26 @@ class _TokenEndpoint(_Table):
 
     def config(self, dest: str, verify: Any) -> AuthConfig:
         per = {tenant: (c.client_id, c.secret) for tenant, c in self.tenants.items()}
-        shared = (self.client_id, self.secret) if self.client_id and self.secret else None
-        pick = _pick(dest, per, shared, "client credentials are")
+        shared = (self.client_id, self.secret) if self.secret is not None else None
+        if shared is None and not per and isinstance(self, _OAuth2ClientCredentials):
+            raise ConfigError(
+                "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
+            )
 
-        def client_of(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
-            client_id, secret = pick(ctx)
-            assert secret is not None
-            return client_id, secret.reveal()
+        anonymous = shared is None and not per  # token_exchange: the subject is the identity
 
-        anonymous = shared is None and not per  # token_exchange only: the subject is enough
-        make = lambda: self.provider(None if anonymous else client_of)  # noqa: E731
-        return AuthConfig(self.type, make, _keys(per), shared is not None or anonymous)  # type: ignore[attr-defined]
+        def make(pick: Callable[[toolpool.AuthContext | None], tuple[str, Secret]]) -> Any:
+            def client(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
+                client_id, secret = pick(ctx)
+                return client_id, secret.reveal()
+
+            return self.provider(None if anonymous else client)
+
+        return _auth(self.type, dest, shared, per, "client credentials are", make, anonymous)
 
 
 class _OAuth2ClientCredentials(_TokenEndpoint):
     type: Literal["oauth2_client_credentials"]
-
-    @model_validator(mode="after")
-    def _some_client(self) -> _OAuth2ClientCredentials:
-        if self.secret is None and not self.tenants:
-            raise ConfigError(
-                "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
-            )
-        return self
 
     def provider(self, client: Any) -> Any:
         return toolpool.auth.OAuth2ClientCredentials(
@@ -743,8 +710,8 @@ class _TokenExchange(_TokenEndpoint):
     subject_token_type: _Text | None = None
 
     def provider(self, client: Any) -> Any:
-        options = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
-        given = {k: getattr(self, k) for k in options if getattr(self, k)}
+        names = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
+        given = {k: getattr(self, k) for k in names if getattr(self, k)}
         return toolpool.auth.TokenExchange(
             self.token_url, client_credentials=client, auth_method=self.auth_method, **given
         )
@@ -763,59 +730,48 @@ class _MutualTLS(_Table):
         if self.cert is None and not self.tenants:
             raise ConfigError("needs cert = [cert, key] or [.tenants.NAME] cert = [...]")
         per = {tenant: t.cert for tenant, t in self.tenants.items()}
-        cert_of = _pick(dest, per, self.cert, "client certificate is", TypeError)
-        mtls_verify = verify if isinstance(verify, bool | str) else None
-        return AuthConfig(
-            "mtls",
-            lambda: toolpool.auth.MutualTLS(cert_of, verify=mtls_verify),
-            _keys(per),
-            self.cert is not None,
-        )
-
-
-_AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "token_exchange", "mtls")
-_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
-_Auth = Annotated[
-    _Bearer | _ApiKey | _OAuth2ClientCredentials | _TokenExchange | _MutualTLS,
-    Field(discriminator="type"),
-]
-
-
-def _keys(per: Mapping[str, Any]) -> frozenset[str] | None:
-    return frozenset(per) or None
+        verify = verify if isinstance(verify, bool | str) else None
+        make = functools.partial(toolpool.auth.MutualTLS, verify=verify)
+        return _auth("mtls", dest, self.cert, per, "client certificate is", make)
 
 
 class _Destination(_Table):
+    # Destination's own options, as written: Destination checks them.
+    passed_on = frozenset(f.name for f in dataclasses.fields(toolpool.Destination) if f.init) - {
+        "name",
+        "url",
+        "auth",
+        "warmup_contexts",
+        "verify",
+        "cert",
+        "policy",
+    }
+    options: dict[str, Any] = {}
     url: _Text
-    # toolpool.Destination's own options, unchecked here: Destination checks them.
-    documented_limit: Any = None
-    max_connections: Any = None
-    idle_ttl: Any = None
-    max_lifetime: Any = None
-    health_check_interval: Any = None
-    acquire_timeout: Any = None
-    connect_timeout: Any = None
-    queue_factor: Any = None
-    warmup: Any = None
     verify: _Verify | None = None
     cert: _Cert | None = None
     policy: _Policy = None
     read_timeout: _Seconds = 60.0
     write_timeout: _Seconds = 30.0
     forward_tenant_as: _Header | None = None
-    auth: _Auth | None = None
+    auth: (
+        Annotated[
+            _Bearer | _ApiKey | _OAuth2ClientCredentials | _TokenExchange | _MutualTLS,
+            Field(discriminator="type"),
+        ]
+        | None
+    ) = None
 
 
 class _Pool(_Table):
-    # toolpool.PoolDefaults checks these.
-    max_connections: Any = None
-    idle_ttl: Any = None
-    max_lifetime: Any = None
-    health_check_interval: Any = None
-    acquire_timeout: Any = None
-    connect_timeout: Any = None
-    queue_factor: Any = None
-    warmup: Any = None
+    # PoolDefaults's own options, as written: PoolDefaults checks them.
+    passed_on = frozenset(f.name for f in dataclasses.fields(toolpool.PoolDefaults)) - {
+        "unknown_destinations",
+        "egress",
+        "verify",
+        "policy",
+    }
+    options: dict[str, Any] = {}
     verify: _Verify | None = None
     policy: _Policy = None
     unknown_destinations: Annotated[
@@ -829,19 +785,9 @@ class _Pool(_Table):
 
 class _Agent(_Table):
     secret_name = "token"
-    secret_required = False
     secret: Secret | None = None
-    token_sha256: (
-        Annotated[
-            str,
-            _must(
-                "64 hex digits (sha256sum of the token)",
-                lambda v: isinstance(v, str) and bool(re.fullmatch(r"[0-9a-fA-F]{64}", v)),
-            ),
-        ]
-        | None
-    ) = None
-    tenants: _Texts
+    token_sha256: Annotated[str, Field(pattern="^[0-9a-fA-F]{64}$")] | None = None
+    tenants: tuple[Annotated[str, Field(strict=True, pattern=_AGENT_TENANT)], ...]
 
     @model_validator(mode="after")
     def _one_token(self) -> _Agent:
@@ -859,18 +805,12 @@ class _Agent(_Table):
             raise _fault(
                 'lists no tenant; list the tenants this agent acts for, or ["*"]', "tenants"
             )
-        for tenant in self.tenants:
-            if tenant != "*" and not TENANT_PATTERN.match(tenant):
-                raise _fault(f"{tenant!r} is not a valid tenant name", "tenants")
         return self
 
     def config(self, name: str) -> AgentConfig:
-        if self.secret is not None:
-            digest = hashlib.sha256(self.secret.reveal().encode()).digest()
-        else:
-            digest = bytes.fromhex(self.token_sha256 or "")
-        tenants = None if "*" in self.tenants else frozenset(self.tenants)
-        return AgentConfig(name=name, token_sha256=digest, tenants=tenants)
+        token = self.secret.reveal().encode() if self.secret is not None else None
+        digest = hashlib.sha256(token).digest() if token else bytes.fromhex(self.token_sha256 or "")
+        return AgentConfig(name, digest, None if "*" in self.tenants else frozenset(self.tenants))
 
 
 class _Document(_Table):
@@ -880,16 +820,14 @@ class _Document(_Table):
     destinations: dict[str, _Destination]
     agents: dict[str, _Agent]
 
-    @field_validator("service", mode="before")
+    @pydantic.field_validator("service", mode="before")
     @classmethod
     def _service_keys(cls, value: Any) -> Any:
-        known = {f.name for f in dataclasses.fields(ServiceSettings)}
-        for key in value if isinstance(value, dict) else ():
-            if key not in known:
-                raise _unknown(key, known)
+        if isinstance(value, dict):
+            _known_keys(value, {f.name for f in dataclasses.fields(ServiceSettings)})
         return value
 
-    @field_validator("service")
+    @pydantic.field_validator("service")
     @classmethod
     def _service_pairs(cls, s: ServiceSettings) -> ServiceSettings:
         if s.subject_token_header.lower() == s.tenant_header.lower():
@@ -930,12 +868,15 @@ def parse_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    doc = _Doc(source, _Lines(text), os.environ if env is None else env, base or Path.cwd())
+    doc = _Doc(source, _lines(text), os.environ if env is None else env, base or Path.cwd())
     try:
         tables = _Document.model_validate(data, context=doc)
-    except ValidationError as exc:
+    except pydantic.ValidationError as exc:
         raise doc.located(data, exc) from None
-    pool = {k: getattr(tables.pool, k) for k in tables.pool.model_fields_set}
+    pool = {
+        **tables.pool.options,
+        **{k: getattr(tables.pool, k) for k in tables.pool.model_fields_set - {"options"}},
+    }
     with doc.checking(("pool",), pool):
         toolpool.PoolDefaults(**pool)
     if not tables.destinations:
@@ -943,49 +884,25 @@ def parse_config(
             ("destinations",), "lists no destination; add [destinations.NAME] url = ..."
         )
     destinations = {
-        name: _destination(doc, name, t, tables.service.egress)
-        for name, t in tables.destinations.items()
+        n: _destination(doc, n, t, tables.service.egress) for n, t in tables.destinations.items()
     }
     if not tables.agents:
         raise doc.error(("agents",), "lists no agent; add [agents.NAME] token_env = ...")
     agents: dict[str, AgentConfig] = {}
-    seen: dict[bytes, str] = {}
     for name, t in tables.agents.items():
         if not _NAME.match(name):
             raise doc.error(
                 ("agents", name), f"agent names use letters, digits, '_', '.', '-' (got {name!r})"
             )
         agents[name] = agent = t.config(name)
-        other = seen.setdefault(agent.token_sha256, name)
-        if other != name:
+        other = next(a for a in agents.values() if a.token_sha256 == agent.token_sha256)
+        if other is not agent:
             raise doc.error(
                 ("agents", name),
-                f"has the same token as agent {other!r}; give each agent its own token",
+                f"has the same token as agent {other.name!r}; give each agent its own token",
             )
-    return ServiceConfig(
-        source=source,
-        service=tables.service,
-        pool=pool,
-        destinations=destinations,
-        agents=agents,
-        limit=_limit(doc, tables.limits),
-    )
-
-
-_DESTINATION_OPTIONS = {
-    "documented_limit",
-    "max_connections",
-    "idle_ttl",
-    "max_lifetime",
-    "health_check_interval",
-    "acquire_timeout",
-    "connect_timeout",
-    "queue_factor",
-    "warmup",
-    "verify",
-    "cert",
-    "policy",
-}
+    limit = _limit(doc, tables.limits)
+    return ServiceConfig(source, tables.service, pool, destinations, agents, limit)
 
 
 def _destination(
@@ -996,11 +913,11 @@ def _destination(
         raise doc.error(
             where, f"destination names use letters, digits, '_', '.', '-' (got {name!r})"
         )
-    options = {k: getattr(t, k) for k in t.model_fields_set & _DESTINATION_OPTIONS}
+    given = t.model_fields_set & {"verify", "cert", "policy"}
+    options = {**t.options, **{k: getattr(t, k) for k in given}}
     with doc.checking(where, {"url", *options}, other="url"):
         spec = toolpool.Destination(name, t.url, **options)
-    why = forbidden_address(spec.origin[1], egress)
-    if why is not None:
+    if (why := forbidden_address(spec.origin[1], egress)) is not None:
         raise doc.error(
             (*where, "url"),
             f"{t.url!r} is refused by the egress policy: {why}; the service never proxies there "
@@ -1010,26 +927,18 @@ def _destination(
     if t.auth is not None:
         with doc.checking((*where, "auth"), ()):
             auth = t.auth.config(name, options.get("verify"))
-    return DestinationConfig(
-        spec=spec,
-        auth=auth,
-        read_timeout=t.read_timeout,
-        write_timeout=t.write_timeout,
-        forward_tenant_as=t.forward_tenant_as,
-    )
+    return DestinationConfig(spec, auth, t.read_timeout, t.write_timeout, t.forward_tenant_as)
 
 
 def _limit(doc: _Doc, table: Mapping[str, Any]) -> GlobalLimit:
     options = dict(table)
     provider = options.pop("provider", None)
     if provider is None:
-        for key in options:
-            if key != "replicas":
-                raise doc.error(("limits", key), _unknown_key(key, ("provider", "replicas")))
+        for key in set(options) - {"replicas"}:
+            raise doc.error(("limits", key), _unknown(key, ("provider", "replicas")))
         with doc.checking(("limits",), options):
             return StaticShare(**options)
-    if provider == "redis":
-        provider = "toolpool.fleet:RedisFleet"
+    provider = "toolpool.fleet:RedisFleet" if provider == "redis" else provider
     where = ("limits", "provider")
     if not isinstance(provider, str) or ":" not in provider:
         raise doc.error(where, "must be 'redis' or 'package.module:factory'")
@@ -1042,10 +951,11 @@ def _limit(doc: _Doc, table: Mapping[str, Any]) -> GlobalLimit:
         options["env"] = doc.env  # the URL and fleet key are read from the config's env
     try:
         limit = factory(**options)
-    except ConfigError as exc:
-        raise doc.error(where, str(exc)) from None
     except Exception as exc:
-        raise doc.error(where, f"{provider}(**options) failed: {exc}") from None
+        detail = (
+            str(exc) if isinstance(exc, ConfigError) else f"{provider}(**options) failed: {exc}"
+        )
+        raise doc.error(where, detail) from None
     for method in ("replica_cap", "hold"):
         if not callable(getattr(limit, method, None)):
             raise doc.error(where, f"{provider} returned an object without {method}()")
