@@ -24,6 +24,7 @@ import difflib
 import functools
 import hashlib
 import importlib
+import math
 import os
 import re
 import tomllib
@@ -119,23 +120,16 @@ def _lines(text: str) -> dict[tuple[str, ...], int]:
     return where
 
 
-# pydantic's error types in this module's words; string patterns by pattern.
+_LIST = "must be a list of non-empty strings, got {got}"
+# pydantic's error types (and string patterns) in this module's words.
 _SAID = {
-    "int_type": "must be a whole number, got {got}",
-    "float_type": "must be a number, got {got}",
-    "finite_number": "must be a finite number, got {got}",
-    "bool_type": "must be true or false, got {got}",
-    "string_type": "must be a string, got {got}",
-    "string_too_short": "must be a non-empty string, got {got}",
-    "tuple_type": "must be a list of non-empty strings, got {got}",
-    "greater_than": "must be > {gt}, got {got}",
-    "greater_than_equal": "must be >= {ge}, got {got}",
-    "less_than_equal": "must be <= {le}, got {got}",
-    "literal_error": "must be {expected}, got {got}",
     "missing": "is required",
-    "dict_type": "must be a table ([{where}])",
-    "model_type": "must be a table ([{where}])",
-    "dataclass_type": "must be a table ([{where}])",
+    "bool_type": "must be true or false, got {got}",
+    "string_type": "must be a non-empty string, got {got}",
+    "string_too_short": "must be a non-empty string, got {got}",
+    "tuple_type": _LIST,
+    "literal_error": "must be {expected}, got {got}",
+    **dict.fromkeys(("dict_type", "model_type", "dataclass_type"), "must be a table ([{where}])"),
     _HEADER_NAME.pattern: "{got} is not a valid HTTP header name",
     TENANT_PATTERN.pattern: "{got} is not a valid tenant name",
     _AGENT_TENANT: "{got} is not a valid tenant name",
@@ -319,7 +313,7 @@ def _egress(value: Any) -> toolpool.Egress:
     _known_keys(value, ("allow", "deny"))
     for key, entries in value.items():
         if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
-            raise _fault(f"must be a list of non-empty strings, got {_shown(entries)}", key)
+            raise _fault(_LIST.format(got=_shown(entries)), key)
     return toolpool.Egress(**value)  # its error names the list, where it is then located
 
 
@@ -330,11 +324,25 @@ def _refused(message: str) -> Any:
     return PlainValidator(refuse)
 
 
+def _must(kind: str, ok: Callable[[Any], bool]) -> Any:
+    """A number checked by `ok`, else "must be `kind`"."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            raise ConfigError(f"must be {kind}, got {_shown(value)}")
+        return value
+
+    return PlainValidator(check)
+
+
 _Text = Annotated[str, Field(strict=True, min_length=1)]
 _Texts = tuple[_Text, ...]
-_Seconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
-_Size = Annotated[int, Field(strict=True, ge=0)]
-_Flag = Annotated[bool, Field(strict=True)]
+_Seconds = Annotated[float, _must("a finite number > 0", lambda v: 0 < v < math.inf)]
+_Wait = Annotated[float, _must("a finite number >= 0", lambda v: 0 <= v < math.inf)]
+_Size = Annotated[int, _must("a whole number >= 0", lambda v: isinstance(v, int) and v >= 0)]
+_Port = Annotated[
+    int, _must("a TCP port 0..65535", lambda v: isinstance(v, int) and 0 <= v < 65536)
+]
 _Header = Annotated[str, Field(strict=True, pattern=_HEADER_NAME.pattern)]
 _Tenant = Annotated[str, Field(pattern=TENANT_PATTERN.pattern)]
 _File = Annotated[_Text, AfterValidator(_file)]
@@ -354,7 +362,7 @@ class ServiceSettings:
     # deliberately for a central service.
     host: _Text = "127.0.0.1"
     # An unassigned port near the metrics port family; 0 picks a free one.
-    port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 8780
+    port: _Port = 8780
     # In-flight requests get this long to finish after SIGTERM (Kubernetes' default grace
     # period is 30 s; leave a few seconds for the pool to close).
     drain_timeout: _Seconds = 25.0
@@ -367,12 +375,12 @@ class ServiceSettings:
     # The header in which an agent names the tenant it acts for.
     tenant_header: _Header = "X-Toolpool-Tenant"
     # One JSON line per request on logger toolpool.service.access (no secrets, no query).
-    access_log: _Flag = True
+    access_log: pydantic.StrictBool = True
     # Serve /metrics (Prometheus exposition of the pool and the service).
-    metrics: _Flag = True
+    metrics: pydantic.StrictBool = True
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
-    warmup_timeout: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 10.0
+    warmup_timeout: _Wait = 10.0
     # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
     tls_cert_file: _File | None = None
