@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
@@ -60,7 +60,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _AGENT_TENANT = rf"^\*$|{TENANT_PATTERN.pattern}"  # or "*": any tenant
-_T = TypeVar("_T")
 
 
 def forbidden_address(host: str, egress: toolpool.Egress | None = None) -> str | None:
@@ -561,33 +560,25 @@ def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) 
     return None
 
 
-def _pick(
-    dest: str, per: Mapping[str, _T], shared: _T | None, what: str, error: type[Exception]
-) -> Callable[[toolpool.AuthContext | None], _T]:
-    """The tenant's own credential, else the shared one, else `error`."""
-
-    def pick(ctx: toolpool.AuthContext | None) -> _T:
-        found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
-        if (found := found if found is not None else shared) is None:
-            raise error(f"no {what} configured for this tenant at {dest!r}")
-        return found
-
-    return pick
-
-
 def _auth(
     kind: str,
     dest: str,
     shared: Any,
     per: Mapping[str, Any],
     what: str,
-    make: Any,
+    make: Callable[[Callable[[toolpool.AuthContext | None], Any]], Any],
     everyone: bool = False,
 ) -> AuthConfig:
-    """An `AuthConfig` whose `make(pick)` gets `pick(ctx)`: the tenant's `per`, else `shared`."""
-    pick = _pick(
-        dest, per, shared, what, TypeError if kind == "mtls" else toolpool.auth.TokenFailure
-    )
+    """An `AuthConfig` whose provider is `make(pick)`, `pick(ctx)` being the credential of the
+    context's tenant (from `per`), else the `shared` one."""
+    error = TypeError if kind == "mtls" else toolpool.auth.TokenFailure
+
+    def pick(ctx: toolpool.AuthContext | None) -> Any:
+        found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
+        if (found := found if found is not None else shared) is None:
+            raise error(f"no {what} configured for this tenant at {dest!r}")
+        return found
+
     return AuthConfig(
         kind, lambda: make(pick), frozenset(per) or None, shared is not None or everyone
     )
@@ -656,6 +647,7 @@ class _TokenEndpoint(_Table):
     service's client at it (one for all tenants, or one per tenant)."""
 
     secret_name = "client_secret"
+    client_required: ClassVar[bool] = True  # False: without a client, the subject suffices
     type: str
     token_url: _Text
     scope: _Text | None = None
@@ -679,12 +671,10 @@ class _TokenEndpoint(_Table):
     def config(self, dest: str, verify: Any) -> AuthConfig:
         per = {tenant: (c.client_id, c.secret) for tenant, c in self.tenants.items()}
         shared = (self.client_id, self.secret) if self.secret is not None else None
-        if shared is None and not per and isinstance(self, _OAuth2ClientCredentials):
+        if (anonymous := shared is None and not per) and self.client_required:
             raise ConfigError(
                 "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
             )
-
-        anonymous = shared is None and not per  # token_exchange: the subject is the identity
 
         def make(pick: Callable[[toolpool.AuthContext | None], tuple[str, Secret]]) -> Any:
             def client(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
@@ -711,6 +701,7 @@ class _TokenExchange(_TokenEndpoint):
     destination; the service authenticates to the token endpoint with `client_id` +
     `client_secret_env/_file` (shared or per tenant), or not at all when neither is given."""
 
+    client_required = False
     type: Literal["token_exchange"]
     audience: _Text | None = None
     resource: _Text | None = None
