@@ -1,4 +1,4 @@
-"""toolpool.testing: real HTTP/1.1 services on loopback for tests, demos and benchmarks.
+"""toolpool.testing: real HTTP/1.1 and HTTP/2 services on loopback for tests, demos, benchmarks.
 
 Import it explicitly (``import toolpool`` does not); TLS needs ``trustme``
 (``pip install 'toolpool[testing]'``)::
@@ -26,7 +26,10 @@ What is here:
   RFC 8693 exchange), bearer / ``X-Tenant`` / mTLS tenants, API routes (``/anything``,
   ``/echo``, ``/bytes``, ``/stream``, ``/status/<code>``, ``/redirect``, ``/cookies``,
   ``/delay``, ``/hang``, ``/close``), faults (:meth:`Downstream.set_fault`), exact counters
-  (:class:`ServiceStats`, :meth:`Downstream.wait_stats`).
+  (:class:`ServiceStats`, :meth:`Downstream.wait_stats`). With TLS, services speak HTTP/2 to
+  clients that offer ``h2`` by ALPN; stats then count streams per connection and the peak of
+  concurrent streams, and the HTTP/2 fault kinds (goaway, rst_stream, refused_stream,
+  max_streams_1, silent, http1) apply.
 - :class:`ServiceSpec`: one service's behaviour (service time, concurrency limit, keep-alive
   timeout, auth, token latency and lifetime, mTLS).
 - :class:`LatencyRelay`: a TCP wire with a one-way delay (``Downstream(latency=...)`` puts

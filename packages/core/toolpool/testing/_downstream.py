@@ -37,7 +37,10 @@ TLS_SHUTDOWN_TIMEOUT = 1.0
 
 
 class Downstream:
-    """Real HTTP/1.1 services on 127.0.0.1 for tests and benchmarks, one port per service.
+    """Real HTTP/1.1 and HTTP/2 services on 127.0.0.1 for tests and benchmarks, one port each.
+
+    With ``tls=True`` a service offers ``h2`` and ``http/1.1`` by ALPN (unless its spec says
+    ``http2=False``); the client's offer decides. Plain HTTP is HTTP/1.1.
 
     Each service answers ``POST /oauth/token`` (client credentials and RFC 8693 token
     exchange), API routes (``/anything``, ``/echo``, ``/bytes``, ``/stream``, ``/status/<code>``,
@@ -173,6 +176,15 @@ class Downstream:
             ssl_context = None
             if self._ca is not None:
                 ssl_context = self._ca.server_context(require_client_cert=spec.mtls)
+                if spec.http2:
+                    ssl_context.set_alpn_protocols(["h2", "http/1.1"])
+                    http1 = self._ca.server_context(require_client_cert=spec.mtls)
+                    http1.set_alpn_protocols(["http/1.1"])
+                    service.offers_h2 = True
+                    service.http1_context = http1
+                    ssl_context.sni_callback = service.alpn_callback
+                else:
+                    ssl_context.set_alpn_protocols(["http/1.1"])
             sock = listen_socket(_HOST)
             self._addresses[name] = sock.getsockname()[:2]
             tls_options: dict[str, Any] = {}
@@ -390,6 +402,20 @@ class Downstream:
         - ``"slow"``: add ``delay`` seconds to the answer.
         - ``"down"``: reset every new connection as soon as it is accepted, and close
           existing connections, unanswered, at their next request.
+
+        HTTP/2 kinds (TLS services with ``ServiceSpec(http2=True)``, the default; request
+        kinds do not fire on HTTP/1.1 requests):
+
+        - ``"goaway"``: GOAWAY(NO_ERROR) naming the stream before this request as the last
+          processed; this request is left unanswered (safe to retry elsewhere), earlier
+          streams finish, then the connection closes.
+        - ``"rst_stream"`` / ``"refused_stream"``: reset this request's stream with
+          INTERNAL_ERROR / REFUSED_STREAM; the connection stays.
+        - ``"max_streams_1"`` (per new connection): announce SETTINGS_MAX_CONCURRENT_STREAMS 1.
+        - ``"silent"`` (per connection, when it next receives bytes): read nothing, write
+          nothing from then on; a PING goes unanswered.
+        - ``"http1"`` (per new TLS connection): ALPN picks ``http/1.1`` even when the client
+          offers ``h2``.
 
         ``count``: fire on the next ``count`` eligible requests (connections, for ``down``),
         then disarm; ``None`` keeps it armed until :meth:`clear_faults`. ``probability``:

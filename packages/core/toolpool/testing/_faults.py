@@ -7,12 +7,31 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-FaultKind = Literal["close_after_response", "reset", "status", "slow", "down"]
+FaultKind = Literal[
+    "close_after_response",
+    "reset",
+    "status",
+    "slow",
+    "down",
+    "goaway",
+    "rst_stream",
+    "refused_stream",
+    "max_streams_1",
+    "silent",
+    "http1",
+]
 #: Which requests a fault applies to: API requests, token-endpoint requests, or both.
 FaultEndpoint = Literal["api", "token", "any"]
 
 FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
+#: Kinds that act on one request of an HTTP/2 connection (not eligible on HTTP/1.1).
+H2_REQUEST_KINDS: frozenset[str] = frozenset({"goaway", "rst_stream", "refused_stream"})
+#: Kinds that act on a whole connection when it is made (``down``, ``http1``, ``max_streams_1``)
+#: or when it next receives bytes (``silent``); ``count`` counts connections.
+CONNECTION_KINDS: frozenset[str] = frozenset({"down", "http1", "max_streams_1", "silent"})
 FAULT_HEADER = "x-testbed-fault"
+_INTERNAL_ERROR = 0x2  # RFC 9113 7: error codes
+_REFUSED_STREAM = 0x7
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,21 @@ class Fault:
 class Effects:
     """What the faults that fired on one request ask the server to do."""
 
-    __slots__ = ("close_after_response", "delay", "drop", "reset", "retry_after", "status")
+    __slots__ = (
+        "close_after_response",
+        "delay",
+        "drop",
+        "goaway",
+        "reset",
+        "retry_after",
+        "rst_stream",
+        "status",
+    )
 
     def __init__(self) -> None:
+        self.goaway = False
+        #: An HTTP/2 error code to reset the request's stream with (RST_STREAM), or None.
+        self.rst_stream: int | None = None
         self.drop = False
         self.reset = False
         self.status: int | None = None
@@ -63,8 +94,15 @@ class Effects:
 
     @property
     def pre_empts(self) -> bool:
-        """True when a fault takes the request instead of the service (down, reset, status)."""
-        return self.drop or self.reset or self.status is not None
+        """True when a fault takes the request instead of the service (down, reset, status,
+        and the HTTP/2 kinds goaway, rst_stream, refused_stream)."""
+        return (
+            self.drop
+            or self.reset
+            or self.status is not None
+            or self.goaway
+            or self.rst_stream is not None
+        )
 
     def apply(self, fault: Fault) -> None:
         kind = fault.kind
@@ -77,6 +115,12 @@ class Effects:
             self.retry_after = fault.retry_after
         elif kind == "slow":
             self.delay += fault.delay or 0.0
+        elif kind == "goaway":
+            self.goaway = True
+        elif kind == "rst_stream":
+            self.rst_stream = _INTERNAL_ERROR
+        elif kind == "refused_stream":
+            self.rst_stream = _REFUSED_STREAM
         else:
             self.close_after_response = True
 
@@ -118,20 +162,31 @@ class FaultBoard:
     def armed(self) -> tuple[Fault, ...]:
         return tuple(a.fault for a in self._armed)
 
-    def on_connection(self) -> bool:
-        """Whether a ``down`` fault refuses this new connection."""
+    def on_connection(self, kind: str = "down") -> bool:
+        """Whether a connection-level fault of ``kind`` (``down``, ``http1``, ``max_streams_1``,
+        ``silent``) fires on this connection."""
         if not self._armed:
             return False
         with self._lock:
-            return any(self._fire_locked(a) for a in self._armed if a.fault.kind == "down")
+            return any(self._fire_locked(a) for a in self._armed if a.fault.kind == kind)
 
-    def on_request(self, endpoint: Literal["api", "token"], fired: list[str]) -> Effects | None:
-        """The effects of the faults that fire on one request; their kinds go to ``fired``."""
+    def on_request(
+        self, endpoint: Literal["api", "token"], fired: list[str], *, http2: bool = False
+    ) -> Effects | None:
+        """The effects of the faults that fire on one request; their kinds go to ``fired``.
+
+        Connection-level kinds never fire here; the HTTP/2 request kinds only when ``http2``.
+        """
         if not self._armed:
             return None
         effects: Effects | None = None
         with self._lock:
             for armed in self._armed:
+                kind = armed.fault.kind
+                if kind in CONNECTION_KINDS and kind != "down":
+                    continue
+                if kind in H2_REQUEST_KINDS and not http2:
+                    continue
                 if armed.fault.endpoint not in (endpoint, "any") or not self._fire_locked(armed):
                     continue
                 if effects is None:
@@ -166,4 +221,6 @@ def parse_fault_header(value: str) -> Fault:
         kwargs[key] = int(raw) if key == "status" else float(raw)
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r}; use one of {sorted(FAULT_KINDS)}")
+    if kind in CONNECTION_KINDS:
+        raise ValueError(f"{kind!r} acts on connections; arm it with Downstream.set_fault")
     return Fault(kind, endpoint="any", **kwargs)  # type: ignore[arg-type]

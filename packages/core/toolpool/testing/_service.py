@@ -13,12 +13,14 @@ import binascii
 import ipaddress
 import json
 import random
+import ssl
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 
 from toolpool.testing._certs import peer_common_name
 from toolpool.testing._connection import HttpConnection
 from toolpool.testing._faults import FAULT_HEADER, Effects, FaultBoard, parse_fault_header
+from toolpool.testing._h2server import AlpnSwitch, H2ServerConnection, H2Stream
 from toolpool.testing._http import Request
 from toolpool.testing._spec import ServiceSpec, draw_seconds
 from toolpool.testing._stats import Counters
@@ -35,6 +37,11 @@ _INVALID_TOKEN = (("www-authenticate", 'Bearer error="invalid_token"'),)
 _INVALID_TOKEN_BODY = b'{"error":"invalid_token"}'
 _OVER_LIMIT_BODY = b'{"error":"over_concurrency_limit"}'
 _PATTERN = bytes(range(256))
+
+#: One request's exchange: an HTTP/1.1 connection, or one stream of an HTTP/2 connection.
+Exchange = HttpConnection | H2Stream
+#: A server-side connection of either protocol.
+ServerConnection = HttpConnection | H2ServerConnection
 
 
 def _dumps(value: object) -> bytes:
@@ -75,7 +82,7 @@ class _Call:
     __slots__ = ("conn", "identity", "request", "service", "timer")
 
     def __init__(
-        self, service: Service, conn: HttpConnection, request: Request, identity: Identity | None
+        self, service: Service, conn: Exchange, request: Request, identity: Identity | None
     ) -> None:
         self.service = service
         self.conn = conn
@@ -122,11 +129,34 @@ class Service:
         self._loop = loop
         self._rng = rng
         self._subject_tokens = subject_tokens
-        self._connections: set[HttpConnection] = set()
+        self._connections: set[ServerConnection] = set()
+        #: Set by the Downstream when this service listens with TLS and offers ``h2``.
+        self.offers_h2 = False
+        #: The TLS context offering only ``http/1.1`` (set by the Downstream with ``offers_h2``).
+        self.http1_context: ssl.SSLContext | None = None
 
-    def protocol(self) -> HttpConnection:
+    def protocol(self) -> asyncio.Protocol:
         """A protocol factory for ``loop.create_server``."""
+        if self.offers_h2:
+            return AlpnSwitch(self._http1, self._http2)
+        return self._http1()
+
+    def _http1(self) -> HttpConnection:
         return HttpConnection(self, self._loop, self.spec.keepalive_timeout)
+
+    def _http2(self) -> H2ServerConnection:
+        return H2ServerConnection(
+            self, self._loop, self.spec.keepalive_timeout, self.spec.max_concurrent_streams
+        )
+
+    def alpn_callback(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        """The TLS server-name callback: an ``http1`` fault makes this handshake pick
+        HTTP/1.1 (by switching to the HTTP/1.1-only context before ALPN is decided)."""
+        if self.http1_context is not None and self.faults.on_connection("http1"):
+            self.counters.fault_fired("http1")
+            ssl_object.context = self.http1_context
 
     def abort_all(self) -> None:
         """Abort every open connection (shutdown)."""
@@ -136,7 +166,7 @@ class Service:
 
     # -- Handler -------------------------------------------------------------------------
 
-    def connection_made(self, conn: HttpConnection) -> bool:
+    def connection_made(self, conn: ServerConnection) -> bool:
         conn.id = self.counters.connection_opened()
         self._connections.add(conn)
         if self.spec.mtls:
@@ -147,23 +177,25 @@ class Service:
             return False
         return True
 
-    def connection_lost(self, conn: HttpConnection) -> None:
+    def connection_lost(self, conn: ServerConnection) -> None:
         self._connections.discard(conn)
         self.counters.connection_closed()
 
-    def connection_idle_closed(self, conn: HttpConnection) -> None:
+    def connection_idle_closed(self, conn: ServerConnection) -> None:
         # Counted when decided: a TLS close waits for the client's close_notify (or a
         # timeout) before the TCP connection is gone.
         self.counters.closed_for_idle()
 
-    def handle(self, conn: HttpConnection, request: Request) -> None:
+    def handle(self, conn: Exchange, request: Request) -> None:
         path = request.path
         if path.startswith("/_testbed/"):
             self._admin(conn, request)
             return
         is_token = path == TOKEN_PATH
         fired: list[str] = []
-        effects = self.faults.on_request("token" if is_token else "api", fired)
+        effects = self.faults.on_request(
+            "token" if is_token else "api", fired, http2=isinstance(conn, H2Stream)
+        )
         header_fault = request.headers.get(FAULT_HEADER)
         if header_fault is not None:
             try:
@@ -185,9 +217,13 @@ class Service:
 
     # -- faults that pre-empt the request ------------------------------------------------
 
-    def _pre_empt(self, conn: HttpConnection, effects: Effects) -> None:
-        """Apply the ``reset``, ``down`` or ``status`` fault that takes this request."""
-        if effects.reset:
+    def _pre_empt(self, conn: Exchange, effects: Effects) -> None:
+        """Apply the ``reset``, ``down``, ``status`` or HTTP/2 fault that takes this request."""
+        if isinstance(conn, H2Stream) and effects.goaway:
+            conn.goaway()
+        elif isinstance(conn, H2Stream) and effects.rst_stream is not None:
+            conn.rst(effects.rst_stream)
+        elif effects.reset:
             conn.reset()
         elif effects.drop:
             conn.drop()
@@ -205,7 +241,7 @@ class Service:
 
     # -- API endpoints -------------------------------------------------------------------
 
-    def _identify(self, conn: HttpConnection, request: Request) -> tuple[bool, Identity | None]:
+    def _identify(self, conn: Exchange, request: Request) -> tuple[bool, Identity | None]:
         """(authorized, identity); identity is None when the request names no tenant."""
         spec = self.spec
         if spec.require_auth:
@@ -221,7 +257,7 @@ class Service:
         tenant = request.headers.get("x-tenant")
         return True, None if tenant is None else Identity(tenant=tenant)
 
-    def _api_request(self, conn: HttpConnection, request: Request, effects: Effects | None) -> None:
+    def _api_request(self, conn: Exchange, request: Request, effects: Effects | None) -> None:
         authorized, identity = self._identify(conn, request)
         tenant = None if identity is None else identity.tenant
         counters = self.counters
@@ -260,7 +296,7 @@ class Service:
 
     def _route(
         self,
-        conn: HttpConnection,
+        conn: Exchange,
         request: Request,
         identity: Identity | None,
         effects: Effects | None,
@@ -275,7 +311,7 @@ class Service:
 
     def _answer(
         self,
-        conn: HttpConnection,
+        conn: Exchange,
         request: Request,
         identity: Identity | None,
         effects: Effects | None,
@@ -359,7 +395,7 @@ class Service:
         )
 
     def _stream(
-        self, conn: HttpConnection, request: Request, call: _Call | None, close_silently: bool
+        self, conn: Exchange, request: Request, call: _Call | None, close_silently: bool
     ) -> None:
         query = _query(request.query)
         chunks = max(0, int(query.get("chunks", "10")))
@@ -389,9 +425,7 @@ class Service:
 
     # -- token endpoint ------------------------------------------------------------------
 
-    def _token_request(
-        self, conn: HttpConnection, request: Request, effects: Effects | None
-    ) -> None:
+    def _token_request(self, conn: Exchange, request: Request, effects: Effects | None) -> None:
         status, body, headers, identity = self._grant(conn, request)
         tenant = None if identity is None else identity.tenant
         self.counters.token_request(conn.id, identity is not None, tenant)
@@ -409,7 +443,7 @@ class Service:
 
     def _token_answer(
         self,
-        conn: HttpConnection,
+        conn: Exchange,
         status: int,
         body: bytes | None,
         headers: tuple[tuple[str, str], ...],
@@ -431,7 +465,7 @@ class Service:
         conn.respond(status, body, headers, close_silently=close_silently)
 
     def _grant(
-        self, conn: HttpConnection, request: Request
+        self, conn: Exchange, request: Request
     ) -> tuple[int, bytes | None, tuple[tuple[str, str], ...], Identity | None]:
         """Decide a token request: (status, error body or None for success, headers, identity)."""
         no_store = (("cache-control", "no-store"),)
@@ -489,7 +523,7 @@ class Service:
 
     # -- admin ---------------------------------------------------------------------------
 
-    def _admin(self, conn: HttpConnection, request: Request) -> None:
+    def _admin(self, conn: Exchange, request: Request) -> None:
         """``GET /_testbed/stats``; not counted, needs no auth."""
         if request.path == STATS_PATH:
             conn.respond(200, _dumps(self.counters.snapshot().to_json()))

@@ -54,8 +54,21 @@ class ServiceSpec:
     token_ttl: float = 3600.0
     #: TLS with a required client certificate; the tenant is the certificate's common name.
     mtls: bool = False
+    #: On TLS, offer HTTP/2 (``h2``) as well as ``http/1.1`` by ALPN; the client's offer decides
+    #: (a client that offers only ``http/1.1`` gets HTTP/1.1). Plain HTTP is always HTTP/1.1.
+    http2: bool = True
+    #: ``SETTINGS_MAX_CONCURRENT_STREAMS`` an HTTP/2 connection announces (nginx's default).
+    max_concurrent_streams: int = 128
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_concurrent_streams, bool)
+            or not isinstance(self.max_concurrent_streams, int)
+            or self.max_concurrent_streams < 1
+        ):
+            raise ValueError(
+                f"max_concurrent_streams must be an int >= 1, got {self.max_concurrent_streams!r}"
+            )
         _check_seconds("service_time", self.service_time)
         _check_seconds("token_latency", self.token_latency)
         _check_seconds("keepalive_timeout", self.keepalive_timeout, allow_inf=True)
@@ -108,12 +121,14 @@ def _format_value(value: object) -> str:
 
 def _parse_value(key: str, raw: str) -> object:
     low = raw.lower()
-    if key in ("require_auth", "mtls"):
+    if key in ("require_auth", "mtls", "http2"):
         if low not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{key} must be true or false, got {raw!r}")
         return low in ("true", "1", "yes")
     if key == "concurrency_limit":
         return None if low in ("none", "") else int(raw)
+    if key == "max_concurrent_streams":
+        return int(raw)
     if ".." in raw:
         lo, _, hi = raw.partition("..")
         return (float(lo), float(hi))

@@ -46,6 +46,27 @@ class ServiceStats:
     connection_tenants: Mapping[int, frozenset[str | None]] = field(default_factory=dict)
     #: fault kind -> times it fired.
     faults_fired: Mapping[str, int] = field(default_factory=dict)
+    #: connection id -> the protocol it speaks: ``"http/1.1"`` or ``"h2"``.
+    connection_protocols: Mapping[int, str] = field(default_factory=dict)
+    #: HTTP/2 streams opened by clients (requests on HTTP/2 connections, token ones included).
+    streams_total: int = 0
+    #: HTTP/2 streams open right now, across all connections (a gauge).
+    streams_open: int = 0
+    #: Highest number of simultaneously open HTTP/2 streams across all connections: what a
+    #: server counting each stream against a per-destination limit sees.
+    peak_streams_open: int = 0
+    #: connection id -> HTTP/2 streams that connection carried.
+    connection_streams: Mapping[int, int] = field(default_factory=dict)
+    #: connection id -> highest number of simultaneously open streams on it.
+    peak_connection_streams: Mapping[int, int] = field(default_factory=dict)
+    #: HTTP/2 streams the client cancelled with RST_STREAM.
+    streams_reset_by_client: int = 0
+    #: HTTP/2 PING frames received (and answered, unless the connection was silent).
+    pings_received: int = 0
+
+    def http2_connections(self) -> int:
+        """How many of the connections counted here spoke HTTP/2."""
+        return sum(1 for p in self.connection_protocols.values() if p == "h2")
 
     def mixed_connections(self) -> dict[int, frozenset[str | None]]:
         """Connections that carried more than one tenant (empty when affinity held)."""
@@ -61,6 +82,8 @@ class ServiceStats:
             for cid, tenants in self.connection_tenants.items()
         }
         data["faults_fired"] = dict(self.faults_fired)
+        for name in _BY_CONNECTION:
+            data[name] = {str(k): v for k, v in getattr(self, name).items()}
         return data
 
     @classmethod
@@ -75,7 +98,12 @@ class ServiceStats:
         }
         values["token_requests_by_tenant"] = dict(data["token_requests_by_tenant"])
         values["faults_fired"] = dict(data["faults_fired"])
+        for name in _BY_CONNECTION:
+            values[name] = {int(k): v for k, v in data.get(name, {}).items()}
         return cls(**values)
+
+
+_BY_CONNECTION = ("connection_protocols", "connection_streams", "peak_connection_streams")
 
 
 class Counters:
@@ -93,6 +121,8 @@ class Counters:
         self._next_connection_id = 0
         self.connections_open = 0
         self.requests_in_progress = 0
+        self.streams_open = 0
+        self._open_on: dict[int, int] = {}  # connection id -> streams open on it (a gauge)
         self._zero()
 
     def _zero(self) -> None:
@@ -107,6 +137,13 @@ class Counters:
         self.responses_by_status: dict[int, int] = {}
         self.connection_tenants: dict[int, set[str | None]] = {}
         self.faults_fired: dict[str, int] = {}
+        self.connection_protocols: dict[int, str] = {}
+        self.streams_total = 0
+        self.peak_streams_open = self.streams_open
+        self.connection_streams: dict[int, int] = {}
+        self.peak_connection_streams: dict[int, int] = {}
+        self.streams_reset_by_client = 0
+        self.pings_received = 0
 
     # -- events (server loop) ------------------------------------------------------------
 
@@ -114,6 +151,7 @@ class Counters:
         """Count an accepted connection; return its id (1, 2, ... per service)."""
         with self._lock:
             self._next_connection_id += 1
+            self.connection_protocols[self._next_connection_id] = "http/1.1"
             self.connections_accepted += 1
             self.connections_open += 1
             if self.connections_open > self.peak_connections:
@@ -121,6 +159,49 @@ class Counters:
             if self._waiters:
                 self._cond.notify_all()
             return self._next_connection_id
+
+    def connection_speaks_h2(self, connection_id: int) -> None:
+        """Connection ``connection_id`` negotiated HTTP/2 by ALPN."""
+        with self._lock:
+            self.connection_protocols[connection_id] = "h2"
+            if self._waiters:
+                self._cond.notify_all()
+
+    def stream_opened(self, connection_id: int) -> None:
+        """A client opened an HTTP/2 stream (sent a request's HEADERS)."""
+        with self._lock:
+            self.streams_total += 1
+            self.streams_open += 1
+            if self.streams_open > self.peak_streams_open:
+                self.peak_streams_open = self.streams_open
+            carried = self.connection_streams
+            carried[connection_id] = carried.get(connection_id, 0) + 1
+            now = self._open_on.get(connection_id, 0) + 1
+            self._open_on[connection_id] = now
+            if now > self.peak_connection_streams.get(connection_id, 0):
+                self.peak_connection_streams[connection_id] = now
+            if self._waiters:
+                self._cond.notify_all()
+
+    def streams_closed(self, connection_id: int, n: int = 1, *, by_client_reset: int = 0) -> None:
+        """``n`` HTTP/2 streams of ``connection_id`` closed (``by_client_reset`` of them by
+        the client's RST_STREAM)."""
+        with self._lock:
+            self.streams_open -= n
+            left = self._open_on.get(connection_id, 0) - n
+            if left > 0:
+                self._open_on[connection_id] = left
+            else:
+                self._open_on.pop(connection_id, None)
+            self.streams_reset_by_client += by_client_reset
+            if self._waiters:
+                self._cond.notify_all()
+
+    def ping_received(self) -> None:
+        with self._lock:
+            self.pings_received += 1
+            if self._waiters:
+                self._cond.notify_all()
 
     def connection_closed(self) -> None:
         with self._lock:
@@ -244,6 +325,14 @@ class Counters:
             http_401=by_status.get(401, 0),
             connection_tenants={c: frozenset(t) for c, t in self.connection_tenants.items()},
             faults_fired=dict(self.faults_fired),
+            connection_protocols=dict(self.connection_protocols),
+            streams_total=self.streams_total,
+            streams_open=self.streams_open,
+            peak_streams_open=self.peak_streams_open,
+            connection_streams=dict(self.connection_streams),
+            peak_connection_streams=dict(self.peak_connection_streams),
+            streams_reset_by_client=self.streams_reset_by_client,
+            pings_received=self.pings_received,
         )
 
     def wait(self, predicate: Callable[[ServiceStats], bool], timeout: float) -> ServiceStats:
