@@ -1,0 +1,598 @@
+"""HTTP/2 connections with I/O: asyncio and threads around the sans-I/O :class:`H2Client`.
+
+Both classes only move bytes and wake waiters; what a frame means and what may happen next is
+decided in ``toolpool._h2``. Each takes an ``httpx.Request`` and returns an ``httpx.Response``
+whose stream reads the body as it arrives (acknowledging it to the server's flow-control
+window as it is read) and, closed early, cancels the stream with RST_STREAM while the
+connection carries on.
+
+- :class:`AsyncH2Connection`: an ``asyncio.Protocol``; one event loop, no task of its own.
+- :class:`SyncH2Connection`: a connected (TLS) socket shared by threads. Writes and reads
+  hold one I/O lock (an SSL object must not be used by two threads at once); a thread that
+  waits for its stream reads for everybody while it holds the read turn, the others wait on
+  a condition that every read notifies.
+
+:func:`open_tls` / :func:`open_tls_sync` connect, offer ``h2`` and ``http/1.1`` by ALPN and
+say what the server picked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from toolpool._h2 import H2Client, Stream
+
+__all__ = [
+    "AsyncH2Connection",
+    "SyncH2Connection",
+    "open_tls",
+    "open_tls_sync",
+    "request_parts",
+]
+
+#: Request body bytes queued per stream before the sender waits for the server's window.
+_SEND_HIGH_WATER = 256 * 1024
+
+
+def request_parts(
+    request: httpx.Request,
+) -> tuple[bytes, bytes, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """(method, scheme, authority, path, headers) of ``request`` for HTTP/2."""
+    url = request.url
+    authority = request.headers.get("host", "").encode("ascii") or url.netloc
+    headers = [(k.lower(), v) for k, v in request.headers.raw]
+    return request.method.encode("ascii"), url.raw_scheme, authority, url.raw_path, headers
+
+
+def _has_no_body(request: httpx.Request) -> bool:
+    return request.headers.get("content-length") in ("0", None) and (
+        "transfer-encoding" not in request.headers
+    )
+
+
+def _timeout(request: httpx.Request, key: str) -> float | None:
+    value = request.extensions.get("timeout", {}).get(key)
+    return None if value is None else float(value)
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+async def open_tls(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+) -> tuple[str | None, asyncio.Transport]:
+    """Connect with TLS offering ``alpn``; returns (the protocol the server picked, the
+    transport). Hand an ``"h2"`` transport to :meth:`AsyncH2Connection.adopt`."""
+    ssl_context.set_alpn_protocols(list(alpn))
+    loop = asyncio.get_running_loop()
+    transport, _ = await asyncio.wait_for(
+        loop.create_connection(
+            Handshaken, host, port, ssl=ssl_context, server_hostname=server_hostname or host
+        ),
+        timeout,
+    )
+    ssl_object = transport.get_extra_info("ssl_object")
+    chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    return chosen, transport
+
+
+class Handshaken(asyncio.Protocol):
+    """Holds what arrives between the TLS handshake and the adoption of the transport (the
+    server's connection preface may come first); :meth:`AsyncH2Connection.adopt` replays it."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost = False
+        self.lost_exc: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_exc = exc
+
+
+class AsyncH2Connection(asyncio.Protocol):
+    """One HTTP/2 connection on an asyncio transport (ALPN already chose ``h2``).
+
+    ::
+
+        chosen, transport = await open_tls("127.0.0.1", port, ctx)
+        conn = AsyncH2Connection.adopt(transport)
+        response = await conn.handle_async_request(httpx.Request("GET", url))
+        await response.aread()
+    """
+
+    def __init__(self) -> None:
+        self.state = H2Client()
+        self.transport: asyncio.Transport | None = None
+        self._waiters: dict[int, asyncio.Event] = {}
+        self._connection_event = asyncio.Event()
+        #: Loop time of the last stream activity (what "idle for" counts from).
+        self.last_used = 0.0
+        self.opened_at = 0.0
+
+    @classmethod
+    def adopt(cls, transport: asyncio.Transport) -> AsyncH2Connection:
+        """Run HTTP/2 on ``transport`` from now on (its protocol is replaced)."""
+        conn = cls()
+        before = transport.get_protocol()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if isinstance(before, Handshaken):
+            if before.received:
+                conn.data_received(bytes(before.received))
+            if before.lost:
+                conn.connection_lost(before.lost_exc)
+        return conn
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.opened_at = self.last_used = asyncio.get_running_loop().time()
+        transport.write(self.state.initiate())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        touched = self.state.receive(data)
+        self._write()
+        self._wake(touched)
+        self._close_if_done()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connection_lost(exc)
+        self._wake(set(self._waiters) | {0})
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        data = self.state.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _wake(self, touched: set[int]) -> None:
+        if 0 in touched:
+            self._connection_event.set()
+            touched = set(self._waiters)  # windows / GOAWAY / errors concern every stream
+        for sid in touched:
+            event = self._waiters.get(sid)
+            if event is not None:
+                event.set()
+
+    def _close_if_done(self) -> None:
+        if self.state.should_close:
+            self.close()
+
+    @property
+    def is_available(self) -> bool:
+        """It can take a new stream now."""
+        return self.state.accepting
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state.closed
+
+    def idle_for(self) -> float:
+        """Seconds since the last stream activity (0 while streams are open)."""
+        if self.state.streams:
+            return 0.0
+        return asyncio.get_running_loop().time() - self.last_used
+
+    def drain(self) -> None:
+        """No new streams; close once the open ones finish (max lifetime, gracefully)."""
+        self.state.drain()
+        self._close_if_done()
+
+    def close(self) -> None:
+        """GOAWAY and close now; open streams fail."""
+        data = self.state.close()
+        self._wake(set(self._waiters) | {0})
+        if self.transport is not None and not self.transport.is_closing():
+            if data:
+                self.transport.write(data)
+            self.transport.close()
+
+    async def ping(self, timeout: float) -> bool:
+        """True when the server answers a PING within ``timeout`` seconds."""
+        if self.state.closed:
+            return False
+        payload = self.state.ping()
+        self._write()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not self.state.ping_answered(payload):
+                remaining = deadline - loop.time()
+                if self.state.closed or remaining <= 0:
+                    return False
+                self._connection_event.clear()
+                try:
+                    await asyncio.wait_for(self._connection_event.wait(), remaining)
+                except TimeoutError:
+                    return False
+            return True
+        finally:
+            self.state.forget_ping(payload)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _wait(self, stream: Stream, timeout: float | None, what: str) -> None:
+        event = self._waiters[stream.stream_id]
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            exc_type = httpx.WriteTimeout if what == "write" else httpx.ReadTimeout
+            raise exc_type(f"no HTTP/2 {what} progress within {timeout} s") from None
+
+    def _finish(self, stream: Stream, *, cancel: bool) -> None:
+        self._waiters.pop(stream.stream_id, None)
+        if cancel:
+            self.state.cancel(stream)
+        else:
+            self.state.release(stream)
+        self.last_used = asyncio.get_running_loop().time()
+        self._write()
+        self._close_if_done()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a new stream; the response body streams as it arrives.
+
+        Raises ``toolpool._h2.StreamNotProcessed`` when the server did not process it
+        (retry it on another connection), other ``httpx`` errors otherwise.
+        """
+        if not self.state.accepting:
+            raise RuntimeError("this HTTP/2 connection takes no new stream now")
+        method, scheme, authority, path, headers = request_parts(request)
+        no_body = _has_no_body(request)
+        stream = self.state.open_stream(
+            method, scheme, authority, path, headers, end_stream=no_body
+        )
+        self._waiters[stream.stream_id] = asyncio.Event()
+        self.last_used = asyncio.get_running_loop().time()
+        self._write()
+        try:
+            if not no_body:
+                await self._send_body(stream, request)
+            read_timeout = _timeout(request, "read")
+            while stream.status is None:
+                if stream.error is not None:
+                    raise stream.error
+                await self._wait(stream, read_timeout, "read")
+        except BaseException:
+            self._finish(stream, cancel=True)
+            raise
+        return httpx.Response(
+            stream.status,
+            headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
+            stream=_AsyncBody(self, stream, read_timeout),
+            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
+        )
+
+    async def _send_body(self, stream: Stream, request: httpx.Request) -> None:
+        write_timeout = _timeout(request, "write")
+        body = request.stream
+        assert isinstance(body, httpx.AsyncByteStream)
+        async for chunk in body:
+            if stream.error is not None:
+                raise stream.error
+            self.state.send_body(stream, bytes(chunk), end=False)
+            self._write()
+            while self.state.outbound_pending(stream) > _SEND_HIGH_WATER:
+                if stream.error is not None:
+                    raise stream.error
+                await self._wait(stream, write_timeout, "write")
+        self.state.send_body(stream, b"", end=True)
+        self._write()
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    def __init__(self, conn: AsyncH2Connection, stream: Stream, timeout: float | None) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._timeout = timeout
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn, stream = self._conn, self._stream
+        try:
+            while True:
+                chunk = conn.state.take_body(stream)
+                if chunk is not None:
+                    conn._write()  # the WINDOW_UPDATE that acknowledges it
+                    if chunk:
+                        yield chunk
+                    continue
+                if stream.error is not None:
+                    raise stream.error
+                if stream.ended:
+                    break
+                await conn._wait(stream, self._timeout, "read")
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn._finish(self._stream, cancel=not self._stream.done)
+
+
+# -- threads ------------------------------------------------------------------------------
+
+
+def open_tls_sync(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+) -> tuple[str | None, ssl.SSLSocket]:
+    """Connect with TLS offering ``alpn``; returns (the protocol picked, the socket)."""
+    ssl_context.set_alpn_protocols(list(alpn))
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
+    except BaseException:
+        sock.close()
+        raise
+    return tls.selected_alpn_protocol(), tls
+
+
+class SyncH2Connection:
+    """One HTTP/2 connection on a connected socket, shared by threads (ALPN chose ``h2``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.state = H2Client()
+        self._sock = sock
+        self._io = threading.Lock()  # the socket (and the SSL object): one user at a time
+        self._cond = threading.Condition(threading.Lock())  # the state, and waking waiters
+        self._reading = False
+        self.opened_at = self.last_used = time.monotonic()
+        with self._cond:
+            self._send_locked(self.state.initiate())
+
+    # -- plumbing (call with self._cond held) --------------------------------------------
+
+    def _send_locked(self, data: bytes | None = None) -> None:
+        data = self.state.data_to_send() if data is None else data
+        if not data or self.state.error is not None:
+            return
+        try:
+            with self._io:
+                self._sock.sendall(data)
+        except OSError as exc:
+            self.state.connection_lost(exc)
+            self._cond.notify_all()
+
+    def _read_turn_locked(self, deadline: float | None) -> None:
+        """Read once for everybody (or wait for the reader); returns on news or deadline."""
+        if self.state.closed:
+            return
+        if self._reading:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is None or remaining > 0:
+                self._cond.wait(remaining)
+            return
+        self._reading = True
+        self._cond.release()
+        data: bytes | None = None
+        failure: BaseException | None = None
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+            if pending or select.select([self._sock], [], [], remaining)[0]:
+                with self._io:
+                    data = self._sock.recv(1 << 18)
+        except (OSError, ValueError) as exc:
+            failure = exc
+        finally:
+            self._cond.acquire()
+            self._reading = False
+        if failure is not None:
+            self.state.connection_lost(failure)
+        elif data == b"":
+            self.state.connection_lost(None)
+        elif data:
+            self.state.receive(data)
+            self._send_locked()
+            if self.state.should_close:
+                self._close_locked()
+        self._cond.notify_all()
+
+    def _close_locked(self) -> None:
+        data = self.state.close()
+        if data:
+            try:
+                with self._io:
+                    self._sock.sendall(data)
+            except OSError:
+                pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._cond.notify_all()
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def is_available(self) -> bool:
+        return self.state.accepting
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state.closed
+
+    def idle_for(self) -> float:
+        if self.state.streams:
+            return 0.0
+        return time.monotonic() - self.last_used
+
+    def drain(self) -> None:
+        with self._cond:
+            self.state.drain()
+            if self.state.should_close:
+                self._close_locked()
+
+    def close(self) -> None:
+        with self._cond:
+            self._close_locked()
+
+    def ping(self, timeout: float) -> bool:
+        """True when the server answers a PING within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self.state.closed:
+                return False
+            payload = self.state.ping()
+            self._send_locked()
+            try:
+                while not self.state.ping_answered(payload):
+                    if self.state.closed or time.monotonic() >= deadline:
+                        return False
+                    self._read_turn_locked(deadline)
+                return True
+            finally:
+                self.state.forget_ping(payload)
+
+    def _wait_locked(self, stream: Stream, ready: Any, timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            if stream.error is not None:
+                raise stream.error
+            if deadline is not None and time.monotonic() >= deadline:
+                exc_type = httpx.WriteTimeout if what == "write" else httpx.ReadTimeout
+                raise exc_type(f"no HTTP/2 {what} progress within {timeout} s")
+            self._read_turn_locked(deadline)
+
+    def _finish(self, stream: Stream, *, cancel: bool) -> None:
+        with self._cond:
+            if cancel:
+                self.state.cancel(stream)
+            else:
+                self.state.release(stream)
+            self.last_used = time.monotonic()
+            self._send_locked()
+            if self.state.should_close:
+                self._close_locked()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a new stream (see :meth:`AsyncH2Connection.handle_async_request`)."""
+        method, scheme, authority, path, headers = request_parts(request)
+        no_body = _has_no_body(request)
+        read_timeout = _timeout(request, "read")
+        with self._cond:
+            if not self.state.accepting:
+                raise RuntimeError("this HTTP/2 connection takes no new stream now")
+            stream = self.state.open_stream(
+                method, scheme, authority, path, headers, end_stream=no_body
+            )
+            self.last_used = time.monotonic()
+            self._send_locked()
+        try:
+            if not no_body:
+                self._send_body(stream, request)
+            with self._cond:
+                self._wait_locked(
+                    stream,
+                    lambda: stream.status is not None or stream.error is not None,
+                    read_timeout,
+                    "read",
+                )
+                if stream.status is None:
+                    assert stream.error is not None
+                    raise stream.error
+        except BaseException:
+            self._finish(stream, cancel=True)
+            raise
+        return httpx.Response(
+            stream.status,
+            headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
+            stream=_SyncBody(self, stream, read_timeout),
+            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
+        )
+
+    def _send_body(self, stream: Stream, request: httpx.Request) -> None:
+        write_timeout = _timeout(request, "write")
+        body = request.stream
+        assert isinstance(body, httpx.SyncByteStream)
+        for chunk in body:
+            with self._cond:
+                if stream.error is not None:
+                    raise stream.error
+                self.state.send_body(stream, bytes(chunk), end=False)
+                self._send_locked()
+                self._wait_locked(
+                    stream,
+                    lambda: self.state.outbound_pending(stream) <= _SEND_HIGH_WATER,
+                    write_timeout,
+                    "write",
+                )
+        with self._cond:
+            self.state.send_body(stream, b"", end=True)
+            self._send_locked()
+
+
+class _SyncBody(httpx.SyncByteStream):
+    def __init__(self, conn: SyncH2Connection, stream: Stream, timeout: float | None) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._timeout = timeout
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        conn, stream = self._conn, self._stream
+        try:
+            while True:
+                with conn._cond:
+                    chunk = conn.state.take_body(stream)
+                    if chunk is None:
+                        if stream.error is not None:
+                            raise stream.error
+                        if stream.ended:
+                            break
+                        conn._wait_locked(
+                            stream,
+                            lambda: bool(stream.chunks) or stream.ended,
+                            self._timeout,
+                            "read",
+                        )
+                        continue
+                    conn._send_locked()
+                if chunk:
+                    yield chunk
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn._finish(self._stream, cancel=not self._stream.done)
