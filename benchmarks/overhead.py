@@ -16,6 +16,14 @@ Clients:
   httpx-null      httpx.AsyncClient on a transport that answers at once without any I/O: the
                   ceiling httpx's client layer alone allows (not a client one can use)
   aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
+  httpx-h2        httpx.AsyncClient(http2=True): one shared client, httpx's own HTTP/2 (TLS)
+  httpx+toolpool-h2  the toolpool client on Pool(http2=True): a connection per tenant, the
+                  cap (100) counted in streams (TLS; plain stays HTTP/1.1)
+`--tenants N` spreads the closed loop's workers over N auth contexts (worker i acts for tenant
+i mod N; httpx and aiohttp ignore it and share their connections across tenants):
+
+    python benchmarks/overhead.py --tls tls --concurrency 1,100 --tenants 10 \
+        --clients httpx-h2,httpx+toolpool-h2,httpx+toolpool
   <toolpool client>+otel-api  the same pool under toolpool.otel.instrument() with only the
                   OpenTelemetry API (no SDK configured: non-recording spans, no-op meter)
   <toolpool client>+otel-sdk  instrumented with the SDK: every span recorded and handed to a
@@ -59,21 +67,25 @@ Send = Callable[[], Awaitable[None]]
 CLIENTS = ("httpx-default", "httpx+toolpool", "httpx+toolpool-nopolicy", "toolpool-lean", "aiohttp")
 
 
-async def _closed_loop(send: Send, concurrency: int, seconds: float) -> tuple[int, int]:
+async def _closed_loop(
+    send: Send, concurrency: int, seconds: float, tenants: int = 1
+) -> tuple[int, int]:
     done = 0
     errors = 0
     deadline = time.perf_counter() + seconds
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
         nonlocal done, errors
-        while time.perf_counter() < deadline:
-            try:
-                await send()
-                done += 1
-            except Exception:
-                errors += 1
+        ctx = toolpool.AuthContext(tenant=f"tenant-{i % tenants}") if tenants > 1 else None
+        with toolpool.auth_context(ctx):
+            while time.perf_counter() < deadline:
+                try:
+                    await send()
+                    done += 1
+                except Exception:
+                    errors += 1
 
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    await asyncio.gather(*[worker(i) for i in range(concurrency)])
     return done, errors
 
 
@@ -84,11 +96,14 @@ async def _run_client(
     ca_path: str | None,
     concurrency: int,
     seconds: float,
+    tenants: int = 1,
 ) -> dict[str, Any]:
     target = url + "/anything"
     cleanup: Callable[[], Awaitable[None]]
-    if name == "httpx-default":
-        client = httpx.AsyncClient(verify=sslctx if sslctx is not None else True)
+    if name in ("httpx-default", "httpx-h2"):
+        client = httpx.AsyncClient(
+            verify=sslctx if sslctx is not None else True, http2=name == "httpx-h2"
+        )
 
         async def send() -> None:
             r = await client.get(target)
@@ -127,6 +142,7 @@ async def _run_client(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
             queue_factor=4,
             warmup=0,
+            http2="-h2" in name,
             **({"policy": None} if "nopolicy" in name else {}),
         )
         stop = _instrument(pool, name)
@@ -157,15 +173,16 @@ async def _run_client(
     else:
         raise SystemExit(f"unknown client {name!r}")
     try:
-        await _closed_loop(send, min(concurrency, 20), 0.3)  # warm connections and caches
+        await _closed_loop(send, min(concurrency, 20), 0.3, tenants)  # warm connections, caches
         gc.collect()
         cpu0, t0 = time.process_time(), time.perf_counter()
-        done, errors = await _closed_loop(send, concurrency, seconds)
+        done, errors = await _closed_loop(send, concurrency, seconds, tenants)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     finally:
         await cleanup()
     return {
         "client": name,
+        "tenants": tenants,
         "concurrency": concurrency,
         "requests_per_s": done / wall,
         "errors": errors,
@@ -393,6 +410,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tls", choices=["both", "plain", "tls"], default="both")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tenants", default="1", help="auth contexts, e.g. 1,10")
     parser.add_argument("--otel-hooks", action="store_true", help="time the off path only")
     parser.add_argument("--parsers", action="store_true", help="measure the parsers alone")
     parser.add_argument("--baseline", help="with --parsers: another _http11.py to compare")
@@ -406,24 +424,36 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     clients = args.clients.split(",")
     modes = ["plain", "tls"] if args.tls == "both" else [args.tls]
+    tenant_levels = [int(t) for t in args.tenants.split(",")]
     rows: list[dict[str, Any]] = []
     for mode in modes:
         with spawn_downstream({"api": ServiceSpec(require_auth=False)}, tls=mode == "tls") as ds:
             sslctx = ds.client_ssl_context() if mode == "tls" else None
             ca_path = ds.ca_pem_path if mode == "tls" else None
             for level in levels:
-                for rep in range(args.repeat):
-                    for name in clients:
-                        row = asyncio.run(
-                            _run_client(name, ds.url("api"), sslctx, ca_path, level, args.seconds)
-                        )
-                        row.update(mode=mode, repeat=rep)
-                        rows.append(row)
-                        print(
-                            f"{mode:5} c={level:<4} {name:15} {row['requests_per_s']:9.0f} req/s "
-                            f"{row['cpu_us_per_request']:7.1f} us cpu/req  errors={row['errors']}",
-                            file=sys.stderr,
-                        )
+                for tenants in tenant_levels:
+                    for rep in range(args.repeat):
+                        for name in clients:
+                            row = asyncio.run(
+                                _run_client(
+                                    name,
+                                    ds.url("api"),
+                                    sslctx,
+                                    ca_path,
+                                    level,
+                                    args.seconds,
+                                    tenants,
+                                )
+                            )
+                            row.update(mode=mode, repeat=rep)
+                            rows.append(row)
+                            print(
+                                f"{mode:5} c={level:<4} t={tenants:<3} {name:15} "
+                                f"{row['requests_per_s']:9.0f} req/s "
+                                f"{row['cpu_us_per_request']:7.1f} us cpu/req "
+                                f"errors={row['errors']}",
+                                file=sys.stderr,
+                            )
     summary = summarize(rows)
     print(render(summary, args))
     if args.json:
@@ -433,16 +463,18 @@ def main() -> None:
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median and spread per (mode, concurrency, client), plus ratios against the others."""
-    cells: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    cells: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
     for row in rows:
-        cells.setdefault((row["mode"], row["concurrency"], row["client"]), []).append(row)
+        key = (row["mode"], row["concurrency"], row.get("tenants", 1), row["client"])
+        cells.setdefault(key, []).append(row)
     out = []
-    for (mode, level, name), runs in cells.items():
+    for (mode, level, tenants, name), runs in cells.items():
         rates = [r["requests_per_s"] for r in runs]
         out.append(
             {
                 "mode": mode,
                 "concurrency": level,
+                "tenants": tenants,
                 "client": name,
                 "rps_median": statistics.median(rates),
                 "rps_min": min(rates),
@@ -451,16 +483,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": sum(r["errors"] for r in runs),
             }
         )
-    by = {(c["mode"], c["concurrency"], c["client"]): c for c in out}
+    by = {(c["mode"], c["concurrency"], c["tenants"], c["client"]): c for c in out}
     for cell in out:
+        where = (cell["mode"], cell["concurrency"], cell["tenants"])
         base_name = cell["client"].split("+otel")[0]
         if base_name != cell["client"]:
-            off = by.get((cell["mode"], cell["concurrency"], base_name))
+            off = by.get((*where, base_name))
             if off and off["rps_median"]:
                 cell["vs_tracing_off"] = cell["rps_median"] / off["rps_median"]
                 cell["cpu_us_added"] = cell["cpu_us_median"] - off["cpu_us_median"]
-        for other in ("httpx-default", "aiohttp"):
-            base = by.get((cell["mode"], cell["concurrency"], other))
+        for other in ("httpx-default", "aiohttp", "httpx-h2"):
+            base = by.get((*where, other))
             if base and other != cell["client"] and base["rps_median"]:
                 cell[f"vs_{other}"] = cell["rps_median"] / base["rps_median"]
     return out
@@ -471,20 +504,24 @@ def render(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"overhead benchmark, {os.cpu_count()} cores, {args.seconds} s per cell, "
         f"repeat {args.repeat} (median [min-max])",
         "",
-        "| mode | conc. | client | req/s | client CPU µs/req | errors "
-        "| × httpx-default | × aiohttp | × tracing off | CPU µs added |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | conc. | tenants | client | req/s | client CPU µs/req | errors "
+        "| × httpx-default | × aiohttp | × httpx-h2 | × tracing off | CPU µs added |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in sorted(summary, key=lambda c: (c["mode"], c["concurrency"], c["client"])):
+    order = sorted(summary, key=lambda c: (c["mode"], c["concurrency"], c["tenants"], c["client"]))
+    for c in order:
         ratio_h = c.get("vs_httpx-default")
+        ratio_2 = c.get("vs_httpx-h2")
         ratio_a = c.get("vs_aiohttp")
         ratio_o = c.get("vs_tracing_off")
         added = c.get("cpu_us_added")
         lines.append(
-            f"| {c['mode']} | {c['concurrency']} | {c['client']} | {c['rps_median']:.0f} "
+            f"| {c['mode']} | {c['concurrency']} | {c['tenants']} | {c['client']} "
+            f"| {c['rps_median']:.0f} "
             f"[{c['rps_min']:.0f}-{c['rps_max']:.0f}] | {c['cpu_us_median']:.0f} | {c['errors']} "
             f"| {'' if ratio_h is None else f'{ratio_h:.2f}'} "
             f"| {'' if ratio_a is None else f'{ratio_a:.2f}'} "
+            f"| {'' if ratio_2 is None else f'{ratio_2:.2f}'} "
             f"| {'' if ratio_o is None else f'{ratio_o:.2f}'} "
             f"| {'' if added is None else f'{added:+.0f}'} |"
         )

@@ -35,13 +35,16 @@ async def _connect(ds: Downstream, name: str = "api") -> AsyncH2Connection:
     chosen, transport = await open_tls(*ds.address(name), ds.client_ssl_context(), timeout=5)
     assert chosen == "h2"
     conn = AsyncH2Connection.adopt(transport)
+    await conn.settings(5)  # the server's stream limit; until then one stream at a time
     return conn
 
 
 def _connect_sync(ds: Downstream, name: str = "api") -> SyncH2Connection:
     chosen, sock = open_tls_sync(*ds.address(name), ds.client_ssl_context(), timeout=5)
     assert chosen == "h2"
-    return SyncH2Connection(sock)
+    conn = SyncH2Connection(sock)
+    conn.settings(5)
+    return conn
 
 
 def _req(ds: Downstream, path: str, name: str = "api", **kwargs: object) -> httpx.Request:
@@ -50,10 +53,25 @@ def _req(ds: Downstream, path: str, name: str = "api", **kwargs: object) -> http
     )  # type: ignore[arg-type]
 
 
-async def _read_settings(conn: AsyncH2Connection) -> None:
-    # The server's SETTINGS come with its preface; a PING round trip guarantees they arrived.
-    assert await conn.ping(5.0)
-    assert conn.state.settings_received
+def test_one_stream_until_the_servers_settings_arrive() -> None:
+    """Sans I/O: before the server's SETTINGS its stream limit is unknown, so one stream."""
+    import h2.config
+    import h2.connection
+
+    from toolpool._h2 import H2Client
+
+    client = H2Client()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.receive_data(client.initiate())
+    assert client.accepting
+    client.open_stream(b"GET", b"https", b"x.test", b"/", [], end_stream=True)
+    assert not client.accepting  # a second stream could exceed a limit not yet known
+    server.initiate_connection()
+    server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 3})
+    client.receive(server.data_to_send())
+    assert client.settings_received
+    assert client.max_streams == 3
+    assert client.accepting
 
 
 # -- basics and flow control ----------------------------------------------------------------
@@ -120,7 +138,6 @@ async def test_streaming_response_arrives_chunk_by_chunk(ds: Downstream) -> None
 
 async def test_server_max_concurrent_streams_is_honoured(ds: Downstream) -> None:
     conn = await _connect(ds, "two")
-    await _read_settings(conn)
     assert conn.state.max_streams == 2
     # The heads come at once, the bodies later: both streams stay open meanwhile.
     first = await conn.handle_async_request(_req(ds, "/stream?chunks=2&delay=0.2", "two"))
@@ -138,7 +155,6 @@ async def test_server_max_concurrent_streams_is_honoured(ds: Downstream) -> None
 def test_max_streams_1_fault_limits_the_connection_sync(ds: Downstream) -> None:
     ds.set_fault("api", "max_streams_1", count=1)
     conn = _connect_sync(ds)
-    assert conn.ping(5.0)
     assert conn.state.max_streams == 1
     response = conn.handle_request(_req(ds, "/stream?chunks=2&delay=0.1"))
     assert not conn.is_available

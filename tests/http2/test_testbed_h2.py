@@ -213,3 +213,17 @@ def test_stats_roundtrip_json_keeps_stream_counters() -> None:
             client.get(ds.url("api") + "/anything")
         stats = ds.stats("api")
         assert ServiceStats.from_json(stats.to_json()) == stats
+
+
+def test_client_reset_of_an_answered_stream_blocked_by_flow_control_counts_once() -> None:
+    with Downstream({"api": OPEN}, tls=True) as ds:
+        raw = RawH2(ds.address("api"), ds.client_ssl_context())
+        # 200 KB against the client's 64 KiB window: answered, but not all sent.
+        sid = raw.request("/bytes?n=200000")
+        raw.read_until(lambda ev: bool(raw.of(h2.events.DataReceived, sid)))
+        raw.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        raw.flush()
+        stats = ds.wait_stats("api", lambda s: s.streams_open == 0)
+        assert stats.requests_in_progress == 0
+        assert stats.responses_by_status == {200: 1}
+        raw.close()

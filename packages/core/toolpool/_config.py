@@ -77,6 +77,11 @@ class PoolDefaults:
     # unspecified and multicast addresses are refused unless allowed by address
     # (toolpool.Egress; tools build URLs from model output, so any URL can arrive).
     egress: Egress = field(default_factory=Egress)
+    # HTTP/2 where the server offers it (ALPN on TLS): one multiplexed connection per
+    # (destination, tenant) instead of one connection per request in flight. Plain http://
+    # is always HTTP/1.1. Off by default until the rest of the suite (warm-up, mTLS, the
+    # HTTP/1.1-counting tests) is adapted: issue 18 asks for True.
+    http2: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("max_connections", self.max_connections)
@@ -86,6 +91,8 @@ class PoolDefaults:
         _check_non_negative("queue_factor", self.queue_factor)
         _check_fraction("warmup", self.warmup)
         _check_verify(self.verify)
+        if not isinstance(self.http2, bool):
+            raise ConfigError(f"http2 must be True or False, got {self.http2!r}")
         if self.unknown_destinations not in ("pool", "reject"):
             raise ConfigError(
                 "unknown_destinations must be 'pool' or 'reject', "
@@ -139,6 +146,9 @@ class Destination:
     auth: Any = None
     # A toolpool.resilience.Policy for this destination; None inherits the pool's.
     policy: Any = None
+    #: Offer HTTP/2 by ALPN on https:// (None: the pool's default). On HTTP/2,
+    #: `max_connections` bounds concurrent requests (streams) across tenants.
+    http2: bool | None = None
     origin: Origin = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +170,10 @@ class Destination:
                 )
         if self.max_connections is not None:
             _check_positive_int("max_connections", self.max_connections, self.name)
+        if self.http2 is not None and not isinstance(self.http2, bool):
+            raise ConfigError(
+                f"destination {self.name!r}: http2 must be True, False or None, got {self.http2!r}"
+            )
         for name in (
             "idle_ttl",
             "max_lifetime",
@@ -213,6 +227,8 @@ class DestinationSettings:
     auth: Any
     policy: Any
     listed: bool
+    #: HTTP/2 is offered (https:// with http2 on, and no per-context client certificate).
+    http2: bool = False
 
     @property
     def url(self) -> str:
@@ -227,6 +243,13 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         return getattr(defaults, name) if value is None else value
 
     cap = dest.connection_cap(defaults.max_connections)
+    # mTLS per context (a connection-bound auth provider) keeps HTTP/1.1 for now: its TLS
+    # contexts belong to the provider and announce http/1.1 only.
+    http2 = (
+        bool(pick("http2"))
+        and dest.origin[0] == "https"
+        and not getattr(dest.auth, "connection_bound", False)
+    )
     return DestinationSettings(
         name=dest.name,
         origin=dest.origin,
@@ -235,7 +258,9 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         idle_ttl=pick("idle_ttl"),
         max_lifetime=pick("max_lifetime"),
         health_check_interval=pick("health_check_interval"),
-        warmup_count=math.ceil(pick("warmup") * cap),
+        # Warm-up opens HTTP/1.1 connections; on HTTP/2 a tenant's first request opens its one
+        # connection (warm-up of HTTP/2 connections is not built yet).
+        warmup_count=0 if http2 else math.ceil(pick("warmup") * cap),
         acquire_timeout=pick("acquire_timeout"),
         connect_timeout=pick("connect_timeout"),
         verify=pick("verify"),
@@ -244,6 +269,7 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         auth=dest.auth,
         policy=dest.policy if dest.policy is not None else defaults.policy,
         listed=listed,
+        http2=http2,
     )
 
 

@@ -209,6 +209,8 @@ class H2Client:
             not self.closed
             and not self.goaway_received
             and not self.draining
+            # Until the server's SETTINGS arrive its stream limit is unknown: one stream.
+            and (self.settings_received or not self.streams)
             and self.streams_in_use < self.max_streams
             and self._h2.open_outbound_streams < self.max_streams
         )

@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -80,12 +80,10 @@ async def open_tls(
     transport). Hand an ``"h2"`` transport to :meth:`AsyncH2Connection.adopt`."""
     ssl_context.set_alpn_protocols(list(alpn))
     loop = asyncio.get_running_loop()
-    transport, _ = await asyncio.wait_for(
-        loop.create_connection(
+    async with asyncio.timeout(timeout):
+        transport, _ = await loop.create_connection(
             Handshaken, host, port, ssl=ssl_context, server_hostname=server_hostname or host
-        ),
-        timeout,
-    )
+        )
     ssl_object = transport.get_extra_info("ssl_object")
     chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
     return chosen, transport
@@ -130,6 +128,10 @@ class AsyncH2Connection(asyncio.Protocol):
         #: Loop time of the last stream activity (what "idle for" counts from).
         self.last_used = 0.0
         self.opened_at = 0.0
+        #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
+        self.expires_at: float | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._fences: dict[bytes, Callable[[], None]] = {}
 
     @classmethod
     def adopt(cls, transport: asyncio.Transport) -> AsyncH2Connection:
@@ -149,12 +151,16 @@ class AsyncH2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.opened_at = self.last_used = asyncio.get_running_loop().time()
+        self.loop = asyncio.get_running_loop()
+        self.opened_at = self.last_used = self.loop.time()
         transport.write(self.state.initiate())  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         touched = self.state.receive(data)
         self._write()
+        if self._fences and self.state.pings_acked:
+            for payload in [p for p in self._fences if self.state.ping_answered(p)]:
+                self._fences.pop(payload)()
         self._wake(touched)
         self._close_if_done()
 
@@ -164,6 +170,22 @@ class AsyncH2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connection_lost(exc)
         self._wake(set(self._waiters) | {0})
+        self._run_fences()
+
+    def _run_fences(self) -> None:
+        fences, self._fences = self._fences, {}
+        for callback in fences.values():
+            callback()
+
+    def fence(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the server has processed everything sent so far (a PING
+        sent now is answered), or the connection is gone. A pool gives a cancelled stream's
+        permit back this way: the server counts the stream until it read the RST_STREAM."""
+        if self.state.closed or self.transport is None or self.transport.is_closing():
+            callback()
+            return
+        self._fences[self.state.ping()] = callback
+        self._write()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -209,10 +231,22 @@ class AsyncH2Connection(asyncio.Protocol):
         """GOAWAY and close now; open streams fail."""
         data = self.state.close()
         self._wake(set(self._waiters) | {0})
+        self._run_fences()
         if self.transport is not None and not self.transport.is_closing():
             if data:
                 self.transport.write(data)
             self.transport.close()
+
+    async def settings(self, timeout: float | None) -> None:
+        """Wait for the server's SETTINGS (its stream limit), sent right after the handshake."""
+        async with asyncio.timeout(timeout):
+            while not self.state.settings_received:
+                if self.state.closed:
+                    raise self.state.error or httpx.RemoteProtocolError(
+                        "the HTTP/2 connection closed before the server's SETTINGS"
+                    )
+                self._connection_event.clear()
+                await self._connection_event.wait()
 
     async def ping(self, timeout: float) -> bool:
         """True when the server answers a PING within ``timeout`` seconds."""
@@ -229,7 +263,8 @@ class AsyncH2Connection(asyncio.Protocol):
                     return False
                 self._connection_event.clear()
                 try:
-                    await asyncio.wait_for(self._connection_event.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._connection_event.wait()
                 except TimeoutError:
                     return False
             return True
@@ -242,7 +277,10 @@ class AsyncH2Connection(asyncio.Protocol):
         event = self._waiters[stream.stream_id]
         event.clear()
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set (CPython gh-86296), and the request would run on.
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             exc_type = httpx.WriteTimeout if what == "write" else httpx.ReadTimeout
             raise exc_type(f"no HTTP/2 {what} progress within {timeout} s") from None
@@ -374,6 +412,8 @@ class SyncH2Connection:
         self._cond = threading.Condition(threading.Lock())  # the state, and waking waiters
         self._reading = False
         self.opened_at = self.last_used = time.monotonic()
+        #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
+        self.expires_at: float | None = None
         with self._cond:
             self._send_locked(self.state.initiate())
 
@@ -463,6 +503,26 @@ class SyncH2Connection:
     def close(self) -> None:
         with self._cond:
             self._close_locked()
+
+    def settings(self, timeout: float | None) -> None:
+        """Wait for the server's SETTINGS (its stream limit), sent right after the handshake."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self.state.settings_received:
+                if self.state.closed:
+                    raise self.state.error or httpx.RemoteProtocolError(
+                        "the HTTP/2 connection closed before the server's SETTINGS"
+                    )
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("no SETTINGS from the server")
+                self._read_turn_locked(deadline)
+
+    def fence(self, callback: Callable[[], None], timeout: float = 2.0) -> None:
+        """:meth:`AsyncH2Connection.fence`, blocking the caller until the PING is answered;
+        no answer within ``timeout``: the connection is closed, then ``callback`` runs."""
+        if not self.ping(timeout) and not self.state.closed:
+            self.close()
+        callback()
 
     def ping(self, timeout: float) -> bool:
         """True when the server answers a PING within ``timeout`` seconds."""

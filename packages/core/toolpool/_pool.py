@@ -77,6 +77,10 @@ class Pool:
     (`egress=toolpool.Egress(...)`; by default cloud metadata, link-local, unspecified and
     multicast addresses are refused, in any spelling), raising `toolpool.EgressDenied`.
 
+    HTTP/2: with `http2=True`, https:// destinations offer `h2` by ALPN; where the server
+    picks it, a tenant gets one multiplexed connection per destination and `max_connections`
+    counts concurrent requests (streams) across tenants (toolpool._h2pool explains the rules).
+
     Arguments are the pool-wide defaults (see `PoolDefaults` for the reason behind each);
     a `Destination` overrides any of them for itself. A pool used before it is entered
     starts on first use (without warm-up). Use one pool per process and share it.
@@ -100,6 +104,7 @@ class Pool:
         local_max_connections: int | None = None,
         overflow: Any = None,
         egress: Any = None,
+        http2: bool = False,
     ) -> None:
         self.defaults = PoolDefaults(
             max_connections=max_connections,
@@ -112,6 +117,7 @@ class Pool:
             connect_timeout=connect_timeout,
             verify=verify,
             unknown_destinations=unknown_destinations,
+            http2=http2,
             **({} if policy is _DEFAULT_POLICY else {"policy": policy}),
             **({} if egress is None else {"egress": egress}),
         )
@@ -475,6 +481,8 @@ class Pool:
             dest.execute(actions)
             for waiter in waiters:
                 waiter.notify()
+            if dest.h2 is not None:
+                dest.h2.close_all()
 
     def _closing_pending(self) -> bool:
         # Only idle/closing connections on a loop that still runs can finish closing.

@@ -146,6 +146,13 @@ class DestinationPool:
         self.base_sync_send: Callable[..., httpx.Response] = partial(sync_request.send, self)
         self.async_send: Callable[..., Awaitable[httpx.Response]] = self.base_async_send
         self.sync_send: Callable[..., httpx.Response] = self.base_sync_send
+        # The HTTP/2 side (toolpool._h2pool.H2Connections) when HTTP/2 is offered: then a
+        # slot is a permit for one stream, and the sends above go through it.
+        self.h2: Any = None
+        if settings.http2:
+            from toolpool import _h2pool
+
+            _h2pool.attach(self)
 
     def __repr__(self) -> str:
         return f"<DestinationPool {self.name!r} {self.settings.url}>"

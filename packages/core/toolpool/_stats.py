@@ -101,6 +101,20 @@ class DestinationStats:
     #: token fetches, retries): they wait in order but never make the pool refuse, so the
     #: queue may hold `queue_limit` calls plus these.
     waiting_counted: int = 0
+    #: What the destination speaks: ``"http/1.1"``, ``"h2"``, or ``"unknown"`` (HTTP/2 is
+    #: offered by ALPN and no connection has been opened yet). On ``"h2"`` the slot counts
+    #: above (`idle`, `in_use`, `opening`, `max_connections`) count *requests* (stream
+    #: permits), not connections; the connections are the `http2_*` fields.
+    protocol: str = "http/1.1"
+    #: Open HTTP/2 connections (one per active auth context, more only at the server's
+    #: SETTINGS_MAX_CONCURRENT_STREAMS).
+    http2_connections: int = 0
+    #: HTTP/2 streams in flight across those connections.
+    http2_streams_in_use: int = 0
+    #: Streams in flight on each open HTTP/2 connection.
+    http2_streams_per_connection: tuple[int, ...] = ()
+    #: HTTP/2 connections opened since the pool was built.
+    http2_connections_opened: int = 0
 
     @property
     def connections(self) -> int:
@@ -210,4 +224,15 @@ def destination_stats(dest: DestinationPool) -> DestinationStats:
     refreshes = _auth_refreshes(dest.auth)
     if refreshes:
         snapshot = replace(snapshot, auth_refreshes_total=refreshes)
+    h2 = dest.h2
+    if h2 is not None:
+        h2s = h2.stats()
+        snapshot = replace(
+            snapshot,
+            protocol=h2s["protocol"],
+            http2_connections=h2s["connections"],
+            http2_streams_in_use=h2s["streams_in_use"],
+            http2_streams_per_connection=tuple(h2s["streams_per_connection"]),
+            http2_connections_opened=h2s["connections_opened"],
+        )
     return snapshot

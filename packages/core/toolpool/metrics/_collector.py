@@ -50,6 +50,22 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Responses that turned out to be event streams (text/event-stream).",
     ),
+    "toolpool_destination_protocol": (
+        "gauge",
+        "1 for the protocol the destination speaks (http/1.1, h2, or unknown before the "
+        "first HTTP/2-offering connect). On h2 the connection gauges count requests "
+        "(stream permits); the toolpool_http2_* gauges count connections and streams.",
+    ),
+    "toolpool_http2_connections": (
+        "gauge",
+        "Open HTTP/2 connections (one per active auth context, more only at the server's "
+        "stream limit).",
+    ),
+    "toolpool_http2_streams_in_use": ("gauge", "HTTP/2 streams in flight."),
+    "toolpool_http2_streams_per_connection_max": (
+        "gauge",
+        "Streams in flight on the destination's busiest HTTP/2 connection.",
+    ),
     "toolpool_connections_limit": (
         "gauge",
         "Effective connection limit: the maximum, unless the adaptive limit lowered it.",
@@ -327,8 +343,16 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
     acquired = f.counter("toolpool_connection_acquisitions_total", "destination", "source")
     rejected = f.counter("toolpool_rejections_total", "destination", "reason")
     egress = f.counter("toolpool_egress_denied_total", "destination", "rule")
+    protocol = f.gauge("toolpool_destination_protocol", "destination", "protocol")
+    h2_conns = f.gauge("toolpool_http2_connections", "destination")
+    h2_streams = f.gauge("toolpool_http2_streams_in_use", "destination")
+    h2_per_conn = f.gauge("toolpool_http2_streams_per_connection_max", "destination")
     for r in readings:
         d = r.name
+        protocol.add_metric([d, r.protocol], 1)
+        h2_conns.add_metric([d], r.http2_connections)
+        h2_streams.add_metric([d], r.http2_streams_in_use)
+        h2_per_conn.add_metric([d], r.http2_streams_per_connection_max)
         conns.add_metric([d, "idle"], r.idle)
         conns.add_metric([d, "used"], r.used)
         conns.add_metric([d, "opening"], r.opening)

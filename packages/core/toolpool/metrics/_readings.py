@@ -200,6 +200,12 @@ class DestinationReading:
     # and event streams seen since the start.
     streams: int = 0
     streams_total: int = 0
+    # HTTP/2: the protocol spoken ("http/1.1", "h2", "unknown"), open HTTP/2 connections,
+    # streams in flight on them, and the busiest connection's streams.
+    protocol: str = "http/1.1"
+    http2_connections: int = 0
+    http2_streams_in_use: int = 0
+    http2_streams_per_connection_max: int = 0
     # Same-named destinations of other pools registered in the same registry were added in.
     merged: int = field(default=1)
 
@@ -221,8 +227,13 @@ class DestinationReading:
             "timeouts",
             "streams",
             "streams_total",
+            "http2_connections",
+            "http2_streams_in_use",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.http2_streams_per_connection_max = max(
+            self.http2_streams_per_connection_max, other.http2_streams_per_connection_max
+        )
         for reason, n in other.closed.items():
             self.closed[reason] = self.closed.get(reason, 0) + n
         for rule, n in other.egress_denied.items():
@@ -286,6 +297,13 @@ def read(dest: DestinationPool) -> DestinationReading:
         reading.closed.setdefault(reason, 0)
     reading.auth = read_auth(dest.auth)
     reading.policy = read_policy(dest.policy)
+    h2 = dest.h2
+    if h2 is not None:
+        h2s = h2.stats()
+        reading.protocol = h2s["protocol"]
+        reading.http2_connections = h2s["connections"]
+        reading.http2_streams_in_use = h2s["streams_in_use"]
+        reading.http2_streams_per_connection_max = max(h2s["streams_per_connection"], default=0)
     return reading
 
 

@@ -139,6 +139,7 @@ class H2Stream:
     ) -> None:
         """Send a complete response. ``close``: GOAWAY after it (the connection drains);
         ``close_silently``: drop the connection once it is written, announcing nothing."""
+        self.in_flight = None  # answered: a later reset no longer aborts the request
         if status in _NO_BODY or status < 200:
             body = b""
             head = list(headers)
@@ -167,6 +168,7 @@ class H2Stream:
         self._conn.flush()
 
     def end_stream(self, *, close_silently: bool = False) -> None:
+        self.in_flight = None
         if not self._finished:
             self._out_end = True
             self._conn.flush()

@@ -1,0 +1,242 @@
+"""The pool on HTTP/2 destinations: affinity, the cap counted in streams, one connection per
+tenant, retries of unprocessed streams, fallback to HTTP/1.1, both drivers; checked against
+what the test bed counted."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+import toolpool
+from toolpool import _h2pool
+from toolpool.testing import Downstream, ServiceSpec
+
+OPEN = ServiceSpec(require_auth=False)
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def ds() -> Iterator[Downstream]:
+    services = {
+        "api": OPEN,
+        "two": ServiceSpec(require_auth=False, max_concurrent_streams=2),
+        "old": ServiceSpec(require_auth=False, http2=False),
+    }
+    with Downstream(services, tls=True) as downstream:
+        yield downstream
+
+
+def _pool(ds: Downstream, name: str = "api", cap: int = 10, **kwargs: object) -> toolpool.Pool:
+    return toolpool.Pool(
+        [toolpool.Destination(name, ds.url(name), max_connections=cap)],
+        verify=ds.client_ssl_context(),
+        **{"http2": True, **kwargs},  # type: ignore[arg-type]
+    )
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def _call(client: httpx.AsyncClient, url: str, tenant: str) -> httpx.Response:
+    with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+        return await client.get(url, headers={"x-tenant": tenant})
+
+
+async def test_one_connection_per_tenant_and_the_cap_counts_streams(ds: Downstream) -> None:
+    async with _pool(ds, cap=6) as pool:
+        client = pool.client()
+        url = ds.url("api") + "/delay?s=0.05"
+        for _ in range(3):
+            responses = await asyncio.gather(*[_call(client, url, f"t{i % 4}") for i in range(18)])
+            assert {r.http_version for r in responses} == {"HTTP/2"}
+            assert all(r.json()["tenant"] == f"t{i % 4}" for i, r in enumerate(responses))
+        stats = pool.stats()["api"]
+        assert stats.protocol == "h2"
+        assert stats.http2_connections == 4
+        assert stats.http2_streams_in_use == 0
+        assert stats.in_use == 0
+    served = ds.wait_stats("api", lambda s: s.connections_open == 0)
+    assert served.mixed_connections() == {}
+    assert served.connections_accepted == 4  # one per tenant, over three rounds
+    assert served.http2_connections() == 4
+    assert served.peak_streams_open <= 6  # the cap, in streams, across tenants
+    assert served.peak_streams_open == 6  # and it was used
+    assert served.streams_total == 54
+
+
+async def test_a_second_connection_only_at_the_servers_stream_limit(ds: Downstream) -> None:
+    async with _pool(ds, "two", cap=5) as pool:
+        client = pool.client()
+        url = ds.url("two") + "/delay?s=0.1"
+        await asyncio.gather(*[_call(client, url, "acme") for _ in range(5)])
+    served = ds.wait_stats("two", lambda s: s.connections_open == 0)
+    assert served.connections_accepted == 3  # ceil(5 streams / 2 per connection)
+    assert max(served.peak_connection_streams.values()) == 2
+    assert served.mixed_connections() == {}
+
+
+def test_sync_driver_threads_share_their_tenants_connection(ds: Downstream) -> None:
+    with _pool(ds, cap=8) as pool:
+        client = pool.sync_client()
+
+        def call(i: int) -> str:
+            tenant = f"s{i % 3}"
+            with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                r = client.get(ds.url("api") + "/delay?s=0.02", headers={"x-tenant": tenant})
+            assert r.http_version == "HTTP/2"
+            return str(r.json()["tenant"])
+
+        with concurrent.futures.ThreadPoolExecutor(12) as executor:
+            tenants = list(executor.map(call, range(48)))
+        assert tenants == [f"s{i % 3}" for i in range(48)]
+        assert pool.stats()["api"].http2_connections == 3
+    served = ds.wait_stats("api", lambda s: s.connections_open == 0)
+    assert served.connections_accepted == 3
+    assert served.mixed_connections() == {}
+    assert served.peak_streams_open <= 8
+
+
+@pytest.mark.parametrize("kind", ["goaway", "refused_stream"])
+async def test_unprocessed_streams_are_retried_on_another_connection(
+    ds: Downstream, kind: str
+) -> None:
+    async with _pool(ds) as pool:
+        client = pool.client()
+        url = ds.url("api") + "/anything"
+        assert (await _call(client, url, "acme")).status_code == 200
+        ds.set_fault("api", kind, count=1)  # type: ignore[arg-type]
+        response = await _call(client, url, "acme")
+        assert response.status_code == 200
+        assert response.json()["tenant"] == "acme"
+        assert pool.stats()["api"].in_use == 0
+    served = ds.wait_stats("api", lambda s: s.connections_open == 0)
+    assert served.faults_fired == {kind: 1}
+    assert served.connections_accepted == 2  # the retry went to a new connection
+    assert served.mixed_connections() == {}
+
+
+async def test_a_reset_stream_fails_its_request_only(ds: Downstream) -> None:
+    # No resilience policy: the default one retries an idempotent GET that met a reset.
+    async with _pool(ds, policy=None) as pool:
+        client = pool.client()
+        url = ds.url("api") + "/anything"
+        ds.set_fault("api", "rst_stream", count=1)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _call(client, url, "acme")
+        assert (await _call(client, url, "acme")).status_code == 200
+        assert pool.stats()["api"].in_use == 0
+    assert ds.wait_stats("api", lambda s: s.connections_open == 0).connections_accepted == 1
+
+
+async def test_cancelled_request_frees_its_permit_and_keeps_the_connection(
+    ds: Downstream,
+) -> None:
+    async with _pool(ds, cap=2) as pool:
+        client = pool.client()
+        task = asyncio.ensure_future(_call(client, ds.url("api") + "/hang", "acme"))
+        await ds.wait_stats_async("api", lambda s: s.requests_in_progress == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await ds.wait_stats_async("api", lambda s: s.streams_reset_by_client == 1)
+        # The permit comes back once the server has read the RST_STREAM (a PING round trip).
+        await _until(lambda: pool.stats()["api"].in_use == 0)
+        for _ in range(3):  # the cap (2) is whole again: no permit leaked
+            await asyncio.gather(*[_call(client, ds.url("api") + "/anything", "acme")] * 2)
+        assert pool.stats()["api"].http2_connections == 1
+    assert ds.wait_stats("api", lambda s: s.connections_open == 0).connections_accepted == 1
+
+
+async def test_silent_connection_is_replaced_after_a_failed_borrow_ping(
+    ds: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_h2pool, "BORROW_CHECK_AFTER", 0.0)  # PING on every borrow
+    monkeypatch.setattr(_h2pool, "PING_TIMEOUT", 0.3)
+    async with _pool(ds) as pool:
+        client = pool.client()
+        url = ds.url("api") + "/anything"
+        first = await _call(client, url, "acme")
+        ds.set_fault("api", "silent", count=1)
+        second = await _call(client, url, "acme")
+        assert second.status_code == 200
+        assert second.json()["connection_id"] != first.json()["connection_id"]
+    assert ds.stats("api").faults_fired == {"silent": 1}
+
+
+async def test_server_picking_http11_turns_the_destination_to_http11(ds: Downstream) -> None:
+    async with _pool(ds, "old") as pool:
+        client = pool.client()
+        responses = await asyncio.gather(
+            *[_call(client, ds.url("old") + "/anything", "acme") for _ in range(4)]
+        )
+        assert {r.http_version for r in responses} == {"HTTP/1.1"}
+        assert pool.stats()["old"].protocol == "http/1.1"
+        assert (await _call(client, ds.url("old") + "/anything", "beta")).status_code == 200
+    served = ds.wait_stats("old", lambda s: s.connections_open == 0)
+    assert set(served.connection_protocols.values()) == {"http/1.1"}
+    assert served.mixed_connections() == {}
+
+
+async def test_http2_false_and_plain_http_stay_http11(ds: Downstream) -> None:
+    async with _pool(ds, http2=False) as pool:
+        response = await _call(pool.client(), ds.url("api") + "/anything", "acme")
+        assert response.http_version == "HTTP/1.1"
+        assert pool.stats()["api"].protocol == "http/1.1"
+    dest = toolpool.Destination("api", ds.url("api"), http2=False)
+    async with toolpool.Pool([dest], verify=ds.client_ssl_context(), http2=True) as pool:
+        response = await _call(pool.client(), ds.url("api") + "/anything", "acme")
+        assert response.http_version == "HTTP/1.1"
+    with Downstream({"plain": OPEN}) as plain:
+        dest = toolpool.Destination("plain", plain.url("plain"))
+        async with toolpool.Pool([dest], http2=True) as pool:
+            response = await _call(pool.client(), plain.url("plain") + "/anything", "acme")
+            assert response.http_version == "HTTP/1.1"
+            assert pool.stats()["plain"].protocol == "http/1.1"
+
+
+def test_http2_option_is_validated() -> None:
+    with pytest.raises(toolpool.ConfigError, match="http2"):
+        toolpool.Destination("x", "https://x.test", http2="yes")  # type: ignore[arg-type]
+    with pytest.raises(toolpool.ConfigError, match="http2"):
+        toolpool.Pool(http2=1)  # type: ignore[arg-type]
+
+
+async def test_large_bodies_and_streaming_through_the_pool(ds: Downstream) -> None:
+    async with _pool(ds) as pool:
+        client = pool.client()
+        body = bytes(range(256)) * 8000
+        with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+            r = await client.post(ds.url("api") + "/anything", content=body)
+            assert r.json()["body_size"] == len(body)
+            async with client.stream("GET", ds.url("api") + "/stream?chunks=5&size=4096") as s:
+                got = b"".join([c async for c in s.aiter_raw()])
+            assert len(got) == 5 * 4096
+        assert pool.stats()["api"].in_use == 0
+
+
+async def test_metrics_say_protocol_and_streams(ds: Downstream) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from toolpool.metrics import PoolCollector
+
+    async with _pool(ds) as pool:
+        registry = CollectorRegistry()
+        registry.register(PoolCollector(pool))
+        slow = asyncio.ensure_future(_call(pool.client(), ds.url("api") + "/delay?s=0.3", "a"))
+        await ds.wait_stats_async("api", lambda s: s.requests_in_progress == 1)
+        labels = {"destination": "api"}
+        assert (
+            registry.get_sample_value("toolpool_destination_protocol", {**labels, "protocol": "h2"})
+            == 1
+        )
+        assert registry.get_sample_value("toolpool_http2_connections", labels) == 1
+        assert registry.get_sample_value("toolpool_http2_streams_in_use", labels) == 1
+        await slow
