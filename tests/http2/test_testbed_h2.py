@@ -8,8 +8,8 @@ import h2.errors
 import h2.events
 import httpx
 import pytest
-from h2raw import RawH2
 
+from tests._support.h2_raw import RawH2
 from toolpool.testing import Downstream, ServiceSpec
 
 OPEN = ServiceSpec(require_auth=False)

@@ -47,7 +47,7 @@ import httpx
 from toolpool import _auth_context, _egress
 from toolpool._h2 import StreamNotProcessed
 from toolpool._h2io import AsyncH2Connection, Handshaken, SyncH2Connection
-from toolpool._runtime import DestinationPool, pool_key
+from toolpool._runtime import DestinationPool, connect_error, pool_key
 from toolpool._state import Slot
 from toolpool._tls import client_ssl_context
 from toolpool._wire import NO_TIMEOUTS
@@ -255,7 +255,7 @@ async def _open_async(
     server picks http/1.1."""
     h2 = dest.h2
     assert h2 is not None
-    from toolpool._aio import _tcp_connect, connect_error
+    from toolpool._async.connection import _tcp_connect
 
     connecting: list[socket.socket] = []
     transport: asyncio.Transport | None = None
@@ -344,17 +344,17 @@ async def async_send(
 ) -> httpx.Response:
     """Send one request on an HTTP/2 destination (falls back to HTTP/1.1 when the server
     picked it)."""
-    from toolpool import _aio
+    from toolpool._async import request as http11
 
     h2 = dest.h2
     assert h2 is not None
     if h2.protocol == "http/1.1":
-        return await _aio.send(dest, request, ctx)
+        return await http11.send(dest, request, ctx)
     loop = asyncio.get_running_loop()
     key = pool_key(ctx, loop)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     asked = monotonic()
-    slot = await _aio.acquire(dest, key, loop, _aio._wait_limit(dest, timeouts))
+    slot = await http11.acquire(dest, key, dest.wait_limit(timeouts))
     waited = monotonic() - asked
     if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
         slot = dest.replace(slot)  # an HTTP/1.1 connection left from before: a permit now
@@ -366,11 +366,11 @@ async def async_send(
         for attempt in (1, 2):
             try:
                 conn = await _connection_async(
-                    dest, kc, loop, _aio._connect_limit(dest, timeouts), exclude
+                    dest, kc, loop, dest.connect_limit(timeouts), exclude
                 )
             except _UseHttp11:
                 dest.release(slot, False)
-                return await _aio.send(dest, request, ctx)
+                return await http11.send(dest, request, ctx)
             try:
                 inner = await conn.handle_async_request(request)
             except StreamNotProcessed:
@@ -438,8 +438,6 @@ class _AsyncPermitBody(httpx.AsyncByteStream):
 def _open_sync(dest: DestinationPool, timeout: float | None) -> SyncH2Connection:
     h2 = dest.h2
     assert h2 is not None
-    from toolpool._aio import connect_error
-
     deadline = None if timeout is None else monotonic() + timeout
     try:
         addresses = _egress.resolve(dest)
@@ -531,16 +529,17 @@ def sync_send(
     dest: DestinationPool, request: httpx.Request, ctx: _auth_context.AuthContext | None
 ) -> httpx.Response:
     """:func:`async_send` for the thread driver."""
-    from toolpool import _aio, _sio
+    from toolpool._sync import request as http11
+    from toolpool._sync.connection import SYNC_DRIVER
 
     h2 = dest.h2
     assert h2 is not None
     if h2.protocol == "http/1.1":
-        return _sio.send(dest, request, ctx)
-    key = pool_key(ctx, _sio.SYNC_DRIVER)
+        return http11.send(dest, request, ctx)
+    key = pool_key(ctx, SYNC_DRIVER)
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     asked = monotonic()
-    slot = _sio.acquire(dest, key, _aio._wait_limit(dest, timeouts))
+    slot = http11.acquire(dest, key, dest.wait_limit(timeouts))
     waited = monotonic() - asked
     if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
         slot = dest.replace(slot)
@@ -551,10 +550,10 @@ def sync_send(
     try:
         for attempt in (1, 2):
             try:
-                conn = _connection_sync(dest, kc, _aio._connect_limit(dest, timeouts), exclude)
+                conn = _connection_sync(dest, kc, dest.connect_limit(timeouts), exclude)
             except _UseHttp11:
                 dest.release(slot, False)
-                return _sio.send(dest, request, ctx)
+                return http11.send(dest, request, ctx)
             try:
                 inner = conn.handle_request(request)
             except StreamNotProcessed:
