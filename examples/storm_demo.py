@@ -450,9 +450,15 @@ async def probe_costs(ds: Any, spec: StormSpec, clients: dict[str, tuple[str, st
 
 
 def storm_pool(
-    spec: StormSpec, urls: dict[str, str], clients: dict[str, Any], ca_pem_path: str
+    spec: StormSpec,
+    urls: dict[str, str],
+    clients: dict[str, Any],
+    ca_pem_path: str,
+    *,
+    http2: bool = False,
 ) -> toolpool.Pool:
-    """The "toolpool" run's pool: one destination per service, OAuth2 per tenant."""
+    """The "toolpool" run's pool: one destination per service, OAuth2 per tenant (with
+    `http2`: HTTP/2 by ALPN, one connection per service and tenant, the cap in streams)."""
     return toolpool.Pool(
         [
             toolpool.Destination(
@@ -468,12 +474,17 @@ def storm_pool(
                 ),
             )
             for service in spec.services
-        ]
+        ],
+        http2=http2,
     )
 
 
 async def run_once(
-    strategy: str, spec: StormSpec, framework: str, progress: Callable[[int, int], None]
+    strategy: str,
+    spec: StormSpec,
+    framework: str,
+    progress: Callable[[int, int], None],
+    http2: bool = False,
 ) -> tuple[dict[str, Any], list[CallRecord], list[tuple[float, int]]]:
     global DOWNSTREAM
     with spawn_downstream(
@@ -486,7 +497,7 @@ async def run_once(
         DOWNSTREAM = Downstream(urls, clients, "pool" if strategy == "toolpool" else "per-call")
         pool: toolpool.Pool | None = None
         if strategy == "toolpool":
-            pool = storm_pool(spec, urls, clients, ds.ca_pem_path)
+            pool = storm_pool(spec, urls, clients, ds.ca_pem_path, http2=http2)
             if framework == "crewai":
                 # CrewAI's tools are synchronous: warm connections for the thread driver.
                 await asyncio.to_thread(pool.start)
@@ -600,6 +611,9 @@ def main() -> None:
     parser.add_argument("--destinations", type=int, default=5, help="services (1-5)")
     parser.add_argument("--latency", type=float, default=0.025, help="one-way latency (s)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--http2", action="store_true", help="the toolpool run on HTTP/2 (Pool(http2=True))"
+    )
     args = parser.parse_args()
     lo, _, hi = args.calls.partition("-")
     spec = StormSpec(
@@ -639,13 +653,13 @@ def main() -> None:
                 bar.update(task, completed=done, total=total)
 
             results[strategy], records[strategy], timelines[strategy] = asyncio.run(
-                run_once(strategy, spec, args.framework, progress)
+                run_once(strategy, spec, args.framework, progress, args.http2)
             )
             bar.update(task, total=results[strategy]["calls"], completed=results[strategy]["calls"])
     table = Table(title="The seed's economics, measured (same agents, same tools, same run)")
     table.add_column("")
     table.add_column("naive (today)", justify="right")
-    table.add_column("toolpool", justify="right")
+    table.add_column("toolpool (HTTP/2)" if args.http2 else "toolpool", justify="right")
     for row in table_lines(results):
         table.add_row(*row)
     console.print(table)

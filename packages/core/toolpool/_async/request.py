@@ -235,6 +235,8 @@ async def preconnect(
     """Make sure an idle connection of `ctx`'s key exists (open one if the cap allows),
     without sending anything. Auth providers call it while fetching a token, so that a
     cold call pays for connection setup and token fetch at the same time, not in turn."""
+    if dest.h2 is not None:
+        return  # HTTP/2 on offer: the request opens its tenant's connection (_h2pool)
     got = dest.lease_if_room(pool_key(ctx, current_driver()))
     if got is None:
         return  # at the cap: the request will queue like any other
