@@ -240,3 +240,20 @@ async def test_metrics_say_protocol_and_streams(ds: Downstream) -> None:
         assert registry.get_sample_value("toolpool_http2_connections", labels) == 1
         assert registry.get_sample_value("toolpool_http2_streams_in_use", labels) == 1
         await slow
+
+
+async def test_a_tenants_connection_closes_when_its_last_permit_expires(ds: Downstream) -> None:
+    dest = toolpool.Destination("api", ds.url("api"), max_connections=4, idle_ttl=0.3)
+    async with toolpool.Pool([dest], verify=ds.client_ssl_context(), http2=True) as pool:
+        client = pool.client()
+        assert (await _call(client, ds.url("api") + "/anything", "acme")).status_code == 200
+        assert (await _call(client, ds.url("api") + "/anything", "beta")).status_code == 200
+        # Idle TTL: the state machine closes the tenants' permits, and with the last permit
+        # of a tenant its connection goes (closed by us, not by the server's idle timeout).
+        served = await ds.wait_stats_async("api", lambda s: s.connections_open == 0)
+        assert served.connections_closed_by_server_idle == 0
+        assert pool.stats()["api"].http2_connections == 0
+        assert pool.stats()["api"].closed_total["idle_ttl"] == 2
+        again = await _call(client, ds.url("api") + "/anything", "acme")
+        assert again.status_code == 200
+    assert ds.wait_stats("api", lambda s: s.connections_open == 0).connections_accepted == 3

@@ -17,8 +17,10 @@ here, in :class:`H2Connections`, one set per (auth context, driver):
   only at the cap, and a freed permit costs no connection).
 - **Health**: a connection idle more than ``BORROW_CHECK_AFTER`` is checked with a PING
   before it carries a stream; no answer within ``PING_TIMEOUT``: it is closed and another
-  opened. A connection that carried nothing for ``idle_ttl`` is closed; one older than
-  ``max_lifetime`` (minus jitter) drains: no new streams, closed once its streams finish.
+  opened. When the state machine closes a key's last permit (idle TTL, affinity, limit,
+  shutdown) the key's connections drain; a connection found without a stream for
+  ``idle_ttl`` when its key next borrows is closed; one older than ``max_lifetime`` (minus
+  jitter) drains: no new streams, closed once its streams finish.
 - **Retry**: a request the server did not process (REFUSED_STREAM, or above a GOAWAY's last
   stream id) is sent once more on another connection when its body can be replayed.
 - **Protocol discovery**: the first connect offers ``h2`` and ``http/1.1`` by ALPN. A server
@@ -94,6 +96,9 @@ class StreamPermit:
 
     def close(self) -> None:
         self._dest.connection_lost(self._slot)
+        h2 = self._dest.h2
+        if h2 is not None:
+            h2.permit_closed(self._slot.key)
 
     def abort(self) -> None:
         self.close()
@@ -102,10 +107,12 @@ class StreamPermit:
 class KeyConnections:
     """The HTTP/2 connections of one (auth context, driver) key, and the rules choosing one."""
 
-    __slots__ = ("conns", "opening")
+    __slots__ = ("conns", "opening", "permits")
 
     def __init__(self) -> None:
         self.conns: list[Any] = []
+        #: Stream permits (slots of the state machine) this key holds, in any state.
+        self.permits = 0
         #: A connect of this key is under way (async: an asyncio.Future; sync: an Event).
         self.opening: Any = None
 
@@ -160,6 +167,26 @@ class H2Connections:
             if kc is None:
                 kc = self.by_key[key] = KeyConnections()
             return kc
+
+    def permit_opened(self, key: tuple[str | None, Any]) -> None:
+        kc = self.key(key)
+        with self.lock:
+            kc.permits += 1
+
+    def permit_closed(self, key: tuple[str | None, Any]) -> None:
+        """The state machine closed one of `key`'s permits (idle TTL, affinity, limit,
+        shutdown). With the last one gone the key's connections drain: the state machine's
+        decisions about a tenant's capacity decide about its connections too."""
+        with self.lock:
+            kc = self.by_key.get(key)
+            if kc is None:
+                return
+            kc.permits -= 1
+            if kc.permits > 0:
+                return
+            conns, kc.conns = kc.conns, []
+        for conn in conns:
+            _drain_any(conn)
 
     def lifetime(self) -> float:
         """This connection's max lifetime: the destination's, minus up to 10 % jitter."""
@@ -219,6 +246,8 @@ def _permit(dest: DestinationPool, slot: Slot) -> None:
     conn = slot.conn
     if conn is None:
         dest.opened(slot, StreamPermit(dest, slot), 0.0)
+        assert dest.h2 is not None
+        dest.h2.permit_opened(slot.key)
 
 
 def _replayable(request: httpx.Request) -> bool:
