@@ -113,8 +113,10 @@ class RedisFleet:
                 f"busy_interval ({busy_interval:g} s) must be at most a quarter of lease_ttl"
             )
         # A record lives this long in Redis: a dead replica's capacity is free again after
-        # it, and a starved survivor's next renewal (busy_interval) takes it: within lease_ttl.
-        self.record_ttl = self.lease_ttl - self.busy_interval
+        # it, and a starved survivor's next renewal (busy_interval later) takes it, with two
+        # more busy intervals to spare for the requests to reach the destination: all within
+        # lease_ttl.
+        self.record_ttl = self.lease_ttl - 3 * self.busy_interval
         if self.renew_interval * 2 + self.op_timeout >= self.record_ttl * LOCAL_FRACTION:
             raise ConfigError(
                 f"lease_ttl ({lease_ttl:g} s) must be longer than two renew intervals plus "
@@ -219,7 +221,7 @@ class RedisFleet:
         )
 
     def _maybe_kick(self, share: Share) -> None:
-        if share.waiters and share.limit < share.cap and self._kick is not None:
+        if self._kick is not None and (share.starved() or share.owes()):
             self._kick.set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -300,7 +302,8 @@ class RedisFleet:
     async def _renew_forever(self) -> None:
         kick = self._kick
         assert kick is not None
-        next_at = monotonic() + self.renew_interval
+        last = monotonic()
+        next_at = last + self.renew_interval
         while not self._closed:
             now = monotonic()
             wake_at = min(next_at, self._next_deadline(now))
@@ -310,12 +313,16 @@ class RedisFleet:
                     await asyncio.wait_for(kick.wait(), wake_at - now)
                 now = monotonic()
                 if kick.is_set():
-                    # A starved destination: renew soon, but not more often than busy_interval.
-                    next_at = min(next_at, now + self.busy_interval)
+                    # Starved, or owing capacity to others: renew now, but not more often
+                    # than every busy_interval.
+                    next_at = min(next_at, max(now, last + self.busy_interval))
             self._expire(now)
             if now >= next_at:
+                last = now
                 busy = await self._renew_all(now)
-                next_at = monotonic() + (self.busy_interval if busy else self.renew_interval)
+                # Intervals from the start of a renewal, so a starved replica's renewals are
+                # busy_interval apart however long Redis takes to answer.
+                next_at = last + (self.busy_interval if busy else self.renew_interval)
 
     def _next_deadline(self, now: float) -> float:
         deadline = math.inf
@@ -363,10 +370,12 @@ class RedisFleet:
             share.mode = LEASE
             share.lease_until = until
             share.replicas_seen = count
+            share.target = int(result[4])
+            share.record = int(result[5])
             share.renewals_total += 1
             share.next_window()
             share.set_limit(granted)
-        return any(s.waiters and s.limit < s.cap for s in shares)
+        return any(s.starved() or s.owes() for s in shares)
 
     def _expire(self, now: float) -> None:
         """Without Redis: last lease until it expires, then nothing, then the static share."""

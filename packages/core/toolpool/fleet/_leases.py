@@ -4,20 +4,25 @@ rebalanced by demand, and the local permits that keep this replica inside its sh
 Theory of operation
 -------------------
 Redis keeps, per destination, one *record* per live replica: the permits it may be using, its
-demand, and an expiry `lease_ttl - busy_interval` ahead (the record TTL: a starved survivor
-renews every `busy_interval`, so a dead replica's capacity is free again within lease_ttl).
-One Lua script (`RENEW`, atomic) renews a replica:
+demand, and an expiry one *record TTL* ahead (`lease_ttl - 3 × busy_interval`: a starved
+survivor renews every `busy_interval`, so a dead replica's capacity is in use again within
+lease_ttl). One Lua script (`RENEW`, atomic) renews a replica:
 
     1. records past their expiry are dropped (a SIGKILLed replica's capacity returns here,
        at most one record TTL after its last renewal)
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
-    3. its target is the cap split in proportion to demand (peak in use + waiting over the
-       last few renewals; whole permits by largest remainder), at least 1 (when the cap has
-       one per replica) so an idle replica's first request does not wait for a renewal
+    3. the *targets* of all live replicas are computed at once from all their demands (peak
+       in use + waiting over the last few renewals), so they always sum to exactly the cap
+       and every replica's script computes the same ones: work-conserving — when the demands
+       add up to the cap or more, the cap is split in proportion to them (whole permits by
+       largest remainder; a replica with demand gets at least one while the cap allows);
+       below that, each gets its demand, an idle replica one permit (so its first request does
+       not wait for a renewal), and what is left goes in proportion to demand
     4. below target it grows by at most the free capacity (cap - all records), so the records
        never sum past the cap; above target it is told to shrink, and its record stays at the
-       claim until the next renewal reports the smaller use
+       claim until its next renewal reports the smaller use (a replica that owes capacity
+       renews as soon as its use has come down, like a starved one)
 
 Invariant: each replica uses at most its record, and the records sum to at most the cap, so
 the fleet's requests in flight stay within the cap at every instant. A lost answer only ever
@@ -25,8 +30,8 @@ leaves Redis counting more than is used.
 
 Locally a replica admits a request while `in_use < limit`; others wait FIFO. The local lease
 is good until `sent + record TTL × 0.9` (the Redis record lives one record TTL from when the
-script ran, which is later). A replica with waiters renews every `busy_interval`, otherwise every
-`renew_interval`.
+script ran, which is later). A replica with waiters (below the cap) or owing capacity renews
+every `busy_interval`, otherwise every `renew_interval`.
 
 When Redis does not answer (down or slower than `op_timeout`): the last lease holds until it
 expires; then no new permits until `lease_ttl` after the first failure (every other replica's
@@ -55,10 +60,12 @@ monotonic = time.monotonic
 # Modes of a share: granted by Redis, fallen back to the static share, or waiting in between.
 LEASE, NONE, STATIC = "lease", "none", "static"
 
-# The local lease ends this fraction of lease_ttl after the renewal was sent: Redis keeps the
-# record lease_ttl from when the script ran, so this leaves room for clock-rate drift.
+# The local lease ends this fraction of the record TTL after the renewal was sent: Redis keeps
+# the record one record TTL from when the script ran, so this leaves room for clock-rate drift.
 LOCAL_FRACTION = 0.9
 
+# Lua 5.1 in Redis: numbers are doubles, so the same demands give the same targets on every
+# replica's call (ties are broken by replica name).
 RENEW = """
 local leases, demands, expiry, alive, grace_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local replica = ARGV[1]
@@ -90,43 +97,96 @@ for i = 1, #all_leases, 2 do
   count = count + 1
   if all_leases[i] ~= replica then others = others + tonumber(all_leases[i + 1]) end
 end
+
+-- members: {name, demand, target}, in name order (the same order for every caller)
+local members = {}
 local all_demands = redis.call('HGETALL', demands)
-local parts = {}
-local total = 0
 for i = 1, #all_demands, 2 do
-  local d = tonumber(all_demands[i + 1])
-  parts[#parts + 1] = {all_demands[i], d}
-  total = total + d
+  members[#members + 1] = {all_demands[i], tonumber(all_demands[i + 1]), 0}
 end
--- the cap split in proportion to demand (equally when nobody has any), the remainder of
--- the whole-number split to the largest fractions (ties by name, the same on every replica)
-local assigned = 0
-for _, p in ipairs(parts) do
-  local exact = (total > 0) and (cap * p[2] / total) or (cap / #parts)
-  p[3] = math.floor(exact)
-  p[4] = exact - p[3]
-  assigned = assigned + p[3]
+table.sort(members, function(a, b) return a[1] < b[1] end)
+
+-- `amount` whole permits over the members in `idx` in proportion to weight(m) (equally
+-- when every weight is 0): floors, then the largest remainders (ties by name order)
+local function split(idx, amount, weight)
+  if amount <= 0 or #idx == 0 then return end
+  local sum = 0
+  for _, j in ipairs(idx) do sum = sum + weight(members[j]) end
+  local rest = amount
+  local fracs = {}
+  for _, j in ipairs(idx) do
+    local exact = (sum > 0) and (amount * weight(members[j]) / sum) or (amount / #idx)
+    local whole = math.floor(exact)
+    members[j][3] = members[j][3] + whole
+    rest = rest - whole
+    fracs[#fracs + 1] = {j, exact - whole}
+  end
+  table.sort(fracs, function(a, b)
+    if a[2] ~= b[2] then return a[2] > b[2] end
+    return a[1] < b[1]
+  end)
+  for k = 1, rest do members[fracs[k][1]][3] = members[fracs[k][1]][3] + 1 end
 end
-table.sort(parts, function(a, b)
-  if a[4] ~= b[4] then return a[4] > b[4] end
-  return a[1] < b[1]
-end)
+
+local total = 0
+local all, idle, busy = {}, {}, {}
+for j, m in ipairs(members) do
+  total = total + m[2]
+  all[#all + 1] = j
+  if m[2] > 0 then busy[#busy + 1] = j else idle[#idle + 1] = j end
+end
+if total >= cap then
+  -- not enough for everyone: in proportion to demand...
+  split(busy, cap, function(m) return m[2] end)
+  -- ...and one permit to each replica with demand that got none, taken from the largest
+  local order = {}
+  for _, j in ipairs(busy) do order[#order + 1] = j end
+  table.sort(order, function(a, b)
+    if members[a][2] ~= members[b][2] then return members[a][2] > members[b][2] end
+    return a < b
+  end)
+  for _, j in ipairs(order) do
+    if members[j][3] == 0 then
+      local top = nil
+      for _, k in ipairs(busy) do
+        if members[k][3] > 1 and (top == nil or members[k][3] > members[top][3]) then top = k end
+      end
+      if top == nil then break end
+      members[top][3] = members[top][3] - 1
+      members[j][3] = 1
+    end
+  end
+else
+  -- enough: each its demand, one to each idle replica, the rest in proportion to demand
+  for _, j in ipairs(busy) do members[j][3] = members[j][2] end
+  local left = cap - total
+  for _, j in ipairs(idle) do
+    if left > 0 then
+      members[j][3] = 1
+      left = left - 1
+    end
+  end
+  split((total > 0) and busy or all, left, function(m) return m[2] end)
+end
+
 local target = 0
-for j, p in ipairs(parts) do
-  if j <= cap - assigned then p[3] = p[3] + 1 end
-  if p[1] == replica then target = p[3] end
+for _, m in ipairs(members) do
+  if m[1] == replica then target = m[3] end
 end
-if target < 1 and (demand > 0 or cap >= count) then target = 1 end
 local new
+local record = claim
 if claim >= target then
   new = target
 else
   local free = cap - others - claim
   if grace or free < 0 then free = 0 end
   new = claim + math.min(target - claim, free)
-  if new > claim then redis.call('HSET', leases, replica, new) end
+  if new > claim then
+    redis.call('HSET', leases, replica, new)
+    record = new
+  end
 end
-return {new, count, others, grace and 1 or 0}
+return {new, count, others, grace and 1 or 0, target, record}
 """
 
 
@@ -138,6 +198,9 @@ class Share:
     cap: int
     static: int
     limit: int = 0
+    # What Redis counts for this replica (its record) and its target, as of the last renewal.
+    record: int = 0
+    target: int = 0
     mode: str = NONE
     in_use: int = 0
     # Peak of in_use + waiting since the last renewal, and the peaks of the renewals before:
@@ -157,6 +220,15 @@ class Share:
     def claim(self) -> int:
         """What this replica may be using until it hears back: max(limit, in use)."""
         return max(self.limit, self.in_use)
+
+    def owes(self) -> bool:
+        """Redis still counts permits this replica no longer uses (its lease shrank): the
+        next renewal gives them back to the replicas waiting for them."""
+        return self.mode == LEASE and self.record > max(self.limit, self.in_use)
+
+    def starved(self) -> bool:
+        """Requests wait and the lease may still grow."""
+        return bool(self.waiters) and self.limit < self.cap
 
     def reported_demand(self) -> int:
         """The demand sent to Redis: the peak of this window and the last few."""
@@ -196,6 +268,7 @@ class Share:
             "destination": self.destination,
             "cap": self.cap,
             "limit": self.limit,
+            "target": self.target,
             "mode": self.mode,
             "in_use": self.in_use,
             "waiting": len(self.waiters),
