@@ -15,7 +15,14 @@ per configuration and replica: p50 and p99 latency, requests served, and the dow
 requests in progress (must stay <= 12); the median over `--repeat` repetitions with the
 min-max spread, and the busy replica's p99 ratio static / redis per repetition.
 
+`--sigkill N` measures instead, N times, how long a SIGKILLed replica's capacity stays unused:
+three redis-mode replicas with the default lease settings (lease_ttl 3 s), 8 closed-loop
+workers each (demand 8 + 8 + 8 for a cap of 12: 4 each), replica 2 killed with SIGKILL once the
+server has the whole cap in progress; the time from the kill until the server has the whole
+cap in progress again (the survivors were granted the dead replica's share and use it).
+
     python benchmarks/fleet.py --repeat 3 --json benchmarks/out/fleet.json
+    python benchmarks/fleet.py --sigkill 10
 """
 
 from __future__ import annotations
@@ -168,6 +175,62 @@ def _run(
     }
 
 
+async def _kill_and_time(ds: Any, replicas: list[Replica], warmup: float) -> float:
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Toolpool-Tenant": "acme"}
+    clients = [httpx.AsyncClient(base_url=r.url, headers=headers, timeout=60) for r in replicas]
+    stop = asyncio.Event()
+    errors: list[str] = []
+
+    async def worker(i: int) -> None:
+        while not stop.is_set():
+            try:
+                r = await clients[i].get("/d/api/anything")
+            except httpx.HTTPError:
+                if i == 2:
+                    return  # the killed replica's callers stop
+                raise
+            if r.status_code != 200:
+                errors.append(r.text[:200])
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(3) for _ in range(8)]
+    try:
+        await asyncio.sleep(warmup)
+        await asyncio.to_thread(ds.wait_stats, "api", lambda s: s.requests_in_progress == CAP)
+        replicas[2].proc.kill()
+        killed = time.monotonic()
+        # Its last requests end (the survivors alone hold 8), then the whole cap again.
+        await asyncio.to_thread(ds.wait_stats, "api", lambda s: s.requests_in_progress <= 8)
+        await asyncio.to_thread(
+            ds.wait_stats, "api", lambda s: s.requests_in_progress == CAP, 20.0
+        )
+        back = time.monotonic() - killed
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return back
+
+
+def _sigkill(ds: Any, redis: Redis, workdir: Path, times: int) -> list[float]:
+    path = workdir / "sigkill.toml"
+    path.write_text(_config(ds.url("api"), "redis"), encoding="utf-8")
+    out = []
+    for rep in range(times):
+        replicas = [Replica(path, redis.url) for _ in range(3)]
+        try:
+            back = asyncio.run(_kill_and_time(ds, replicas, 4.0))
+        finally:
+            for r in replicas:
+                if r.proc.poll() is None:
+                    r.close()
+        out.append(back)
+        print(f"rep {rep + 1} SIGKILL: whole cap in use again after {back:.3f} s", flush=True)
+    return out
+
+
 def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -180,7 +243,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sigkill", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.sigkill:
+        spec = ServiceSpec(require_auth=False, service_time=0.25, concurrency_limit=CAP)
+        with tempfile.TemporaryDirectory() as tmp, spawn_downstream({"api": spec}) as ds:
+            redis = Redis(tmp)
+            try:
+                times = _sigkill(ds, redis, Path(tmp), args.sigkill)
+            finally:
+                redis.close()
+        print(
+            f"\nSIGKILL, lease_ttl 3.0 s: whole cap in use again after median "
+            f"{statistics.median(times):.2f} s (min {min(times):.2f}, max {max(times):.2f}, "
+            f"n={len(times)})"
+        )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"sigkill_seconds": times}, indent=2))
+        return
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS}
     spec = ServiceSpec(require_auth=False, service_time=0.25, concurrency_limit=CAP)
     with tempfile.TemporaryDirectory() as tmp, spawn_downstream({"api": spec}) as ds:

@@ -108,15 +108,15 @@ class RedisFleet:
         self.busy_interval = _number("busy_interval", busy_interval)
         self.op_timeout = _number("op_timeout", op_timeout)
         self.max_wait = _number("max_wait", max_wait, minimum=-1e-9)
-        if self.busy_interval * 4 > self.lease_ttl:
+        if self.busy_interval * 8 > self.lease_ttl:
             raise ConfigError(
-                f"busy_interval ({busy_interval:g} s) must be at most a quarter of lease_ttl"
+                f"busy_interval ({busy_interval:g} s) must be at most an eighth of lease_ttl"
             )
         # A record lives this long in Redis: a dead replica's capacity is free again after
-        # it, and a starved survivor's next renewal (busy_interval later) takes it, with two
-        # more busy intervals to spare for the requests to reach the destination: all within
-        # lease_ttl.
-        self.record_ttl = self.lease_ttl - 3 * self.busy_interval
+        # it, and a starved survivor's next renewal (busy_interval later) takes it, with three
+        # more busy intervals to spare for the renewal's round trip and the requests reaching
+        # the destination: all within lease_ttl.
+        self.record_ttl = self.lease_ttl - 4 * self.busy_interval
         if self.renew_interval * 2 + self.op_timeout >= self.record_ttl * LOCAL_FRACTION:
             raise ConfigError(
                 f"lease_ttl ({lease_ttl:g} s) must be longer than two renew intervals plus "

@@ -4,7 +4,7 @@ rebalanced by demand, and the local permits that keep this replica inside its sh
 Theory of operation
 -------------------
 Redis keeps, per destination, one *record* per live replica: the permits it may be using, its
-demand, and an expiry one *record TTL* ahead (`lease_ttl - 3 × busy_interval`: a starved
+demand, and an expiry one *record TTL* ahead (`lease_ttl - 4 × busy_interval`: a starved
 survivor renews every `busy_interval`, so a dead replica's capacity is in use again within
 lease_ttl). One Lua script (`RENEW`, atomic) renews a replica:
 
