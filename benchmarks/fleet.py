@@ -10,7 +10,8 @@ warm-up. Two configurations, alternating within each repetition:
     static   [limits] replicas = 3: each replica's pool is capped at floor(12 / 3) = 4
     redis    [limits] provider = "redis": leases of the cap of 12, rebalanced by demand
 
-Both allow a queue of 10x the cap (the busy replica's workers wait, none is refused). Reported
+Both allow a queue of 10x the cap (`[pool] queue_factor` for the static pools, `[limits]
+queue_factor` for the fleet's permits): the busy replica's workers wait, none is refused. Reported
 per configuration and replica: p50 and p99 latency, requests served, and the downstream's peak
 requests in progress (must stay <= 12); the median over `--repeat` repetitions with the
 min-max spread, and the busy replica's p99 ratio static / redis per repetition.
@@ -58,6 +59,7 @@ def _free_port() -> int:
 def _config(url: str, kind: str) -> str:
     limits = (
         '[limits]\nprovider = "redis"\nurl_env = "TOOLPOOL_REDIS_URL"\nreplicas = 3\n'
+        "queue_factor = 10.0\n"
         if kind == "redis"
         else "[limits]\nreplicas = 3\n"
     )
@@ -200,9 +202,7 @@ async def _kill_and_time(ds: Any, replicas: list[Replica], warmup: float) -> flo
         killed = time.monotonic()
         # Its last requests end (the survivors alone hold 8), then the whole cap again.
         await asyncio.to_thread(ds.wait_stats, "api", lambda s: s.requests_in_progress <= 8)
-        await asyncio.to_thread(
-            ds.wait_stats, "api", lambda s: s.requests_in_progress == CAP, 20.0
-        )
+        await asyncio.to_thread(ds.wait_stats, "api", lambda s: s.requests_in_progress == CAP, 20.0)
         back = time.monotonic() - killed
     finally:
         stop.set()

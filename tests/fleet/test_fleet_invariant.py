@@ -11,6 +11,7 @@ import pytest
 
 from tests._support.redis_fleet import RedisServer
 from tests._support.resilience_probes import eventually
+from toolpool.errors import ConfigError, PoolSaturated
 from toolpool.fleet import RedisFleet
 
 CAP = 10
@@ -100,3 +101,38 @@ async def test_permits_in_use_never_exceed_the_cap(redis_server: RedisServer) ->
     for t in tasks:
         assert t.exception() is None if not t.cancelled() else True
     assert granted > 500 and peak == CAP
+
+
+@pytest.mark.timeout(30)
+async def test_queue_factor_bounds_the_requests_waiting_for_a_fleet_permit(
+    redis_server: RedisServer,
+) -> None:
+    with pytest.raises(ConfigError, match="queue_factor"):
+        RedisFleet(redis_server.url, queue_factor=-1, env={})
+    fleet = RedisFleet(redis_server.url, queue_factor=0.5, max_wait=20.0, env={})
+    fleet.replica_cap("api", 4)
+    await fleet.start()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def call() -> None:
+        async with fleet.hold("api", "t"):
+            entered.set()
+            await release.wait()
+
+    try:
+        # As one pool of 4 with a queue of 0.5 × 4: six in use or waiting, the seventh refused
+        tasks = [asyncio.create_task(call()) for _ in range(6)]
+        await eventually(
+            lambda: sum(fleet.shares()["api"][k] for k in ("in_use", "waiting")) == 6,
+            "six requests in use or waiting",
+        )
+        with pytest.raises(PoolSaturated) as info:
+            await call()
+        assert info.value.reason == "queue_full"
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        assert entered.is_set()
+    finally:
+        release.set()
+        await fleet.aclose()

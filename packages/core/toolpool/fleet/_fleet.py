@@ -39,11 +39,13 @@ log = logging.getLogger("toolpool.fleet")
 monotonic = time.monotonic
 
 
-def _number(name: str, value: Any, *, minimum: float = 0.0, whole: bool = False) -> Any:
+def _number(
+    name: str, value: Any, *, minimum: float = 0.0, whole: bool = False, what: str = ""
+) -> Any:
     kind = int if whole else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not minimum < value < math.inf:
-        what = "a whole number" if whole else "a number of seconds"
-        raise ConfigError(f"fleet option {name} must be {what} > {minimum:g}, got {value!r}")
+        what = what or ("a whole number > 0" if whole else f"a number of seconds > {minimum:g}")
+        raise ConfigError(f"fleet option {name} must be {what}, got {value!r}")
     return value
 
 
@@ -68,8 +70,9 @@ class RedisFleet:
     `lease_ttl` bounds how long a dead replica's capacity stays lost; `renew_interval` and
     `busy_interval` how often an idle and a starved replica renew; `op_timeout` how long any
     Redis command may take before this replica falls back; `max_wait` how long a request
-    waits for a fleet permit. Tokens are shared only with a fleet key (`key_env`, at least
-    32 random characters, the same on every replica).
+    waits for a fleet permit, `queue_factor` how many may wait on this replica (× the cap;
+    beyond that a request is refused at once, as by a pool). Tokens are shared only with a
+    fleet key (`key_env`, at least 32 random characters, the same on every replica).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class RedisFleet:
         busy_interval: float = 0.1,
         op_timeout: float = 1.0,
         max_wait: float = 30.0,
+        queue_factor: float = 2.0,
         namespace: str = "default",
         key_env: str = "TOOLPOOL_FLEET_KEY",
         replica_id: str | None = None,
@@ -107,7 +111,12 @@ class RedisFleet:
         self.renew_interval = _number("renew_interval", renew_interval)
         self.busy_interval = _number("busy_interval", busy_interval)
         self.op_timeout = _number("op_timeout", op_timeout)
-        self.max_wait = _number("max_wait", max_wait, minimum=-1e-9)
+        self.max_wait = _number(
+            "max_wait", max_wait, minimum=-1e-9, what="a number of seconds >= 0"
+        )
+        self.queue_factor = _number(
+            "queue_factor", queue_factor, minimum=-1e-9, what="a number >= 0 (× the cap)"
+        )
         if self.busy_interval * 8 > self.lease_ttl:
             raise ConfigError(
                 f"busy_interval ({busy_interval:g} s) must be at most an eighth of lease_ttl"
@@ -117,6 +126,8 @@ class RedisFleet:
         # more busy intervals to spare for the renewal's round trip and the requests reaching
         # the destination: all within lease_ttl.
         self.record_ttl = self.lease_ttl - 4 * self.busy_interval
+        # A replica's demand is the peak of this long (see Share.recent).
+        self.demand_window = 4 * self.renew_interval
         if self.renew_interval * 2 + self.op_timeout >= self.record_ttl * LOCAL_FRACTION:
             raise ConfigError(
                 f"lease_ttl ({lease_ttl:g} s) must be longer than two renew intervals plus "
@@ -184,8 +195,8 @@ class RedisFleet:
             share.in_use += 1
             share.note_demand()
             return
-        # As one pool of the whole cap: the cap in use plus a queue of twice the cap.
-        if share.in_use + len(share.waiters) >= 3 * share.cap:
+        # As one pool of the whole cap: the cap in use plus a queue of queue_factor × cap.
+        if share.in_use + len(share.waiters) >= share.cap + self._queue_limit(share):
             raise self._saturated(share, "queue_full")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         share.waiters.append(fut)
@@ -215,10 +226,13 @@ class RedisFleet:
             in_use=share.in_use,
             waiting=len(share.waiters),
             max_connections=share.cap,
-            queue_limit=2 * share.cap,
+            queue_limit=self._queue_limit(share),
             retry_after=self.busy_interval if reason == "queue_full" else 1.0,
             reason=reason,
         )
+
+    def _queue_limit(self, share: Share) -> int:
+        return math.floor(self.queue_factor * share.cap)
 
     def _maybe_kick(self, share: Share) -> None:
         if self._kick is not None and (share.starved() or share.owes()):
@@ -373,7 +387,7 @@ class RedisFleet:
             share.target = int(result[4])
             share.record = int(result[5])
             share.renewals_total += 1
-            share.next_window()
+            share.next_window(sent, self.demand_window)
             share.set_limit(granted)
         return any(s.starved() or s.owes() for s in shares)
 

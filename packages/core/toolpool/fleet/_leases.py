@@ -13,8 +13,8 @@ lease_ttl). One Lua script (`RENEW`, atomic) renews a replica:
     2. the replica's record becomes its *claim*: max(its local lease, permits in use), an upper
        bound on what it uses until the answer arrives
     3. the *targets* of all live replicas are computed at once from all their demands (peak
-       in use + waiting over the last few renewals), so they always sum to exactly the cap
-       and every replica's script computes the same ones: work-conserving — when the demands
+       in use + waiting over the last `4 × renew_interval`), so they always sum to exactly the
+       cap and every replica's script computes the same ones: work-conserving — when the demands
        add up to the cap or more, the cap is split in proportion to them (whole permits by
        largest remainder; a replica with demand gets at least one while the cap allows);
        below that, each gets its demand, an idle replica one permit (so its first request does
@@ -203,11 +203,13 @@ class Share:
     target: int = 0
     mode: str = NONE
     in_use: int = 0
-    # Peak of in_use + waiting since the last renewal, and the peaks of the renewals before:
-    # the demand reported is the highest of the last few, so a replica whose callers pause
-    # for a moment (or whose event loop is slow to read them) does not give its share away.
+    # Peak of in_use + waiting since the last renewal, and the peaks of the renewals of the
+    # last `demand_window` seconds (time, peak): the demand reported is the highest of them, so
+    # a replica whose callers pause for a moment (or whose event loop is slow to read them)
+    # does not give its share away, and the targets do not flap with every renewal. Demand
+    # rises at once; it falls after demand_window.
     peak: int = 0
-    recent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=4))
+    recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     lease_until: float = -math.inf
     replicas_seen: int = 0
     renewals_total: int = 0
@@ -231,12 +233,15 @@ class Share:
         return bool(self.waiters) and self.limit < self.cap
 
     def reported_demand(self) -> int:
-        """The demand sent to Redis: the peak of this window and the last few."""
-        return max(self.peak, *self.recent) if self.recent else self.peak
+        """The demand sent to Redis: the peak of this renewal and of the recent ones."""
+        return max(self.peak, max((p for _, p in self.recent), default=0))
 
-    def next_window(self) -> None:
-        """A renewal succeeded: start a new demand window."""
-        self.recent.append(self.peak)
+    def next_window(self, now: float, window: float) -> None:
+        """A renewal succeeded: keep its peak for `window` seconds, start a new one."""
+        recent = self.recent
+        recent.append((now, self.peak))
+        while recent and recent[0][0] < now - window:
+            recent.popleft()
         self.peak = self.demand
 
     def note_demand(self) -> None:
