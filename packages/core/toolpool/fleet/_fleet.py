@@ -232,7 +232,7 @@ class RedisFleet:
         )
 
     def _queue_limit(self, share: Share) -> int:
-        return math.floor(self.queue_factor * share.cap)
+        return int(self.queue_factor * share.cap)
 
     def _maybe_kick(self, share: Share) -> None:
         if self._kick is not None and (share.starved() or share.owes()):
