@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.fleet.fleet_support import RedisServer
+from tests._support.redis_fleet import RedisServer
 from toolpool.fleet._leases import RENEW
 
 KEYS = ["t:records", "t:demand", "t:expiry", "t:alive", "t:grace"]
