@@ -58,6 +58,26 @@ def _is_sync_function_tool(tool: BaseTool[Any, Any]) -> bool:
     return type(tool) is FunctionTool and not asyncio.iscoroutinefunction(tool._func)
 
 
+# Kept on the original tool (a reference cycle the collector frees with it): building a
+# FunctionTool creates a pydantic model, milliseconds that applications wrapping an agent per
+# task would otherwise pay on every wrap.
+_COPY_ATTR = "_toolpool_context_copy"
+
+
 def with_thread_context(tool: BaseTool[Any, Any]) -> BaseTool[Any, Any]:
-    """`tool`, or its `ContextFunctionTool` copy when it is a sync `FunctionTool`."""
-    return ContextFunctionTool(tool) if _is_sync_function_tool(tool) else tool  # type: ignore[arg-type]
+    """`tool`, or its `ContextFunctionTool` copy when it is a sync `FunctionTool` (made once
+    per tool, again only if its function, name, description or strictness changed)."""
+    if not _is_sync_function_tool(tool):
+        return tool
+    assert isinstance(tool, FunctionTool)
+    copy = tool.__dict__.get(_COPY_ATTR)
+    if not (
+        isinstance(copy, ContextFunctionTool)
+        and copy._func is tool._func
+        and copy.name == tool.name
+        and copy.description == tool.description
+        and copy._strict == tool._strict
+    ):
+        copy = ContextFunctionTool(tool)
+        tool.__dict__[_COPY_ATTR] = copy
+    return copy

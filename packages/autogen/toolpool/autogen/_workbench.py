@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from autogen_core import CancellationToken, ComponentModel
 from autogen_core.tools import (
@@ -52,6 +52,7 @@ from toolpool.adapters import (
 )
 from toolpool.autogen._function_tool import with_thread_context
 from toolpool.autogen._mcp import DEFAULT_MAX_MCP_SESSIONS, McpSessions, is_http_mcp_workbench
+from toolpool.autogen._schemas import tool_schema
 from toolpool.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_PARALLEL_TOOL_CALLS", "PooledWorkbench"]
@@ -212,12 +213,34 @@ class PooledWorkbench(StaticStreamWorkbench):
     # ------------------------------------------------------------------ Workbench API
 
     async def list_tools(self) -> list[ToolSchema]:
-        """The inner workbench's tools, unchanged."""
+        """The inner workbench's tools, unchanged.
+
+        A static workbench's schemas are computed once per tool (`StaticWorkbench` rebuilds
+        them through pydantic on each call, and AutoGen lists the tools before every model
+        turn and every tool call), with the workbench's name and description overrides
+        applied as `StaticWorkbench.list_tools` applies them.
+        """
         if self._static:
-            return await super().list_tools()
+            return [self._with_override(tool_schema(tool), tool.name) for tool in self._tools]
         if self._mcp is not None:
             return await self._mcp.list_tools(self.current_auth())
         return await self._inner.list_tools()
+
+    def _with_override(self, schema: ToolSchema, tool_name: str) -> ToolSchema:
+        override = self._tool_overrides.get(tool_name)
+        if override is None:
+            return schema
+        out: ToolSchema = {
+            "name": override.name if override.name is not None else schema["name"],
+            "description": override.description
+            if override.description is not None
+            else schema.get("description", ""),
+        }
+        if "parameters" in schema:
+            out["parameters"] = schema["parameters"]
+        if "strict" in schema:
+            out["strict"] = schema["strict"]
+        return out
 
     async def call_tool(
         self,
@@ -378,9 +401,11 @@ class PooledWorkbench(StaticStreamWorkbench):
         if tool is None:
             return _text_result(name, f"Tool {name} not found.", is_error=True)
         try:
-            if emit is not None and isinstance(tool, StreamTool):
+            # Not isinstance(tool, StreamTool): a runtime protocol check reads every member of
+            # the protocol on the instance, `schema` included, which rebuilds the schema.
+            if emit is not None and callable(getattr(type(tool), "run_json_stream", None)):
                 output = await self._run_stream_tool(
-                    tool, arguments, cancellation_token, call_id, emit
+                    cast(StreamTool, tool), arguments, cancellation_token, call_id, emit
                 )
             else:
                 # Awaited in this task, which the caller linked to the cancellation token.
