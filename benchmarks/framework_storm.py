@@ -137,15 +137,18 @@ class PoolTimeline:
 
     def __init__(self, pool: toolpool.Pool) -> None:
         self.pool = pool
-        self.points: list[tuple[float, int, int]] = []
+        self.points: list[tuple[float, int, dict[str, int]]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         t0 = time.perf_counter()
         while True:
             stats = self.pool.stats()
-            affinity = sum(d.closed_total.get("affinity", 0) for d in stats.values())
-            self.points.append((time.perf_counter() - t0, stats.created_total, affinity))
+            closed: dict[str, int] = defaultdict(int)
+            for d in stats.values():
+                for reason, n in d.closed_total.items():
+                    closed[reason] += n
+            self.points.append((time.perf_counter() - t0, stats.created_total, dict(closed)))
             await asyncio.sleep(0.25)
 
     def __enter__(self) -> PoolTimeline:
@@ -156,20 +159,40 @@ class PoolTimeline:
         assert self._task is not None
         self._task.cancel()
 
-    def created_by_phase(self, records: list[Any]) -> dict[str, int]:
-        """Connections created while each phase's calls ran (from its first call's start to
-        the next phase's first call)."""
+    def _windows(self, records: list[Any]) -> list[tuple[str, float, float]]:
         starts = sorted(
             {r.phase: r.started for r in sorted(records, key=lambda r: -r.started)}.items(),
             key=lambda kv: kv[1],
         )
+        return [
+            (phase, start, starts[i + 1][1] if i + 1 < len(starts) else float("inf"))
+            for i, (phase, start) in enumerate(starts)
+        ]
+
+    def created_by_phase(self, records: list[Any]) -> dict[str, int]:
+        """Connections created while each phase's calls ran (from its first call's start to
+        the next phase's first call)."""
         out: dict[str, int] = {}
-        for i, (phase, start) in enumerate(starts):
-            end = starts[i + 1][1] if i + 1 < len(starts) else float("inf")
+        for phase, start, end in self._windows(records):
             inside = [p[1] for p in self.points if start <= p[0] < end]
             before = [p[1] for p in self.points if p[0] < start]
             if inside:
                 out[phase] = inside[-1] - (before[-1] if before else inside[0])
+        return out
+
+    def closed_by_phase(self, records: list[Any]) -> dict[str, dict[str, int]]:
+        """Connections the pool closed while each phase's calls ran, by reason."""
+        out: dict[str, dict[str, int]] = {}
+        for phase, start, end in self._windows(records):
+            inside = [p[2] for p in self.points if start <= p[0] < end]
+            before = [p[2] for p in self.points if p[0] < start]
+            if inside:
+                last, first = inside[-1], (before[-1] if before else inside[0])
+                out[phase] = {
+                    k: last.get(k, 0) - first.get(k, 0)
+                    for k in last
+                    if last.get(k, 0) - first.get(k, 0)
+                }
         return out
 
 
@@ -229,7 +252,22 @@ def _add_autogen_main() -> None:
 # ---------------------------------------------------------------------------- one run
 
 
-async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]:
+def _burning(runner: Any, burn_ms: float) -> Any:
+    """`runner` with `burn_ms` of CPU per tool call of a task spent on the event loop before
+    the agent runs (where another framework spends its own per-run CPU)."""
+
+    async def run(plan: Any) -> Any:
+        end = time.perf_counter() + burn_ms * len(plan.services) / 1000
+        while time.perf_counter() < end:
+            pass
+        return await runner(plan)
+
+    return run
+
+
+async def run_once(
+    spec: StormSpec, framework: str, tool: str, burn_ms: float = 0.0
+) -> dict[str, Any]:
     PHASES.clear()
     LIMITERS.clear()
     demo.call_service = _noop_tool if tool == "noop" else demo.__dict__["_real_call_service"]
@@ -243,6 +281,8 @@ async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]
         pool = demo.storm_pool(spec, urls, clients, ds.ca_pem_path)
         await pool.astart()
         runner = demo.RUNNERS[framework](spec, pool)
+        if burn_ms:
+            runner = _burning(runner, burn_ms)
         ds.reset_stats()
         PHASES.clear()
         cpu0 = time.process_time()
@@ -288,6 +328,7 @@ async def run_once(spec: StormSpec, framework: str, tool: str) -> dict[str, Any]
         "pool_reused": sum(d.reused_total for d in stats.values()),
         "token_fetches": dict(tokens),
         "created_by_phase": timeline.created_by_phase(records),
+        "closed_by_phase": timeline.closed_by_phase(records),
         "limiters": len(LIMITERS),
         "limiter_decreases": sum(lim.decreases_total for lim in LIMITERS),
         "limiter_lowest": min((lim.limit for lim in LIMITERS), default=None),
@@ -380,10 +421,23 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frameworks", default="langchain,autogen")
+    parser.add_argument(
+        "--frameworks",
+        default="langchain,autogen",
+        help="comma-separated; 'autogen:noop' runs one framework with the do-nothing tool "
+        "inside the same interleaved set, 'autogen:burn' with --burn-ms of extra CPU per call",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the demo's --quick storm")
     parser.add_argument("--tool", choices=("real", "noop"), default="real")
+    parser.add_argument(
+        "--burn-ms",
+        type=float,
+        default=1.9,
+        help="for 'X:burn' in --frameworks: CPU ms per tool call spent on the loop before "
+        "each task's agent runs (default: LangChain's minus AutoGen's own CPU per call, "
+        "measured with the do-nothing tool)",
+    )
     parser.add_argument("--json", help="write every run here")
     args = parser.parse_args()
     import warnings
@@ -402,12 +456,17 @@ def main() -> None:
     for i in range(args.repeat):
         for fw in frameworks:
             t0 = time.perf_counter()
-            run = asyncio.run(run_once(spec, fw, args.tool))
+            name, _, tool = fw.partition(":")
+            burn = args.burn_ms if tool == "burn" else 0.0
+            tool = "real" if tool == "burn" else tool
+            run = asyncio.run(run_once(spec, name, tool or args.tool, burn))
+            run["framework"] = fw
             runs.append(run)
             print(
                 f"[{i + 1}/{args.repeat}] {fw:9} p50 {run['p50_ms']:.0f} p99 {run['p99_ms']:.0f} "
                 f"warm {run['warm_burst_p99_ms']:.0f} conns {run['conns_opened']} "
-                f"affinity {run['pool_closed'].get('affinity')} by phase {run['created_by_phase']} "
+                f"closed {run['pool_closed']} by phase {run['created_by_phase']} "
+                f"{run['closed_by_phase']} "
                 f"limiters {run['limiters']} "
                 f"(decreases {run['limiter_decreases']}, lowest {run['limiter_lowest']}) "
                 f"cpu/call {run['cpu_ms_per_call']} ms "
