@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -96,8 +97,15 @@ def _timed_async_cm(name: str, factory: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
+# (event loop, thread) pairs the pool's async requests ran in: more than one would mean a
+# second driver whose connections the storm's loop cannot reuse.
+DRIVERS: set[tuple[int, int]] = set()
+
+
 def _timed_coro(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if name == "pool_wait":
+            DRIVERS.add((id(asyncio.get_running_loop()), threading.get_ident()))
         t0 = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
@@ -270,6 +278,7 @@ async def run_once(
 ) -> dict[str, Any]:
     PHASES.clear()
     LIMITERS.clear()
+    DRIVERS.clear()
     demo.call_service = _noop_tool if tool == "noop" else demo.__dict__["_real_call_service"]
     with spawn_downstream(
         spec.service_specs(), tls=True, latency=spec.latency, seed=spec.seed
@@ -279,10 +288,12 @@ async def run_once(
         urls = {s: ds.url(s) for s in spec.services}
         demo.DOWNSTREAM = demo.Downstream(urls, clients, "pool")
         pool = demo.storm_pool(spec, urls, clients, ds.ca_pem_path)
+        ds.reset_stats()
         await pool.astart()
         runner = demo.RUNNERS[framework](spec, pool)
         if burn_ms:
             runner = _burning(runner, burn_ms)
+        await demo.warmup_counted(ds, spec, pool)
         ds.reset_stats()
         PHASES.clear()
         cpu0 = time.process_time()
@@ -329,6 +340,7 @@ async def run_once(
         "token_fetches": dict(tokens),
         "created_by_phase": timeline.created_by_phase(records),
         "closed_by_phase": timeline.closed_by_phase(records),
+        "async_drivers": len(DRIVERS),
         "limiters": len(LIMITERS),
         "limiter_decreases": sum(lim.decreases_total for lim in LIMITERS),
         "limiter_lowest": min((lim.limit for lim in LIMITERS), default=None),
@@ -467,7 +479,7 @@ def main() -> None:
                 f"warm {run['warm_burst_p99_ms']:.0f} conns {run['conns_opened']} "
                 f"closed {run['pool_closed']} by phase {run['created_by_phase']} "
                 f"{run['closed_by_phase']} "
-                f"limiters {run['limiters']} "
+                f"drivers {run['async_drivers']} limiters {run['limiters']} "
                 f"(decreases {run['limiter_decreases']}, lowest {run['limiter_lowest']}) "
                 f"cpu/call {run['cpu_ms_per_call']} ms "
                 f"lag99 {run['loop_lag_p99_ms']} ms ({time.perf_counter() - t0:.0f} s; "
