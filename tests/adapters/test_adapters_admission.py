@@ -149,8 +149,10 @@ async def test_admit_waits_until_the_queue_drains(tight: toolpool.Pool, ds: Down
 
 
 async def test_held_admissions_count_against_capacity(tight: toolpool.Pool, ds: Downstream) -> None:
-    """'crm' takes 1 connection + 1 queued request: two held tool calls fill it, a third
-    waits in FIFO for one of them to end, and is refused when max_wait runs out."""
+    """'crm' takes 1 connection + 1 queued request. A held tool call takes the connection's
+    place; a second tool call waits at the gate, not in the pool's queue (whose places go
+    to whoever asks first, the gate's tenant by tenant), and gets in when the first ends.
+    The queue's place stays for a direct `pool.admit` caller."""
     admission = Admission(tight, max_wait=60)
     admission.declare("t", ["crm"])
     first_in = asyncio.Event()
@@ -164,29 +166,45 @@ async def test_held_admissions_count_against_capacity(tight: toolpool.Pool, ds: 
     release_second = asyncio.Event()
     second_in = asyncio.Event()
     first = asyncio.create_task(held_call(first_in, release_first))
-    second = asyncio.create_task(held_call(second_in, release_second))
     await asyncio.wait_for(first_in.wait(), 30)
-    await asyncio.wait_for(second_in.wait(), 30)
-    assert tight.saturation("crm").state == "saturated"
-    # No request was sent: the two calls are counted by admission alone.
+    second = asyncio.create_task(held_call(second_in, release_second))
+    await asyncio.sleep(0.2)  # a correct hold still waits here, however long this takes
+    assert not second_in.is_set()
+    busy = tight.saturation("crm")
+    assert (busy.state, busy.reason, busy.in_use, busy.queued) == ("busy", "queued", 1, 1)
+    # No request was sent: the calls are counted by admission alone.
     assert ds.stats("crm").requests_total == 0
 
     refused = Admission(tight, max_wait=0)
     refused.declare("t", ["crm"])
     with pytest.raises(toolpool.PoolSaturated):
-        await refused.admit("t")
+        await refused.admit("t")  # a call waits already: nobody jumps the queue
     with pytest.raises(toolpool.PoolSaturated):
         await asyncio.to_thread(refused.admit_sync, "t")
 
+    release_first.set()  # one call ends: the waiting one is admitted
+    await asyncio.wait_for(second_in.wait(), 30)
+    await first
+    direct_in = asyncio.Event()
+    release_direct = asyncio.Event()
+
+    async def direct_call() -> None:
+        async with tight.admit("crm", timeout=0):  # the queue's place, for a direct caller
+            direct_in.set()
+            await release_direct.wait()
+
+    direct = asyncio.create_task(direct_call())
+    await asyncio.wait_for(direct_in.wait(), 30)
+    assert tight.saturation("crm").state == "saturated"
     third_in = asyncio.Event()
     third = asyncio.create_task(held_call(third_in, asyncio.Event()))
-    await asyncio.sleep(0.2)  # a correct hold still waits here, however long this takes
+    await asyncio.sleep(0.2)
     assert not third_in.is_set()
-    release_first.set()  # one call ends: the waiting one is admitted
-    await asyncio.wait_for(third_in.wait(), 30)
-    await first
+    release_direct.set()
+    await direct
     release_second.set()
     await second
+    await asyncio.wait_for(third_in.wait(), 30)
     third.cancel()
     await asyncio.gather(third, return_exceptions=True)
     assert tight.saturation("crm").state != "saturated"
@@ -320,3 +338,44 @@ async def test_destinations_that_change_per_call_wait_at_their_gates(ds: Downstr
     assert waits > 0  # 12 calls per destination against 3 places: some had to wait
     assert ds.stats("crm").peak_connections <= 1 and ds.stats("search").peak_connections <= 1
     assert admission.destinations("fetch") == frozenset()
+
+
+async def test_waiting_tool_calls_are_admitted_tenant_by_tenant(ds: Downstream) -> None:
+    """'crm' with 2 connections: tenant a's first two calls take both places before anyone
+    waits; then a, b and c queue 4 calls each, in that order. As places free up one by one,
+    b and c catch up with a's head start first, then the three alternate: the order does not
+    follow arrival, and a's early calls do not let it finish its burst first."""
+    pool = toolpool.Pool(
+        [toolpool.Destination("crm", ds.url("crm"), max_connections=2, queue_factor=2)],
+        warmup=0,
+    )
+    async with pool:
+        pool.destination("crm")  # the gate needs the destination's runtime
+        admission = Admission(pool, max_wait=60)
+        admission.declare("t", ["crm"])
+        admitted: list[tuple[str, asyncio.Event]] = []
+
+        async def call(tenant: str) -> None:
+            done = asyncio.Event()
+            async with admission.hold("t", toolpool.AuthContext(tenant=tenant)):
+                admitted.append((tenant, done))
+                await done.wait()
+
+        tasks = [asyncio.create_task(call("a")) for _ in range(2)]
+        await _until(lambda: len(admitted) == 2)
+        waiting = 0
+        for tenant in "abc":
+            for _ in range(4):
+                tasks.append(asyncio.create_task(call(tenant)))
+                waiting += 1
+                await _until(lambda w=waiting: pool.saturation("crm").queued == w)
+        assert pool.stats()["crm"].saturated_total == 0
+        order = []
+        for n in range(12):
+            admitted[n][1].set()  # the oldest call in ends: one place frees up
+            await _until(lambda n=n: len(admitted) == n + 3)
+            order.append(admitted[-1][0])
+        assert "".join(order) == "bcbcabcabcaa"
+        for _, done in admitted[12:]:
+            done.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)

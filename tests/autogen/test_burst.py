@@ -17,7 +17,7 @@ from autogen_agentchat.agents import AssistantAgent
 import toolpool
 from tests._support.autogen_replay import describe, replay_model, tenant_headers, tool_results_seen
 from toolpool.autogen import wrap
-from toolpool.testing import Downstream, ServiceSpec
+from toolpool.testing import Downstream, ServiceSpec, tenant_fairness
 
 TENANTS = ["acme", "globex", "initech", "umbrella"]
 PER_TENANT = 25
@@ -84,9 +84,12 @@ async def test_ten_x_burst_every_call_answered(api: Downstream) -> None:
     assert server.mixed_connections() == {}
     assert stats.saturated_total == 0
     assert (stats.in_use, stats.waiting, stats.opening) == (0, 0, 0)
-    p99 = {t: round(max(v), 3) for t, v in done.items()}
-    ratio = max(p99.values()) / min(p99.values())
-    print(f"\nautogen: per-tenant p99 (s) {p99}; max/min {ratio:.2f}")
+    # Fair across tenants: every tenant's last call finishes near the end of the burst
+    # (the order of completions, which load does not move; p99s in benchmarks/RESULTS.md).
+    fairness = tenant_fairness(done)
+    print(f"\nautogen: {fairness}")
+    assert fairness.rank_ratio <= 1.5, fairness
+    assert fairness.max_lead <= CAP + CAP // 2, fairness
 
 
 async def test_max_wait_shorter_than_the_burst_gives_busy_results_only(api: Downstream) -> None:

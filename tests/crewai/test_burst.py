@@ -22,7 +22,7 @@ from crewai.tools import BaseTool
 import toolpool
 from toolpool.crewai import wrap
 from toolpool.crewai.testing import ScriptedLLM, is_busy_result
-from toolpool.testing import Downstream, ServiceSpec
+from toolpool.testing import Downstream, ServiceSpec, tenant_fairness
 
 TENANTS = ["acme", "globex", "initech", "umbrella"]
 PER_TENANT = 25
@@ -67,16 +67,23 @@ class Fetch(BaseTool):
         with httpx.Client(timeout=30.0) as client:  # a naive tool: its own client per call
             r = client.get(f"{self.url}/anything", params={"item": item})
         r.raise_for_status()
+        finished = time.monotonic()
         with self.done[1]:
-            self.done[0].setdefault(ctx.tenant, []).append(time.monotonic() - started)
+            self.done[0].setdefault(ctx.tenant, []).append(finished - started)
+            self.done[2].setdefault(ctx.tenant, []).append(finished)
         return json.dumps({"item": item, "tenant": ctx.tenant})
 
 
 def _burst(
     api: Downstream, max_wait: float, cap: int = CAP
-) -> tuple[list[str], dict[str, list[float]], toolpool.DestinationStats]:
+) -> tuple[list[str], dict[str, list[float]], dict[str, list[float]], toolpool.DestinationStats]:
+    """(observations, per-call latencies per tenant, finish times per tenant, stats)."""
     api.reset_stats()
-    done: tuple[dict[str, list[float]], threading.Lock] = ({}, threading.Lock())
+    done: tuple[dict[str, list[float]], threading.Lock, dict[str, list[float]]] = (
+        {},
+        threading.Lock(),
+        {},
+    )
     llm = ScriptedLLM(
         plan=[[{"tool": "fetch", "args": {"item": f"i{i}"}} for i in range(PER_TENANT)]],
         busy_retries=0,
@@ -99,11 +106,11 @@ def _burst(
             for f in futures:
                 f.result(timeout=120)
         stats = pool.stats()["api"]
-    return list(llm.observations), done[0], stats
+    return list(llm.observations), done[0], done[2], stats
 
 
 def test_ten_x_burst_every_call_answered(api: Downstream) -> None:
-    observations, done, stats = _burst(api, max_wait=30.0)
+    observations, done, finished, stats = _burst(api, max_wait=30.0)
     assert not [o for o in observations if is_busy_result(o)]
     assert sorted(done) == sorted(TENANTS)
     assert all(len(v) == PER_TENANT for v in done.values())
@@ -113,15 +120,23 @@ def test_ten_x_burst_every_call_answered(api: Downstream) -> None:
     assert stats.saturated_total == 0
     assert (stats.in_use, stats.waiting, stats.opening) == (0, 0, 0)
     # Per call: from the body's start (after the barrier) to its result, gate wait included.
-    p99 = {t: round(sorted(v)[round(0.99 * (len(v) - 1))], 3) for t, v in done.items()}
-    ratio = max(p99.values()) / min(p99.values())
-    print(f"\ncrewai: per-tenant p99 (s) {p99}; max/min {ratio:.2f}")
+    latency = tenant_fairness(done).p99
+    ratio = max(latency.values()) / min(latency.values())
+    # Fair across tenants: every tenant's last call finishes near the end of the burst and
+    # no tenant gets far ahead (the order of completions, which load does not move; the
+    # latency p99 ratio is in benchmarks/RESULTS.md).
+    origin = min(min(v) for v in finished.values())
+    fairness = tenant_fairness({t: [x - origin for x in v] for t, v in finished.items()})
+    print(f"\ncrewai: per-call latency p99 max/min {ratio:.2f}; finishing: {fairness}")
+    assert fairness.rank_ratio <= 1.5, fairness
+    # Each tenant keeps 8 calls in flight: served in turn, none gets a round of the cap ahead.
+    assert fairness.max_lead <= CAP, fairness
 
 
 def test_max_wait_shorter_than_the_burst_gives_busy_results_only(api: Downstream) -> None:
-    # 2 connections and 4 queue places: 6 calls get in, 26 of the 32 released together wait
-    # at the gate, and 0.05 s serves only a few of them.
-    observations, done, stats = _burst(api, max_wait=0.05, cap=2)
+    # 2 connections: 2 tool calls get in, 30 of the 32 released together wait at the gate
+    # (tool calls do not take the pool's queue places), and 0.05 s serves only a few.
+    observations, done, _, stats = _burst(api, max_wait=0.05, cap=2)
     busy = [o for o in observations if is_busy_result(o)]
     assert busy, "a 0.05 s max_wait cannot serve 32 calls on 2 connections"
     assert all("destination 'api' is busy" in o for o in busy)

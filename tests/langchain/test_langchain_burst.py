@@ -23,7 +23,7 @@ import toolpool
 from tests._support.langchain_tools import Ctx, by_context, tenant_of
 from toolpool.langchain import wrap
 from toolpool.langchain.testing import ScriptedChatModel
-from toolpool.testing import Downstream, ServiceSpec
+from toolpool.testing import Downstream, ServiceSpec, tenant_fairness
 
 TENANTS = ["acme", "globex", "initech", "umbrella"]
 PER_TENANT = 25  # 4 x 25 = 100 parallel tool calls: 10x the cap
@@ -58,11 +58,6 @@ def _tools(url: str, done: dict[str, list[float]], started: list[float]) -> list
         return json.dumps({"tenant": r.json()["tenant"], "q": q})
 
     return [fetch, fetch_sync]
-
-
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 async def _burst(
@@ -104,9 +99,13 @@ async def test_ten_x_burst_every_call_answered(api: Downstream, tool_name: str) 
     assert server.mixed_connections() == {}
     assert stats.saturated_total == 0
     assert (stats.in_use, stats.waiting, stats.opening) == (0, 0, 0)
-    p99 = {t: round(_p99(v), 3) for t, v in done.items()}
-    ratio = max(p99.values()) / min(p99.values())
-    print(f"\nlangchain {tool_name}: per-tenant p99 (s) {p99}; max/min {ratio:.2f}")
+    # Fair across tenants: every tenant's last call finishes near the end of the burst,
+    # not one tenant's burst first (the order of completions, which load does not move;
+    # the p99 ratio is in benchmarks/RESULTS.md).
+    fairness = tenant_fairness(done)
+    print(f"\nlangchain {tool_name}: {fairness}")
+    assert fairness.rank_ratio <= 1.5, fairness
+    assert fairness.max_lead <= CAP + CAP // 2, fairness
 
 
 async def test_max_wait_shorter_than_the_burst_gives_busy_results_only(api: Downstream) -> None:

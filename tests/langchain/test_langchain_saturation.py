@@ -75,10 +75,12 @@ async def test_saturation_turns_into_busy_results(
         asyncio.create_task(agent.ainvoke({"messages": [("user", "go")]}, context=Ctx(t)))
         for t in ("acme", "globex")
     ]
-    # 20 calls at once: 2 hold the connections, 4 wait in the queue, 14 are answered busy.
+    # 20 calls at once: 2 hold the connections; the other 18 wait at the gate (a tool call
+    # does not take a place in the pool's queue, which would go in arrival order, not
+    # tenant by tenant) and are answered busy when max_wait runs out.
     dest = tight_pool.destination("crm")
-    await _until(lambda: middleware.busy_total == 14, "14 busy answers")
-    await _until(lambda: dest.state.in_use == 2 and dest.state.waiting == 4, "2 in use, 4 queued")
+    await _until(lambda: middleware.busy_total == 18, "18 busy answers")
+    await _until(lambda: dest.state.in_use == 2 and dest.state.waiting == 0, "2 in use")
     assert not all(run.done() for run in runs)  # the held calls keep a run going
     hold.set()
     outs = await asyncio.gather(*runs)  # no exception escapes the runs
@@ -87,8 +89,8 @@ async def test_saturation_turns_into_busy_results(
     assert len(messages) == 20
     busy = [m for m in messages if m.status == "error"]
     done = [m for m in messages if m.status != "error"]
-    assert len(busy) == 14
-    assert len(done) == 6
+    assert len(busy) == 18
+    assert len(done) == 2
     for m in busy:
         text = str(m.content)
         assert text.startswith("tool 'held_lookup' could not run: destination 'crm' is busy")
@@ -103,7 +105,7 @@ async def test_saturation_turns_into_busy_results(
         busy_here = sum(1 for m in _tool_messages(out) if m.status == "error")
         assert answer.count("could not run") == busy_here
     assert len(model.tool_results) == 20
-    assert sum(1 for m in model.tool_results if "is busy" in str(m.content)) == 14
+    assert sum(1 for m in model.tool_results if "is busy" in str(m.content)) == 18
 
     # Nothing leaks: no connection in use, no waiter, no tool slot held.
     stats = tight_pool.stats()["crm"]
@@ -124,10 +126,10 @@ async def test_saturation_turns_into_busy_results(
 async def test_declared_destinations_wait_for_admission_instead(
     ds: Downstream, tight_pool: toolpool.Pool
 ) -> None:
-    """The same burst with the tool's destination declared: admission lets 6 calls in
-    (2 connections + 4 queued) and holds the other 14 back until those finish, so every call
-    runs and none is answered busy (also while connections change hands between the two
-    tenants: admission counts closing connections against capacity)."""
+    """The same burst with the tool's destination declared: admission lets 2 calls in (one
+    per connection) and holds the other 18 back at the gate until those finish, so every
+    call runs and none is answered busy (also while connections change hands between the
+    two tenants: admission counts closing connections against capacity)."""
     hold = asyncio.Event()
     crm = ds.url("crm")
 
@@ -155,8 +157,9 @@ async def test_declared_destinations_wait_for_admission_instead(
         for t in ("acme", "globex")
     ]
     dest = tight_pool.destination("crm")
-    await _until(lambda: dest.state.in_use == 2 and dest.state.waiting == 4, "6 admitted")
-    assert tight_pool.saturation("crm").state == "saturated"
+    await _until(lambda: tight_pool.saturation("crm").queued == 18, "18 waiting at the gate")
+    assert (dest.state.in_use, dest.state.waiting) == (2, 0)
+    assert tight_pool.saturation("crm").state == "busy"
     await ds.wait_stats_async("crm", lambda st: st.requests_total >= 2)
     assert ds.stats("crm").requests_total == 2
     hold.set()
@@ -200,13 +203,13 @@ def test_saturation_sync_invocation(ds: Downstream) -> None:
             )
         )
         runner.start()
-        # 6 calls: 1 holds the connection, 1 waits, 4 are answered busy.
-        _until_sync(lambda: middleware.busy_total == 4, "4 busy answers")
+        # 6 calls: 1 holds the connection, 5 wait at the gate and are answered busy.
+        _until_sync(lambda: middleware.busy_total == 5, "5 busy answers")
         hold.set()
         runner.join(60)
         assert len(result) == 1
         messages = _tool_messages(result[0])
-        assert sorted(m.status for m in messages) == ["error"] * 4 + ["success"] * 2
+        assert sorted(m.status for m in messages) == ["error"] * 5 + ["success"]
         assert all("is busy" in str(m.content) for m in messages if m.status == "error")
         assert pool.stats()["crm"].in_use == 0
         assert pool.stats()["crm"].waiting == 0

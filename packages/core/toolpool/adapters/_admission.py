@@ -194,7 +194,7 @@ class Admission:
         try:
             for runtime in holding.to_admit(self, tool_name):
                 await runtime.admit_async(
-                    holding.remaining(), holding.tenant, holding.held.note_wait
+                    holding.remaining(), holding.tenant, holding.held.note_wait, strict=True
                 )
                 holding.admitted(runtime)
             yield holding.held
@@ -207,7 +207,9 @@ class Admission:
         holding = _Holding(self.max_wait, ctx)
         try:
             for runtime in holding.to_admit(self, tool_name):
-                runtime.admit_blocking(holding.remaining(), holding.tenant, holding.held.note_wait)
+                runtime.admit_blocking(
+                    holding.remaining(), holding.tenant, holding.held.note_wait, strict=True
+                )
                 holding.admitted(runtime)
             yield holding.held
         finally:

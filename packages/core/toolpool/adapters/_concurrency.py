@@ -7,8 +7,10 @@ and grows back as calls succeed (additive increase, multiplicative decrease, as 
 
 Rules:
   - a call takes a slot (`slot()` / `slot_sync()`) before it runs; slots are granted while
-    fewer than `limit` are in flight, FIFO per tenant and tenants in turn (round-robin), so
-    one tenant's burst does not hold back another tenant's calls;
+    fewer than `limit` are in flight, FIFO per tenant, the tenant that has had the fewest
+    slots first (`toolpool.resilience._fair`: equal tenants alternate, and tenants that
+    arrive a little after another one catch up with the slots it took before anyone
+    waited), so one tenant's burst does not hold back another tenant's calls;
   - a busy signal (a busy result, or a call that had to wait at a saturated destination)
     halves the limit (not below `minimum`), at most once per *generation*:
     calls that started before the last decrease do not decrease it again, so a burst of
@@ -24,8 +26,9 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
+
+from toolpool.resilience._fair import FairQueue
 
 __all__ = ["AdaptiveToolConcurrency", "ToolSlot"]
 
@@ -125,8 +128,8 @@ class AdaptiveToolConcurrency:
         self._in_flight = 0
         self._generation = 0
         self._successes = 0
-        # Tenant -> its waiting calls (oldest first); the first tenant is served next.
-        self._waiters: OrderedDict[str | None, deque[_Waiter]] = OrderedDict()
+        # The waiting calls, per tenant.
+        self._waiters: FairQueue[_Waiter] = FairQueue()
         self._waiting = 0
         self._lock = threading.Lock()
         self.decreases_total = 0
@@ -184,14 +187,11 @@ class AdaptiveToolConcurrency:
 
     def _grant_locked(self) -> list[_Waiter]:
         granted = []
-        waiters = self._waiters
-        while waiters and self._in_flight < self._limit:
-            tenant, queue = next(iter(waiters.items()))
-            waiter = queue.popleft()
-            if queue:
-                waiters.move_to_end(tenant)
-            else:
-                del waiters[tenant]
+        while self._waiting and self._in_flight < self._limit:
+            popped = self._waiters.pop()
+            if popped is None:
+                break
+            waiter = popped[1]
             self._waiting -= 1
             waiter.granted = True
             waiter.generation = self._generation
@@ -208,38 +208,36 @@ class AdaptiveToolConcurrency:
         with self._lock:
             self._in_flight -= 1
             granted = self._grant_locked()
+            if self._in_flight == 0 and self._waiting == 0:
+                self._waiters.reset()  # idle: the next burst's turns start afresh
         self._wake(granted)
 
-    def _take(self) -> int | None:
+    def _take(self, tenant: str | None) -> int | None:
         """Take a slot at once (returns the generation) or None when the caller must queue."""
         with self._lock:
-            if self._in_flight < self._limit and not self._waiters:
+            if self._in_flight < self._limit and not self._waiting:
                 self._in_flight += 1
+                self._waiters.note_served(tenant, self._limit)
                 return self._generation
             return None
 
     def _queue(self, waiter: _Waiter) -> None:
         with self._lock:
-            if self._in_flight < self._limit and not self._waiters:
+            if self._in_flight < self._limit and not self._waiting:
                 waiter.granted = True
                 waiter.generation = self._generation
                 self._in_flight += 1
+                self._waiters.note_served(waiter.tenant, self._limit)
             else:
-                queue = self._waiters.get(waiter.tenant)
-                if queue is None:
-                    queue = self._waiters[waiter.tenant] = deque()
-                queue.append(waiter)
+                self._waiters.push(waiter.tenant, waiter, self._limit)
                 self._waiting += 1
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up (cancelled, interrupted): return its grant or leave the queue."""
         with self._lock:
             if not waiter.granted:
-                queue = self._waiters[waiter.tenant]
-                queue.remove(waiter)
+                self._waiters.remove(waiter.tenant, waiter)
                 self._waiting -= 1
-                if not queue:
-                    del self._waiters[waiter.tenant]
                 return
         self._release()
 
@@ -251,7 +249,7 @@ class AdaptiveToolConcurrency:
         if id(self) in held:
             yield ToolSlot(self, self._generation, nested=True)
             return
-        generation = self._take()
+        generation = self._take(tenant)
         if generation is None:
             loop = asyncio.get_running_loop()
             waiter = _Waiter(loop=loop, fut=loop.create_future(), tenant=tenant)
@@ -279,7 +277,7 @@ class AdaptiveToolConcurrency:
         if id(self) in held:
             yield ToolSlot(self, self._generation, nested=True)
             return
-        generation = self._take()
+        generation = self._take(tenant)
         if generation is None:
             waiter = _Waiter(event=threading.Event(), tenant=tenant)
             self._queue(waiter)

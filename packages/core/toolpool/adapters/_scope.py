@@ -172,7 +172,7 @@ class ToolCall:
         if runtime is None:
             return await self._send_waiting_async(dest, request, ctx)
         if id(runtime) not in self._gates:
-            await runtime.admit_async(self._remaining(), self._label(), self.note_wait)
+            await runtime.admit_async(self._remaining(), self._label(), self.note_wait, strict=True)
             self._keep(runtime)
         mark = mark_admitted(runtime)
         try:
@@ -190,7 +190,7 @@ class ToolCall:
         if runtime is None:
             return self._send_waiting_sync(dest, request, ctx)
         if id(runtime) not in self._gates:
-            runtime.admit_blocking(self._remaining(), self._label(), self.note_wait)
+            runtime.admit_blocking(self._remaining(), self._label(), self.note_wait, strict=True)
             self._keep(runtime)
         mark = mark_admitted(runtime)
         try:

@@ -39,10 +39,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from toolpool.resilience._fair import FairQueue
 
 __all__ = [
     "BUSY",
@@ -174,9 +176,10 @@ def assess(
         retry_after = breaker_wait
     elif rate_limited:
         retry_after = max(0.05, pause_wait, rate_wait)
-    elif occupancy >= cap:
-        # The calls ahead must drain through `cap` connections, one hold time each.
-        retry_after = max(0.05, hold_time * (occupancy - cap + 1) / cap)
+    elif occupancy + admit_waiting >= cap:
+        # The calls ahead (in flight, queued in the pool, waiting at the gate) must drain
+        # through `cap` connections, one hold time each.
+        retry_after = max(0.05, hold_time * (occupancy + admit_waiting - cap + 1) / cap)
     else:
         retry_after = 0.0
     return Assessment(
@@ -199,15 +202,21 @@ def assess(
 class AdmitWaiter:
     """A call waiting in `admit`. `outcome` is None while waiting, then "admitted" or the
     reason it was refused; `wake()` is called (outside any lock) once it is set. `tenant`
-    is whom the call acts for: waiting calls are served tenant by tenant, in turn."""
+    is whom the call acts for: waiting calls are served tenant by tenant (`_fair`). A
+    `strict` waiter (a tool call of a wrapped agent) is admitted only while the destination
+    has a connection's worth of room under its limit, not into the pool's queue."""
 
-    __slots__ = ("_event", "_fut", "_loop", "_thread", "outcome", "tenant")
+    __slots__ = ("_event", "_fut", "_loop", "_thread", "outcome", "strict", "tenant")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop | None = None, tenant: str | None = None
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        tenant: str | None = None,
+        strict: bool = False,
     ) -> None:
         self.outcome: str | None = None
         self.tenant = tenant
+        self.strict = strict
         self._thread = threading.get_ident()
         self._loop = loop
         if loop is not None:
@@ -267,11 +276,12 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 class AdmissionQueue:
     """Counts of admitted and tracked calls, and the waiting ones: a FIFO per tenant, the
-    tenants served in turn (round-robin), so one tenant's burst of 200 calls delays another
-    tenant's single call by one turn, not by the burst. Not thread-safe by itself; the
-    runtime calls it under its lock."""
+    least-served tenant first (`FairQueue`), so one tenant's burst of 200 calls delays
+    another tenant's single call by one turn, not by the burst, and a tenant that arrived
+    first does not keep the lead it took before anyone waited. Not thread-safe by itself;
+    the runtime calls it under its lock."""
 
-    __slots__ = ("_turns", "admitted", "sending", "unadmitted", "waiting")
+    __slots__ = ("_fair", "admitted", "sending", "unadmitted", "waiting")
 
     def __init__(self) -> None:
         self.admitted = 0
@@ -280,9 +290,8 @@ class AdmissionQueue:
         self.sending = 0
         self.unadmitted = 0
         self.waiting = 0
-        # Tenant -> its waiting calls (oldest first); the first tenant is served next. Calls
-        # that left are dropped lazily.
-        self._turns: OrderedDict[str | None, deque[AdmitWaiter]] = OrderedDict()
+        # The waiting calls; those that left are dropped lazily.
+        self._fair: FairQueue[AdmitWaiter] = FairQueue()
 
     @property
     def tracked(self) -> int:
@@ -294,59 +303,50 @@ class AdmissionQueue:
         """Admitted calls that have not sent their request yet."""
         return max(0, self.admitted - self.sending)
 
-    def try_enter(self, room: int) -> bool:
-        """Admit at once if nobody waits and there is room."""
+    def served(self, tenant: str | None) -> int:
+        """Places `tenant` was given since the destination was last idle."""
+        return self._fair.served(tenant)
+
+    def try_enter(self, room: int, tenant: str | None = None, allowance: int = 0) -> bool:
+        """Admit at once if nobody waits and there is room (`allowance`: how far behind
+        the most-served tenant a newcomer's count starts, see `FairQueue`)."""
         if self.waiting == 0 and room > 0:
             self.admitted += 1
+            self._fair.note_served(tenant, allowance)
             return True
         return False
 
-    def enqueue(self, waiter: AdmitWaiter) -> None:
-        queue = self._turns.get(waiter.tenant)
-        if queue is None:
-            queue = self._turns[waiter.tenant] = deque()
-        queue.append(waiter)
+    def enqueue(self, waiter: AdmitWaiter, allowance: int = 0) -> None:
+        self._fair.push(waiter.tenant, waiter, allowance)
         self.waiting += 1
 
-    def _next(self) -> AdmitWaiter | None:
-        """Pop the oldest waiting call of the tenant whose turn it is; that tenant goes to
-        the back of the turn order."""
-        turns = self._turns
-        while turns:
-            tenant, queue = next(iter(turns.items()))
-            while queue and queue[0].outcome is not None:
-                queue.popleft()  # left already
-            if not queue:
-                del turns[tenant]
-                continue
-            waiter = queue.popleft()
-            if queue:
-                turns.move_to_end(tenant)
-            else:
-                del turns[tenant]
-            return waiter
-        return None
-
-    def grant(self, room: int) -> list[AdmitWaiter]:
-        """Admit waiters, tenants in turn, while there is room; the caller wakes them."""
+    def grant(self, room: int, strict_room: int | None = None) -> list[AdmitWaiter]:
+        """Admit waiters, least-served tenant first, while there is room (`strict_room` for
+        strict waiters, default `room`); the caller wakes them. The next waiter that has no
+        room stops the granting: nobody behind it jumps ahead."""
+        if strict_room is None:
+            strict_room = room
         granted: list[AdmitWaiter] = []
-        while room > 0 and self.waiting:
-            waiter = self._next()
-            if waiter is None:
+        fair = self._fair
+        while self.waiting:
+            waiter = fair.peek(_alive)
+            if waiter is None or (strict_room if waiter.strict else room) <= 0:
                 break
+            fair.pop(_alive)
             waiter.outcome = "admitted"
             self.waiting -= 1
             self.admitted += 1
             room -= 1
+            strict_room -= 1
             granted.append(waiter)
         return granted
 
     def refuse_all(self, reason: str) -> list[AdmitWaiter]:
         """Refuse every waiter (breaker opened); the caller wakes them."""
-        refused = [w for q in self._turns.values() for w in q if w.outcome is None]
+        refused = [w for w in self._fair.items() if w.outcome is None]
         for waiter in refused:
             waiter.outcome = reason
-        self._turns.clear()
+        self._fair.clear()
         self.waiting = 0
         return refused
 
@@ -358,21 +358,25 @@ class AdmissionQueue:
         if waiter.outcome is None:
             waiter.outcome = reason
             self.waiting -= 1
-            queue = self._turns.get(waiter.tenant)
-            if queue is not None:
-                if self.waiting == 0:
-                    self._turns.clear()
-                elif len(queue) > 64 and len(queue) > 2 * self.waiting:
-                    live = deque(w for w in queue if w.outcome is None)
-                    if live:
-                        self._turns[waiter.tenant] = live
-                    else:
-                        del self._turns[waiter.tenant]
+            if self.waiting == 0:
+                self._fair.clear()
+                if self.admitted == 0:
+                    self._fair.reset()
+            else:
+                queued = self._fair.queued(waiter.tenant)
+                if queued > 64 and queued > 2 * self.waiting:
+                    self._fair.compact(waiter.tenant, _alive)
         return False
 
     def leave(self) -> None:
         """An admitted call is done."""
         self.admitted -= 1
+        if self.admitted == 0 and self.waiting == 0:
+            self._fair.reset()  # idle: the next burst's turns start afresh
+
+
+def _alive(waiter: AdmitWaiter) -> bool:
+    return waiter.outcome is None
 
 
 # ---------------------------------------------------------------------- callbacks

@@ -97,7 +97,9 @@ class AdmissionControl:
 
     # ------------------------------------------------------------------ admission
 
-    def _admit_now_locked(self, now: float, timeout: float) -> str | None:
+    def _admit_now_locked(
+        self, now: float, timeout: float, tenant: str | None = None, strict: bool = False
+    ) -> str | None:
         """Admit at once ("admitted"), refuse at once (a reason), or None: wait."""
         breaker = self.breaker
         if breaker is not None and breaker.rejecting(now):
@@ -107,7 +109,9 @@ class AdmissionControl:
         if pause > timeout:
             self._rejections[RATE_LIMITED] += 1
             return RATE_LIMITED
-        if pause <= 0 and self.admission.try_enter(self._room_locked(now, admission=True)):
+        # A strict call that cannot wait may still take a place in the pool's queue.
+        room = self._room_locked(now, admission=True, strict=strict and timeout > 0)
+        if pause <= 0 and self.admission.try_enter(room, tenant, self.dest.state.cap):
             self._admitted_total += 1
             return _ADMITTED_OUTCOME
         if timeout <= 0:
@@ -129,7 +133,10 @@ class AdmissionControl:
             return refused
         if self.limiter.paused_until > now:
             return []
-        granted = self.admission.grant(self._room_locked(now, admission=True))
+        granted = self.admission.grant(
+            self._room_locked(now, admission=True),
+            self._room_locked(now, admission=True, strict=True),
+        )
         self._admitted_total += len(granted)
         return granted
 
@@ -138,17 +145,23 @@ class AdmissionControl:
         timeout: float,
         tenant: str | None = None,
         on_wait: Callable[[], object] | None = None,
+        strict: bool = False,
     ) -> Saturation:
-        """Wait (FIFO per tenant, tenants in turn; at most `timeout` s) until a call may
-        start; see `pool.admit`. `on_wait` is called if the call has to queue."""
+        """Wait (FIFO per tenant, least-served tenant first; at most `timeout` s) until a
+        call may start; see `pool.admit`. `on_wait` is called if the call has to queue.
+
+        A `strict` call (a wrapped agent's tool call) is admitted only while fewer calls
+        than the limit are in flight: it waits here, in its tenant's turn, rather than in
+        the pool's queue, whose places go to whoever asks first. `pool.admit` callers and
+        direct clients keep the queue (the seed's 2 x the cap)."""
         deadline = monotonic() + timeout
         now = monotonic()
         waiter: AdmitWaiter | None = None
         with self._lock:
-            verdict = self._admit_now_locked(now, timeout)
+            verdict = self._admit_now_locked(now, timeout, tenant, strict)
             if verdict is None:
-                waiter = AdmitWaiter(asyncio.get_running_loop(), tenant)
-                self.admission.enqueue(waiter)
+                waiter = AdmitWaiter(asyncio.get_running_loop(), tenant, strict)
+                self.admission.enqueue(waiter, self.dest.state.cap)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
             queued = self._note_level_locked(found, now)
@@ -174,16 +187,17 @@ class AdmissionControl:
         timeout: float,
         tenant: str | None = None,
         on_wait: Callable[[], object] | None = None,
+        strict: bool = False,
     ) -> Saturation:
         """`admit_async` for threads (blocks the calling thread)."""
         deadline = monotonic() + timeout
         now = monotonic()
         waiter: AdmitWaiter | None = None
         with self._lock:
-            verdict = self._admit_now_locked(now, timeout)
+            verdict = self._admit_now_locked(now, timeout, tenant, strict)
             if verdict is None:
-                waiter = AdmitWaiter(None, tenant)
-                self.admission.enqueue(waiter)
+                waiter = AdmitWaiter(None, tenant, strict)
+                self.admission.enqueue(waiter, self.dest.state.cap)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
             queued = self._note_level_locked(found, now)
@@ -257,14 +271,15 @@ class AdmissionControl:
 
     # ------------------------------------------------------------------ saturation
 
-    def _room_locked(self, now: float, admission: bool) -> int:
+    def _room_locked(self, now: float, admission: bool, strict: bool = False) -> int:
         """Capacity minus occupancy (the rules in `_admission`), without the rest; for an
         admission also what the rate limit can start in time. Requests made outside admit
-        meet the rate limit when they send."""
+        meet the rate limit when they send. `strict`: the room under the limit alone (no
+        queue places), for strict admissions."""
         st = self.dest.state
         limits = st.limits
         cap = st.cap
-        capacity = cap + limits.queue_limit * cap // limits.max_connections
+        capacity = cap if strict else cap + limits.queue_limit * cap // limits.max_connections
         unseen = st.in_use + st.opening + st.waiting - st.waiting_counted
         room = capacity - max(self.admission.tracked, unseen)
         if admission:

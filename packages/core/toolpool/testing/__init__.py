@@ -39,11 +39,14 @@ What is here:
 - :func:`spawn_downstream`: the same Downstream in a child process
   (``python -m toolpool.testing serve``), driven over its admin endpoint; and
   ``python -m toolpool.testing bench`` to measure the test bed's own throughput.
+- :func:`tenant_fairness`: how evenly a burst served its tenants (per-tenant p99, and the
+  same question asked of the order in which calls finished, which load does not move).
 """
 
 from __future__ import annotations
 
 from toolpool.testing._downstream import Downstream
+from toolpool.testing._fairness import TenantFairness, tenant_fairness
 from toolpool.testing._faults import Fault, FaultEndpoint, FaultKind
 from toolpool.testing._hostmap import HostMap
 from toolpool.testing._loop import LoopName
@@ -64,5 +67,7 @@ __all__ = [
     "Seconds",
     "ServiceSpec",
     "ServiceStats",
+    "TenantFairness",
     "spawn_downstream",
+    "tenant_fairness",
 ]
