@@ -157,8 +157,11 @@ async def test_declared_destinations_wait_for_admission_instead(
         for t in ("acme", "globex")
     ]
     dest = tight_pool.destination("crm")
-    await _until(lambda: tight_pool.saturation("crm").queued == 18, "18 waiting at the gate")
-    assert (dest.state.in_use, dest.state.waiting) == (2, 0)
+    await _until(
+        lambda: dest.state.in_use == 2 and tight_pool.saturation("crm").queued == 18,
+        "2 in use, 18 waiting at the gate",
+    )
+    assert dest.state.waiting == 0  # nobody in the pool's queue
     assert tight_pool.saturation("crm").state == "busy"
     await ds.wait_stats_async("crm", lambda st: st.requests_total >= 2)
     assert ds.stats("crm").requests_total == 2

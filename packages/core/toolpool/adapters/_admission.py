@@ -5,11 +5,14 @@ it) or declared up front. What is learned is knowledge about the pool's tools, n
 wrapping: every `Admission` on the same pool shares it, so an agent built and wrapped per task
 (AutoGen's `AssistantAgent`, a CrewAI `Crew` per kickoff) is gated from its first call rather
 than only after its own traffic taught a fresh gate (issue 25). Declared destinations stay
-per gate. Before a tool call runs, admission is asked of each of them through
-the pool's admission API (`pool.admit` / `pool.admit_sync`, toolpool.resilience): while one is
-saturated the call waits in FIFO order, up to `max_wait` in total, then gives up with
-`PoolSaturated` carrying a retry-after that adapters turn into a readable "busy, retry in N s"
-tool result.
+per gate. Before a tool call runs, admission is asked of each of them at the
+destination's gate (toolpool.resilience, the gate behind `pool.admit`), as a *strict* call: it
+is admitted while the destination has a connection for it (calls in flight below the
+effective limit), otherwise it waits at the gate, FIFO among its tenant's calls and the
+least-served tenant first, up to `max_wait` in total, then gives up with `PoolSaturated`
+carrying a retry-after that adapters turn into a readable "busy, retry in N s" tool result.
+Tool calls do not take places in the pool's own queue: those go to whoever asks first, so the
+tenant whose burst arrived first would hold them all.
 
 `hold` / `hold_sync` keep the admissions for the whole tool call, so the pool counts the call
 against the destination's capacity and its requests do not meet a full queue; `admit` /
@@ -21,7 +24,7 @@ taken from the call's arguments) is admitted when the call's first request to it
 (`tool_call_scope` does it), within what is left of the same `max_wait`. A destination is
 learned for admission up front once a tool used it in two calls in a row, so a tool whose
 destination changes per call does not hold places at destinations it will not use.
-Waiting calls are served per tenant in turn (the auth context's label).
+Waiting calls are served per tenant (the auth context's label), least-served tenant first.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 
 
 class Held:
-    """What `hold` did for one tool call: `waited` is True if the call had to queue at a
-    saturated destination (the adapters then narrow their tool-call concurrency)."""
+    """What `hold` did for one tool call: `waited` is True if the call had to queue behind
+    more calls than the destination's capacity (limit + queue bound) holds (the adapters
+    then narrow their tool-call concurrency)."""
 
     __slots__ = ("waited",)
 

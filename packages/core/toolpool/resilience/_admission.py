@@ -19,7 +19,11 @@ The rules, in one place (the runtime in `_policy` applies them under its lock):
   admitted) and (connections in use or opening + requests queued in the pool that no layer
   counted, such as traffic sent before the policy was bound). A call is
   admitted while occupancy < capacity, the breaker lets calls through and no Retry-After
-  pause is on; otherwise it waits in FIFO order (or is refused at once when it cannot wait).
+  pause is on; otherwise it waits, FIFO per tenant, the least-served tenant first (`_fair`),
+  or is refused at once when it cannot wait. A *strict* call (a wrapped agent's tool call)
+  is admitted only while occupancy < the effective limit: it waits here rather than in the
+  pool's queue, whose places go in arrival order (one tenant's burst arriving first would
+  take them all); one that cannot wait may still take a queue place.
   An admitted call never meets a full queue when it sends: its requests (token fetch, 401
   refresh, retries included) wait in order for a connection, bounded by their timeouts.
 - *Levels* (the callbacks hear every crossing), with hysteresis so that they do not flap at

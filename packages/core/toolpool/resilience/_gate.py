@@ -148,7 +148,10 @@ class AdmissionControl:
         strict: bool = False,
     ) -> Saturation:
         """Wait (FIFO per tenant, least-served tenant first; at most `timeout` s) until a
-        call may start; see `pool.admit`. `on_wait` is called if the call has to queue.
+        call may start; see `pool.admit`. `on_wait` is called if the call has to queue
+        behind more calls than the destination's queue holds (those in flight, queued in
+        the pool and waiting here reach its capacity): the signal for adapters to run fewer
+        tool calls at once, as a full queue was before strict calls waited here instead.
 
         A `strict` call (a wrapped agent's tool call) is admitted only while fewer calls
         than the limit are in flight: it waits here, in its tenant's turn, rather than in
@@ -164,10 +167,11 @@ class AdmissionControl:
                 self.admission.enqueue(waiter, self.dest.state.cap)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
+            crowded = waiter is not None and _crowded(found, self.admission)
             queued = self._note_level_locked(found, now)
         if queued:
             self._deliver()
-        if waiter is not None and on_wait is not None:
+        if crowded and on_wait is not None:
             on_wait()
         if waiter is not None:
             try:
@@ -200,10 +204,11 @@ class AdmissionControl:
                 self.admission.enqueue(waiter, self.dest.state.cap)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
+            crowded = waiter is not None and _crowded(found, self.admission)
             queued = self._note_level_locked(found, now)
         if queued:
             self._deliver()
-        if waiter is not None and on_wait is not None:
+        if crowded and on_wait is not None:
             on_wait()
         if waiter is not None:
             try:
@@ -477,6 +482,12 @@ class SyncAdmission:
     ) -> None:
         _exit_admission(self._runtime, self._token)
         self._token = None
+
+
+def _crowded(found: Assessment, admission: AdmissionQueue) -> bool:
+    """True if a call that just queued (counted in `admission.waiting`) waits behind at
+    least the destination's capacity (limit + queue bound) of other calls."""
+    return found.occupancy + admission.waiting > found.capacity
 
 
 def _tenant() -> str | None:
