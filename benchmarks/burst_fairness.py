@@ -41,7 +41,7 @@ TESTS = [
 ]
 _LINE = re.compile(
     r"^(?P<name>langchain fetch_sync|langchain fetch|autogen|crewai): "
-    r"(?:per-call latency p99 max/min (?P<latency>[\d.]+); finishing: )?"
+    r"(?:per-call latency p99 s [^;]*max/min (?P<latency>[\d.]+); finishing: )?"
     r"p99 s: (?P<p99>[^(]*)\(max/min (?P<p99_ratio>[\d.]+)\); "
     r"last call's rank: [^(]*\(max/min (?P<rank_ratio>[\d.]+)\); max lead (?P<lead>\d+)",
     re.MULTILINE,
