@@ -59,6 +59,7 @@ COLORS = {
     "toolpool.auth.token": "#f9a825",
     "toolpool.auth.wait": "#fdd835",
     "toolpool.pool.wait": "#e53935",
+    "toolpool.admission.wait": "#c62828",
     "toolpool.connect": "#43a047",
     "toolpool.tls": "#00897b",
     "toolpool.response": "#90caf9",

@@ -26,6 +26,11 @@ One request's spans:
                                left out when it would be the request's only child (a warm
                                request's span is its exchange: no second span for it)
 
+Beside the request spans, under the current span (the tool call's, or the run's when the
+framework opens its tool span after admission, as AutoGen does): `toolpool.admission.wait`,
+a call waiting at the destination's admission gate (a wrapped agent's tool call while every
+connection is taken) before any of its requests starts.
+
 No span carries a credential, a header or a query value; a tenant id appears only as the
 keyed hash of `toolpool.metrics.TenantLabels`, and only when one is given.
 """
@@ -64,6 +69,8 @@ SPAN_NAMES: dict[str, str] = {
     "toolpool.auth.wait": "waiting for the token another request of the context is fetching",
     "toolpool.retry": "between a failed attempt and the next one (backoff, pause, new token)",
     "toolpool.pool.wait": "queued for a connection (the wait pool.stats() records)",
+    "toolpool.admission.wait": "a tool call (or pool.admit) waiting at the destination's "
+    "admission gate, before its requests (a sibling of their spans)",
     "toolpool.connect": "opening a new connection: TCP connect (DNS included)",
     "toolpool.tls": "the TLS handshake of a new connection",
     "toolpool.response": "request written until the response head arrived (only beside "
@@ -394,6 +401,33 @@ class Tracing:
                 {"toolpool.destination": dest.name, "http.request.resend_count": call.attempts},
             )
         call.attempts += 1
+
+    def admission_waited(
+        self,
+        destination: str,
+        since: float,
+        end: float,
+        outcome: str,
+        error: BaseException | None,
+    ) -> None:
+        """A call waited at `destination`'s admission gate (a wrapped agent's tool call
+        beyond the connections, a `pool.admit` beyond the queue): one span under the
+        current one, with the wait the gate measured and its `outcome`
+        ("admitted", or the refusal's reason: "timeout", "breaker_open", ...)."""
+        if self.tracer is None or not self.active:
+            return
+        self._leaf(
+            "toolpool.admission.wait",
+            since,
+            end,
+            None,
+            {
+                "toolpool.destination": destination,
+                "toolpool.wait_ms": round(max(0.0, end - since) * 1000.0, 3),
+                "toolpool.admission.outcome": outcome,
+            },
+            error,
+        )
 
     def waited(self, dest: DestinationPool, waiter: Waiter, error: BaseException | None) -> None:
         if otel_context.get_value(_CALL) is _SKIP:

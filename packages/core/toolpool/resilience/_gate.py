@@ -181,9 +181,11 @@ class AdmissionControl:
                     if verdict is not None:
                         break
                     await waiter.wait_async(min(remaining, _ADMIT_POLL))
-            except BaseException:
+            except BaseException as exc:
                 self._give_up(waiter)
+                self._traced_wait(now, "cancelled", exc)
                 raise
+            self._traced_wait(now, verdict or TIMEOUT, None)
         return self._verdict(verdict)
 
     def admit_blocking(
@@ -218,10 +220,19 @@ class AdmissionControl:
                     if verdict is not None:
                         break
                     waiter.wait_sync(min(remaining, _ADMIT_POLL))
-            except BaseException:
+            except BaseException as exc:
                 self._give_up(waiter)
+                self._traced_wait(now, "cancelled", exc)
                 raise
+            self._traced_wait(now, verdict or TIMEOUT, None)
         return self._verdict(verdict)
+
+    def _traced_wait(self, since: float, outcome: str, error: BaseException | None) -> None:
+        """Report a finished wait at the gate to the pool's tracing (toolpool.otel), if any:
+        `outcome` "admitted" or why not."""
+        tracing = self.dest.pool._otel_tracing
+        if tracing is not None:
+            tracing.admission_waited(self.name, since, monotonic(), outcome, error)
 
     def _check_waiter(self, waiter: AdmitWaiter, deadline: float) -> tuple[str | None, float]:
         """(outcome or None, seconds left) for a waiting admission; admits what has room."""
