@@ -41,10 +41,14 @@ lock: | $(BIN)/python
 	$(BIN)/python -m uv pip compile --quiet --python $(BIN)/python --extra all --extra dev \
 		--custom-compile-command "make lock" pyproject.toml -o $(LOCK)
 
+# Besides ruff: the import contracts (import-linter, see pyproject.toml) and no import cycle
+# of more than 2 modules, counting every import statement (tools/import_cycles.py).
 lint: $(STAMP)
 	$(BIN)/ruff check packages tests benchmarks examples tools
 	$(BIN)/ruff format --check packages tests benchmarks examples tools
 	$(BIN)/python tools/unasync.py --check
+	$(BIN)/python tools/lint_imports.py
+	$(BIN)/python tools/import_cycles.py --max 2
 
 # The thread driver's request path is generated from the asyncio driver's (tools/unasync.py):
 # edit packages/core/toolpool/_async/request.py, then run this.

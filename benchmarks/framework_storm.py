@@ -59,7 +59,7 @@ import toolpool.auth  # noqa: E402
 from toolpool._async import request as async_request  # noqa: E402
 from toolpool._async.connection import AsyncConnection  # noqa: E402
 from toolpool.adapters import AdaptiveToolConcurrency, Admission  # noqa: E402
-from toolpool.auth._runtime import HeaderAuth  # noqa: E402
+from toolpool.auth._header import HeaderAuth  # noqa: E402
 from toolpool.testing import spawn_downstream  # noqa: E402
 from toolpool.testing.storm import StormSpec, percentile, register_tenants, summarize  # noqa: E402
 

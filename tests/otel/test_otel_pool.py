@@ -328,7 +328,7 @@ async def test_uninstrument_stops_spans_and_restores_the_send_chain(
     plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     pool = toolpool.Pool([toolpool.Destination("api", plain.url("api"))], warmup=0.0)
-    before = pool.destination("api").async_send
+    before = pool.destination("api").layers
     toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
     with pytest.raises(toolpool.ConfigError):
         toolpool.otel.instrument(pool, tracer_provider=tracer_provider)
@@ -338,22 +338,26 @@ async def test_uninstrument_stops_spans_and_restores_the_send_chain(
         other = plain.url("api").replace("127.0.0.1", "localhost")
         await pool.request("GET", other + "/anything")
         assert len(client_spans(exporter.get_finished_spans())) == 2
+        assert [layer.role for layer in pool.destination("api").layers] == ["policy", "tracing"]
         toolpool.otel.uninstrument(pool)
-        assert pool.destination("api").async_send is before
+        assert pool.destination("api").layers == before
         assert pool.destination("api").probe is None
         exporter.clear()
         await pool.request("GET", plain.url("api") + "/anything")
         await pool.request("GET", other + "/anything")
         assert exporter.get_finished_spans() == ()
-        # A layer wrapped around ours since cannot be unwrapped: ours stays, inert.
+        # A layer added since (tenant metrics) stays in the chain; ours leaves it all the same.
         toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
         toolpool.metrics.register(
             pool,
             prometheus_client.CollectorRegistry(),
             tenants=toolpool.metrics.TenantLabels(salt="otel-test-salt-1234"),
         )
+        roles = [layer.role for layer in pool.destination("api").layers]
+        assert roles == ["policy", "tenant_metrics", "tracing"]
         toolpool.otel.uninstrument(pool)
-        assert pool.destination("api").async_send is not before
+        roles = [layer.role for layer in pool.destination("api").layers]
+        assert roles == ["policy", "tenant_metrics"]
         await pool.request("GET", plain.url("api") + "/anything")
     assert exporter.get_finished_spans() == ()
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from toolpool.resilience._admission import (
+from toolpool.resilience._admission_rules import (
     BUSY,
     OK,
     QUEUED,

@@ -90,7 +90,7 @@ def test_a_policy_binds_once(ds: Downstream) -> None:
     dest = pool.destination("crm")
     assert isinstance(dest.policy, PolicyRuntime)
     with pytest.raises(toolpool.ConfigError, match="already has a resilience policy"):
-        Policy().bind(dest)
+        dest.add_layer(PolicyRuntime(Policy(), dest))
     pool.close()
 
 

@@ -25,9 +25,11 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from toolpool import auth, resilience
 from toolpool._auth_context import AuthContext, auth_context, current_auth
 from toolpool._config import Destination, PoolDefaults
+from toolpool._destination import DestinationPool
 from toolpool._egress import Egress
+from toolpool._overflow import OverflowStats
 from toolpool._pool import Pool
-from toolpool._remote import OverflowStats, RemotePool, RemoteTransport
+from toolpool._remote import RemotePool, RemoteTransport
 from toolpool._stats import DestinationStats, PoolStats
 from toolpool._transport import AsyncTransport, Transport
 from toolpool._version import __version__
@@ -49,6 +51,7 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "Destination",
+    "DestinationPool",
     "DestinationStats",
     "DestinationUnavailable",
     "Egress",

@@ -10,7 +10,7 @@ import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import httpx
 
@@ -18,7 +18,14 @@ from toolpool._auth_context import AuthContext
 from toolpool._egress import Egress
 from toolpool.errors import ConfigError
 
-__all__ = ["Destination", "DestinationSettings", "Origin", "PoolDefaults", "origin_of"]
+__all__ = [
+    "DEFAULT_POLICY_MARK",
+    "Destination",
+    "DestinationSettings",
+    "Origin",
+    "PoolDefaults",
+    "origin_of",
+]
 
 Origin = tuple[str, str, int]  # (scheme, host, port), host lower-case, IPv6 without brackets
 
@@ -41,6 +48,19 @@ def origin_text(origin: Origin) -> str:
         if _DEFAULT_PORTS.get(scheme) == port
         else f"{scheme}://{shown}:{port}"
     )
+
+
+class _DefaultPolicyMark:
+    """`PoolDefaults.policy` when none was given: `toolpool.Pool` applies
+    `toolpool.resilience.DEFAULT_POLICY` in its place."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "toolpool.resilience.DEFAULT_POLICY"
+
+
+DEFAULT_POLICY_MARK: Final = _DefaultPolicyMark()
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,9 @@ class PoolDefaults:
     unknown_destinations: Literal["pool", "reject"] = "pool"
     # Resilience for destinations that name no policy: toolpool.resilience.Policy() (retry
     # budget, breaker, adaptive limit) so a pool resists storms out of the box; None: none.
-    policy: Any = field(default_factory=lambda: _default_policy())
+    # Left out, it is DEFAULT_POLICY_MARK, which the pool replaces with
+    # toolpool.resilience.DEFAULT_POLICY (a configuration module imports no resilience code).
+    policy: Any = field(default_factory=lambda: DEFAULT_POLICY_MARK)
     # Checked on the resolved address of every connect: cloud metadata, link-local,
     # unspecified and multicast addresses are refused unless allowed by address
     # (toolpool.Egress; tools build URLs from model output, so any URL can arrive).
@@ -97,11 +119,6 @@ class PoolDefaults:
             raise ConfigError(
                 "unknown_destinations must be 'pool' or 'reject', "
                 f"not {self.unknown_destinations!r}"
-            )
-        if self.policy is not None and not callable(getattr(self.policy, "bind", None)):
-            raise ConfigError(
-                f"policy must be a toolpool.resilience.Policy or None, "
-                f"got {type(self.policy).__name__}"
             )
         if not isinstance(self.egress, Egress):
             raise ConfigError(
@@ -271,12 +288,6 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         listed=listed,
         http2=http2,
     )
-
-
-def _default_policy() -> Any:
-    from toolpool.resilience import DEFAULT_POLICY  # imported late: it imports this module
-
-    return DEFAULT_POLICY
 
 
 def _parse_origin(name: str, url: str) -> Origin:

@@ -34,16 +34,21 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from toolpool.errors import ConfigError, EgressDenied
 
 if TYPE_CHECKING:
     import asyncio
 
-    from toolpool._runtime import DestinationPool
-
-__all__ = ["BUILTIN_DENIED", "DENY_RULES", "METADATA_HOSTNAMES", "Egress", "Resolver"]
+__all__ = [
+    "BUILTIN_DENIED",
+    "DENY_RULES",
+    "METADATA_HOSTNAMES",
+    "Egress",
+    "EgressTarget",
+    "Resolver",
+]
 
 log = logging.getLogger("toolpool.egress")
 
@@ -53,6 +58,28 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: A resolver hook: (host, port) -> the addresses the host resolves to, in preference order.
 #: Raise `OSError` (e.g. `socket.gaierror`) for a name that does not resolve.
 Resolver = Callable[[str, int], Iterable[str]]
+
+
+class EgressTarget(Protocol):
+    """What the egress check needs of a destination (`toolpool.DestinationPool` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def listed(self) -> bool:
+        """Whether the destination was listed (not pooled on demand)."""
+        ...
+
+    @property
+    def egress(self) -> Egress: ...
+
+    def egress_refused(self, rule: str) -> None:
+        """Count a refused connect under `rule`."""
+        ...
 
 
 def _net(text: str) -> Network:
@@ -409,10 +436,10 @@ class Egress:
 
     # ------------------------------------------------------------------ the drivers' step
 
-    def plan(self, dest: DestinationPool) -> _Plan:
+    def plan(self, dest: EgressTarget) -> _Plan:
         """Check the destination's host as written; raise `EgressDenied` if it is refused."""
         host = dest.host
-        listed = bool(dest.settings.listed)
+        listed = bool(dest.listed)
         denial, literal = self._before_resolution(host, listed)
         if denial is not None:
             raise _refuse(dest, denial, literal)
@@ -425,7 +452,7 @@ class _Plan:
     __slots__ = ("dest", "egress", "host_allowed", "listed", "literal")
 
     def __init__(
-        self, egress: Egress, dest: DestinationPool, listed: bool, literal: Address | None
+        self, egress: Egress, dest: EgressTarget, listed: bool, literal: Address | None
     ) -> None:
         self.egress = egress
         self.dest = dest
@@ -469,7 +496,7 @@ def _reason(denial: _Denial, addr: Address | None) -> str:
     return f"{what} matches the egress policy's {scope}"
 
 
-def _refuse(dest: DestinationPool, denial: _Denial, addr: Address | None) -> EgressDenied:
+def _refuse(dest: EgressTarget, denial: _Denial, addr: Address | None) -> EgressDenied:
     """Count, log and build the error for a refused connect."""
     dest.egress_refused(denial.rule)
     address = str(addr) if addr is not None else None
@@ -498,7 +525,7 @@ def _answers(infos: Iterable[tuple[Any, ...]]) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-def resolve(dest: DestinationPool) -> list[str]:
+def resolve(dest: EgressTarget) -> list[str]:
     """The addresses to connect to for `dest`, resolved once and every one checked (thread
     driver). Raises `EgressDenied` before any connect, `OSError` if nothing resolves."""
     egress: Egress = dest.egress
@@ -510,7 +537,7 @@ def resolve(dest: DestinationPool) -> list[str]:
     return plan.checked(_answers(socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)))
 
 
-async def aresolve(dest: DestinationPool, loop: asyncio.AbstractEventLoop) -> list[str]:
+async def aresolve(dest: EgressTarget, loop: asyncio.AbstractEventLoop) -> list[str]:
     """`resolve` for the asyncio driver (the system resolver runs in the loop's executor)."""
     egress: Egress = dest.egress
     plan = egress.plan(dest)

@@ -42,20 +42,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from toolpool import _auth_context, _egress
+from toolpool._destination import DestinationPool, connect_error, pool_key
 from toolpool._h2 import StreamNotProcessed
 from toolpool._h2io import AsyncH2Connection, Handshaken, SyncH2Connection
-from toolpool._runtime import DestinationPool, connect_error, pool_key
+from toolpool._messages import NO_TIMEOUTS
 from toolpool._state import Slot
 from toolpool._tls import client_ssl_context
-from toolpool._wire import NO_TIMEOUTS
-
-if TYPE_CHECKING:
-    from toolpool._pool import Pool
 
 __all__ = ["H2Connections", "StreamPermit", "async_send", "sync_send"]
 
@@ -639,10 +636,7 @@ class _SyncPermitBody(httpx.SyncByteStream):
             self._dest.pool._orphaned(self._dest, self._slot)
 
 
-def attach(dest: DestinationPool, pool: Pool | None = None) -> None:
-    """Give an HTTP/2-enabled destination its HTTP/2 side and route its sends through it."""
+def attach(dest: DestinationPool) -> None:
+    """Give an HTTP/2-enabled destination its HTTP/2 side (the pool builds the destination
+    with this module's `async_send` / `sync_send` as its drivers)."""
     dest.h2 = H2Connections(dest)
-    dest.base_async_send = partial(async_send, dest)
-    dest.base_sync_send = partial(sync_send, dest)
-    dest.async_send = dest.base_async_send
-    dest.sync_send = dest.base_sync_send

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 
-from toolpool import _auth_context, _state
+from toolpool import _auth_context, _h2pool, _state
 from toolpool._async import request as async_request
 from toolpool._config import (
+    DEFAULT_POLICY_MARK,
     Destination,
     DestinationSettings,
     PoolDefaults,
@@ -24,16 +26,19 @@ from toolpool._config import (
     origin_text,
     resolve,
 )
+from toolpool._destination import DestinationPool
 from toolpool._maintenance import Maintenance
-from toolpool._runtime import DestinationPool
+from toolpool._overflow import OverflowTier, local_destinations
+from toolpool._saturation import Saturation, SaturationHub
 from toolpool._state import Slot
 from toolpool._stats import DestinationStats, PoolStats, destination_stats
 from toolpool._sync import request as sync_request
 from toolpool._sync.connection import SYNC_DRIVER
+from toolpool.auth._layer import auth_layer
 from toolpool.errors import ConfigError, PoolClosed, UnknownDestination
-
-if TYPE_CHECKING:
-    from toolpool.resilience import AsyncAdmission, Saturation, SyncAdmission
+from toolpool.resilience._admission_control import AsyncAdmission, SyncAdmission
+from toolpool.resilience._layer import PolicyRuntime
+from toolpool.resilience._policy import DEFAULT_POLICY, Policy
 
 __all__ = ["Pool"]
 
@@ -42,8 +47,6 @@ log = logging.getLogger("toolpool.pool")
 monotonic = time.monotonic
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-# `Pool(policy=...)` left out: PoolDefaults' default (toolpool.resilience.DEFAULT_POLICY).
-_DEFAULT_POLICY: Any = object()
 
 
 class Pool:
@@ -100,7 +103,7 @@ class Pool:
         connect_timeout: float = 10.0,
         verify: Any = True,
         unknown_destinations: Literal["pool", "reject"] = "pool",
-        policy: Any = _DEFAULT_POLICY,
+        policy: Policy | None = DEFAULT_POLICY,
         local_max_connections: int | None = None,
         overflow: Any = None,
         egress: Any = None,
@@ -118,16 +121,14 @@ class Pool:
             verify=verify,
             unknown_destinations=unknown_destinations,
             http2=http2,
-            **({} if policy is _DEFAULT_POLICY else {"policy": policy}),
+            policy=_checked_policy(policy, "policy"),
             **({} if egress is None else {"egress": egress}),
         )
         if isinstance(destinations, Destination):
             destinations = [destinations]
         # Hierarchical pools: a small local tier per destination, the rest to the service.
-        self.overflow = overflow
+        self.overflow: OverflowTier | None = overflow
         if overflow is not None or local_max_connections is not None:
-            from toolpool._remote import local_destinations
-
             destinations = local_destinations(
                 destinations, overflow, local_max_connections, max_connections
             )
@@ -139,13 +140,16 @@ class Pool:
         self._maint: Maintenance | None = None
         self._started = False
         self.closed = False
-        # Called once when the pool starts closing (auth providers stop background refreshes).
+        # Called once when the pool starts closing (auth providers stop background refreshes):
+        # see on_close.
         self._close_callbacks: list[Callable[[], None]] = []
+        # Subscribers of on_saturation, created on first subscription.
+        self._saturation_hub: SaturationHub | None = None
         # Awaited by aclose() before the pool closes, so that what ends gracefully over the
         # pool (an MCP session's DELETE) still can: toolpool.mcp registers its sessions here.
         self._aclose_hooks: list[Callable[[], Awaitable[None]]] = []
         # Called with each destination added later (pooled on demand), after its layers are
-        # bound: instrumentation that applies to every destination (toolpool.otel).
+        # added: instrumentation that applies to every destination (toolpool.otel).
         self._destination_hooks: list[Callable[[DestinationPool], None]] = []
         for dest in destinations:
             if not isinstance(dest, Destination):
@@ -172,17 +176,31 @@ class Pool:
                 f"destinations {other!r} and {settings.name!r} have the same origin "
                 f"{origin_text(settings.origin)}; give each origin one destination"
             )
-        dest = DestinationPool(self, settings)
-        # The auth provider wraps the pooled send first (inner), the resilience policy
-        # second (outer): retries and breakers see requests that already carry credentials.
+        if settings.http2:
+            # Slots are stream permits; the HTTP/2 side sends (and falls back to HTTP/1.1).
+            dest = DestinationPool(
+                self, settings, self.defaults.egress, _h2pool.async_send, _h2pool.sync_send
+            )
+            _h2pool.attach(dest)
+        else:
+            dest = DestinationPool(
+                self, settings, self.defaults.egress, async_request.send, sync_request.send
+            )
+        # The send chain (toolpool._chain): each layer goes to its place by its role, innermost
+        # first: auth, policy, overflow, then tenant metrics and tracing (added by
+        # toolpool.metrics / toolpool.otel, here through the destination hooks).
         if settings.auth is not None:
-            settings.auth.bind(dest)
-        if settings.policy is not None:
-            settings.policy.bind(dest)
+            dest.add_layer(auth_layer(settings.auth, dest))
+        policy = settings.policy
+        if policy is DEFAULT_POLICY_MARK:
+            policy = DEFAULT_POLICY
+        checked = _checked_policy(policy, f"destination {settings.name!r}: policy")
+        if checked is not None:
+            dest.add_layer(PolicyRuntime(checked, dest))
         if self.overflow is not None and settings.listed:
-            self.overflow.bind(dest)  # outermost: a request that would queue goes remote
+            dest.add_layer(self.overflow.overflow_layer(dest))
         for hook in self._destination_hooks:
-            hook(dest)  # e.g. toolpool.otel's client spans, outside every layer above
+            hook(dest)
         self._by_name[settings.name] = dest
         self._routes[(scheme, host, port)] = dest
         if _DEFAULT_PORTS.get(scheme) == port:
@@ -219,7 +237,8 @@ class Pool:
         return dest
 
     def destination(self, name_or_url: str) -> DestinationPool:
-        """The run-time pool of a destination, by name or by URL."""
+        """A destination's run-time pool (`toolpool.DestinationPool`), by name or by URL:
+        its `settings`, its send chain (`layers`, `add_layer`), `auth` and `policy`."""
         dest = self._by_name.get(name_or_url)
         if dest is not None:
             return dest
@@ -543,10 +562,7 @@ class Pool:
 
     def _orphaned(self, dest: DestinationPool, slot: Slot) -> None:
         """A response was garbage-collected unclosed: close its connection (any thread)."""
-        maint = self._maint
-        if maint is None or maint.stopped:
-            return
-        maint.call_soon(lambda: dest.release(slot, False))
+        self._defer(lambda: dest.release(slot, False))
 
     # ------------------------------------------------------------------ stats
 
@@ -561,21 +577,75 @@ class Pool:
         """The stats snapshot of one destination."""
         return destination_stats(self.destination(name_or_url))
 
+    # ------------------------------------------------------------------ host services
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once when the pool begins closing (layers stop their timers and
+        background refreshes); the same callback registered twice runs once."""
+        with self._lifecycle_lock:
+            if callback not in self._close_callbacks:
+                self._close_callbacks.append(callback)
+
+    def _defer(self, callback: Callable[[], None]) -> None:
+        maint = self._maint
+        if maint is not None and not maint.stopped:
+            maint.call_soon(callback)
+
     # ------------------------------------------------------------------ admission
 
-    # Subscribers of on_saturation (toolpool.resilience), created on first subscription.
-    _saturation_hub: Any = None
     # toolpool.otel's instrumentation of this pool, and its tracing (adapters open tool-call
     # spans through it); None when not instrumented.
     _otel: Any = None
     _otel_tracing: Any = None
 
+    def policy_runtime(self, dest: DestinationPool) -> PolicyRuntime:
+        """The resilience layer of `dest` (one of this pool's destinations), which runs its
+        admission; a destination without a policy (`Pool(policy=None)`) gets `Policy.off()`
+        on first use, so admission works everywhere."""
+        runtime = dest.policy
+        if runtime is None:
+            with self._registry_lock:
+                runtime = dest.policy
+                if runtime is None:
+                    runtime = PolicyRuntime(Policy.off(), dest)
+                    dest.add_layer(runtime)
+        if not isinstance(runtime, PolicyRuntime):
+            raise TypeError(
+                f"destination {dest.name!r} has a policy of type {type(runtime).__name__}, "
+                f"not a toolpool.resilience.Policy; admission needs the latter"
+            )
+        return runtime
+
+    def _admission_of(self, destination: str) -> PolicyRuntime:
+        try:
+            dest = self.destination(destination)
+        except KeyError:
+            # An origin not seen yet: the pool creates its destination on first use, and so
+            # does admission (or raises UnknownDestination when the pool rejects unknown ones).
+            try:
+                origin = origin_of(destination)
+            except Exception:
+                raise KeyError(
+                    f"no destination named or located at {destination!r} "
+                    f"(known: {', '.join(self.destinations) or 'none'})"
+                ) from None
+            if origin[0] not in _DEFAULT_PORTS or not origin[1]:
+                raise
+            dest = self._route(httpx.URL(destination))
+        return self.policy_runtime(dest)
+
+    @staticmethod
+    def _admit_timeout(runtime: PolicyRuntime, timeout: float | None) -> float:
+        if timeout is None:
+            return runtime.policy.max_wait
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+            raise ValueError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        return max(0.0, float(timeout))
+
     def saturation(self, destination: str) -> Saturation:
         """How busy `destination` (a name or URL) is now: utilization, queue, effective
         limit, a retry-after estimate and a state, "ok", "busy" or "saturated"."""
-        from toolpool.resilience import _pool_api
-
-        return _pool_api.saturation(self, destination)
+        return self._admission_of(destination).saturation()
 
     def admit(self, destination: str, timeout: float | None = None) -> AsyncAdmission:
         """Hold a place for one tool call to `destination` (a name or URL).
@@ -591,15 +661,13 @@ class Pool:
         "breaker_open" or "rate_limited"). Calls inside `admit` are counted against the
         destination's capacity, so their requests do not meet a full queue.
         """
-        from toolpool.resilience import _pool_api
-
-        return _pool_api.admit(self, destination, timeout)
+        runtime = self._admission_of(destination)
+        return AsyncAdmission(runtime, self._admit_timeout(runtime, timeout))
 
     def admit_sync(self, destination: str, timeout: float | None = None) -> SyncAdmission:
         """`admit` for sync code: `with pool.admit_sync("crm"): ...` (blocks the thread)."""
-        from toolpool.resilience import _pool_api
-
-        return _pool_api.admit_sync(self, destination, timeout)
+        runtime = self._admission_of(destination)
+        return SyncAdmission(runtime, self._admit_timeout(runtime, timeout))
 
     def on_saturation(self, callback: Callable[[Saturation], object]) -> Callable[[], None]:
         """Call `callback(Saturation)` whenever a destination changes state: becomes busy
@@ -609,9 +677,21 @@ class Pool:
         Callbacks run on the thread that saw the change, with no pool lock held; keep them
         short (e.g. `loop.call_soon_threadsafe(...)` into your own event loop).
         """
-        from toolpool.resilience import _pool_api
+        hub = self._saturation_hub
+        if hub is None:
+            with self._registry_lock:
+                hub = self._saturation_hub
+                if hub is None:
+                    hub = self._saturation_hub = SaturationHub()
+        return hub.subscribe(callback)
 
-        return _pool_api.on_saturation(self, callback)
+
+def _checked_policy(policy: object, what: str) -> Policy | None:
+    if policy is not None and not isinstance(policy, Policy):
+        raise ConfigError(
+            f"{what} must be a toolpool.resilience.Policy or None, got {type(policy).__name__}"
+        )
+    return policy
 
 
 def _blame_caller(exc: httpx.RequestError, request: httpx.Request) -> None:

@@ -1,6 +1,7 @@
-"""The pool service seen from an agent process: `RemotePool` (a connection to `toolpool serve`),
-`RemoteTransport` (an httpx transport that maps ordinary URLs onto it) and the hierarchical
-overflow that sends a local pool's excess requests there.
+"""The pool service seen from an agent process: `RemotePool` (a connection to `toolpool serve`)
+and `RemoteTransport` (an httpx transport that maps ordinary URLs onto it). A `RemotePool` is
+also the overflow tier of a hierarchical pool (`toolpool.Pool(overflow=...)`): the layer that
+sends a local pool's excess requests to it is `_overflow`'s, below the pool.
 
 A request for `https://crm.internal/contacts?q=1`, where the service lists destination `crm`
 at that origin, becomes `GET <service>/d/crm/contacts?q=1` with the agent's token and
@@ -13,11 +14,9 @@ the agent adapters treat both tiers alike.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +24,7 @@ import httpx
 
 from toolpool._auth_context import AuthContext, _current
 from toolpool._config import Destination, Origin, origin_of, origin_text
-from toolpool._runtime import pool_key
-from toolpool._sync.connection import SYNC_DRIVER
-from toolpool._watched import WatchedStream
+from toolpool._overflow import OverflowLayer, OverflowStats
 from toolpool.errors import (
     AuthError,
     ConfigError,
@@ -38,9 +35,9 @@ from toolpool.errors import (
 )
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
 
-__all__ = ["OverflowStats", "RemotePool", "RemoteTransport"]
+__all__ = ["RemotePool", "RemoteTransport"]
 
 monotonic = time.monotonic
 
@@ -150,7 +147,7 @@ class RemotePool:
         self._routes: dict[Origin, str] | None = None
         if destinations is not None:
             self._routes = {origin_of(u): n for n, u in destinations.items()}
-        self._overflows: dict[str, _Overflow] = {}
+        self._overflows: dict[str, OverflowLayer] = {}
 
     def __repr__(self) -> str:
         return f"<toolpool.RemotePool {self.url} token=<redacted>>"
@@ -355,14 +352,15 @@ class RemotePool:
 
     # ------------------------------------------------------------------ overflow
 
-    def bind(self, dest: DestinationPool) -> None:
-        """Become `dest`'s overflow tier (called by `toolpool.Pool` for each listed
-        destination when built with `overflow=`): wraps its send chain, outermost."""
+    def overflow_layer(self, dest: DestinationPool) -> OverflowLayer:
+        """The overflow layer of a local destination (called by `toolpool.Pool` for each
+        listed destination when built with `overflow=`; it adds the layer to the
+        destination's send chain)."""
         name = self._names.get(dest.name, dest.name)
-        self._overflows[dest.name] = _Overflow(self, dest, name)
-        callbacks = dest.pool._close_callbacks
-        if self._close_soon not in callbacks:
-            callbacks.append(self._close_soon)
+        layer = OverflowLayer(self, dest, name)
+        dest.pool.on_close(self._close_soon)  # once per local pool
+        self._overflows[dest.name] = layer
+        return layer
 
     def _close_soon(self) -> None:
         """The local pool is closing: close the connections to the service with it (their
@@ -457,195 +455,3 @@ class RemoteTransport(httpx.AsyncBaseTransport, httpx.BaseTransport):
         """Close the RemotePool if this transport created it."""
         if self._owns:
             self.remote.close()
-
-
-@dataclass(frozen=True)
-class OverflowStats:
-    """One local destination's split between its own connections and the pool service."""
-
-    destination: str
-    #: Requests sent on the local pool's connections.
-    local_total: int
-    #: Requests sent to the pool service because no local connection was free.
-    overflow_total: int
-    #: Overflowed requests the service refused as saturated (both tiers full).
-    overflow_saturated_total: int
-    #: Overflowed requests in flight now.
-    overflow_in_flight: int
-
-
-class _Overflow:
-    """The outermost layer of one local destination's send chain: a request goes to a free
-    local connection of its (destination, context), else to the pool service; it never waits
-    in the local queue for one."""
-
-    def __init__(self, remote: RemotePool, dest: DestinationPool, remote_name: str) -> None:
-        self.remote = remote
-        self.dest = dest
-        self.remote_name = remote_name
-        self._inner_a = dest.async_send
-        self._inner_s = dest.sync_send
-        self._lock = threading.Lock()
-        self.local_total = 0
-        self.overflow_total = 0
-        self.saturated_total = 0
-        self.in_flight = 0
-        # Requests on the local tier from the admission decision until their body is done.
-        self.local_busy = 0
-        # Until when the service refused this destination as saturated (both tiers full).
-        self._remote_full_until = 0.0
-        dest.async_send = self.async_send
-        dest.sync_send = self.sync_send
-        # Saturation readings (pool.saturation, toolpool.resilience) cover both tiers.
-        runtime = dest.policy
-        local_reading = getattr(runtime, "saturation", None)
-        if callable(local_reading):
-            runtime.saturation = lambda: self.saturation(local_reading())
-
-    def _claim_local(self, ctx: AuthContext | None, driver: Any) -> bool:
-        """Take a place on the local tier if a request of ctx would get a connection now
-        without queuing: an idle one of its key, an unbound idle one of its driver, or room
-        under the cap with nobody waiting. Local requests in flight (from here until their
-        body is done) never exceed the cap, even while one waits for a token fetch."""
-        key = pool_key(ctx, driver)
-        dest = self.dest
-        state = dest.state
-        with dest.lock:
-            if self.local_busy >= state.cap:
-                return False
-            idle = state._idle
-            room = bool(idle.get(key) or idle.get((None, driver))) or (
-                state.total < state.cap and not state.waiting
-            )
-            if room:
-                self.local_busy += 1
-            return room
-
-    def _release_local(self, _: bool = False) -> None:
-        with self.dest.lock:
-            self.local_busy -= 1
-
-    def _count(self, local: bool) -> None:
-        with self._lock:
-            if local:
-                self.local_total += 1
-            else:
-                self.overflow_total += 1
-                self.in_flight += 1
-
-    def _done(self, saturated: bool = False) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    def _refused(self, exc: BaseException) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            if isinstance(exc, PoolSaturated):
-                self.saturated_total += 1
-                until = monotonic() + max(0.05, exc.retry_after)
-                self._remote_full_until = max(self._remote_full_until, until)
-
-    def saturation(self, local: Any) -> Any:
-        """The local tier's `Saturation`, made "saturated" (reason "overflow_saturated") while
-        the local tier is full and the service recently refused overflow as saturated."""
-        remaining = self._remote_full_until - monotonic()
-        if remaining <= 0 or local.state == "ok":
-            return local
-        return replace(
-            local,
-            state="saturated",
-            reason="overflow_saturated",
-            retry_after=max(local.retry_after, round(remaining, 3)),
-        )
-
-    async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        if self._claim_local(ctx, asyncio.get_running_loop()):
-            try:
-                response = await self._inner_a(request, ctx)
-            except PoolSaturated as exc:
-                self._release_local()
-                # Refused by the local tier (its queue is full): the service takes it.
-                if exc.destination != self.dest.name or exc.reason != "queue_full":
-                    raise
-            except BaseException:
-                self._release_local()
-                raise
-            else:
-                self._count(local=True)
-                pool = self.dest.pool
-                response.stream = WatchedStream(response.stream, self._release_local, pool)
-                return response
-        self._count(local=False)
-        try:
-            response = await self.remote.asend(self.remote_name, request, ctx)
-        except BaseException as exc:
-            self._refused(exc)
-            raise
-        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
-        return response
-
-    def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        if self._claim_local(ctx, SYNC_DRIVER):
-            try:
-                response = self._inner_s(request, ctx)
-            except PoolSaturated as exc:
-                self._release_local()
-                if exc.destination != self.dest.name or exc.reason != "queue_full":
-                    raise
-            except BaseException:
-                self._release_local()
-                raise
-            else:
-                self._count(local=True)
-                pool = self.dest.pool
-                response.stream = WatchedStream(response.stream, self._release_local, pool)
-                return response
-        self._count(local=False)
-        try:
-            response = self.remote.send(self.remote_name, request, ctx)
-        except BaseException as exc:
-            self._refused(exc)
-            raise
-        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
-        return response
-
-    def stats(self) -> OverflowStats:
-        with self._lock:
-            return OverflowStats(
-                destination=self.dest.name,
-                local_total=self.local_total,
-                overflow_total=self.overflow_total,
-                overflow_saturated_total=self.saturated_total,
-                overflow_in_flight=self.in_flight,
-            )
-
-
-def local_destinations(
-    destinations: Iterable[Destination],
-    overflow: object,
-    local_max_connections: int | None,
-    default_cap: int,
-) -> list[Destination]:
-    """The destinations of a hierarchical pool's local tier: each capped at
-    `local_max_connections` (3 unless given), the rest of its traffic going to `overflow`."""
-    if not isinstance(overflow, RemotePool):
-        raise ConfigError(
-            "overflow must be a toolpool.RemotePool (the shared pool service); "
-            "local_max_connections only applies with one"
-            if overflow is None
-            else f"overflow must be a toolpool.RemotePool, not {type(overflow).__name__}"
-        )
-    local = 3 if local_max_connections is None else local_max_connections
-    if isinstance(local, bool) or not isinstance(local, int) or local < 1:
-        raise ConfigError(f"local_max_connections must be a whole number >= 1, got {local!r}")
-    if isinstance(destinations, Destination):
-        destinations = [destinations]
-    out = []
-    for dest in destinations:
-        if not isinstance(dest, Destination):
-            raise ConfigError(
-                f"destinations must be toolpool.Destination objects, got {type(dest).__name__}"
-            )
-        cap = min(dest.connection_cap(default_cap), local)
-        out.append(replace(dest, max_connections=cap, documented_limit=None))
-    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
 
 __all__ = ["DestinationStats", "PoolStats", "destination_stats"]
 

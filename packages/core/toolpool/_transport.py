@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
-from toolpool._async import request as async_request
-from toolpool._sync import request as sync_request
+from toolpool._auth_context import _current
 
 if TYPE_CHECKING:
-    from toolpool._pool import Pool
+    from toolpool._destination import DestinationPool
 
 __all__ = ["AsyncTransport", "Transport"]
+
+
+class Pool(Protocol):
+    """What a transport needs of a `toolpool.Pool`: the destination of a request URL (so
+    this module sits below the pool, which hands out clients built on it)."""
+
+    def _route(self, url: httpx.URL) -> DestinationPool: ...
 
 
 class AsyncTransport(httpx.AsyncBaseTransport):
@@ -31,7 +37,9 @@ class AsyncTransport(httpx.AsyncBaseTransport):
         self.pool = pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await async_request.handle_request(self.pool, request)
+        # The destination's whole send chain (see toolpool._chain), for the current context.
+        dest = self.pool._route(request.url)
+        return await dest.async_send(request, _current.get())
 
     async def aclose(self) -> None:
         """Does nothing: the pool is closed by its owner (`pool.aclose()`)."""
@@ -44,7 +52,8 @@ class Transport(httpx.BaseTransport):
         self.pool = pool
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return sync_request.handle_request(self.pool, request)
+        dest = self.pool._route(request.url)
+        return dest.sync_send(request, _current.get())
 
     def close(self) -> None:
         """Does nothing: the pool is closed by its owner (`pool.close()`)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from toolpool._pool import Pool
+    from toolpool._destination import PoolHost
 
 __all__ = ["WatchedStream"]
 
@@ -19,7 +19,7 @@ __all__ = ["WatchedStream"]
 class WatchedStream(httpx.AsyncByteStream, httpx.SyncByteStream):
     """Wraps a response's (sync or async) stream; calls `on_done()` exactly once."""
 
-    def __init__(self, inner: Any, on_done: Callable[[], None], pool: Pool) -> None:
+    def __init__(self, inner: Any, on_done: Callable[[], None], pool: PoolHost) -> None:
         self._inner = inner
         self._on_done: Callable[[], None] | None = on_done
         self._pool = pool
@@ -58,6 +58,4 @@ class WatchedStream(httpx.AsyncByteStream, httpx.SyncByteStream):
         done, self._on_done = self._on_done, None
         if done is None:
             return
-        maint = self._pool._maint
-        if maint is not None and not maint.stopped:
-            maint.call_soon(done)
+        self._pool._defer(done)

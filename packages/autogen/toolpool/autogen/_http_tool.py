@@ -16,7 +16,7 @@ from autogen_core import CancellationToken
 from autogen_ext.tools.http import HttpTool
 from pydantic import BaseModel
 
-from toolpool._pool import Pool
+from toolpool import Pool
 from toolpool.adapters import AuthSource, atool_call_scope, resolve_auth
 from toolpool.errors import ConfigError
 

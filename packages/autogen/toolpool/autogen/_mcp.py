@@ -32,9 +32,8 @@ from autogen_core.tools import (
     ToolSchema,
 )
 
+from toolpool import AuthContext, Pool
 from toolpool import mcp as pooled_mcp
-from toolpool._auth_context import AuthContext
-from toolpool._pool import Pool
 from toolpool.adapters import Admission, find_busy
 
 try:  # autogen-ext's MCP support needs the `mcp` package (autogen-ext[mcp])

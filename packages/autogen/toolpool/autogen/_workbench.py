@@ -35,8 +35,7 @@ from autogen_core.tools import (
 )
 from autogen_core.tools._workbench import StreamWorkbench  # not re-exported by autogen_core.tools
 
-from toolpool._auth_context import AuthContext
-from toolpool._pool import Pool
+from toolpool import AuthContext, Pool
 from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,

@@ -17,7 +17,7 @@ import autogen_agentchat
 from autogen_agentchat.agents import AssistantAgent, MessageFilterAgent, SocietyOfMindAgent
 from autogen_agentchat.teams import BaseGroupChat
 
-from toolpool._pool import Pool
+from toolpool import Pool
 from toolpool.adapters import AdaptiveToolConcurrency, Admission, AuthSource
 from toolpool.autogen._mcp import DEFAULT_MAX_MCP_SESSIONS
 from toolpool.autogen._workbench import (

@@ -18,10 +18,10 @@ from typing import ClassVar
 import httpx
 
 from toolpool import _auth_context, _egress
+from toolpool._destination import DestinationPool, connect_error
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
-from toolpool._runtime import DestinationPool, connect_error
+from toolpool._messages import ReadCheck, RequestBytes
 from toolpool._state import Slot
-from toolpool._wire import ReadCheck, RequestBytes
 
 __all__ = [
     "AsyncConnection",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -24,18 +24,14 @@ from toolpool._async.connection import (
     connect,
     current_driver,
 )
-from toolpool._runtime import DestinationPool, counted_calls, pool_key
+from toolpool._destination import DestinationPool, counted_calls, pool_key
+from toolpool._messages import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool._state import Slot, Waiter
-from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool.errors import PoolClosed
-
-if TYPE_CHECKING:
-    from toolpool._pool import Pool
 
 __all__ = [
     "AsyncResponseStream",
     "acquire",
-    "handle_request",
     "open_slot",
     "preconnect",
     "send",
@@ -43,7 +39,6 @@ __all__ = [
 ]
 
 monotonic = time.monotonic
-_current_auth = _auth_context._current
 
 
 class AsyncResponseStream(httpx.AsyncByteStream):
@@ -167,16 +162,6 @@ async def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext
         return False
     dest.warmed(slot, conn, monotonic() - started)
     return True
-
-
-async def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
-    """Send one request through the pool (the body of the transport's request handler).
-
-    The destination's send is `send` below, possibly wrapped by its auth provider and
-    resilience policy (each wraps the one inside it once, when the pool is built).
-    """
-    dest = pool._route(request.url)
-    return await dest.async_send(request, _current_auth.get())
 
 
 async def send(

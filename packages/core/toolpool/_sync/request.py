@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from toolpool import _auth_context
-from toolpool._runtime import DestinationPool, counted_calls, pool_key
+from toolpool._destination import DestinationPool, counted_calls, pool_key
+from toolpool._messages import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool._state import Slot, Waiter
 from toolpool._sync.connection import (
     Notifier,
@@ -28,16 +29,11 @@ from toolpool._sync.connection import (
     connect,
     current_driver,
 )
-from toolpool._wire import NO_TIMEOUTS, RequestBytes, make_response
 from toolpool.errors import PoolClosed
-
-if TYPE_CHECKING:
-    from toolpool._pool import Pool
 
 __all__ = [
     "SyncResponseStream",
     "acquire",
-    "handle_request",
     "open_slot",
     "preconnect",
     "send",
@@ -45,7 +41,6 @@ __all__ = [
 ]
 
 monotonic = time.monotonic
-_current_auth = _auth_context._current
 
 
 class SyncResponseStream(httpx.SyncByteStream):
@@ -169,16 +164,6 @@ def warm(dest: DestinationPool, slot: Slot, ctx: _auth_context.AuthContext | Non
         return False
     dest.warmed(slot, conn, monotonic() - started)
     return True
-
-
-def handle_request(pool: Pool, request: httpx.Request) -> httpx.Response:
-    """Send one request through the pool (the body of the transport's request handler).
-
-    The destination's send is `send` below, possibly wrapped by its auth provider and
-    resilience policy (each wraps the one inside it once, when the pool is built).
-    """
-    dest = pool._route(request.url)
-    return dest.sync_send(request, _current_auth.get())
 
 
 def send(

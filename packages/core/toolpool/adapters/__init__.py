@@ -59,6 +59,7 @@ from toolpool.adapters._scope import (
     atool_call_scope,
     current_tool_call,
     install_httpx_patch,
+    mcp_transport,
     run_in_thread_with_context,
     tool_call_scope,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "install_httpx_patch",
     "is_mcp_tool",
     "mcp_failure_message",
+    "mcp_transport",
     "resolve_auth",
     "retry_after_of",
     "run_in_thread_with_context",

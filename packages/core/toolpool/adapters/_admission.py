@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING
 from toolpool._auth_context import AuthContext
 
 if TYPE_CHECKING:
+    from toolpool._destination import DestinationPool
     from toolpool._pool import Pool
-    from toolpool._runtime import DestinationPool
-    from toolpool.resilience._runtime import PolicyRuntime
+    from toolpool.resilience._layer import PolicyRuntime
 
 __all__ = ["Admission", "Held"]
 
@@ -249,11 +249,10 @@ class _Holding:
     def to_admit(self, admission: Admission, tool_name: str) -> Iterator[PolicyRuntime]:
         """The runtimes of `tool_name`'s destinations, lazily, skipping those the current
         task or thread is already admitted to (a nested call inside one admitted here)."""
-        from toolpool.resilience._gate import admitted_here
-        from toolpool.resilience._pool_api import runtime_for
+        from toolpool.resilience._admission_control import admitted_here
 
         for dest in admission._dests(tool_name):
-            runtime = runtime_for(dest)
+            runtime = admission.pool.policy_runtime(dest)
             if not admitted_here(runtime):
                 yield runtime
 
@@ -261,13 +260,13 @@ class _Holding:
         return max(0.0, self.deadline - monotonic())
 
     def admitted(self, runtime: PolicyRuntime) -> None:
-        from toolpool.resilience._gate import mark_admitted
+        from toolpool.resilience._admission_control import mark_admitted
 
         self.runtimes.append(runtime)
         self.marks.append(mark_admitted(runtime))
 
     def release(self) -> None:
-        from toolpool.resilience._gate import unmark_admitted
+        from toolpool.resilience._admission_control import unmark_admitted
 
         for mark in reversed(self.marks):
             unmark_admitted(mark)

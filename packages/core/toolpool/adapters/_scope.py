@@ -40,8 +40,8 @@ from toolpool.adapters._busy import BUSY_ERRORS
 from toolpool.errors import PoolSaturated
 
 if TYPE_CHECKING:
+    from toolpool._destination import DestinationPool
     from toolpool._pool import Pool
-    from toolpool._runtime import DestinationPool
     from toolpool.adapters._admission import Admission
     from toolpool.resilience import PolicyRuntime
 
@@ -140,13 +140,11 @@ class ToolCall:
         tier's destination, or passed already: up front, or earlier in this call)."""
         if self.admission is None:
             return None
-        pool = dest.pool
-        if pool.overflow is not None and dest.settings.listed:
+        if self.pool.overflow is not None and dest.settings.listed:
             return None  # the service's capacity is not the local gate's
-        from toolpool.resilience._gate import admitted_here
-        from toolpool.resilience._pool_api import runtime_for
+        from toolpool.resilience._admission_control import admitted_here
 
-        runtime = runtime_for(dest)
+        runtime = self.pool.policy_runtime(dest)
         if admitted_here(runtime):
             return None
         return runtime
@@ -166,7 +164,7 @@ class ToolCall:
         self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         """Send one of the call's requests, passing `dest`'s gate on first use."""
-        from toolpool.resilience._gate import mark_admitted, unmark_admitted
+        from toolpool.resilience._admission_control import mark_admitted, unmark_admitted
 
         runtime = self._gate_of(dest)
         if runtime is None:
@@ -184,7 +182,7 @@ class ToolCall:
         self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         """`send_async` for sync clients (blocks the thread while waiting)."""
-        from toolpool.resilience._gate import mark_admitted, unmark_admitted
+        from toolpool.resilience._admission_control import mark_admitted, unmark_admitted
 
         runtime = self._gate_of(dest)
         if runtime is None:
@@ -261,6 +259,7 @@ class _ScopedAsyncTransport(AsyncTransport):
 
     def __init__(self, pool: Pool, call: ToolCall) -> None:
         super().__init__(pool)
+        self._tool_pool = pool
         self._call = call
         self._mcp: httpx.AsyncBaseTransport | None = None
 
@@ -272,7 +271,7 @@ class _ScopedAsyncTransport(AsyncTransport):
             if self._mcp is None:
                 from toolpool.mcp._transport import CURRENT, SessionTransport
 
-                self._mcp = SessionTransport(self.pool, CURRENT, inner=_Direct(self))
+                self._mcp = SessionTransport(self._tool_pool, CURRENT, inner=_Direct(self))
             return await self._mcp.handle_async_request(request)
         return await self._send(request)
 
@@ -481,3 +480,15 @@ async def run_in_thread_with_context(fn: Callable[..., T], /, *args: Any, **kwar
     """Run the sync `fn(*args, **kwargs)` in a worker thread with the caller's context
     variables (auth context, tool call) copied, and return its result."""
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def mcp_transport(pool: Pool) -> httpx.AsyncBaseTransport:
+    """The transport of an MCP client an adapter builds over `pool`: inside a tool call, the
+    call's own transport (it answers MCP failures itself and reports busy errors and
+    destinations to the call); outside one, the pooled MCP session transport."""
+    call = current_tool_call()
+    if call is not None:
+        return _ScopedAsyncTransport(pool, call)
+    from toolpool.mcp._transport import CURRENT, SessionTransport
+
+    return SessionTransport(pool, CURRENT)

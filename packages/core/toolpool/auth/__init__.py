@@ -25,18 +25,18 @@ No secret appears in a repr, a log line, a stats field or an exception message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from toolpool.auth._credential import Credential, TokenPolicy
+from toolpool.auth._header import HeaderAuth
 from toolpool.auth._mtls import ClientCertAuth, MutualTLS
 from toolpool.auth._oauth import OAuth2ClientCredentials, TokenExchange, parse_token_response
 from toolpool.auth._providers import ApiKey, Bearer, TokenFailure, TokenProvider
-from toolpool.auth._runtime import HeaderAuth
 from toolpool.auth._stats import FETCH_BUCKETS, REFRESH_REASONS, AuthStats
 from toolpool.auth._vcr import vcr_patches
 
 if TYPE_CHECKING:
-    from toolpool._pool import Pool
+    from toolpool._destination import DestinationPool
 
 __all__ = [
     "FETCH_BUCKETS",
@@ -59,12 +59,22 @@ __all__ = [
 ]
 
 
-def stats(pool: Pool) -> dict[str, AuthStats]:
-    """The credential counters of every destination of `pool` that has an auth provider
-    with a `stats()` method, by destination name."""
+class _Pool(Protocol):
+    """What `stats` reads of a `toolpool.Pool` (this package sits below the pool)."""
+
+    @property
+    def destinations(self) -> list[str]: ...
+
+    def destination(self, name_or_url: str) -> DestinationPool: ...
+
+
+def stats(pool: _Pool) -> dict[str, AuthStats]:
+    """The credential counters of every destination of `pool` that has an auth provider,
+    by destination name."""
     found: dict[str, AuthStats] = {}
     for name in pool.destinations:
         auth = pool.destination(name).auth
-        if auth is not None and hasattr(auth, "stats"):
-            found[name] = auth.stats()
+        reading = auth.stats() if auth is not None else None
+        if isinstance(reading, AuthStats):
+            found[name] = reading
     return found

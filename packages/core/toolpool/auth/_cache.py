@@ -2,7 +2,7 @@
 waits for, fetches or refreshes the credential of its auth context.
 
 Everything that decides when a credential is fetched lives in this file. The sync and async
-paths (`auth/_runtime.py`) carry out its decisions (send the token request, wake waiters) and
+paths (`auth/_header.py`) carry out its decisions (send the token request, wake waiters) and
 report back; neither decides anything itself. Every method takes `now` (a monotonic clock
 reading); none blocks or touches a socket. The caller serialises calls (one lock per cache).
 

@@ -12,20 +12,21 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httpx
 
 from toolpool._auth_context import AuthContext
+from toolpool._chain import AsyncSend, SyncSend
 from toolpool._tls import client_ssl_context
+from toolpool.auth._header import context_label, no_context_error
 from toolpool.auth._providers import _check_unbound
-from toolpool.auth._runtime import context_label, no_context_error
 from toolpool.auth._stats import INITIAL, AuthCounters, AuthStats
 from toolpool.errors import AuthError, ConfigError
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
 
 __all__ = ["ClientCertAuth", "MutualTLS"]
 
@@ -108,8 +109,9 @@ class MutualTLS:
             )
         return files
 
-    def bind(self, dest: DestinationPool) -> None:
-        """Install this provider on `dest` (called by `toolpool.Pool` once per destination)."""
+    def layer(self, dest: DestinationPool) -> ClientCertAuth:
+        """This provider's layer for `dest` (the pool adds it to the destination's send
+        chain); a provider serves one destination."""
         _check_unbound(self, dest)
         if not dest.tls:
             raise ConfigError(f"destination {dest.name!r}: MutualTLS needs an https:// destination")
@@ -125,6 +127,7 @@ class MutualTLS:
                 f"verify must be True, False or a CA bundle path, not an ssl.SSLContext"
             )
         self._runtime = ClientCertAuth(self, dest, verify)
+        return self._runtime
 
     @property
     def runtime(self) -> ClientCertAuth | None:
@@ -153,16 +156,24 @@ class ClientCertAuth:
         self._failures: dict[str, tuple[float, str]] = {}
         self._shared = provider.shared_identity
         self.counters = AuthCounters()
-        inner_a: Callable[..., Awaitable[httpx.Response]] = dest.async_send
-        inner_s: Callable[..., httpx.Response] = dest.sync_send
-        self._inner_a = inner_a
-        self._inner_s = inner_s
-        dest.auth = self
-        dest.async_send = self.async_send
-        dest.sync_send = self.sync_send
+        self._inner_a: AsyncSend = dest.base_async_send
+        self._inner_s: SyncSend = dest.base_sync_send
 
     def __repr__(self) -> str:
         return f"<toolpool.auth MutualTLS for {self.name!r}>"
+
+    #: Its place in the send chain (`toolpool._chain`): innermost, right above the pool.
+    role = "auth"
+
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """`async_send` around `inner` (the pooled send)."""
+        self._inner_a = inner
+        return self.async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """`sync_send` around `inner`."""
+        self._inner_s = inner
+        return self.sync_send
 
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         """Fail early and clearly for a request without a context, else send unchanged."""

@@ -3,7 +3,7 @@
 
 A provider only says *what* credential a context has, without doing I/O: it returns a
 `Credential` it can compute itself, or the `httpx.Request` that obtains one from a token
-endpoint plus a parser for the answer. The registry (`auth/_runtime.py`) does the caching,
+endpoint plus a parser for the answer. The registry (`auth/_header.py`) does the caching,
 single-flight, refresh and sending, the same for sync and async requests.
 """
 
@@ -19,7 +19,7 @@ from toolpool.auth._credential import Credential, TokenPolicy
 from toolpool.errors import ConfigError
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
 
 __all__ = ["ApiKey", "Bearer", "TokenFailure", "TokenProvider"]
 
@@ -91,13 +91,6 @@ class TokenProvider:
         from toolpool.auth._oauth import parse_token_response
 
         return parse_token_response(response)
-
-    def bind(self, dest: DestinationPool) -> None:
-        """Install this provider on `dest` (called by `toolpool.Pool` once per destination)."""
-        from toolpool.auth._runtime import HeaderAuth
-
-        _check_unbound(self, dest)
-        self._runtime = HeaderAuth(self, dest)
 
     @property
     def runtime(self) -> Any:

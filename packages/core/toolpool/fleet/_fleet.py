@@ -19,11 +19,13 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from toolpool.auth._header import HeaderAuth
 from toolpool.errors import ConfigError, PoolSaturated
 from toolpool.fleet._coordinator import Coordinator, CoordinatorDown, derive, secret_from_env
 from toolpool.fleet._leases import LEASE, LOCAL_FRACTION, NONE, RENEW, STATIC, Share
 from toolpool.fleet._rates import FleetRates
 from toolpool.fleet._tokens import FleetTokens
+from toolpool.resilience._layer import PolicyRuntime
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -289,11 +291,11 @@ class RedisFleet:
         for name in pool.destinations:
             dest = pool.destination(name)
             auth = dest.auth
-            if self.tokens is not None and hasattr(auth, "share_tokens"):
+            if self.tokens is not None and isinstance(auth, HeaderAuth):
                 auth.share_tokens(self.tokens)
             policy = dest.policy
             configured = self.rate_limits.get(name)
-            if policy is not None and hasattr(policy, "share_rate_limit"):
+            if isinstance(policy, PolicyRuntime):
                 policy.share_rate_limit(self.rates, configured)
             elif configured is not None:
                 raise ConfigError(

@@ -26,7 +26,7 @@ from toolpool.metrics._readings import (
     PolicyReading,
     read_into,
 )
-from toolpool.metrics._tenants import TenantCounters, TenantLabels, install, uninstall
+from toolpool.metrics._tenants import TenantCounters, TenantLabels, TenantLayer, install, uninstall
 
 if TYPE_CHECKING:
     from toolpool._pool import Pool
@@ -190,7 +190,7 @@ class _Entry:
 
     def __init__(self, tenants: TenantLabels | None) -> None:
         self.tenants = tenants
-        self.counters: dict[str, TenantCounters] = {}
+        self.counters: dict[str, TenantLayer] = {}
 
 
 class PoolCollector:
@@ -237,8 +237,8 @@ class PoolCollector:
         with self._lock:
             entry = self._pools.pop(pool, None)
         if entry is not None:
-            for name, counters in entry.counters.items():
-                uninstall(pool.destination(name), counters)
+            for name, layer in entry.counters.items():
+                uninstall(pool.destination(name), layer)
 
     @property
     def pools(self) -> list[Pool]:
@@ -256,7 +256,7 @@ class PoolCollector:
             for name in pool.destinations:
                 if name not in entry.counters:
                     entry.counters[name] = install(pool.destination(name), tenants)
-            return list(entry.counters.values())
+            return [layer.counters for layer in entry.counters.values()]
 
     # ------------------------------------------------------------------ collector protocol
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from toolpool._runtime import DestinationPool
+from toolpool._destination import DestinationPool
 from toolpool._state import CLOSE_REASONS, WAIT_BUCKETS, Durations
 
 if TYPE_CHECKING:

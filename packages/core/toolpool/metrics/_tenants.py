@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from toolpool._auth_context import AuthContext
-from toolpool._runtime import DestinationPool
+from toolpool._chain import AsyncSend, SyncSend
+from toolpool._destination import DestinationPool
 from toolpool._state import Durations
 from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
 from toolpool.metrics._readings import HistogramReading
@@ -109,10 +109,6 @@ class TenantCounters:
         self._by_fingerprint: dict[str, _Tenant] = {}
         self._by_label: dict[str, _Tenant] = {}
         self._hashed = 0  # hashed labels handed out (at most max_tenants)
-        self.wrapped_async: Callable[..., Awaitable[httpx.Response]] | None = None
-        self.wrapped_sync: Callable[..., httpx.Response] | None = None
-        self.inner_async: Callable[..., Awaitable[httpx.Response]] | None = None
-        self.inner_sync: Callable[..., httpx.Response] | None = None
 
     def tenant(self, ctx: AuthContext | None) -> _Tenant:
         fingerprint = ctx._fingerprint if ctx is not None else ""
@@ -172,49 +168,66 @@ def _failure(exc: BaseException) -> str:
     return "error" if isinstance(exc, Exception) else "cancelled"
 
 
-def install(dest: DestinationPool, labels: TenantLabels) -> TenantCounters:
-    """Wrap `dest`'s send (outermost, around auth and policy) to count per hashed tenant."""
-    counters = TenantCounters(dest.name, labels)
-    inner_async = dest.async_send
-    inner_sync = dest.sync_send
-    known = counters._by_fingerprint
-    learn = counters._learn
-    answered = counters.answered
+class TenantLayer:
+    """The "tenant_metrics" layer of a destination's send chain (outside auth, policy and
+    overflow, see `toolpool._chain`): counts each whole call, retries included, per hashed
+    tenant, with its time to response."""
 
-    async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        fingerprint = ctx._fingerprint if ctx is not None else ""
-        record = known.get(fingerprint) or learn(fingerprint, ctx)
-        started = monotonic()
-        try:
-            response = await inner_async(request, ctx)
-        except BaseException as exc:
-            counters.finish(record, _failure(exc), None)
-            raise
-        answered(record, response.status_code, monotonic() - started)
-        return response
+    role = "tenant_metrics"
 
-    def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        fingerprint = ctx._fingerprint if ctx is not None else ""
-        record = known.get(fingerprint) or learn(fingerprint, ctx)
-        started = monotonic()
-        try:
-            response = inner_sync(request, ctx)
-        except BaseException as exc:
-            counters.finish(record, _failure(exc), None)
-            raise
-        answered(record, response.status_code, monotonic() - started)
-        return response
+    def __init__(self, counters: TenantCounters) -> None:
+        self.counters = counters
 
-    counters.inner_async, counters.inner_sync = inner_async, inner_sync
-    counters.wrapped_async, counters.wrapped_sync = async_send, sync_send
-    dest.async_send = async_send
-    dest.sync_send = sync_send
-    return counters
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """The counting async send around `inner`."""
+        counters = self.counters
+        known = counters._by_fingerprint
+        learn = counters._learn
+        answered = counters.answered
+
+        async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            fingerprint = ctx._fingerprint if ctx is not None else ""
+            record = known.get(fingerprint) or learn(fingerprint, ctx)
+            started = monotonic()
+            try:
+                response = await inner(request, ctx)
+            except BaseException as exc:
+                counters.finish(record, _failure(exc), None)
+                raise
+            answered(record, response.status_code, monotonic() - started)
+            return response
+
+        return async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """The counting sync send around `inner`."""
+        counters = self.counters
+        known = counters._by_fingerprint
+        learn = counters._learn
+        answered = counters.answered
+
+        def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            fingerprint = ctx._fingerprint if ctx is not None else ""
+            record = known.get(fingerprint) or learn(fingerprint, ctx)
+            started = monotonic()
+            try:
+                response = inner(request, ctx)
+            except BaseException as exc:
+                counters.finish(record, _failure(exc), None)
+                raise
+            answered(record, response.status_code, monotonic() - started)
+            return response
+
+        return sync_send
 
 
-def uninstall(dest: DestinationPool, counters: TenantCounters) -> None:
-    """Undo `install`, if nothing wrapped the send again since (then it stays, harmless)."""
-    if dest.async_send is counters.wrapped_async and counters.inner_async is not None:
-        dest.async_send = counters.inner_async
-    if dest.sync_send is counters.wrapped_sync and counters.inner_sync is not None:
-        dest.sync_send = counters.inner_sync
+def install(dest: DestinationPool, labels: TenantLabels) -> TenantLayer:
+    """Add a tenant-counting layer to `dest`'s send chain; its counters are `.counters`."""
+    layer = TenantLayer(TenantCounters(dest.name, labels))
+    dest.add_layer(layer)
+    return layer
+
+
+def uninstall(dest: DestinationPool, layer: TenantLayer) -> None:
+    """Take the layer `install` added out of `dest`'s send chain."""
+    dest.remove_layer(layer)

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from toolpool._destination import DestinationPool
     from toolpool._pool import Pool
-    from toolpool._runtime import DestinationPool
     from toolpool.metrics import TenantLabels
 
 __all__ = [

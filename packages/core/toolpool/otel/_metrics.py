@@ -25,8 +25,8 @@ from toolpool._state import CREATE_BUCKETS, USE_BUCKETS, WAIT_BUCKETS
 from toolpool.metrics._readings import DestinationReading, read_into
 
 if TYPE_CHECKING:
+    from toolpool._destination import DestinationPool
     from toolpool._pool import Pool
-    from toolpool._runtime import DestinationPool
 
 __all__ = ["HTTP_DURATION_BUCKETS", "INSTRUMENTS", "MeterBridge"]
 

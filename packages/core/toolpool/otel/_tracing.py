@@ -6,10 +6,10 @@ Two pieces, both installed per destination by `toolpool.otel.instrument`:
   CLIENT per request (HTTP client semantic conventions), started as the current span so
   that the layers inside it (resilience, auth) and the drivers nest under it, ended when
   the response head arrives (like the HTTP client duration metric);
-- the *probe* (`dest.probe`, see `toolpool._probe`), which the drivers and the auth runtime
-  tell about waits, connects, exchanges and token requests; it turns each into a child span
-  after the fact, with the start and end times the pool measured (so a wait span lasts
-  exactly the wait that `pool.stats()` recorded).
+- the *probe* (`dest.probe`, see `toolpool._destination.Probe`), which the drivers and the
+  auth layer tell about waits, connects, exchanges and token requests; it turns each into a
+  child span after the fact, with the start and end times the pool measured (so a wait span
+  lasts exactly the wait that `pool.stats()` recorded).
 
 One request's spans:
 
@@ -38,7 +38,7 @@ keyed hash of `toolpool.metrics.TenantLabels`, and only when one is given.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -50,15 +50,16 @@ from opentelemetry.metrics import Histogram
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from toolpool._auth_context import AuthContext
+from toolpool._chain import AsyncSend, SyncSend
 
 if TYPE_CHECKING:
     from contextvars import Token
 
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
     from toolpool._state import Waiter
     from toolpool.metrics import TenantLabels
 
-__all__ = ["SPAN_NAMES", "Tracing", "redacted_url"]
+__all__ = ["SPAN_NAMES", "Tracing", "TracingLayer", "redacted_url"]
 
 monotonic = time.monotonic
 
@@ -169,87 +170,32 @@ class Tracing:
         self.duration = duration
         self.tenants = tenants
         self._tenant_labels: dict[str, str] = {}
-        # False once uninstrumented: a layer another one wrapped since stays in the chain
-        # (it cannot be unwrapped), and passes requests through untouched.
+        # False once uninstrumented: requests already inside the layer finish untraced.
         self.active = True
-        # destination name -> (inner async, inner sync, our async, our sync)
-        self._installed: dict[str, tuple[Any, Any, Any, Any]] = {}
+        # destination name -> its tracing layer
+        self._installed: dict[str, TracingLayer] = {}
 
     # ------------------------------------------------------------------ install
 
     def install(self, dest: DestinationPool) -> None:
-        """Become `dest`'s outermost layer (and its probe, when tracing)."""
+        """Add the tracing layer to `dest`'s send chain (outermost, see `toolpool._chain`)
+        and become its probe, when tracing."""
         if dest.name in self._installed:
             return
-        inner_a = dest.async_send
-        inner_s = dest.sync_send
-        our_a, our_s = self._layer(dest, inner_a, inner_s)
-        self._installed[dest.name] = (inner_a, inner_s, our_a, our_s)
-        dest.async_send = our_a
-        dest.sync_send = our_s
+        layer = TracingLayer(self, dest)
+        self._installed[dest.name] = layer
+        dest.add_layer(layer)
         if self.tracer is not None:
             dest.probe = self
 
     def uninstall(self, dest: DestinationPool) -> None:
-        """Undo `install` (a layer wrapped around ours since stays, and keeps ours)."""
-        got = self._installed.pop(dest.name, None)
-        if got is None:
+        """Undo `install`."""
+        layer = self._installed.pop(dest.name, None)
+        if layer is None:
             return
-        inner_a, inner_s, our_a, our_s = got
-        if dest.async_send is our_a:
-            dest.async_send = inner_a
-        if dest.sync_send is our_s:
-            dest.sync_send = inner_s
+        dest.remove_layer(layer)
         if dest.probe is self:
             dest.probe = None
-
-    # ------------------------------------------------------------------ the client layer
-
-    def _layer(
-        self,
-        dest: DestinationPool,
-        inner_a: Callable[..., Awaitable[httpx.Response]],
-        inner_s: Callable[..., httpx.Response],
-    ) -> tuple[
-        Callable[[httpx.Request, AuthContext | None], Awaitable[httpx.Response]],
-        Callable[[httpx.Request, AuthContext | None], httpx.Response],
-    ]:
-        begin = self._begin
-        end = self._end
-
-        async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-            if not self.active:
-                return await inner_a(request, ctx)
-            started = monotonic()
-            span, call, token = begin(dest, request, ctx, started)
-            try:
-                response = await inner_a(request, ctx)
-            except BaseException as exc:
-                end(dest, request, span, call, started, None, exc)
-                raise
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-            end(dest, request, span, call, started, response, None)
-            return response
-
-        def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-            if not self.active:
-                return inner_s(request, ctx)
-            started = monotonic()
-            span, call, token = begin(dest, request, ctx, started)
-            try:
-                response = inner_s(request, ctx)
-            except BaseException as exc:
-                end(dest, request, span, call, started, None, exc)
-                raise
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-            end(dest, request, span, call, started, response, None)
-            return response
-
-        return async_send, sync_send
 
     def _begin(
         self, dest: DestinationPool, request: httpx.Request, ctx: AuthContext | None, started: float
@@ -587,3 +533,64 @@ def _protocol_version(response: httpx.Response) -> str | None:
     if not isinstance(version, str):
         return None
     return version.removeprefix("HTTP/")
+
+
+class TracingLayer:
+    """The "tracing" layer of one destination's send chain (outermost, see
+    `toolpool._chain`): the client span and the request duration around everything else."""
+
+    role = "tracing"
+
+    def __init__(self, tracing: Tracing, dest: DestinationPool) -> None:
+        self.tracing = tracing
+        self.dest = dest
+
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """The traced async send around `inner`."""
+        tracing = self.tracing
+        dest = self.dest
+        begin = tracing._begin
+        end = tracing._end
+
+        async def async_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if not tracing.active:
+                return await inner(request, ctx)
+            started = monotonic()
+            span, call, token = begin(dest, request, ctx, started)
+            try:
+                response = await inner(request, ctx)
+            except BaseException as exc:
+                end(dest, request, span, call, started, None, exc)
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            end(dest, request, span, call, started, response, None)
+            return response
+
+        return async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """The traced sync send around `inner`."""
+        tracing = self.tracing
+        dest = self.dest
+        begin = tracing._begin
+        end = tracing._end
+
+        def sync_send(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+            if not tracing.active:
+                return inner(request, ctx)
+            started = monotonic()
+            span, call, token = begin(dest, request, ctx, started)
+            try:
+                response = inner(request, ctx)
+            except BaseException as exc:
+                end(dest, request, span, call, started, None, exc)
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            end(dest, request, span, call, started, response, None)
+            return response
+
+        return sync_send

@@ -30,13 +30,13 @@ destinations without a resilience layer.
 from __future__ import annotations
 
 from toolpool.resilience._adaptive import AdaptiveLimit
-from toolpool.resilience._admission import Saturation
+from toolpool.resilience._admission_control import AsyncAdmission, SyncAdmission
+from toolpool.resilience._admission_rules import Saturation
 from toolpool.resilience._breaker import CircuitBreaker
-from toolpool.resilience._gate import AsyncAdmission, SyncAdmission
-from toolpool.resilience._policy import Policy
+from toolpool.resilience._layer import PolicyRuntime
+from toolpool.resilience._policy import DEFAULT_POLICY, Policy
 from toolpool.resilience._ratelimit import RateLimit
 from toolpool.resilience._retry import Retry
-from toolpool.resilience._runtime import PolicyRuntime
 from toolpool.resilience._stats import PolicyStats
 
 __all__ = [
@@ -52,6 +52,3 @@ __all__ = [
     "Saturation",
     "SyncAdmission",
 ]
-
-#: The policy a pool applies to destinations that name none (`toolpool.Pool(policy=...)`).
-DEFAULT_POLICY = Policy()

@@ -1,11 +1,10 @@
 """`Policy`: a destination's resilience configuration (a frozen dataclass, each default with
-its reason), and how it binds to a destination when the pool is built."""
+its reason). Configuration only: the pool runs it as a `PolicyRuntime` layer."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from toolpool.errors import ConfigError
 from toolpool.resilience._adaptive import AdaptiveLimit
@@ -13,11 +12,7 @@ from toolpool.resilience._breaker import CircuitBreaker
 from toolpool.resilience._ratelimit import RateLimit
 from toolpool.resilience._retry import Retry
 
-if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
-    from toolpool.resilience._runtime import PolicyRuntime
-
-__all__ = ["Policy"]
+__all__ = ["DEFAULT_POLICY", "Policy"]
 
 
 @dataclass(frozen=True)
@@ -89,11 +84,6 @@ class Policy:
         """No retries, breaker, rate limit or adaptive limit; admission still works."""
         return cls(retry=None, breaker=None, rate_limit=None, adaptive=None)
 
-    def bind(self, dest: DestinationPool) -> PolicyRuntime:
-        """Install this policy on `dest` (called by the pool when it adds the destination):
-        sets `dest.policy` and wraps `dest.async_send` / `dest.sync_send` once."""
-        from toolpool.resilience._runtime import PolicyRuntime
 
-        runtime = PolicyRuntime(self, dest)
-        runtime.install()
-        return runtime
+#: The policy a pool applies to destinations that name none (`toolpool.Pool(policy=...)`).
+DEFAULT_POLICY = Policy()

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from toolpool._pool import Pool
+from toolpool import Pool
 from toolpool.adapters import find_busy
 from toolpool.mcp import McpServer, failure_message, sessions_of
 

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from toolpool._auth_context import AuthContext, auth_context, current_auth
+from toolpool import AuthContext, auth_context, current_auth
 from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,
@@ -48,7 +48,7 @@ from toolpool.crewai._mcp import pooled_mcp_run
 from toolpool.errors import EgressDenied, ToolpoolError
 
 if TYPE_CHECKING:
-    from toolpool._pool import Pool
+    from toolpool import Pool
 
 __all__ = [
     "Binding",

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from toolpool._pool import Pool
+from toolpool import Pool
 from toolpool.adapters import Admission, AuthSource, resolve_auth
 from toolpool.crewai._compat import check_crewai
 from toolpool.crewai._tools import (

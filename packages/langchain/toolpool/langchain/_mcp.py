@@ -19,13 +19,10 @@ from typing import Any
 
 import httpx
 
-from toolpool._auth_context import AuthContext
-from toolpool._pool import Pool
-from toolpool.adapters import current_tool_call, find_busy
-from toolpool.adapters._scope import _ScopedAsyncTransport
+from toolpool import AuthContext, Pool
+from toolpool.adapters import find_busy, mcp_transport
 from toolpool.errors import ConfigError
 from toolpool.mcp import McpServer, McpSessions, failure_message, sessions_of
-from toolpool.mcp._transport import CURRENT, SessionTransport
 
 __all__ = ["McpClientFactory", "mcp_client_factory", "mcp_tools"]
 
@@ -63,14 +60,7 @@ def mcp_client_factory(pool: Pool) -> McpClientFactory:
         timeout: httpx.Timeout | None = None,
         auth: httpx.Auth | None = None,
     ) -> httpx.AsyncClient:
-        call = current_tool_call()
-        # Inside a tool call the scoped transport answers MCP failures itself (as
-        # SessionTransport does), reporting busy errors and destinations to the call.
-        transport: httpx.AsyncBaseTransport = (
-            _ScopedAsyncTransport(pool, call)
-            if call is not None
-            else SessionTransport(pool, CURRENT)
-        )
+        transport = mcp_transport(pool)
         if timeout is None:
             timeout = _MCP_TIMEOUT
         return httpx.AsyncClient(transport=transport, headers=headers, timeout=timeout, auth=auth)

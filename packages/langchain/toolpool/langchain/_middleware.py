@@ -20,8 +20,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from langchain.agents.middleware import AgentMiddleware
-from toolpool._auth_context import AuthContext
-from toolpool._pool import Pool
+from toolpool import AuthContext, Pool
 from toolpool.adapters import (
     AdaptiveToolConcurrency,
     Admission,

@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 from langgraph.prebuilt.tool_node import ToolCallRequest, ToolNode
 from langgraph.pregel import Pregel
 
-from toolpool._auth_context import AuthContext
-from toolpool._pool import Pool
+from toolpool import AuthContext, Pool
 from toolpool.errors import ConfigError
 from toolpool.langchain._middleware import (
     DEFAULT_MAX_WAIT,

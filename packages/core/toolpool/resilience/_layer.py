@@ -1,5 +1,5 @@
-"""`PolicyRuntime`: a `Policy` running for one destination, as the outermost layer of the
-destination's send chain.
+"""`PolicyRuntime`: a `Policy` running for one destination, as the "policy" layer of the
+destination's send chain (outside auth; see `toolpool._chain` for the order).
 
 One call through the layer:
 
@@ -35,11 +35,13 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying
 from tenacity.stop import stop_after_attempt
 
 from toolpool._auth_context import AuthContext
-from toolpool._runtime import mark_counted, unmark_counted
+from toolpool._chain import AsyncSend, SyncSend
+from toolpool._destination import mark_counted, unmark_counted
 from toolpool._watched import WatchedStream
-from toolpool.errors import ConfigError, DestinationUnavailable, PoolSaturated, PoolTimeout
+from toolpool.errors import DestinationUnavailable, PoolSaturated, PoolTimeout
 from toolpool.resilience._adaptive import INITIAL, AimdLimit
-from toolpool.resilience._admission import (
+from toolpool.resilience._admission_control import AdmissionControl, admitted_here
+from toolpool.resilience._admission_rules import (
     BREAKER_OPEN,
     OK,
     QUEUE_FULL,
@@ -50,7 +52,6 @@ from toolpool.resilience._admission import (
 )
 from toolpool.resilience._breaker import CLOSED, IGNORE, OPEN, Breaker, Permit
 from toolpool.resilience._budget import RetryBudget
-from toolpool.resilience._gate import AdmissionControl, admitted_here
 from toolpool.resilience._outcome import (
     breaker_outcome,
     overload_signal,
@@ -67,7 +68,7 @@ from toolpool.resilience._retry import (
 from toolpool.resilience._stats import PolicyStats
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
     from toolpool.resilience._policy import Policy
 
 __all__ = ["PolicyRuntime"]
@@ -135,6 +136,7 @@ class PolicyRuntime(AdmissionControl):
     """
 
     def __init__(self, policy: Policy, dest: DestinationPool) -> None:
+        """The policy's state for `dest`; it sends nothing until `dest.add_layer(runtime)`."""
         self.policy = policy
         self.dest = dest
         self.name = dest.name
@@ -169,8 +171,8 @@ class PolicyRuntime(AdmissionControl):
         self._admission_waits = 0
         self._timer: threading.Timer | None = None
         self._timer_at = math.inf
-        self._inner_async = dest.async_send
-        self._inner_sync = dest.sync_send
+        self._inner_async: AsyncSend = dest.base_async_send
+        self._inner_sync: SyncSend = dest.base_sync_send
         self._async_retrying: AsyncRetrying | None = None
         self._sync_retrying: Retrying | None = None
         if retry is not None:
@@ -193,19 +195,26 @@ class PolicyRuntime(AdmissionControl):
                 before_sleep=_discard_sync,
                 retry_error_callback=_last_outcome,
             )
+        dest.pool.on_close(self._stop_timer)
 
     def __repr__(self) -> str:
         return f"<PolicyRuntime {self.name!r} limit={self.effective_limit} {self.level}>"
 
-    def install(self) -> None:
-        """Become `dest.policy` and the outermost layer of its send chain."""
-        dest = self.dest
-        if dest.policy is not None:
-            raise ConfigError(f"destination {self.name!r} already has a resilience policy")
-        dest.policy = self
-        dest.async_send = self.async_send
-        dest.sync_send = self.sync_send
-        dest.pool._close_callbacks.append(self._stop_timer)
+    # ------------------------------------------------------------------ the layer
+
+    #: Its place in the send chain (`toolpool._chain`): outside auth, so retries and the
+    #: breaker see requests that carry credentials.
+    role = "policy"
+
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """`async_send` around `inner` (the auth layer's send, or the pooled send)."""
+        self._inner_async = inner
+        return self.async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """`sync_send` around `inner`."""
+        self._inner_sync = inner
+        return self.sync_send
 
     def share_rate_limit(
         self, shared: SharedRateLimiter, rate_limit: RateLimit | None = None

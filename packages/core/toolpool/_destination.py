@@ -13,26 +13,32 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httpx
 
 from toolpool import _state
 from toolpool._auth_context import AuthContext
+from toolpool._chain import AsyncSend, SendChain, SendLayer, SyncSend
 from toolpool._config import DestinationSettings
 from toolpool._egress import Egress
-from toolpool._probe import Probe
+from toolpool._maintenance import Maintenance
+from toolpool._saturation import Saturation, SaturationHub
 from toolpool._state import Action, Close, DestinationState, Limits, Slot, Waiter
 from toolpool._tls import client_ssl_context
 from toolpool.errors import PoolClosed, PoolSaturated, PoolTimeout
 
 if TYPE_CHECKING:
-    from toolpool._pool import Pool
+    from contextlib import AbstractContextManager
 
 __all__ = [
+    "AuthLayer",
     "DestinationPool",
+    "PolicyLayer",
+    "PoolHost",
+    "Probe",
     "connect_error",
     "counted_calls",
     "is_event_stream",
@@ -102,13 +108,129 @@ def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-class DestinationPool:
-    """The run-time side of one destination, used by both drivers."""
+class PoolHost(Protocol):
+    """What a destination and its layers need of the pool that holds them (`toolpool.Pool`
+    implements it): no routing table, clients or stats, so nothing here imports the pool."""
 
-    def __init__(self, pool: Pool, settings: DestinationSettings) -> None:
+    @property
+    def closed(self) -> bool:
+        """Whether the pool has begun closing."""
+        ...
+
+    #: The pool's `on_saturation` subscribers (None until the first subscription).
+    @property
+    def _saturation_hub(self) -> SaturationHub | None: ...
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once when the pool begins closing (e.g. stop a refresh timer)."""
+        ...
+
+    def _route(self, url: httpx.URL) -> DestinationPool:
+        """The destination of a request URL (a token endpoint's, for an auth layer)."""
+        ...
+
+    def _maintenance(self) -> Maintenance:
+        """The maintenance thread (started if needed); raises PoolClosed once closed."""
+        ...
+
+    def _defer(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` soon on the maintenance thread (dropped if it has stopped):
+        for finalizers, which must not take locks their thread may hold."""
+        ...
+
+    def _orphaned(self, dest: DestinationPool, slot: Slot) -> None:
+        """A response was garbage-collected unclosed: close its connection (any thread)."""
+        ...
+
+
+class Probe(Protocol):
+    """Receives timings from the drivers and the auth layer (`toolpool.otel`'s tracing).
+    None of its methods may raise or block; each is told what happened, when (monotonic
+    seconds)."""
+
+    def attempt(self, dest: DestinationPool, asked: float) -> None:
+        """The pooled send of one attempt starts (before it asks for a connection)."""
+
+    def waited(self, dest: DestinationPool, waiter: Waiter, error: BaseException | None) -> None:
+        """A queued request was served (`waiter.since` to `waiter.granted_at`), or gave up
+        with `error` (then it waited until now)."""
+
+    def connected(
+        self,
+        dest: DestinationPool,
+        started: float,
+        tcp_done: float | None,
+        done: float,
+        error: BaseException | None,
+    ) -> None:
+        """A connection opened (or failed to): TCP from `started` to `tcp_done`, TLS from
+        `tcp_done` to `done` (`tcp_done` None: not known, or plain HTTP)."""
+
+    def exchanged(
+        self, dest: DestinationPool, sent: float, status: int | None, error: BaseException | None
+    ) -> None:
+        """The request went out at `sent` and its response head came in now (`status`), or
+        the exchange failed with `error`."""
+
+    def token_fetch(self, dest: DestinationPool, reason: str) -> AbstractContextManager[object]:
+        """A scope around one token request of `dest`'s auth provider (reason: "initial",
+        "expiry" or "401"), or around a wait for another request's fetch (reason "wait")."""
+        ...
+
+
+class AuthLayer(SendLayer, Protocol):
+    """What the core asks of a destination's auth layer besides sending (`dest.auth`)."""
+
+    #: Whether identity is set by the TLS handshake (mTLS): then every new connection of a
+    #: context uses `ssl_context(ctx)` and warm-up opens connections per listed context.
+    @property
+    def connection_bound(self) -> bool: ...
+
+    def ssl_context(self, ctx: AuthContext | None) -> ssl.SSLContext:
+        """The TLS context presenting `ctx`'s identity (connection-bound layers only)."""
+        ...
+
+    def stats(self) -> object:
+        """The layer's counters (`toolpool.auth.AuthStats`)."""
+        ...
+
+
+class PolicyLayer(SendLayer, Protocol):
+    """What the core and the metrics ask of a destination's resilience layer (`dest.policy`,
+    a `toolpool.resilience.PolicyRuntime`) besides sending."""
+
+    def stats(self) -> object:
+        """The layer's counters (`toolpool.resilience.PolicyStats`)."""
+        ...
+
+    def saturation(self) -> Saturation:
+        """How busy the destination is now."""
+        ...
+
+
+class DestinationPool:
+    """One destination of a `toolpool.Pool` at run time (`pool.destination("crm")`): its
+    state machine, its send chain, and what its layers report.
+
+    Public attributes: `name`, `settings` (the resolved `Destination`), `auth` (the auth
+    layer, if any: `.stats()`), `policy` (the resilience layer, if any: `.stats()`,
+    `.saturation()`), `layers` (the send chain, innermost first), `async_send` /
+    `sync_send` (send one request through the whole chain). Layers join and leave the chain
+    with `add_layer` / `remove_layer`.
+    """
+
+    def __init__(
+        self,
+        pool: PoolHost,
+        settings: DestinationSettings,
+        egress: Egress,
+        async_driver: Callable[[DestinationPool, httpx.Request, AuthContext | None], Any],
+        sync_driver: Callable[[DestinationPool, httpx.Request, AuthContext | None], Any],
+    ) -> None:
         self.pool = pool
         self.settings = settings
         self.name = settings.name
+        self.listed = settings.listed
         scheme, self.host, self.port = settings.origin
         self.tls = scheme == "https"
         self.state = DestinationState(
@@ -122,40 +244,59 @@ class DestinationPool:
         )
         self.lock = threading.Lock()
         # The pool's toolpool.Egress, checked by the drivers at every connect (_egress).
-        self.egress: Egress = pool.defaults.egress
+        self.egress = egress
         # Connects the egress policy refused, by rule (toolpool_egress_denied_total).
         self.egress_denied: dict[str, int] = {}
         self._ssl: ssl.SSLContext | None = None
         self._ssl_lock = threading.Lock()
-        # Set by toolpool.auth when the destination has an auth provider.
-        self.auth: Any = None
-        # Set by toolpool.resilience when the destination has policies.
-        self.policy: Any = None
+        # The auth layer (toolpool.auth) and the resilience layer (toolpool.resilience), when
+        # the destination has them: also in `layers`, kept here for their other duties.
+        self.auth: AuthLayer | None = None
+        self.policy: PolicyLayer | None = None
         # Set by toolpool.otel when the pool is traced: told of waits, connects and exchanges
-        # (see `toolpool._probe.Probe`); None costs the drivers one attribute test.
+        # (see `Probe`); None costs the drivers one attribute test.
         self.probe: Probe | None = None
-        # How a request is sent: the drivers' pooled send, which an auth provider and a
-        # resilience policy may each wrap once at bind time. `base_*` stay unwrapped (for
-        # requests that must skip the wrappers, such as token requests).
-        from toolpool._async import request as async_request
-        from toolpool._sync import request as sync_request
-
-        self.base_async_send: Callable[..., Awaitable[httpx.Response]] = partial(
-            async_request.send, self
-        )
-        self.base_sync_send: Callable[..., httpx.Response] = partial(sync_request.send, self)
-        self.async_send: Callable[..., Awaitable[httpx.Response]] = self.base_async_send
-        self.sync_send: Callable[..., httpx.Response] = self.base_sync_send
+        # The send chain (see `toolpool._chain`): the drivers' pooled send under the layers.
+        # `base_*` stay unwrapped, for requests that must skip the layers (token requests).
+        self.base_async_send: AsyncSend = partial(async_driver, self)
+        self.base_sync_send: SyncSend = partial(sync_driver, self)
+        self._chain = SendChain(self.base_async_send, self.base_sync_send)
+        self.async_send: AsyncSend = self.base_async_send
+        self.sync_send: SyncSend = self.base_sync_send
         # The HTTP/2 side (toolpool._h2pool.H2Connections) when HTTP/2 is offered: then a
-        # slot is a permit for one stream, and the sends above go through it.
+        # slot is a permit for one stream, and the pool gives `_h2pool`'s sends as drivers.
         self.h2: Any = None
-        if settings.http2:
-            from toolpool import _h2pool
-
-            _h2pool.attach(self)
 
     def __repr__(self) -> str:
         return f"<DestinationPool {self.name!r} {self.settings.url}>"
+
+    # ------------------------------------------------------------------ send chain
+
+    @property
+    def layers(self) -> tuple[SendLayer, ...]:
+        """The layers of the send chain, innermost first (see `toolpool._chain`)."""
+        return self._chain.layers
+
+    def add_layer(self, layer: SendLayer) -> None:
+        """Put `layer` in its place in the send chain (by its role) and rebuild the chain.
+        An auth layer also becomes `auth`; a policy layer, `policy`."""
+        self._chain.add(layer, self.name)
+        if layer.role == "auth":
+            self.auth = cast(AuthLayer, layer)
+        elif layer.role == "policy":
+            self.policy = cast(PolicyLayer, layer)
+        self.async_send = self._chain.async_send
+        self.sync_send = self._chain.sync_send
+
+    def remove_layer(self, layer: SendLayer) -> None:
+        """Take `layer` out of the send chain and rebuild the chain."""
+        self._chain.remove(layer)
+        if self.auth is layer:
+            self.auth = None
+        if self.policy is layer:
+            self.policy = None
+        self.async_send = self._chain.async_send
+        self.sync_send = self._chain.sync_send
 
     # ------------------------------------------------------------------ TLS
 
@@ -165,7 +306,7 @@ class DestinationPool:
             return None
         auth = self.auth
         if auth is not None and auth.connection_bound:
-            return auth.ssl_context(ctx)  # type: ignore[no-any-return]
+            return auth.ssl_context(ctx)
         sslctx = self._ssl
         if sslctx is None:
             with self._ssl_lock:

@@ -22,7 +22,8 @@ import httpx
 
 from toolpool._async import request as async_request
 from toolpool._auth_context import AuthContext
-from toolpool._runtime import mark_counted, unmark_counted
+from toolpool._chain import AsyncSend, SyncSend
+from toolpool._destination import mark_counted, unmark_counted
 from toolpool._sync import request as sync_request
 from toolpool.auth._cache import (
     FAIL,
@@ -36,12 +37,12 @@ from toolpool.auth._cache import (
     TokenCache,
 )
 from toolpool.auth._credential import Credential, TokenPolicy
-from toolpool.auth._providers import TokenFailure
+from toolpool.auth._providers import ApiKey, Bearer, TokenFailure
 from toolpool.auth._stats import EXPIRY, AuthStats
 from toolpool.errors import AuthError
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
     from toolpool.auth._providers import TokenProvider
 
 __all__ = ["HeaderAuth", "SharedTokens", "context_label", "with_header"]
@@ -156,24 +157,32 @@ class HeaderAuth:
         self._closed = False
         # The fleet's token store (toolpool.fleet), when this destination shares its tokens.
         self.shared_tokens: SharedTokens | None = None
-        inner_a: Callable[..., Awaitable[httpx.Response]] = dest.async_send
-        inner_s: Callable[..., httpx.Response] = dest.sync_send
-        self._inner_a = inner_a
-        self._inner_s = inner_s
-        dest.auth = self
-        dest.async_send = self.async_send
-        dest.sync_send = self.sync_send
-        dest.pool._close_callbacks.append(self.close)
+        self._inner_a: AsyncSend = dest.base_async_send
+        self._inner_s: SyncSend = dest.base_sync_send
+        dest.pool.on_close(self.close)
 
     def __repr__(self) -> str:
         return f"<toolpool.auth {type(self.provider).__name__} for {self.name!r}>"
+
+    # ------------------------------------------------------------------ the layer
+
+    #: Its place in the send chain (`toolpool._chain`): innermost, right above the pool.
+    role = "auth"
+
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """`async_send` around `inner` (the pooled send)."""
+        self._inner_a = inner
+        return self.async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """`sync_send` around `inner`."""
+        self._inner_s = inner
+        return self.sync_send
 
     def share_tokens(self, store: SharedTokens) -> None:
         """Take credentials from `store` (one per (destination, context) for a fleet of
         processes, e.g. `toolpool.fleet.RedisFleet(...).tokens`) before fetching them, and
         tell it about 401s. Static providers (`Bearer`, `ApiKey`) have nothing to share."""
-        from toolpool.auth._providers import ApiKey, Bearer
-
         if not isinstance(self.provider, Bearer | ApiKey):
             self.shared_tokens = store
 

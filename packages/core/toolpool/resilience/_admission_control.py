@@ -18,8 +18,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from toolpool import _auth_context
+from toolpool._saturation import SaturationOverlay
 from toolpool.errors import PoolSaturated
-from toolpool.resilience._admission import (
+from toolpool.resilience._admission_rules import (
     BREAKER_OPEN,
     QUEUE_FULL,
     RATE_LIMITED,
@@ -35,7 +36,7 @@ from toolpool.resilience._breaker import Breaker
 from toolpool.resilience._ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from toolpool._runtime import DestinationPool
+    from toolpool._destination import DestinationPool
     from toolpool.resilience._policy import Policy
 
 __all__ = [
@@ -93,6 +94,9 @@ class AdmissionControl:
             snapshot = self._snapshot(found)
         if queued:
             self._deliver()
+        for layer in self.dest.layers:
+            if isinstance(layer, SaturationOverlay):
+                snapshot = layer.adjust_saturation(snapshot)
         return snapshot
 
     # ------------------------------------------------------------------ admission
