@@ -5,7 +5,7 @@ A request of a destination goes through its layers from the outermost in, then t
 pooled send of the driver (asyncio or threads). The order, innermost first:
 
     pooled send        the driver: acquire a connection of the request's (destination,
-                       auth context) key, exchange, release               (`_aio` / `_sio`)
+                       auth context) key, exchange, release           (`_async` / `_sync`)
     1. auth            the context's credential in a header, one refresh-and-retry on 401,
                        or the mTLS check that a context is present         (`toolpool.auth`)
     2. policy          admission bookkeeping, retries with a budget, breaker, rate limits,
@@ -36,7 +36,7 @@ import httpx
 from toolpool._auth_context import AuthContext
 from toolpool.errors import ConfigError
 
-__all__ = ["ROLES", "AsyncSend", "SendChain", "SendLayer", "SyncSend"]
+__all__ = ["ROLES", "AsyncSend", "MethodLayer", "SendChain", "SendLayer", "SyncSend"]
 
 #: How a request is sent asynchronously: `await send(request, auth_context)`.
 AsyncSend = Callable[[httpx.Request, AuthContext | None], Awaitable[httpx.Response]]
@@ -68,6 +68,32 @@ class SendLayer(Protocol):
     def wrap_sync(self, inner: SyncSend) -> SyncSend:
         """The layer's sync send, calling `inner` for what it passes on."""
         ...
+
+
+class MethodLayer:
+    """A layer whose sends are its methods `async_send` / `sync_send`, calling the layer
+    inside it through `self._inner_a` / `self._inner_s` (set by `wrap_async` / `wrap_sync`;
+    the drivers' pooled sends until the layer joins a chain)."""
+
+    role: str
+    _inner_a: AsyncSend
+    _inner_s: SyncSend
+
+    async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        raise NotImplementedError
+
+    def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        raise NotImplementedError
+
+    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
+        """`async_send`, around `inner`."""
+        self._inner_a = inner
+        return self.async_send
+
+    def wrap_sync(self, inner: SyncSend) -> SyncSend:
+        """`sync_send`, around `inner`."""
+        self._inner_s = inner
+        return self.sync_send
 
 
 class SendChain:

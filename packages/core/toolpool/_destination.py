@@ -172,6 +172,18 @@ class Probe(Protocol):
         """The request went out at `sent` and its response head came in now (`status`), or
         the exchange failed with `error`."""
 
+    def admission_waited(
+        self,
+        dest: DestinationPool,
+        since: float,
+        end: float,
+        outcome: str,
+        error: BaseException | None,
+    ) -> None:
+        """A call waited at `dest`'s admission gate from `since` to `end` (a wrapped agent's
+        tool call beyond the connections, a `pool.admit` beyond the queue): `outcome`
+        "admitted", or the refusal's reason ("timeout", "breaker_open", "cancelled", ...)."""
+
     def token_fetch(self, dest: DestinationPool, reason: str) -> AbstractContextManager[object]:
         """A scope around one token request of `dest`'s auth provider (reason: "initial",
         "expiry" or "401"), or around a wait for another request's fetch (reason "wait")."""

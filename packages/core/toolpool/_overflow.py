@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import httpx
 
 from toolpool._auth_context import AuthContext
-from toolpool._chain import AsyncSend, SyncSend
+from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._config import Destination
 from toolpool._destination import pool_key
 from toolpool._saturation import Saturation
@@ -71,7 +71,7 @@ class OverflowStats:
     overflow_in_flight: int
 
 
-class OverflowLayer:
+class OverflowLayer(MethodLayer):
     """The "overflow" layer of one local destination's send chain (outside auth and policy,
     see `toolpool._chain`): a request goes to a free local connection of its (destination,
     context), else to the pool service; it never waits in the local queue for one."""
@@ -93,16 +93,6 @@ class OverflowLayer:
         self.local_busy = 0
         # Until when the service refused this destination as saturated (both tiers full).
         self._remote_full_until = 0.0
-
-    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
-        """`async_send` around `inner` (the policy layer's send, or an inner one)."""
-        self._inner_a = inner
-        return self.async_send
-
-    def wrap_sync(self, inner: SyncSend) -> SyncSend:
-        """`sync_send` around `inner`."""
-        self._inner_s = inner
-        return self.sync_send
 
     def _claim_local(self, ctx: AuthContext | None, driver: Any) -> bool:
         """Take a place on the local tier if a request of ctx would get a connection now
@@ -161,56 +151,57 @@ class OverflowLayer:
             retry_after=max(local.retry_after, round(remaining, 3)),
         )
 
+    # The rules of a call, once for both sends: which tier takes it (`_claim_local`), what a
+    # local failure means (`_local_failed`), how each tier's response is watched.
+
+    def _local_failed(self, exc: BaseException) -> bool:
+        """A request on the local tier raised `exc`: free its place; True if the service
+        takes the request instead (the local tier refused it: its queue is full)."""
+        self._release_local()
+        return (
+            isinstance(exc, PoolSaturated)
+            and exc.destination == self.dest.name
+            and exc.reason == "queue_full"
+        )
+
+    # Neither answer method raises, so the sends call them inside their `try`.
+
+    def _local_answer(self, response: httpx.Response) -> httpx.Response:
+        self._count(local=True)
+        response.stream = WatchedStream(response.stream, self._release_local, self.dest.pool)
+        return response
+
+    def _remote_answer(self, response: httpx.Response) -> httpx.Response:
+        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
+        return response
+
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         if self._claim_local(ctx, asyncio.get_running_loop()):
             try:
-                response = await self._inner_a(request, ctx)
-            except PoolSaturated as exc:
-                self._release_local()
-                # Refused by the local tier (its queue is full): the service takes it.
-                if exc.destination != self.dest.name or exc.reason != "queue_full":
+                return self._local_answer(await self._inner_a(request, ctx))
+            except BaseException as exc:
+                if not self._local_failed(exc):
                     raise
-            except BaseException:
-                self._release_local()
-                raise
-            else:
-                self._count(local=True)
-                pool = self.dest.pool
-                response.stream = WatchedStream(response.stream, self._release_local, pool)
-                return response
         self._count(local=False)
         try:
-            response = await self.remote.asend(self.remote_name, request, ctx)
+            return self._remote_answer(await self.remote.asend(self.remote_name, request, ctx))
         except BaseException as exc:
             self._refused(exc)
             raise
-        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
-        return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         if self._claim_local(ctx, SYNC_DRIVER):
             try:
-                response = self._inner_s(request, ctx)
-            except PoolSaturated as exc:
-                self._release_local()
-                if exc.destination != self.dest.name or exc.reason != "queue_full":
+                return self._local_answer(self._inner_s(request, ctx))
+            except BaseException as exc:
+                if not self._local_failed(exc):
                     raise
-            except BaseException:
-                self._release_local()
-                raise
-            else:
-                self._count(local=True)
-                pool = self.dest.pool
-                response.stream = WatchedStream(response.stream, self._release_local, pool)
-                return response
         self._count(local=False)
         try:
-            response = self.remote.send(self.remote_name, request, ctx)
+            return self._remote_answer(self.remote.send(self.remote_name, request, ctx))
         except BaseException as exc:
             self._refused(exc)
             raise
-        response.stream = WatchedStream(response.stream, self._done, self.dest.pool)
-        return response
 
     def stats(self) -> OverflowStats:
         with self._lock:

@@ -22,7 +22,7 @@ import httpx
 
 from toolpool._async import request as async_request
 from toolpool._auth_context import AuthContext
-from toolpool._chain import AsyncSend, SyncSend
+from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._destination import mark_counted, unmark_counted
 from toolpool._sync import request as sync_request
 from toolpool.auth._cache import (
@@ -133,7 +133,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class HeaderAuth:
+class HeaderAuth(MethodLayer):
     """`dest.auth` for a header provider (bearer, API key, OAuth 2, custom): wraps the
     destination's send, caches credentials per auth context, and counts what it does."""
 
@@ -168,16 +168,6 @@ class HeaderAuth:
 
     #: Its place in the send chain (`toolpool._chain`): innermost, right above the pool.
     role = "auth"
-
-    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
-        """`async_send` around `inner` (the pooled send)."""
-        self._inner_a = inner
-        return self.async_send
-
-    def wrap_sync(self, inner: SyncSend) -> SyncSend:
-        """`sync_send` around `inner`."""
-        self._inner_s = inner
-        return self.sync_send
 
     def share_tokens(self, store: SharedTokens) -> None:
         """Take credentials from `store` (one per (destination, context) for a fleet of

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from toolpool._auth_context import AuthContext
-from toolpool._chain import AsyncSend, SyncSend
+from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._tls import client_ssl_context
 from toolpool.auth._header import context_label, no_context_error
 from toolpool.auth._providers import _check_unbound
@@ -139,7 +139,7 @@ class MutualTLS:
         return f"MutualTLS(cert={shown}, verify={self.verify!r})"
 
 
-class ClientCertAuth:
+class ClientCertAuth(MethodLayer):
     """`dest.auth` for `MutualTLS`: a client-certificate TLS context per auth context."""
 
     #: Identity is set by the TLS handshake: the core asks `ssl_context(ctx)` for every new
@@ -164,16 +164,6 @@ class ClientCertAuth:
 
     #: Its place in the send chain (`toolpool._chain`): innermost, right above the pool.
     role = "auth"
-
-    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
-        """`async_send` around `inner` (the pooled send)."""
-        self._inner_a = inner
-        return self.async_send
-
-    def wrap_sync(self, inner: SyncSend) -> SyncSend:
-        """`sync_send` around `inner`."""
-        self._inner_s = inner
-        return self.sync_send
 
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         """Fail early and clearly for a request without a context, else send unchanged."""

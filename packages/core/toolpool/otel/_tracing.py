@@ -350,13 +350,13 @@ class Tracing:
 
     def admission_waited(
         self,
-        destination: str,
+        dest: DestinationPool,
         since: float,
         end: float,
         outcome: str,
         error: BaseException | None,
     ) -> None:
-        """A call waited at `destination`'s admission gate (a wrapped agent's tool call
+        """A call waited at `dest`'s admission gate (a wrapped agent's tool call
         beyond the connections, a `pool.admit` beyond the queue): one span under the
         current one, with the wait the gate measured and its `outcome`
         ("admitted", or the refusal's reason: "timeout", "breaker_open", ...)."""
@@ -368,7 +368,7 @@ class Tracing:
             end,
             None,
             {
-                "toolpool.destination": destination,
+                "toolpool.destination": dest.name,
                 "toolpool.wait_ms": round(max(0.0, end - since) * 1000.0, 3),
                 "toolpool.admission.outcome": outcome,
             },

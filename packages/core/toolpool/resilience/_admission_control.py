@@ -14,7 +14,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from toolpool import _auth_context
@@ -161,35 +160,21 @@ class AdmissionControl:
         than the limit are in flight: it waits here, in its tenant's turn, rather than in
         the pool's queue, whose places go to whoever asks first. `pool.admit` callers and
         direct clients keep the queue (the seed's 2 x the cap)."""
-        deadline = monotonic() + timeout
-        now = monotonic()
-        waiter: AdmitWaiter | None = None
-        with self._lock:
-            verdict = self._admit_now_locked(now, timeout, tenant, strict)
-            if verdict is None:
-                waiter = AdmitWaiter(asyncio.get_running_loop(), tenant, strict)
-                self.admission.enqueue(waiter, self.dest.state.cap)
-                self._admission_waits += 1
-            found = self._assessment_locked(now)
-            crowded = waiter is not None and _crowded(found, self.admission)
-            queued = self._note_level_locked(found, now)
-        if queued:
-            self._deliver()
-        if crowded and on_wait is not None:
-            on_wait()
-        if waiter is not None:
-            try:
-                while True:
-                    waiter.rearm()
-                    verdict, remaining = self._check_waiter(waiter, deadline)
-                    if verdict is not None:
-                        break
+        verdict, waiter, deadline, since = self._arrive(
+            timeout, asyncio.get_running_loop(), tenant, on_wait, strict
+        )
+        try:
+            while verdict is None:
+                assert waiter is not None
+                verdict, remaining = self._check_waiter(waiter, deadline)
+                if verdict is None:
                     await waiter.wait_async(min(remaining, _ADMIT_POLL))
-            except BaseException as exc:
-                self._give_up(waiter)
-                self._traced_wait(now, "cancelled", exc)
-                raise
-            self._traced_wait(now, verdict or TIMEOUT, None)
+        except BaseException as exc:
+            self._give_up(waiter)
+            self._traced_wait(since, "cancelled", exc)
+            raise
+        if waiter is not None:
+            self._traced_wait(since, verdict, None)
         return self._verdict(verdict)
 
     def admit_blocking(
@@ -200,13 +185,38 @@ class AdmissionControl:
         strict: bool = False,
     ) -> Saturation:
         """`admit_async` for threads (blocks the calling thread)."""
+        verdict, waiter, deadline, since = self._arrive(timeout, None, tenant, on_wait, strict)
+        try:
+            while verdict is None:
+                assert waiter is not None
+                verdict, remaining = self._check_waiter(waiter, deadline)
+                if verdict is None:
+                    waiter.wait_sync(min(remaining, _ADMIT_POLL))
+        except BaseException as exc:
+            self._give_up(waiter)
+            self._traced_wait(since, "cancelled", exc)
+            raise
+        if waiter is not None:
+            self._traced_wait(since, verdict, None)
+        return self._verdict(verdict)
+
+    def _arrive(
+        self,
+        timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+        tenant: str | None,
+        on_wait: Callable[[], object] | None,
+        strict: bool,
+    ) -> tuple[str | None, AdmitWaiter | None, float, float]:
+        """A call asks to start: (the verdict now, or None and the waiter queued for it on
+        `loop` (None: a thread), the deadline of its wait, when it asked)."""
         deadline = monotonic() + timeout
         now = monotonic()
         waiter: AdmitWaiter | None = None
         with self._lock:
             verdict = self._admit_now_locked(now, timeout, tenant, strict)
             if verdict is None:
-                waiter = AdmitWaiter(None, tenant, strict)
+                waiter = AdmitWaiter(loop, tenant, strict)
                 self.admission.enqueue(waiter, self.dest.state.cap)
                 self._admission_waits += 1
             found = self._assessment_locked(now)
@@ -216,30 +226,19 @@ class AdmissionControl:
             self._deliver()
         if crowded and on_wait is not None:
             on_wait()
-        if waiter is not None:
-            try:
-                while True:
-                    waiter.rearm()
-                    verdict, remaining = self._check_waiter(waiter, deadline)
-                    if verdict is not None:
-                        break
-                    waiter.wait_sync(min(remaining, _ADMIT_POLL))
-            except BaseException as exc:
-                self._give_up(waiter)
-                self._traced_wait(now, "cancelled", exc)
-                raise
-            self._traced_wait(now, verdict or TIMEOUT, None)
-        return self._verdict(verdict)
+        return verdict, waiter, deadline, now
 
     def _traced_wait(self, since: float, outcome: str, error: BaseException | None) -> None:
         """Report a finished wait at the gate to the pool's tracing (toolpool.otel), if any:
         `outcome` "admitted" or why not."""
-        tracing = self.dest.pool._otel_tracing
-        if tracing is not None:
-            tracing.admission_waited(self.name, since, monotonic(), outcome, error)
+        probe = self.dest.probe
+        if probe is not None:
+            probe.admission_waited(self.dest, since, monotonic(), outcome, error)
 
     def _check_waiter(self, waiter: AdmitWaiter, deadline: float) -> tuple[str | None, float]:
-        """(outcome or None, seconds left) for a waiting admission; admits what has room."""
+        """(outcome or None, seconds left) for a waiting admission, re-armed for its next
+        wait; admits what has room."""
+        waiter.rearm()
         now = monotonic()
         with self._lock:
             woken = self._pump_locked(now)
@@ -252,8 +251,10 @@ class AdmissionControl:
         self._after_unlock([w for w in woken if w is not waiter], queued)
         return outcome, deadline - now
 
-    def _give_up(self, waiter: AdmitWaiter) -> None:
+    def _give_up(self, waiter: AdmitWaiter | None) -> None:
         """A waiting admission was cancelled or interrupted."""
+        if waiter is None:
+            return
         now = monotonic()
         with self._lock:
             if self.admission.leave_queue(waiter, "cancelled"):
@@ -441,62 +442,56 @@ class AdmissionControl:
         self._after_unlock(woken, queued)
 
 
-class AsyncAdmission:
+class _Admission:
+    """What `AsyncAdmission` and `SyncAdmission` share: a nested admit for a destination the
+    task or thread is already admitted to is counted once; leaving releases the place."""
+
+    __slots__ = ("_runtime", "_timeout", "_token")
+
+    def __init__(self, runtime: AdmissionControl, timeout: float) -> None:
+        self._runtime = runtime
+        self._timeout = timeout
+        self._token: contextvars.Token[frozenset[int]] | None = None
+
+    def _nested(self) -> bool:
+        """Whether this admit is nested in one for the same destination (already counted)."""
+        return id(self._runtime) in _admitted.get()
+
+    def _admitted(self, snapshot: Saturation) -> Saturation:
+        self._token = _admitted.set(_admitted.get() | {id(self._runtime)})
+        return snapshot
+
+    def _leave(self) -> None:
+        _exit_admission(self._runtime, self._token)
+        self._token = None
+
+
+class AsyncAdmission(_Admission):
     """`async with pool.admit(destination):` (see `Pool.admit`)."""
 
-    __slots__ = ("_runtime", "_timeout", "_token")
-
-    def __init__(self, runtime: AdmissionControl, timeout: float) -> None:
-        self._runtime = runtime
-        self._timeout = timeout
-        self._token: contextvars.Token[frozenset[int]] | None = None
+    __slots__ = ()
 
     async def __aenter__(self) -> Saturation:
-        held = _admitted.get()
-        key = id(self._runtime)
-        if key in held:  # nested admit for the same destination: already counted
+        if self._nested():
             return self._runtime.saturation()
-        snapshot = await self._runtime.admit_async(self._timeout, _tenant())
-        self._token = _admitted.set(held | {key})
-        return snapshot
+        return self._admitted(await self._runtime.admit_async(self._timeout, _tenant()))
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _exit_admission(self._runtime, self._token)
-        self._token = None
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._leave()
 
 
-class SyncAdmission:
+class SyncAdmission(_Admission):
     """`with pool.admit_sync(destination):` (see `Pool.admit_sync`)."""
 
-    __slots__ = ("_runtime", "_timeout", "_token")
-
-    def __init__(self, runtime: AdmissionControl, timeout: float) -> None:
-        self._runtime = runtime
-        self._timeout = timeout
-        self._token: contextvars.Token[frozenset[int]] | None = None
+    __slots__ = ()
 
     def __enter__(self) -> Saturation:
-        held = _admitted.get()
-        key = id(self._runtime)
-        if key in held:
+        if self._nested():
             return self._runtime.saturation()
-        snapshot = self._runtime.admit_blocking(self._timeout, _tenant())
-        self._token = _admitted.set(held | {key})
-        return snapshot
+        return self._admitted(self._runtime.admit_blocking(self._timeout, _tenant()))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _exit_admission(self._runtime, self._token)
-        self._token = None
+    def __exit__(self, *exc_info: object) -> None:
+        self._leave()
 
 
 def _crowded(found: Assessment, admission: AdmissionQueue) -> bool:

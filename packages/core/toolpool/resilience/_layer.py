@@ -35,7 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying
 from tenacity.stop import stop_after_attempt
 
 from toolpool._auth_context import AuthContext
-from toolpool._chain import AsyncSend, SyncSend
+from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._destination import mark_counted, unmark_counted
 from toolpool._watched import WatchedStream
 from toolpool.errors import DestinationUnavailable, PoolSaturated, PoolTimeout
@@ -128,7 +128,45 @@ def _discard_sync(retry_state: RetryCallState) -> None:
         response.close()
 
 
-class PolicyRuntime(AdmissionControl):
+def _outcome(outcome: httpx.Response | Exception) -> httpx.Response:
+    """The response of an attempt, or its error raised."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+class _Call:
+    """One call through the policy layer, from `_enter` to the end of its response body.
+
+    While the call sends, its requests are marked as counted for the pool (they queue without
+    its queue bound, which the layer's room check already enforced); a call that fails leaves
+    at once, an answered one when its body is read or closed.
+    """
+
+    __slots__ = ("counted", "marked", "runtime")
+
+    def __init__(self, runtime: PolicyRuntime) -> None:
+        self.runtime = runtime
+        self.counted = runtime._enter()
+        self.marked = mark_counted(runtime.dest)
+
+    def __enter__(self) -> _Call:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        unmark_counted(self.marked)
+        if exc_info[0] is not None:
+            self.runtime._leave(self.counted)
+
+    def answer(self, response: httpx.Response) -> httpx.Response:
+        """Watch the response's body: the call ends when it is read or closed."""
+        runtime = self.runtime
+        done = functools.partial(runtime._leave, self.counted)
+        response.stream = WatchedStream(response.stream, done, runtime.dest.pool)
+        return response
+
+
+class PolicyRuntime(AdmissionControl, MethodLayer):
     """A `Policy` running for one destination; `dest.policy` once bound.
 
     Read `stats()` for counters, `saturation()` for the current level, `effective_limit`
@@ -171,8 +209,8 @@ class PolicyRuntime(AdmissionControl):
         self._admission_waits = 0
         self._timer: threading.Timer | None = None
         self._timer_at = math.inf
-        self._inner_async: AsyncSend = dest.base_async_send
-        self._inner_sync: SyncSend = dest.base_sync_send
+        self._inner_a: AsyncSend = dest.base_async_send
+        self._inner_s: SyncSend = dest.base_sync_send
         self._async_retrying: AsyncRetrying | None = None
         self._sync_retrying: Retrying | None = None
         if retry is not None:
@@ -205,16 +243,6 @@ class PolicyRuntime(AdmissionControl):
     #: Its place in the send chain (`toolpool._chain`): outside auth, so retries and the
     #: breaker see requests that carry credentials.
     role = "policy"
-
-    def wrap_async(self, inner: AsyncSend) -> AsyncSend:
-        """`async_send` around `inner` (the auth layer's send, or the pooled send)."""
-        self._inner_async = inner
-        return self.async_send
-
-    def wrap_sync(self, inner: SyncSend) -> SyncSend:
-        """`sync_send` around `inner`."""
-        self._inner_sync = inner
-        return self.sync_send
 
     def share_rate_limit(
         self, shared: SharedRateLimiter, rate_limit: RateLimit | None = None
@@ -284,94 +312,56 @@ class PolicyRuntime(AdmissionControl):
     # its queue bound, which the room check above already enforced for the call.
 
     async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        """The outermost async send of the destination (see the module docstring)."""
-        counted = self._enter()
-        marked = mark_counted(self.dest)
-        try:
-            response = await self._send_async(request, ctx)
-        except BaseException:
-            self._leave(counted)
-            raise
-        finally:
-            unmark_counted(marked)
-        response.stream = WatchedStream(
-            response.stream, functools.partial(self._leave, counted), self.dest.pool
-        )
-        return response
+        """The policy layer's async send (see the module docstring)."""
+        with _Call(self) as call:
+            return call.answer(await self._send_async(request, ctx))
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        """The outermost sync send of the destination (see the module docstring)."""
-        counted = self._enter()
-        marked = mark_counted(self.dest)
-        try:
-            response = self._send_sync(request, ctx)
-        except BaseException:
-            self._leave(counted)
-            raise
-        finally:
-            unmark_counted(marked)
-        response.stream = WatchedStream(
-            response.stream, functools.partial(self._leave, counted), self.dest.pool
-        )
-        return response
+        """The policy layer's sync send (see the module docstring)."""
+        with _Call(self) as call:
+            return call.answer(self._send_sync(request, ctx))
 
     # The first attempt runs before tenacity is involved: most calls succeed at once and
     # should not pay for the retry machinery. Only an outcome that may be retried enters
     # tenacity, which replays it as its first attempt and decides everything from there.
 
     async def _send_async(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        retrying = self._async_retrying
-        if retrying is None:
-            return await self._attempt_async(request, ctx)
-        first: httpx.Response | Exception
         try:
-            first = await self._attempt_async(request, ctx)
+            first: httpx.Response | Exception = await self._attempt_async(request, ctx)
         except Exception as exc:
-            if not self._retryable(request, None, exc):
-                raise
             first = exc
-        else:
-            if not self._retryable(request, first, None):
-                return first
-        replay: list[httpx.Response | Exception] = [first]
+        retrying = self._async_retrying
+        if retrying is None or not self._may_retry(request, first):
+            return _outcome(first)
+        replay = [first]
 
         async def attempt(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-            if replay:
-                outcome = replay.pop()
-                if isinstance(outcome, Exception):
-                    raise outcome
-                return outcome
-            return await self._attempt_async(request, ctx)
+            return _outcome(replay.pop()) if replay else await self._attempt_async(request, ctx)
 
         response: httpx.Response = await retrying.copy()(attempt, request, ctx)
         return response
 
     def _send_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        retrying = self._sync_retrying
-        if retrying is None:
-            return self._attempt_sync(request, ctx)
-        first: httpx.Response | Exception
         try:
-            first = self._attempt_sync(request, ctx)
+            first: httpx.Response | Exception = self._attempt_sync(request, ctx)
         except Exception as exc:
-            if not self._retryable(request, None, exc):
-                raise
             first = exc
-        else:
-            if not self._retryable(request, first, None):
-                return first
-        replay: list[httpx.Response | Exception] = [first]
+        retrying = self._sync_retrying
+        if retrying is None or not self._may_retry(request, first):
+            return _outcome(first)
+        replay = [first]
 
         def attempt(request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-            if replay:
-                outcome = replay.pop()
-                if isinstance(outcome, Exception):
-                    raise outcome
-                return outcome
-            return self._attempt_sync(request, ctx)
+            return _outcome(replay.pop()) if replay else self._attempt_sync(request, ctx)
 
         response: httpx.Response = retrying.copy()(attempt, request, ctx)
         return response
+
+    def _may_retry(self, request: httpx.Request, first: httpx.Response | Exception) -> bool:
+        """Whether the first attempt's outcome may be retried (then tenacity takes over)."""
+        if isinstance(first, Exception):
+            return self._retryable(request, None, first)
+        return self._retryable(request, first, None)
 
     def _retryable(
         self, request: httpx.Request, response: httpx.Response | None, exc: BaseException | None
@@ -385,26 +375,26 @@ class PolicyRuntime(AdmissionControl):
             is not None
         )
 
+    # Each attempt: the decisions before it (`_before_attempt`: breaker permit, rate-limit
+    # delay) and after it (`_after_attempt`: breaker, adaptive limit, pauses) are shared; the
+    # two sends below only wait and send.
+
     async def _attempt_async(
         self, request: httpx.Request, ctx: AuthContext | None
     ) -> httpx.Response:
         permit, delay = self._before_attempt(ctx)
-        shared = self.shared_rates
-        if shared is not None:
-            try:
+        try:
+            shared = self.shared_rates
+            if shared is not None:
                 delay += self._shared_delay(await shared.reserve(*self._shared_args(ctx, delay)))
-            except BaseException:
-                self._abandon(permit)
-                raise
-        if delay > 0:
-            try:
+            if delay > 0:
                 await asyncio.sleep(delay)
-            except BaseException:
-                self._abandon(permit)
-                raise
+        except BaseException:
+            self._abandon(permit)
+            raise
         started = monotonic()
         try:
-            response = await self._inner_async(request, ctx)
+            response = await self._inner_a(request, ctx)
         except BaseException as exc:
             self._after_attempt(permit, started, ctx, None, exc, request)
             raise
@@ -413,22 +403,18 @@ class PolicyRuntime(AdmissionControl):
 
     def _attempt_sync(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
         permit, delay = self._before_attempt(ctx)
-        shared = self.shared_rates
-        if shared is not None:
-            try:
+        try:
+            shared = self.shared_rates
+            if shared is not None:
                 delay += self._shared_delay(shared.reserve_sync(*self._shared_args(ctx, delay)))
-            except BaseException:
-                self._abandon(permit)
-                raise
-        if delay > 0:
-            try:
+            if delay > 0:
                 time.sleep(delay)
-            except BaseException:
-                self._abandon(permit)
-                raise
+        except BaseException:
+            self._abandon(permit)
+            raise
         started = monotonic()
         try:
-            response = self._inner_sync(request, ctx)
+            response = self._inner_s(request, ctx)
         except BaseException as exc:
             self._after_attempt(permit, started, ctx, None, exc, request)
             raise
