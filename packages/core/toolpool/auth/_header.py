@@ -10,6 +10,7 @@ of the token endpoint's destination, so they never recurse into an auth wrapper.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import threading
@@ -29,7 +30,6 @@ from toolpool.auth._cache import (
     FAIL,
     LEAD,
     REFRESH,
-    USE,
     WAIT,
     Cached,
     Decision,
@@ -106,6 +106,10 @@ def no_context_error(dest_name: str) -> AuthError:
         f"wrap the call in `with toolpool.auth_context(toolpool.AuthContext(tenant=...)):` "
         f"(or give the provider static credentials to use outside any context)",
     )
+
+
+# A sent request's credential: its cache key and the credential itself.
+_Used = tuple[str, Cached]
 
 
 class _AsyncWake:
@@ -185,100 +189,107 @@ class HeaderAuth(MethodLayer):
             return ""
         raise no_context_error(self.name)
 
-    async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        """Send `request` with `ctx`'s credential (the destination's wrapped async send)."""
+    # Both sends, the 401 handling and the fetches share their decisions (the cache's
+    # `Decision`s, `_cached`, `_replayable`, `_retry_with`, `_fetched`); each async / sync
+    # twin below only does its own waiting and sending.
+
+    def _cached(self, ctx: AuthContext | None) -> tuple[str, Cached | None]:
+        """The context's cache key and its credential, None when one must be obtained first
+        (none cached, or due for a refresh)."""
         key = ctx._fingerprint if ctx is not None else self._key(None)
         entry = self._entries.get(key)
         cached = entry.cached if entry is not None else None
         if cached is None or monotonic() >= cached.refresh_at:
+            return key, None
+        return key, cached
+
+    async def async_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
+        """Send `request` with `ctx`'s credential (the auth layer's async send)."""
+        key, cached = self._cached(ctx)
+        if cached is None:
             cached = await self._obtain_async(key, ctx, None)
         response = await self._inner_a(with_header(request, cached.header, cached.value), ctx)
         if response.status_code == 401:
-            return await self._rejected_async(request, ctx, key, cached, response)
+            return await self._rejected_async(request, ctx, (key, cached), response)
         return response
 
     def sync_send(self, request: httpx.Request, ctx: AuthContext | None) -> httpx.Response:
-        """Send `request` with `ctx`'s credential (the destination's wrapped sync send)."""
-        key = ctx._fingerprint if ctx is not None else self._key(None)
-        entry = self._entries.get(key)
-        cached = entry.cached if entry is not None else None
-        if cached is None or monotonic() >= cached.refresh_at:
+        """Send `request` with `ctx`'s credential (the auth layer's sync send)."""
+        key, cached = self._cached(ctx)
+        if cached is None:
             cached = self._obtain_sync(key, ctx, None)
         response = self._inner_s(with_header(request, cached.header, cached.value), ctx)
         if response.status_code == 401:
-            return self._rejected_sync(request, ctx, key, cached, response)
+            return self._rejected_sync(request, ctx, (key, cached), response)
         return response
 
     # ------------------------------------------------------------------ 401
 
+    def _replayable(self, request: httpx.Request, key: str, cached: Cached) -> bool:
+        """Whether a 401'd request can be sent again with a fresh credential; if not (its
+        body cannot be replayed) the 401 goes back and the next request refreshes."""
+        if isinstance(request.stream, httpx.ByteStream):
+            return True
+        with self.lock:
+            self.cache.invalidate(key, cached)
+        return False
+
+    def _retry_with(
+        self, key: str, ctx: AuthContext | None, cached: Cached, fresh: Cached
+    ) -> tuple[Cached, contextvars.Token[frozenset[int]] | None]:
+        """The credential to retry a 401'd request with (raises when it is the same one),
+        and the mark that counts the retry as part of the call already let in."""
+        if fresh.value == cached.value:
+            raise self._reject(key, ctx, "the provider has no other credential to try")
+        with self.lock:
+            self.cache.counters.retries_total += 1
+        return fresh, mark_counted(self.dest)
+
     async def _rejected_async(
-        self,
-        request: httpx.Request,
-        ctx: AuthContext | None,
-        key: str,
-        cached: Cached,
-        response: httpx.Response,
+        self, request: httpx.Request, ctx: AuthContext | None, used: _Used, response: httpx.Response
     ) -> httpx.Response:
+        key, cached = used
         shared = self.shared_tokens
         if shared is not None:
             await shared.invalidate(self.name, ctx, cached.credential.value)
-        if not isinstance(request.stream, httpx.ByteStream):
-            # The body cannot be sent again: hand the 401 over; the next request refreshes.
-            with self.lock:
-                self.cache.invalidate(key, cached)
+        if not self._replayable(request, key, cached):
             return response
         try:
             await response.aread()
         finally:
             await response.aclose()
         fresh = await self._obtain_async(key, ctx, cached)
-        if fresh.value == cached.value:
-            raise self._reject(key, ctx, "the provider has no other credential to try")
-        with self.lock:
-            self.cache.counters.retries_total += 1
-        # The retry belongs to the call that was already let in.
-        marked = mark_counted(self.dest)
+        fresh, marked = self._retry_with(key, ctx, cached, fresh)
         try:
-            response = await self._inner_a(with_header(request, fresh.header, fresh.value), ctx)
+            retried = await self._inner_a(with_header(request, fresh.header, fresh.value), ctx)
         finally:
             unmark_counted(marked)
-        if response.status_code != 401:
-            return response
-        await response.aclose()
+        if retried.status_code != 401:
+            return retried
+        await retried.aclose()
         raise self._reject(key, ctx, "a freshly fetched credential was rejected too")
 
     def _rejected_sync(
-        self,
-        request: httpx.Request,
-        ctx: AuthContext | None,
-        key: str,
-        cached: Cached,
-        response: httpx.Response,
+        self, request: httpx.Request, ctx: AuthContext | None, used: _Used, response: httpx.Response
     ) -> httpx.Response:
+        key, cached = used
         shared = self.shared_tokens
         if shared is not None:
             shared.invalidate_sync(self.name, ctx, cached.credential.value)
-        if not isinstance(request.stream, httpx.ByteStream):
-            with self.lock:
-                self.cache.invalidate(key, cached)
+        if not self._replayable(request, key, cached):
             return response
         try:
             response.read()
         finally:
             response.close()
-        fresh = self._obtain_sync(key, ctx, cached)
-        if fresh.value == cached.value:
-            raise self._reject(key, ctx, "the provider has no other credential to try")
-        with self.lock:
-            self.cache.counters.retries_total += 1
-        marked = mark_counted(self.dest)
+        fresh, marked = self._retry_with(key, ctx, cached, self._obtain_sync(key, ctx, cached))
         try:
-            response = self._inner_s(with_header(request, fresh.header, fresh.value), ctx)
+            retried = self._inner_s(with_header(request, fresh.header, fresh.value), ctx)
         finally:
             unmark_counted(marked)
-        if response.status_code != 401:
-            return response
-        response.close()
+        if retried.status_code != 401:
+            return retried
+        retried.close()
         raise self._reject(key, ctx, "a freshly fetched credential was rejected too")
 
     def _reject(self, key: str, ctx: AuthContext | None, why: str) -> AuthError:
@@ -294,11 +305,26 @@ class HeaderAuth(MethodLayer):
 
     # ------------------------------------------------------------------ obtaining (async)
 
-    def _decide(self, key: str, rejected: Cached | None) -> Decision:
+    def _decide(self, key: str, rejected: Cached | None, wake: Callable[[], None]) -> Decision:
+        """The cache's decision for the context's credential; on WAIT, `wake` joins the
+        flight (called when it ends)."""
         now = monotonic()
-        if rejected is not None:
-            return self.cache.rejected(key, rejected, now)
-        return self.cache.lookup(key, now)
+        with self.lock:
+            if rejected is not None:
+                decision = self.cache.rejected(key, rejected, now)
+            else:
+                decision = self.cache.lookup(key, now)
+            if decision.kind == WAIT:
+                assert decision.flight is not None
+                decision.flight.add_waiter(wake)
+        return decision
+
+    def _ready(self, ctx: AuthContext | None, decision: Decision) -> Cached:
+        """The credential a USE or REFRESH decision hands out; a FAIL decision raises."""
+        if decision.kind == FAIL:
+            raise self._held(ctx, decision)
+        assert decision.cached is not None
+        return decision.cached
 
     async def _obtain_async(
         self, key: str, ctx: AuthContext | None, rejected: Cached | None
@@ -306,30 +332,19 @@ class HeaderAuth(MethodLayer):
         """A usable credential for the context: cached, waited for, or fetched now."""
         loop = asyncio.get_running_loop()
         while True:
-            fut: asyncio.Future[None] | None = None
-            with self.lock:
-                decision = self._decide(key, rejected)
-                if decision.kind == WAIT:
-                    assert decision.flight is not None
-                    fut = loop.create_future()
-                    decision.flight.add_waiter(_AsyncWake(loop, fut))
+            fut: asyncio.Future[None] = loop.create_future()
+            decision = self._decide(key, rejected, _AsyncWake(loop, fut))
             rejected = None
-            kind = decision.kind
-            if kind == USE:
-                assert decision.cached is not None
-                return decision.cached
-            if kind == REFRESH:
-                assert decision.cached is not None
-                assert decision.flight is not None
-                self._refresh_in_background_async(decision.flight, ctx, loop)
-                return decision.cached
-            if kind == FAIL:
-                raise self._held(ctx, decision)
             flight = decision.flight
-            assert flight is not None
-            if kind == LEAD:
+            if decision.kind == LEAD:
+                assert flight is not None
                 return await self._fetch_async(flight, ctx, cold=True)
-            assert fut is not None
+            if decision.kind == REFRESH:
+                assert flight is not None
+                self._refresh_in_background_async(flight, ctx, loop)
+            if decision.kind != WAIT:
+                return self._ready(ctx, decision)
+            assert flight is not None
             try:
                 with _token_scope(self.dest, "wait"):
                     await asyncio.wait_for(fut, self._wait_bound)
@@ -339,59 +354,59 @@ class HeaderAuth(MethodLayer):
             if got is not None:
                 return got
 
+    def _plan(self, ctx: AuthContext | None, cold: bool) -> _TokenPlan:
+        """What obtaining the context's credential takes: the provider's credential, or
+        its token request (and whether to preconnect the API meanwhile)."""
+        step = self.provider.credential(ctx)
+        if not isinstance(step, httpx.Request):
+            return _TokenPlan(_credential(step), None, self.dest, False)
+        token_dest = self.dest.pool._route(step.url)
+        # Open the API connection while the token is on its way (a cold start only).
+        preconnect = cold and self.policy.preconnect and token_dest is not self.dest
+        return _TokenPlan(None, self._bounded(step), token_dest, preconnect)
+
+    def _token_response(self, ctx: AuthContext | None, response: httpx.Response) -> Credential:
+        """The credential in the token endpoint's answer (read already)."""
+        return _credential(self.provider.token_response(ctx, response))
+
     async def _fetch_async(self, flight: Flight, ctx: AuthContext | None, cold: bool) -> Cached:
         """Fetch the context's credential as the flight's leader; wake its waiters."""
-        requested = monotonic()
-        cached: Cached | None = None
-        failure: str | None = None
-        retry_after = 0.0
-        cause: BaseException | None = None
+        fetched = _Fetched(self, flight, ctx)
         preconnect: asyncio.Task[None] | None = None
 
         async def fetch() -> Credential:
             nonlocal preconnect
-            step = self.provider.credential(ctx)
-            if isinstance(step, httpx.Request):
-                token_dest = self.dest.pool._route(step.url)
-                if cold and self.policy.preconnect and token_dest is not self.dest:
-                    # Open the API connection while the token is on its way.
-                    preconnect = asyncio.get_running_loop().create_task(
-                        async_request.preconnect(self.dest, ctx)
-                    )
-                # Part of the call it is fetched for: never refused for a full queue.
-                marked = mark_counted(token_dest)
+            plan = self._plan(ctx, cold)
+            if plan.credential is not None:
+                return plan.credential
+            if plan.preconnect:
+                preconnect = asyncio.get_running_loop().create_task(
+                    async_request.preconnect(self.dest, ctx)
+                )
+            assert plan.request is not None
+            with _TokenRequest(self.dest, plan.dest, flight.reason):
+                response = await plan.dest.base_async_send(plan.request, ctx)
                 try:
-                    with _token_scope(self.dest, flight.reason):
-                        response = await token_dest.base_async_send(self._bounded(step), ctx)
-                        try:
-                            await response.aread()
-                        finally:
-                            await response.aclose()
+                    await response.aread()
                 finally:
-                    unmark_counted(marked)
-                step = self.provider.token_response(ctx, response)
-            return _credential(step)
+                    await response.aclose()
+            return self._token_response(ctx, response)
 
         try:
-            try:
+            with fetched:
                 shared = self.shared_tokens
-                if shared is None:
-                    credential = await fetch()
-                else:
-                    credential = await shared.obtain(self.name, ctx, fetch, self.policy)
-                cached = Cached(credential, requested, self.policy)
-            except Exception as exc:
-                failure, retry_after, cause = _describe(exc)
+                fetched.got(
+                    await fetch()
+                    if shared is None
+                    else await shared.obtain(self.name, ctx, fetch, self.policy)
+                )
         finally:
-            with self.lock:
-                waiters = self.cache.finish(flight, monotonic(), cached, failure, retry_after)
-            for wake in waiters:
-                wake()
+            fetched.finish()
             if preconnect is not None:
-                if cached is None:
+                if fetched.cached is None:
                     preconnect.cancel()
                 await _settle(preconnect)
-        return self._result(flight, ctx, cached, failure, cause)
+        return fetched.result()
 
     def _refresh_in_background_async(
         self, flight: Flight, ctx: AuthContext | None, loop: asyncio.AbstractEventLoop
@@ -413,30 +428,19 @@ class HeaderAuth(MethodLayer):
 
     def _obtain_sync(self, key: str, ctx: AuthContext | None, rejected: Cached | None) -> Cached:
         while True:
-            event: threading.Event | None = None
-            with self.lock:
-                decision = self._decide(key, rejected)
-                if decision.kind == WAIT:
-                    assert decision.flight is not None
-                    event = threading.Event()
-                    decision.flight.add_waiter(event.set)
+            event = threading.Event()
+            decision = self._decide(key, rejected, event.set)
             rejected = None
-            kind = decision.kind
-            if kind == USE:
-                assert decision.cached is not None
-                return decision.cached
-            if kind == REFRESH:
-                assert decision.cached is not None
-                assert decision.flight is not None
-                self._refresh_in_background_sync(decision.flight, ctx)
-                return decision.cached
-            if kind == FAIL:
-                raise self._held(ctx, decision)
             flight = decision.flight
-            assert flight is not None
-            if kind == LEAD:
+            if decision.kind == LEAD:
+                assert flight is not None
                 return self._fetch_sync(flight, ctx, cold=True)
-            assert event is not None
+            if decision.kind == REFRESH:
+                assert flight is not None
+                self._refresh_in_background_sync(flight, ctx)
+            if decision.kind != WAIT:
+                return self._ready(ctx, decision)
+            assert flight is not None
             with _token_scope(self.dest, "wait"):
                 arrived = event.wait(self._wait_bound)
             if not arrived:
@@ -446,58 +450,45 @@ class HeaderAuth(MethodLayer):
                 return got
 
     def _fetch_sync(self, flight: Flight, ctx: AuthContext | None, cold: bool) -> Cached:
-        requested = monotonic()
-        cached: Cached | None = None
-        failure: str | None = None
-        retry_after = 0.0
-        cause: BaseException | None = None
+        fetched = _Fetched(self, flight, ctx)
         preconnect: threading.Thread | None = None
 
         def fetch() -> Credential:
             nonlocal preconnect
-            step = self.provider.credential(ctx)
-            if isinstance(step, httpx.Request):
-                token_dest = self.dest.pool._route(step.url)
-                if cold and self.policy.preconnect and token_dest is not self.dest:
-                    preconnect = threading.Thread(
-                        target=_preconnect_sync,
-                        args=(self.dest, ctx),
-                        name=f"toolpool-auth-preconnect-{self.name}",
-                        daemon=True,
-                    )
-                    preconnect.start()
-                marked = mark_counted(token_dest)
+            plan = self._plan(ctx, cold)
+            if plan.credential is not None:
+                return plan.credential
+            if plan.preconnect:
+                preconnect = threading.Thread(
+                    target=_preconnect_sync,
+                    args=(self.dest, ctx),
+                    name=f"toolpool-auth-preconnect-{self.name}",
+                    daemon=True,
+                )
+                preconnect.start()
+            assert plan.request is not None
+            with _TokenRequest(self.dest, plan.dest, flight.reason):
+                response = plan.dest.base_sync_send(plan.request, ctx)
                 try:
-                    with _token_scope(self.dest, flight.reason):
-                        response = token_dest.base_sync_send(self._bounded(step), ctx)
-                        try:
-                            response.read()
-                        finally:
-                            response.close()
+                    response.read()
                 finally:
-                    unmark_counted(marked)
-                step = self.provider.token_response(ctx, response)
-            return _credential(step)
+                    response.close()
+            return self._token_response(ctx, response)
 
         try:
-            try:
+            with fetched:
                 shared = self.shared_tokens
-                if shared is None:
-                    credential = fetch()
-                else:
-                    credential = shared.obtain_sync(self.name, ctx, fetch, self.policy)
-                cached = Cached(credential, requested, self.policy)
-            except Exception as exc:
-                failure, retry_after, cause = _describe(exc)
+                fetched.got(
+                    fetch()
+                    if shared is None
+                    else shared.obtain_sync(self.name, ctx, fetch, self.policy)
+                )
         finally:
-            with self.lock:
-                waiters = self.cache.finish(flight, monotonic(), cached, failure, retry_after)
-            for wake in waiters:
-                wake()
+            fetched.finish()
             if preconnect is not None:
                 # Bounded by the connect timeout inside the preconnect.
                 preconnect.join(self.dest.settings.connect_timeout + 1.0)
-        return self._result(flight, ctx, cached, failure, cause)
+        return fetched.result()
 
     def _refresh_in_background_sync(self, flight: Flight, ctx: AuthContext | None) -> None:
         if self._closed:
@@ -536,6 +527,7 @@ class HeaderAuth(MethodLayer):
         failure: str | None,
         cause: BaseException | None,
     ) -> Cached:
+        """A fetch's credential (logged), or its failure raised."""
         if cached is not None:
             log.debug(
                 "fetched a credential for %s at %s (%s, %s)",
@@ -674,3 +666,93 @@ async def _settle(task: asyncio.Task[Any]) -> None:
         exc = task.exception()
         if exc is not None:
             log.debug("preconnect failed: %s", type(exc).__name__)
+
+
+class _TokenPlan:
+    """How a credential is obtained: given by the provider (`credential`), or by `request`
+    to a token endpoint on `dest` (its destination), with the API preconnected or not."""
+
+    __slots__ = ("credential", "dest", "preconnect", "request")
+
+    def __init__(
+        self,
+        credential: Credential | None,
+        request: httpx.Request | None,
+        dest: DestinationPool,
+        preconnect: bool,
+    ) -> None:
+        self.credential = credential
+        self.request = request
+        self.dest = dest
+        self.preconnect = preconnect
+
+
+class _TokenRequest:
+    """Around a token request: part of the call it is fetched for (never refused for a full
+    queue), and inside the tracer's token span when the pool is traced."""
+
+    __slots__ = ("_mark", "_scope", "dest", "reason", "token_dest")
+
+    def __init__(self, dest: DestinationPool, token_dest: DestinationPool, reason: str) -> None:
+        self.dest = dest
+        self.token_dest = token_dest
+        self.reason = reason
+        self._mark: contextvars.Token[frozenset[int]] | None = None
+        self._scope: AbstractContextManager[object] = _NO_SCOPE
+
+    def __enter__(self) -> None:
+        self._mark = mark_counted(self.token_dest)
+        try:
+            self._scope = _token_scope(self.dest, self.reason)
+            self._scope.__enter__()
+        except BaseException:
+            unmark_counted(self._mark)
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._scope.__exit__(*exc_info)
+        finally:
+            unmark_counted(self._mark)
+
+
+class _Fetched:
+    """The outcome of one fetch led by this request: the credential, or the failure (an
+    `Exception` inside `with fetched:` is recorded, not raised); `finish` ends the flight
+    and wakes its waiters, `result` hands the credential out or raises the failure."""
+
+    __slots__ = ("auth", "cached", "cause", "ctx", "failure", "flight", "requested", "retry_after")
+
+    def __init__(self, auth: HeaderAuth, flight: Flight, ctx: AuthContext | None) -> None:
+        self.auth = auth
+        self.flight = flight
+        self.ctx = ctx
+        self.requested = monotonic()
+        self.cached: Cached | None = None
+        self.failure: str | None = None
+        self.retry_after = 0.0
+        self.cause: BaseException | None = None
+
+    def got(self, credential: Credential) -> None:
+        self.cached = Cached(credential, self.requested, self.auth.policy)
+
+    def __enter__(self) -> _Fetched:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception):
+            self.failure, self.retry_after, self.cause = _describe(exc)
+            return True
+        return False
+
+    def finish(self) -> None:
+        auth = self.auth
+        with auth.lock:
+            waiters = auth.cache.finish(
+                self.flight, monotonic(), self.cached, self.failure, self.retry_after
+            )
+        for wake in waiters:
+            wake()
+
+    def result(self) -> Cached:
+        return self.auth._result(self.flight, self.ctx, self.cached, self.failure, self.cause)

@@ -219,20 +219,15 @@ class PolicyRuntime(AdmissionControl, MethodLayer):
                 | RetryAfterBeyond(retry.max_retry_after)
                 | BudgetSpent(retry, self._spend_retry)
             )
-            self._async_retrying = AsyncRetrying(
-                retry=RetryableOutcome(retry),
-                stop=stop,
-                wait=RetryAfterOrBackoff(retry),
-                before_sleep=_discard_async,
-                retry_error_callback=_last_outcome,
-            )
-            self._sync_retrying = Retrying(
-                retry=RetryableOutcome(retry),
-                stop=stop,
-                wait=RetryAfterOrBackoff(retry),
-                before_sleep=_discard_sync,
-                retry_error_callback=_last_outcome,
-            )
+            # One strategy for both; only freeing a retried response's connection differs.
+            strategy: dict[str, Any] = {
+                "retry": RetryableOutcome(retry),
+                "stop": stop,
+                "wait": RetryAfterOrBackoff(retry),
+                "retry_error_callback": _last_outcome,
+            }
+            self._async_retrying = AsyncRetrying(before_sleep=_discard_async, **strategy)
+            self._sync_retrying = Retrying(before_sleep=_discard_sync, **strategy)
         dest.pool.on_close(self._stop_timer)
 
     def __repr__(self) -> str:
