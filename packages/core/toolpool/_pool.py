@@ -105,7 +105,7 @@ class Pool:
         unknown_destinations: Literal["pool", "reject"] = "pool",
         policy: Policy | None = DEFAULT_POLICY,
         local_max_connections: int | None = None,
-        overflow: Any = None,
+        overflow: OverflowTier | None = None,
         egress: Any = None,
         http2: bool = False,
     ) -> None:
