@@ -5,7 +5,7 @@ call is served next."""
 
 from __future__ import annotations
 
-from toolpool.resilience._admission import AdmissionQueue, AdmitWaiter
+from toolpool.resilience._admission_rules import AdmissionQueue, AdmitWaiter
 from toolpool.resilience._fair import FairQueue
 
 
