@@ -467,6 +467,9 @@ def storm_pool(
                 # The seed's sizing: 70 % of the downstream's documented limit (18 -> 12).
                 documented_limit=spec.concurrency_limit,
                 queue_factor=8,
+                # HTTP/2 warm-up: one connection and one token per tenant before the storm
+                # (on HTTP/1.1 warm-up opens unbound connections; the contexts are not used).
+                warmup_contexts=[toolpool.AuthContext(tenant=t) for t in clients] if http2 else (),
                 verify=ca_pem_path,
                 auth=toolpool.auth.OAuth2ClientCredentials(
                     urls[service] + "/oauth/token",

@@ -31,8 +31,9 @@ def ds() -> Iterator[Downstream]:
 
 
 def _pool(ds: Downstream, name: str = "api", cap: int = 10, **kwargs: object) -> toolpool.Pool:
+    # Without warm-up: the connection counts below come from the requests under test only.
     return toolpool.Pool(
-        [toolpool.Destination(name, ds.url(name), max_connections=cap)],
+        [toolpool.Destination(name, ds.url(name), max_connections=cap, warmup=0.0)],
         verify=ds.client_ssl_context(),
         **{"http2": True, **kwargs},  # type: ignore[arg-type]
     )
@@ -243,7 +244,7 @@ async def test_metrics_say_protocol_and_streams(ds: Downstream) -> None:
 
 
 async def test_a_tenants_connection_closes_when_its_last_permit_expires(ds: Downstream) -> None:
-    dest = toolpool.Destination("api", ds.url("api"), max_connections=4, idle_ttl=0.3)
+    dest = toolpool.Destination("api", ds.url("api"), max_connections=4, idle_ttl=0.3, warmup=0.0)
     async with toolpool.Pool([dest], verify=ds.client_ssl_context(), http2=True) as pool:
         client = pool.client()
         assert (await _call(client, ds.url("api") + "/anything", "acme")).status_code == 200

@@ -275,9 +275,9 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         idle_ttl=pick("idle_ttl"),
         max_lifetime=pick("max_lifetime"),
         health_check_interval=pick("health_check_interval"),
-        # Warm-up opens HTTP/1.1 connections; on HTTP/2 a tenant's first request opens its one
-        # connection (warm-up of HTTP/2 connections is not built yet).
-        warmup_count=0 if http2 else math.ceil(pick("warmup") * cap),
+        # On HTTP/2 warm-up opens one connection per warm-up context instead (any non-zero
+        # count turns it on; toolpool._h2pool.async_warm).
+        warmup_count=math.ceil(pick("warmup") * cap),
         acquire_timeout=pick("acquire_timeout"),
         connect_timeout=pick("connect_timeout"),
         verify=pick("verify"),

@@ -54,7 +54,16 @@ from toolpool._messages import NO_TIMEOUTS
 from toolpool._state import Slot
 from toolpool._tls import client_ssl_context
 
-__all__ = ["H2Connections", "StreamPermit", "async_send", "sync_send"]
+__all__ = [
+    "H2Connections",
+    "StreamPermit",
+    "async_preconnect",
+    "async_send",
+    "async_warm",
+    "sync_preconnect",
+    "sync_send",
+    "sync_warm",
+]
 
 log = logging.getLogger("toolpool.pool")
 monotonic = time.monotonic
@@ -458,6 +467,57 @@ class _AsyncPermitBody(httpx.AsyncByteStream):
             self._dest.pool._orphaned(self._dest, self._slot)
 
 
+async def async_preconnect(
+    dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
+) -> bool:
+    """Make sure `ctx`'s key has an HTTP/2 connection (open one if the cap has room), without
+    starting a stream: a stream permit is held for the handshake only and then idles with
+    its key, so the connection lives as long as the state machine keeps the key's capacity
+    (idle TTL, affinity, limit, shutdown drain it). True if a connection is there.
+
+    Warm-up and an auth provider's preconnect during a token fetch call it; a server that
+    picks http/1.1 gets the HTTP/1.1 preconnect instead."""
+    from toolpool._async import request as http11
+
+    h2 = dest.h2
+    assert h2 is not None
+    if h2.protocol == "http/1.1":
+        return await http11.preconnect(dest, ctx, timeout)
+    loop = asyncio.get_running_loop()
+    key = pool_key(ctx, loop)
+    slot = dest.lease_if_room(key)
+    if slot is None:
+        return False  # at the cap: the request will queue like any other
+    if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
+        slot = dest.replace(slot)
+    _permit(dest, slot)
+    try:
+        await _connection_async(dest, h2.key(key), loop, timeout or dest.settings.connect_timeout)
+    except _UseHttp11:
+        dest.release(slot, False)
+        return await http11.preconnect(dest, ctx, timeout)
+    except httpx.TransportError:
+        dest.release(slot, True)
+        return False  # the request itself will meet (and report) the failure
+    except BaseException:
+        dest.release(slot, True)
+        raise
+    dest.release(slot, True)
+    return True
+
+
+async def async_warm(dest: DestinationPool, ctx: _auth_context.AuthContext | None) -> bool:
+    """Warm-up of one (destination, context): its token (when the destination has an auth
+    provider; a cold fetch opens the connection at the same time) and its connection."""
+    warm_token = getattr(dest.auth, "warm_async", None)  # toolpool.auth.HeaderAuth's
+    if warm_token is not None:
+        try:
+            await warm_token(ctx)
+        except Exception as exc:  # the first request meets (and reports) it again
+            log.debug("warm-up token for %s failed: %s", dest.name, type(exc).__name__)
+    return await async_preconnect(dest, ctx)
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 
@@ -634,6 +694,51 @@ class _SyncPermitBody(httpx.SyncByteStream):
         if not self._done:
             self._done = True
             self._dest.pool._orphaned(self._dest, self._slot)
+
+
+def sync_preconnect(
+    dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
+) -> bool:
+    """:func:`async_preconnect` for the thread driver."""
+    from toolpool._sync import request as http11
+    from toolpool._sync.connection import SYNC_DRIVER
+
+    h2 = dest.h2
+    assert h2 is not None
+    if h2.protocol == "http/1.1":
+        return http11.preconnect(dest, ctx, timeout)
+    key = pool_key(ctx, SYNC_DRIVER)
+    slot = dest.lease_if_room(key)
+    if slot is None:
+        return False
+    if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
+        slot = dest.replace(slot)
+    _permit(dest, slot)
+    try:
+        _connection_sync(dest, h2.key(key), timeout or dest.settings.connect_timeout)
+    except _UseHttp11:
+        dest.release(slot, False)
+        return http11.preconnect(dest, ctx, timeout)
+    except httpx.TransportError:
+        dest.release(slot, True)
+        return False
+    except BaseException:
+        dest.release(slot, True)
+        raise
+    dest.release(slot, True)
+    return True
+
+
+def sync_warm(dest: DestinationPool, ctx: _auth_context.AuthContext | None) -> bool:
+    """:func:`async_warm` for the thread driver."""
+    warm_token = getattr(dest.auth, "warm_sync", None)
+    if warm_token is not None:
+        try:
+            warm_token(ctx)
+        except Exception as exc:
+            log.debug("warm-up token for %s failed: %s", dest.name, type(exc).__name__)
+    return sync_preconnect(dest, ctx)
+
 
 
 def attach(dest: DestinationPool) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal
 
@@ -403,6 +404,7 @@ class Pool:
             async_request.warm(dest, slot, ctx)
             for dest, slot, ctx in self._warmup_permits(asyncio.get_running_loop())
         ]
+        jobs += [_h2pool.async_warm(dest, ctx) for dest, ctx in self._h2_warmups()]
         if jobs:
             results = await asyncio.gather(*jobs)
             self._log_warmup(len(results), sum(results))
@@ -411,17 +413,29 @@ class Pool:
         """Start the pool and warm up its destinations for the thread driver."""
         self._ensure_started()
         permits = self._warmup_permits(SYNC_DRIVER)
-        if permits:
-            with ThreadPoolExecutor(min(16, len(permits)), "toolpool-warmup") as ex:
-                results = list(ex.map(lambda p: sync_request.warm(*p), permits))
+        jobs: list[Callable[[], bool]] = [partial(sync_request.warm, *p) for p in permits]
+        jobs += [partial(_h2pool.sync_warm, dest, ctx) for dest, ctx in self._h2_warmups()]
+        if jobs:
+            with ThreadPoolExecutor(min(16, len(jobs)), "toolpool-warmup") as ex:
+                results = list(ex.map(lambda job: job(), jobs))
             self._log_warmup(len(results), sum(results))
+
+    def _h2_warmups(self) -> list[tuple[DestinationPool, Any]]:
+        """HTTP/2 warm-up: one connection (and token) per warm-up context of each HTTP/2
+        destination with warm-up on; the shared identity when it lists no contexts."""
+        return [
+            (dest, ctx)
+            for dest in list(self._by_name.values())
+            if dest.h2 is not None and dest.settings.warmup_count and dest.settings.listed
+            for ctx in (dest.settings.warmup_contexts or (None,))
+        ]
 
     def _warmup_permits(self, driver: Any) -> list[tuple[DestinationPool, Slot, Any]]:
         permits: list[tuple[DestinationPool, Slot, Any]] = []
         now = monotonic()
         for dest in list(self._by_name.values()):
             count = dest.settings.warmup_count
-            if not count or not dest.settings.listed:
+            if not count or not dest.settings.listed or dest.h2 is not None:
                 continue
             contexts = dest.settings.warmup_contexts
             bound = dest.auth is not None and dest.auth.connection_bound

@@ -216,18 +216,22 @@ async def send(
 
 async def preconnect(
     dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None = None
-) -> None:
+) -> bool:
     """Make sure an idle connection of `ctx`'s key exists (open one if the cap allows),
-    without sending anything. Auth providers call it while fetching a token, so that a
-    cold call pays for connection setup and token fetch at the same time, not in turn."""
-    if dest.h2 is not None:
-        return  # HTTP/2 on offer: the request opens its tenant's connection (_h2pool)
+    without sending anything; True if one is there. Auth providers call it while fetching a
+    token, so that a cold call pays for connection setup and token fetch at the same time,
+    not in turn. On an HTTP/2 destination: the key's multiplexed connection (_h2pool)."""
+    if dest.h2 is not None and dest.h2.protocol != "http/1.1":
+        from toolpool import _h2pool
+
+        return await _h2pool.async_preconnect(dest, ctx, timeout)
     got = dest.lease_if_room(pool_key(ctx, current_driver()))
     if got is None:
-        return  # at the cap: the request will queue like any other
+        return False  # at the cap: the request will queue like any other
     if got.conn is None:
         try:
             await open_slot(dest, got, ctx, timeout or dest.settings.connect_timeout)
         except httpx.TransportError:
-            return  # the request itself will meet (and report) the failure
+            return False  # the request itself will meet (and report) the failure
     dest.release(got, True)
+    return True

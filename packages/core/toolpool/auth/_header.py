@@ -223,6 +223,14 @@ class HeaderAuth(MethodLayer):
             return self._rejected_sync(request, ctx, (key, cached), response)
         return response
 
+    async def warm_async(self, ctx: AuthContext | None) -> None:
+        """Warm-up: have `ctx`'s credential cached (fetched now if there is none)."""
+        await self._obtain_async(self._key(ctx), ctx, None)
+
+    def warm_sync(self, ctx: AuthContext | None) -> None:
+        """:meth:`warm_async` for the thread driver."""
+        self._obtain_sync(self._key(ctx), ctx, None)
+
     # ------------------------------------------------------------------ 401
 
     def _replayable(self, request: httpx.Request, key: str, cached: Cached) -> bool:
@@ -372,7 +380,7 @@ class HeaderAuth(MethodLayer):
     async def _fetch_async(self, flight: Flight, ctx: AuthContext | None, cold: bool) -> Cached:
         """Fetch the context's credential as the flight's leader; wake its waiters."""
         fetched = _Fetched(self, flight, ctx)
-        preconnect: asyncio.Task[None] | None = None
+        preconnect: asyncio.Task[bool] | None = None
 
         async def fetch() -> Credential:
             nonlocal preconnect
