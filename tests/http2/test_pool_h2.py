@@ -258,3 +258,25 @@ async def test_a_tenants_connection_closes_when_its_last_permit_expires(ds: Down
         again = await _call(client, ds.url("api") + "/anything", "acme")
         assert again.status_code == 200
     assert ds.wait_stats("api", lambda s: s.connections_open == 0).connections_accepted == 3
+
+
+async def test_capacity_moving_to_another_tenant_keeps_the_first_tenants_connection(
+    ds: Downstream,
+) -> None:
+    # Cap 1: each tenant's call takes the permit from the other (closed for affinity). The
+    # tenant's connection stays open without streams, so coming back costs no handshake;
+    # once it has had no permit for the idle TTL, the maintenance thread closes it.
+    dest = toolpool.Destination("api", ds.url("api"), max_connections=1, idle_ttl=0.5, warmup=0.0)
+    async with toolpool.Pool([dest], verify=ds.client_ssl_context(), http2=True) as pool:
+        client = pool.client()
+        for tenant in ("acme", "beta", "acme", "beta", "acme"):
+            response = await _call(client, ds.url("api") + "/anything", tenant)
+            assert response.json()["tenant"] == tenant
+        stats = pool.stats()["api"]
+        assert stats.closed_total["affinity"] == 4  # the permit moved four times
+        assert ds.stats("api").connections_accepted == 2  # one per tenant, kept
+        served = await ds.wait_stats_async("api", lambda s: s.connections_open == 0)
+        assert served.connections_closed_by_server_idle == 0  # closed by the pool
+        assert pool.stats()["api"].http2_connections == 0
+    assert served.connections_accepted == 2
+    assert served.mixed_connections() == {}

@@ -491,7 +491,12 @@ class DestinationPool:
             if isinstance(action, Close):
                 slot = action.slot
                 log.debug("closing connection #%d to %s: %s", slot.id, self.name, action.reason)
-                slot.conn.close()
+                # An HTTP/2 stream permit wants the reason (_h2pool.StreamPermit.close_for).
+                close_for = getattr(slot.conn, "close_for", None)
+                if close_for is not None:
+                    close_for(action.reason)
+                else:
+                    slot.conn.close()
             else:
                 waiter = action.waiter
                 if not waiter.notify():

@@ -217,10 +217,13 @@ class AsyncH2Connection(asyncio.Protocol):
         return self.state.closed
 
     def idle_for(self) -> float:
-        """Seconds since the last stream activity (0 while streams are open)."""
+        """Seconds since the last stream activity (0 while streams are open). Callable from
+        any thread (the maintenance thread asks too): the loop's clock is read, not run."""
         if self.state.streams:
             return 0.0
-        return asyncio.get_running_loop().time() - self.last_used
+        loop = self.loop
+        now = loop.time() if loop is not None else time.monotonic()
+        return now - self.last_used
 
     def drain(self) -> None:
         """No new streams; close once the open ones finish (max lifetime, gracefully)."""

@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from toolpool import _auth_context, _egress
+from toolpool import _auth_context, _egress, _state
 from toolpool._destination import DestinationPool, connect_error, pool_key
 from toolpool._h2 import StreamNotProcessed
 from toolpool._h2io import AsyncH2Connection, Handshaken, SyncH2Connection
@@ -75,6 +75,9 @@ BORROW_CHECK_AFTER = 1.0
 PING_TIMEOUT = 2.0
 
 H2Conn = AsyncH2Connection | SyncH2Connection
+#: Why the state machine closed a permit when the capacity moved to another tenant (or the
+#: cap shrank): the tenant's connection stays open, streamless, for when it comes back.
+_CAPACITY_MOVED = frozenset({_state.AFFINITY, _state.LIMIT})
 
 
 class _UseHttp11(Exception):
@@ -101,10 +104,15 @@ class StreamPermit:
         return self.alive
 
     def close(self) -> None:
+        self.close_for(None)
+
+    def close_for(self, reason: str | None) -> None:
+        """The state machine closes this permit for `reason` (see `H2Connections.permit_closed`
+        for what that means for the key's connections)."""
         self._dest.connection_lost(self._slot)
         h2 = self._dest.h2
         if h2 is not None:
-            h2.permit_closed(self._slot.key)
+            h2.permit_closed(self._slot.key, keep=reason in _CAPACITY_MOVED)
 
     def abort(self) -> None:
         self.close()
@@ -179,19 +187,35 @@ class H2Connections:
         with self.lock:
             kc.permits += 1
 
-    def permit_closed(self, key: tuple[str | None, Any]) -> None:
+    def permit_closed(self, key: tuple[str | None, Any], keep: bool = False) -> None:
         """The state machine closed one of `key`'s permits (idle TTL, affinity, limit,
         shutdown). With the last one gone the key's connections drain: the state machine's
-        decisions about a tenant's capacity decide about its connections too."""
+        decisions about a tenant's idleness decide about its connections too. Except with
+        `keep` (the capacity moved to another tenant at the cap, or the cap shrank): a
+        connection without streams costs the server's stream limit nothing, so the tenant
+        keeps it for its next request (no tenant churn); `tick` closes it once it has been
+        idle for the idle TTL with no permit."""
         with self.lock:
             kc = self.by_key.get(key)
             if kc is None:
                 return
             kc.permits -= 1
-            if kc.permits > 0:
+            if kc.permits > 0 or keep:
                 return
             conns, kc.conns = kc.conns, []
         for conn in conns:
+            _drain_any(conn)
+
+    def tick(self, now: float) -> None:
+        """The maintenance thread's periodic pass: connections of keys that hold no permit
+        and idle for the idle TTL drain (they carry no stream, so they close at once)."""
+        idle_ttl = self.dest.settings.idle_ttl
+        gone: list[Any] = []
+        with self.lock:
+            for kc in self.by_key.values():
+                if kc.permits <= 0 and kc.conns:
+                    gone += kc.expire(idle_ttl)
+        for conn in gone:
             _drain_any(conn)
 
     def lifetime(self) -> float:

@@ -550,6 +550,8 @@ class Pool:
                     if was_idle:
                         conn.abort()
                     dest.execute(dead)
+            if dest.h2 is not None:
+                dest.h2.tick(now)
             self._adapt_reuse_factor(dest)
             # Nothing wakes this thread when a connection goes idle, so tick at least once
             # per idle TTL: an idle connection then closes at most one TTL late.
