@@ -280,3 +280,38 @@ async def test_capacity_moving_to_another_tenant_keeps_the_first_tenants_connect
         assert pool.stats()["api"].http2_connections == 0
     assert served.connections_accepted == 2
     assert served.mixed_connections() == {}
+
+
+async def test_idle_connections_are_pinged_and_a_silent_one_is_closed_before_any_borrow(
+    ds: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The maintenance thread PINGs a connection idle for the health-check interval; the
+    # server answers the first round and is silent from then on: the connection is closed
+    # by the pool with no request involved.
+    monkeypatch.setattr(_h2pool, "PING_TIMEOUT", 0.3)
+    async with _pool(ds, health_check_interval=0.2, idle_ttl=60.0) as pool:
+        client = pool.client()
+        await _call(client, ds.url("api") + "/anything", "acme")
+        answered = await ds.wait_stats_async("api", lambda s: s.pings_received >= 1)
+        assert answered.connections_open == 1  # answered: kept
+        assert pool.stats()["api"].http2_connections == 1
+        ds.set_fault("api", "silent", count=1)
+        served = await ds.wait_stats_async("api", lambda s: s.connections_open == 0)
+        assert served.faults_fired == {"silent": 1}
+        assert served.connections_closed_by_server_idle == 0  # the pool closed it
+        assert pool.stats()["api"].http2_connections == 0
+
+
+def test_idle_connections_of_the_thread_driver_are_pinged_too(
+    ds: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_h2pool, "PING_TIMEOUT", 0.3)
+    with _pool(ds, health_check_interval=0.2, idle_ttl=60.0) as pool:
+        with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+            assert pool.sync_client().get(ds.url("api") + "/anything").http_version == "HTTP/2"
+        assert ds.wait_stats("api", lambda s: s.pings_received >= 1).connections_open == 1
+        ds.set_fault("api", "silent", count=1)
+        served = ds.wait_stats("api", lambda s: s.connections_open == 0)
+        assert served.faults_fired == {"silent": 1}
+        assert served.connections_closed_by_server_idle == 0
+        assert pool.stats()["api"].http2_connections == 0

@@ -130,6 +130,8 @@ class AsyncH2Connection(asyncio.Protocol):
         self.opened_at = 0.0
         #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
         self.expires_at: float | None = None
+        #: When the maintenance thread last scheduled a PING of this idle connection.
+        self.pinged_at = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._fences: dict[bytes, Callable[[], None]] = {}
 
@@ -417,6 +419,8 @@ class SyncH2Connection:
         self.opened_at = self.last_used = time.monotonic()
         #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
         self.expires_at: float | None = None
+        #: When the maintenance thread last scheduled a PING of this idle connection.
+        self.pinged_at = 0.0
         with self._cond:
             self._send_locked(self.state.initiate())
 

@@ -208,15 +208,30 @@ class H2Connections:
 
     def tick(self, now: float) -> None:
         """The maintenance thread's periodic pass: connections of keys that hold no permit
-        and idle for the idle TTL drain (they carry no stream, so they close at once)."""
-        idle_ttl = self.dest.settings.idle_ttl
+        and idle for the idle TTL drain (they carry no stream, so they close at once); every
+        other connection idle for the health-check interval is PINGed (without waiting here)
+        and closed when the server does not answer within ``PING_TIMEOUT``, so a dead
+        connection is found before a request borrows it."""
+        settings = self.dest.settings
         gone: list[Any] = []
+        due: list[Any] = []
         with self.lock:
             for kc in self.by_key.values():
                 if kc.permits <= 0 and kc.conns:
-                    gone += kc.expire(idle_ttl)
+                    gone += kc.expire(settings.idle_ttl)
+                for conn in kc.conns:
+                    if (
+                        not conn.is_closed
+                        and conn.is_available
+                        and now - conn.pinged_at >= settings.health_check_interval
+                        and conn.idle_for() >= settings.health_check_interval
+                    ):
+                        conn.pinged_at = now
+                        due.append(conn)
         for conn in gone:
             _drain_any(conn)
+        for conn in due:
+            _health_check(self.dest, conn)
 
     def lifetime(self) -> float:
         """This connection's max lifetime: the destination's, minus up to 10 % jitter."""
@@ -257,6 +272,45 @@ def _drain_any(conn: Any) -> None:
                 pass
     else:
         conn.drain()
+
+
+_checks: set[asyncio.Task[None]] = set()  # health-check PINGs under way (kept referenced)
+
+
+def _health_check(dest: DestinationPool, conn: Any) -> None:
+    """PING `conn` on its own driver, without blocking the caller; no answer: closed."""
+
+    def dead() -> None:
+        log.debug("idle HTTP/2 connection to %s did not answer a PING: closed", dest.name)
+        conn.close()
+
+    if isinstance(conn, AsyncH2Connection):
+        loop = conn.loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def check() -> None:
+            if not await conn.ping(PING_TIMEOUT):
+                dead()
+
+        def start() -> None:
+            task = loop.create_task(check())
+            _checks.add(task)
+            task.add_done_callback(_checks.discard)
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: so did its connections
+    else:
+
+        def check_sync() -> None:
+            if not conn.ping(PING_TIMEOUT):
+                dead()
+
+        threading.Thread(
+            target=check_sync, name=f"toolpool-h2-ping-{dest.name}", daemon=True
+        ).start()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
