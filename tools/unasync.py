@@ -27,7 +27,6 @@ FILES = ("request.py",)
 REPLACEMENTS = {
     "_async": "_sync",
     "async_send": "sync_send",
-    "async_preconnect": "sync_preconnect",
     "aclose": "close",
 }
 HEADER = (

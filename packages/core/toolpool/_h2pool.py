@@ -818,7 +818,6 @@ def sync_warm(dest: DestinationPool, ctx: _auth_context.AuthContext | None) -> b
     return sync_preconnect(dest, ctx)
 
 
-
 def attach(dest: DestinationPool) -> None:
     """Give an HTTP/2-enabled destination its HTTP/2 side (the pool builds the destination
     with this module's `async_send` / `sync_send` as its drivers)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from toolpool import _h2pool
 from toolpool._async import request as async_request
 from toolpool._auth_context import AuthContext
 from toolpool._chain import AsyncSend, MethodLayer, SyncSend
@@ -388,9 +389,13 @@ class HeaderAuth(MethodLayer):
             if plan.credential is not None:
                 return plan.credential
             if plan.preconnect:
-                preconnect = asyncio.get_running_loop().create_task(
-                    async_request.preconnect(self.dest, ctx)
+                # On HTTP/2 the tenant's multiplexed connection (falls back by itself).
+                preconnect_fn = (
+                    _h2pool.async_preconnect
+                    if self.dest.h2 is not None
+                    else async_request.preconnect
                 )
+                preconnect = asyncio.get_running_loop().create_task(preconnect_fn(self.dest, ctx))
             assert plan.request is not None
             with _TokenRequest(self.dest, plan.dest, flight.reason):
                 response = await plan.dest.base_async_send(plan.request, ctx)
@@ -661,7 +666,10 @@ def _who(ctx: AuthContext | None) -> str:
 
 def _preconnect_sync(dest: DestinationPool, ctx: AuthContext | None) -> None:
     try:
-        sync_request.preconnect(dest, ctx)
+        if dest.h2 is not None:
+            _h2pool.sync_preconnect(dest, ctx)
+        else:
+            sync_request.preconnect(dest, ctx)
     except Exception as exc:  # the request itself meets (and reports) any real failure
         log.debug("preconnect to %s failed: %s", dest.name, type(exc).__name__)
 
