@@ -436,8 +436,11 @@ class H2ServerConnection(asyncio.Protocol):
 
     def goaway(self, last_stream_id: int, *, refuse: H2Stream | None = None) -> None:
         """Announce GOAWAY(NO_ERROR, ``last_stream_id``) and keep serving the streams at or
-        below it; the connection closes when they are done. ``refuse``: a stream above it,
-        dropped unanswered (the client learns from the GOAWAY that it was not processed)."""
+        below it; the connection closes when they are done. Every stream above it (``refuse``,
+        and any opened after it) is dropped unanswered and no longer counted: the GOAWAY
+        tells the client they were not processed, so it may send them elsewhere at once, and
+        a server keeps that promise (counting them would see the client's retries as extra
+        concurrent streams)."""
         conn = self.h2
         if conn is None or self.closed:
             return
@@ -447,12 +450,15 @@ class H2ServerConnection(asyncio.Protocol):
         saved = conn.state_machine.state
         conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=last)
         conn.state_machine.state = saved  # see the module docstring: drain, do not slam
-        if refuse is not None:
-            refuse._finished = True
-            in_flight, refuse.in_flight = refuse.in_flight, None
+        above = [st for sid, st in self._streams.items() if sid > self._goaway_last]
+        if refuse is not None and refuse not in above:
+            above.append(refuse)
+        for stream in above:
+            stream._finished = True
+            in_flight, stream.in_flight = stream.in_flight, None
             if in_flight is not None:
                 in_flight.abort()
-            self.stream_done(refuse)
+            self.stream_done(stream)
         self._write()
         self._maybe_close()
 
