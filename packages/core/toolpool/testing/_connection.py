@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import struct
 from typing import Protocol, cast
 
 from toolpool.testing._http import ProtocolError, Request, RequestParser, reason, response_head
+from toolpool.testing._relay import abort_with_rst
 
 #: Stop reading from a peer that pipelines more than this while a request is in progress.
 _MAX_PIPELINED = 1024 * 1024
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 _NO_BODY = frozenset({204, 304})
 
 
@@ -204,14 +202,8 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            except OSError:
-                pass
         self.closed = True
-        transport.abort()
+        abort_with_rst(transport)
 
     def drop(self) -> None:
         """Close the connection (FIN) without answering the request in progress."""

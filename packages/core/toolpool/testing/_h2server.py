@@ -20,8 +20,6 @@ Two things h2 does not do on its own, done here on purpose:
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,13 +31,13 @@ import h2.exceptions
 import h2.settings
 
 from toolpool.testing._http import Request
+from toolpool.testing._relay import abort_with_rst
 
 if TYPE_CHECKING:
     from toolpool.testing._connection import InFlight
     from toolpool.testing._faults import FaultBoard
     from toolpool.testing._stats import Counters
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 _NO_BODY = frozenset({204, 304})
 #: Headers HTTP/2 forbids (RFC 9113 8.2.2); an HTTP/1.1-minded handler may pass them.
 _CONNECTION_HEADERS = frozenset(
@@ -479,14 +477,8 @@ class H2ServerConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            except OSError:
-                pass
         self.closed = True
-        transport.abort()
+        abort_with_rst(transport)
 
     def drop(self) -> None:
         """Close the connection (FIN after what is queued)."""

@@ -47,7 +47,8 @@ def listen_socket(host: str = "127.0.0.1", backlog: int = 4096) -> socket.socket
     return sock
 
 
-def _rst(transport: asyncio.Transport) -> None:
+def abort_with_rst(transport: asyncio.Transport) -> None:
+    """Abort `transport`'s connection with a TCP RST (SO_LINGER 0), not a FIN."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
@@ -116,7 +117,7 @@ class _Side(asyncio.Protocol):
                     transport.close()
             self._maybe_close()
         else:
-            _rst(transport)
+            abort_with_rst(transport)
 
     def _maybe_close(self) -> None:
         if self.read_closed and self.write_closed and self.transport is not None:
