@@ -276,7 +276,7 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         max_lifetime=pick("max_lifetime"),
         health_check_interval=pick("health_check_interval"),
         # On HTTP/2 warm-up opens one connection per warm-up context instead (any non-zero
-        # count turns it on; toolpool._h2pool.async_warm).
+        # count turns it on; toolpool._async.h2.warm).
         warmup_count=math.ceil(pick("warmup") * cap),
         acquire_timeout=pick("acquire_timeout"),
         connect_timeout=pick("connect_timeout"),

@@ -276,7 +276,7 @@ class DestinationPool:
         self.async_send: AsyncSend = self.base_async_send
         self.sync_send: SyncSend = self.base_sync_send
         # The HTTP/2 side (toolpool._h2pool.H2Connections) when HTTP/2 is offered: then a
-        # slot is a permit for one stream, and the pool gives `_h2pool`'s sends as drivers.
+        # slot is a permit for one stream, and the pool gives `_async/h2`, `_sync/h2` as drivers.
         self.h2: Any = None
 
     def __repr__(self) -> str:

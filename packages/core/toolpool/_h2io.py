@@ -41,6 +41,15 @@ __all__ = [
 
 #: Request body bytes queued per stream before the sender waits for the server's window.
 _SEND_HIGH_WATER = 256 * 1024
+#: Background PINGs under way (`check_in_background`), kept referenced until done.
+_checks: set[asyncio.Future[None]] = set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def request_parts(
@@ -179,15 +188,55 @@ class AsyncH2Connection(asyncio.Protocol):
         for callback in fences.values():
             callback()
 
-    def fence(self, callback: Callable[[], None]) -> None:
+    def fence(self, callback: Callable[[], None], timeout: float | None = None) -> None:
         """Call ``callback`` once the server has processed everything sent so far (a PING
-        sent now is answered), or the connection is gone. A pool gives a cancelled stream's
-        permit back this way: the server counts the stream until it read the RST_STREAM."""
+        sent now is answered), or the connection is gone; no answer within ``timeout``
+        seconds: the connection is closed (then ``callback`` runs). A pool gives a cancelled
+        stream's permit back this way: the server counts the stream until it read the
+        RST_STREAM. Call it on the connection's loop."""
         if self.state.closed or self.transport is None or self.transport.is_closing():
             callback()
             return
-        self._fences[self.state.ping()] = callback
+        payload = self.state.ping()
+        self._fences[payload] = callback
         self._write()
+        if timeout is not None and self.loop is not None:
+            self.loop.call_later(timeout, self._fence_expired, payload)
+
+    def _fence_expired(self, payload: bytes) -> None:
+        if payload in self._fences and not self.state.closed:
+            self.close()  # runs the fences
+
+    def _call_threadsafe(self, fn: Callable[[], None]) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return  # its connections closed with it
+        try:
+            if _running_loop() is loop:
+                fn()
+            else:
+                loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            pass  # the loop closed meanwhile
+
+    def drain_threadsafe(self) -> None:
+        """:meth:`drain`, from any thread (the pool's maintenance thread, shutdown)."""
+        self._call_threadsafe(self.drain)
+
+    def check_in_background(self, timeout: float, dead: Callable[[], None]) -> None:
+        """From any thread, without waiting: PING on the connection's loop, and call
+        ``dead()`` there when no answer comes within ``timeout`` seconds."""
+
+        async def check() -> None:
+            if not await self.ping(timeout):
+                dead()
+
+        def start() -> None:
+            task = asyncio.ensure_future(check())
+            _checks.add(task)
+            task.add_done_callback(_checks.discard)
+
+        self._call_threadsafe(start)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -523,6 +572,20 @@ class SyncH2Connection:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("no SETTINGS from the server")
                 self._read_turn_locked(deadline)
+
+    def drain_threadsafe(self) -> None:
+        """:meth:`drain` (callable from any thread, as everything here)."""
+        self.drain()
+
+    def check_in_background(self, timeout: float, dead: Callable[[], None]) -> None:
+        """Without waiting: PING on a short thread, and call ``dead()`` there when no
+        answer comes within ``timeout`` seconds."""
+
+        def check() -> None:
+            if not self.ping(timeout):
+                dead()
+
+        threading.Thread(target=check, name="toolpool-h2-ping", daemon=True).start()
 
     def fence(self, callback: Callable[[], None], timeout: float = 2.0) -> None:
         """:meth:`AsyncH2Connection.fence`, blocking the caller until the PING is answered;

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import httpx
 
 from toolpool import _auth_context, _h2pool, _state
+from toolpool._async import h2 as async_h2
 from toolpool._async import request as async_request
 from toolpool._config import (
     DEFAULT_POLICY_MARK,
@@ -33,6 +34,7 @@ from toolpool._overflow import OverflowTier, local_destinations
 from toolpool._saturation import Saturation, SaturationHub
 from toolpool._state import Slot
 from toolpool._stats import DestinationStats, PoolStats, destination_stats
+from toolpool._sync import h2 as sync_h2
 from toolpool._sync import request as sync_request
 from toolpool._sync.connection import SYNC_DRIVER
 from toolpool.auth._layer import auth_layer
@@ -180,7 +182,7 @@ class Pool:
         if settings.http2:
             # Slots are stream permits; the HTTP/2 side sends (and falls back to HTTP/1.1).
             dest = DestinationPool(
-                self, settings, self.defaults.egress, _h2pool.async_send, _h2pool.sync_send
+                self, settings, self.defaults.egress, async_h2.send, sync_h2.send
             )
             _h2pool.attach(dest)
         else:
@@ -404,7 +406,7 @@ class Pool:
             async_request.warm(dest, slot, ctx)
             for dest, slot, ctx in self._warmup_permits(asyncio.get_running_loop())
         ]
-        jobs += [_h2pool.async_warm(dest, ctx) for dest, ctx in self._h2_warmups()]
+        jobs += [async_h2.warm(dest, ctx) for dest, ctx in self._h2_warmups()]
         if jobs:
             results = await asyncio.gather(*jobs)
             self._log_warmup(len(results), sum(results))
@@ -414,7 +416,7 @@ class Pool:
         self._ensure_started()
         permits = self._warmup_permits(SYNC_DRIVER)
         jobs: list[Callable[[], bool]] = [partial(sync_request.warm, *p) for p in permits]
-        jobs += [partial(_h2pool.sync_warm, dest, ctx) for dest, ctx in self._h2_warmups()]
+        jobs += [partial(sync_h2.warm, dest, ctx) for dest, ctx in self._h2_warmups()]
         if jobs:
             with ThreadPoolExecutor(min(16, len(jobs)), "toolpool-warmup") as ex:
                 results = list(ex.map(lambda job: job(), jobs))

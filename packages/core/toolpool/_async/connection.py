@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -19,16 +20,19 @@ import httpx
 
 from toolpool import _auth_context, _egress
 from toolpool._destination import DestinationPool, connect_error
+from toolpool._h2io import AsyncH2Connection, Handshaken
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._messages import ReadCheck, RequestBytes
 from toolpool._state import Slot
 
 __all__ = [
     "AsyncConnection",
+    "Event",
     "Notifier",
     "Stale",
     "connect",
     "current_driver",
+    "open_h2",
 ]
 
 monotonic = time.monotonic
@@ -63,6 +67,11 @@ def current_driver() -> asyncio.AbstractEventLoop:
     """The driver part of the pool keys of this task's requests: its event loop (a socket
     owned by one loop cannot be used from another)."""
     return asyncio.get_running_loop()
+
+
+#: What the requests of one key wait on together while one of them opens the key's HTTP/2
+#: connection (`toolpool._h2pool.KeyConnections.borrow`).
+Event = asyncio.Event
 
 
 class _WaitTimedOut(Exception):
@@ -433,15 +442,7 @@ async def connect(
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the connect completes (CPython gh-86296), leaving the request running.
         async with asyncio.timeout(timeout):
-            # Egress policy: resolve once, check every address, connect to checked ones only.
-            addresses = await _egress.aresolve(dest, loop)
-            for address in addresses:
-                try:
-                    sock = await _tcp_connect(loop, address, dest.port, connecting)
-                    break
-                except OSError as exc:
-                    if not _egress.try_next(exc, address, addresses, None):
-                        raise
+            sock = await _tcp_checked(dest, loop, connecting)
             await loop.create_connection(
                 conn.tcp_connected,
                 sock=sock.dup(),
@@ -468,6 +469,52 @@ async def connect(
         raise err from exc
     sock.close()  # the transport has its own descriptor of the connection
     return conn
+
+
+async def open_h2(
+    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None
+) -> AsyncH2Connection | None:
+    """TCP (egress-checked) and TLS with `sslctx`, which offers ``h2`` by ALPN: the HTTP/2
+    connection (its preface sent), or None when the server picked http/1.1 (that
+    connection is closed)."""
+    loop = asyncio.get_running_loop()
+    connecting: list[socket.socket] = []
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            sock = await _tcp_checked(dest, loop, connecting)
+            transport, _ = await loop.create_connection(
+                Handshaken, sock=sock, ssl=sslctx, server_hostname=dest.host
+            )
+    except BaseException as exc:
+        if transport is not None:
+            transport.abort()
+        for s in connecting:
+            s.close()
+        err = connect_error(dest, exc, timeout)
+        if err is exc:
+            raise
+        raise err from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+        transport.close()
+        return None
+    return AsyncH2Connection.adopt(transport)
+
+
+async def _tcp_checked(
+    dest: DestinationPool, loop: asyncio.AbstractEventLoop, connecting: list[socket.socket]
+) -> socket.socket:
+    """Egress policy: resolve once, check every address, connect to checked ones only (the
+    next one when an address refuses, as `_egress.try_next` decides)."""
+    addresses = await _egress.aresolve(dest, loop)
+    for address in addresses:
+        try:
+            return await _tcp_connect(loop, address, dest.port, connecting)
+        except OSError as exc:
+            if not _egress.try_next(exc, address, addresses, None):
+                raise
+    raise OSError(f"no address to connect to for {dest.host}")
 
 
 def _established(sock: socket.socket) -> bool:

@@ -220,7 +220,7 @@ async def preconnect(
     """Make sure an idle connection of `ctx`'s key exists (open one if the cap allows),
     without sending anything; True if one is there. Auth providers call it while fetching a
     token, so that a cold call pays for connection setup and token fetch at the same time,
-    not in turn. (An HTTP/2 destination's: `toolpool._h2pool.async_preconnect`.)"""
+    not in turn. (An HTTP/2 destination's: `toolpool._async.h2.preconnect`.)"""
     got = dest.lease_if_room(pool_key(ctx, current_driver()))
     if got is None:
         return False  # at the cap: the request will queue like any other

@@ -18,17 +18,20 @@ import httpx
 
 from toolpool import _auth_context, _egress
 from toolpool._destination import DestinationPool, connect_error
+from toolpool._h2io import SyncH2Connection
 from toolpool._http11 import LAST_CHUNK, ProtocolError, ResponseHead, ResponseParser, encode_chunk
 from toolpool._messages import ReadCheck, RequestBytes
 from toolpool._state import Slot
 
 __all__ = [
     "SYNC_DRIVER",
+    "Event",
     "Notifier",
     "Stale",
     "SyncConnection",
     "connect",
     "current_driver",
+    "open_h2",
 ]
 
 monotonic = time.monotonic
@@ -46,6 +49,11 @@ def current_driver() -> str:
     """The driver part of the pool keys of this thread's requests: the thread driver's
     connections are shared by all threads."""
     return SYNC_DRIVER
+
+
+#: What the requests of one key wait on together while one of them opens the key's HTTP/2
+#: connection (`toolpool._h2pool.KeyConnections.borrow`).
+Event = threading.Event
 
 
 class Notifier:
@@ -203,17 +211,7 @@ def connect(
     tcp_done: float | None = None
     try:
         sslctx = dest.ssl_context(ctx)
-        # Egress policy: resolve once, check every address, connect to checked ones only.
-        addresses = _egress.resolve(dest)
-        for address in addresses:
-            try:
-                raw = socket.create_connection((address, dest.port), timeout=timeout)
-                break
-            except OSError as exc:
-                if not _egress.try_next(exc, address, addresses, None):
-                    raise
-        assert raw is not None
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw = _tcp_checked(dest, timeout)
         tcp_done = monotonic()
         # TLS runs on a duplicate: a failed handshake closes that, not the connection.
         sock = sslctx.wrap_socket(raw.dup(), server_hostname=dest.host) if sslctx else raw
@@ -231,3 +229,46 @@ def connect(
     conn = SyncConnection(dest, slot, sock)
     conn.tcp_done = tcp_done
     return conn
+
+
+def open_h2(
+    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None
+) -> SyncH2Connection | None:
+    """TCP (egress-checked) and TLS with `sslctx`, which offers ``h2`` by ALPN: the HTTP/2
+    connection (its preface sent), or None when the server picked http/1.1 (that
+    connection is closed)."""
+    try:
+        sock = _tcp_checked(dest, timeout)
+        try:
+            tls = sslctx.wrap_socket(sock, server_hostname=dest.host)
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException as exc:
+        err = connect_error(dest, exc, timeout)
+        if err is exc:
+            raise
+        raise err from exc
+    if tls.selected_alpn_protocol() != "h2":
+        tls.close()
+        return None
+    tls.settimeout(None)
+    return SyncH2Connection(tls)
+
+
+def _tcp_checked(dest: DestinationPool, timeout: float | None) -> socket.socket:
+    """Egress policy: resolve once, check every address, connect to checked ones only (the
+    next one when an address refuses, as `_egress.try_next` decides), all within `timeout`."""
+    deadline = None if timeout is None else monotonic() + timeout
+    addresses = _egress.resolve(dest)
+    for address in addresses:
+        remaining = None if deadline is None else max(0.001, deadline - monotonic())
+        try:
+            sock = socket.create_connection((address, dest.port), timeout=remaining)
+        except OSError as exc:
+            if not _egress.try_next(exc, address, addresses, None):
+                raise
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise OSError(f"no address to connect to for {dest.host}")

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from toolpool import _h2pool
+from toolpool._async import h2 as async_h2
 from toolpool._async import request as async_request
 from toolpool._auth_context import AuthContext
 from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._destination import mark_counted, unmark_counted
+from toolpool._sync import h2 as sync_h2
 from toolpool._sync import request as sync_request
 from toolpool.auth._cache import (
     FAIL,
@@ -391,9 +392,7 @@ class HeaderAuth(MethodLayer):
             if plan.preconnect:
                 # On HTTP/2 the tenant's multiplexed connection (falls back by itself).
                 preconnect_fn = (
-                    _h2pool.async_preconnect
-                    if self.dest.h2 is not None
-                    else async_request.preconnect
+                    async_h2.preconnect if self.dest.h2 is not None else async_request.preconnect
                 )
                 preconnect = asyncio.get_running_loop().create_task(preconnect_fn(self.dest, ctx))
             assert plan.request is not None
@@ -667,7 +666,7 @@ def _who(ctx: AuthContext | None) -> str:
 def _preconnect_sync(dest: DestinationPool, ctx: AuthContext | None) -> None:
     try:
         if dest.h2 is not None:
-            _h2pool.sync_preconnect(dest, ctx)
+            sync_h2.preconnect(dest, ctx)
         else:
             sync_request.preconnect(dest, ctx)
     except Exception as exc:  # the request itself meets (and reports) any real failure
