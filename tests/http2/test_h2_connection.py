@@ -279,6 +279,35 @@ def test_ping_sync(ds: Downstream) -> None:
     conn.close()
 
 
+async def test_fence_waits_for_the_ping_and_closes_a_silent_connection(ds: Downstream) -> None:
+    """A cancelled stream's permit comes back through `fence`: once the server answered a
+    PING (it read the RST_STREAM), or, without an answer within the timeout, once the
+    connection is closed (as the thread driver's fence does)."""
+    conn = await _connect(ds)
+    answered = asyncio.Event()
+    conn.fence(answered.set, 5.0)
+    await asyncio.wait_for(answered.wait(), 5)
+    assert not conn.is_closed
+    ds.set_fault("api", "silent", count=1)
+    given_back = asyncio.Event()
+    conn.fence(given_back.set, 0.3)
+    await asyncio.wait_for(given_back.wait(), 5)
+    assert conn.is_closed
+    assert ds.stats("api").faults_fired == {"silent": 1}
+
+
+def test_fence_sync(ds: Downstream) -> None:
+    conn = _connect_sync(ds)
+    calls: list[str] = []
+    conn.fence(lambda: calls.append("answered"), 5.0)
+    assert calls == ["answered"]
+    assert not conn.is_closed
+    ds.set_fault("api", "silent", count=1)
+    conn.fence(lambda: calls.append("closed"), 0.3)
+    assert calls == ["answered", "closed"]
+    assert conn.is_closed
+
+
 async def test_drain_lets_open_streams_finish_then_closes(ds: Downstream) -> None:
     conn = await _connect(ds)
     slow = await conn.handle_async_request(_req(ds, "/stream?chunks=3&delay=0.1"))

@@ -73,6 +73,61 @@ def _timeout(request: httpx.Request, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+class _H2Connection:
+    """What both connections share: the sans-I/O state and the readings and rules a pool
+    asks of a connection, whatever its driver."""
+
+    state: H2Client
+    #: Driver time (the loop's, or time.monotonic()) of the last stream activity.
+    last_used: float
+
+    def _init_pool_fields(self) -> None:
+        #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
+        self.expires_at: float | None = None
+        #: When the maintenance thread last scheduled a PING of this idle connection.
+        self.pinged_at = 0.0
+
+    @property
+    def is_available(self) -> bool:
+        """It can take a new stream now."""
+        return self.state.accepting
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state.closed
+
+    def _idle_at(self, now: float) -> float:
+        return 0.0 if self.state.streams else now - self.last_used
+
+    def _settings_missing(self) -> bool:
+        """True until the server's SETTINGS arrived; the error when it closed before."""
+        if self.state.settings_received:
+            return False
+        if self.state.closed:
+            raise self.state.error or httpx.RemoteProtocolError(
+                "the HTTP/2 connection closed before the server's SETTINGS"
+            )
+        return True
+
+    def _end_stream(self, stream: Stream, cancel: bool, now: float) -> None:
+        """The caller is done with `stream`: reset it if unfinished (RST_STREAM), else
+        forget it; the connection is idle from `now` if it was the last one."""
+        if cancel:
+            self.state.cancel(stream)
+        else:
+            self.state.release(stream)
+        self.last_used = now
+
+    def _response(self, stream: Stream, body: Any) -> httpx.Response:
+        assert stream.status is not None
+        return httpx.Response(
+            stream.status,
+            headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
+            stream=body,
+            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
+        )
+
+
 # -- asyncio ------------------------------------------------------------------------------
 
 
@@ -118,7 +173,7 @@ class Handshaken(asyncio.Protocol):
         self.lost_exc = exc
 
 
-class AsyncH2Connection(asyncio.Protocol):
+class AsyncH2Connection(_H2Connection, asyncio.Protocol):
     """One HTTP/2 connection on an asyncio transport (ALPN already chose ``h2``).
 
     ::
@@ -137,10 +192,7 @@ class AsyncH2Connection(asyncio.Protocol):
         #: Loop time of the last stream activity (what "idle for" counts from).
         self.last_used = 0.0
         self.opened_at = 0.0
-        #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
-        self.expires_at: float | None = None
-        #: When the maintenance thread last scheduled a PING of this idle connection.
-        self.pinged_at = 0.0
+        self._init_pool_fields()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._fences: dict[bytes, Callable[[], None]] = {}
 
@@ -258,23 +310,11 @@ class AsyncH2Connection(asyncio.Protocol):
         if self.state.should_close:
             self.close()
 
-    @property
-    def is_available(self) -> bool:
-        """It can take a new stream now."""
-        return self.state.accepting
-
-    @property
-    def is_closed(self) -> bool:
-        return self.state.closed
-
     def idle_for(self) -> float:
         """Seconds since the last stream activity (0 while streams are open). Callable from
         any thread (the maintenance thread asks too): the loop's clock is read, not run."""
-        if self.state.streams:
-            return 0.0
         loop = self.loop
-        now = loop.time() if loop is not None else time.monotonic()
-        return now - self.last_used
+        return self._idle_at(loop.time() if loop is not None else time.monotonic())
 
     def drain(self) -> None:
         """No new streams; close once the open ones finish (max lifetime, gracefully)."""
@@ -294,11 +334,7 @@ class AsyncH2Connection(asyncio.Protocol):
     async def settings(self, timeout: float | None) -> None:
         """Wait for the server's SETTINGS (its stream limit), sent right after the handshake."""
         async with asyncio.timeout(timeout):
-            while not self.state.settings_received:
-                if self.state.closed:
-                    raise self.state.error or httpx.RemoteProtocolError(
-                        "the HTTP/2 connection closed before the server's SETTINGS"
-                    )
+            while self._settings_missing():
                 self._connection_event.clear()
                 await self._connection_event.wait()
 
@@ -341,11 +377,7 @@ class AsyncH2Connection(asyncio.Protocol):
 
     def _finish(self, stream: Stream, *, cancel: bool) -> None:
         self._waiters.pop(stream.stream_id, None)
-        if cancel:
-            self.state.cancel(stream)
-        else:
-            self.state.release(stream)
-        self.last_used = asyncio.get_running_loop().time()
+        self._end_stream(stream, cancel, asyncio.get_running_loop().time())
         self._write()
         self._close_if_done()
 
@@ -376,12 +408,7 @@ class AsyncH2Connection(asyncio.Protocol):
         except BaseException:
             self._finish(stream, cancel=True)
             raise
-        return httpx.Response(
-            stream.status,
-            headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
-            stream=_AsyncBody(self, stream, read_timeout),
-            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
-        )
+        return self._response(stream, _AsyncBody(self, stream, read_timeout))
 
     async def _send_body(self, stream: Stream, request: httpx.Request) -> None:
         write_timeout = _timeout(request, "write")
@@ -456,7 +483,7 @@ def open_tls_sync(
     return tls.selected_alpn_protocol(), tls
 
 
-class SyncH2Connection:
+class SyncH2Connection(_H2Connection):
     """One HTTP/2 connection on a connected socket, shared by threads (ALPN chose ``h2``)."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -466,10 +493,7 @@ class SyncH2Connection:
         self._cond = threading.Condition(threading.Lock())  # the state, and waking waiters
         self._reading = False
         self.opened_at = self.last_used = time.monotonic()
-        #: When a pool drains this connection (max lifetime), on time.monotonic(); or None.
-        self.expires_at: float | None = None
-        #: When the maintenance thread last scheduled a PING of this idle connection.
-        self.pinged_at = 0.0
+        self._init_pool_fields()
         with self._cond:
             self._send_locked(self.state.initiate())
 
@@ -537,18 +561,9 @@ class SyncH2Connection:
 
     # -- public --------------------------------------------------------------------------
 
-    @property
-    def is_available(self) -> bool:
-        return self.state.accepting
-
-    @property
-    def is_closed(self) -> bool:
-        return self.state.closed
-
     def idle_for(self) -> float:
-        if self.state.streams:
-            return 0.0
-        return time.monotonic() - self.last_used
+        """Seconds since the last stream activity (0 while streams are open)."""
+        return self._idle_at(time.monotonic())
 
     def drain(self) -> None:
         with self._cond:
@@ -564,11 +579,7 @@ class SyncH2Connection:
         """Wait for the server's SETTINGS (its stream limit), sent right after the handshake."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self.state.settings_received:
-                if self.state.closed:
-                    raise self.state.error or httpx.RemoteProtocolError(
-                        "the HTTP/2 connection closed before the server's SETTINGS"
-                    )
+            while self._settings_missing():
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("no SETTINGS from the server")
                 self._read_turn_locked(deadline)
@@ -623,11 +634,7 @@ class SyncH2Connection:
 
     def _finish(self, stream: Stream, *, cancel: bool) -> None:
         with self._cond:
-            if cancel:
-                self.state.cancel(stream)
-            else:
-                self.state.release(stream)
-            self.last_used = time.monotonic()
+            self._end_stream(stream, cancel, time.monotonic())
             self._send_locked()
             if self.state.should_close:
                 self._close_locked()
@@ -661,12 +668,7 @@ class SyncH2Connection:
         except BaseException:
             self._finish(stream, cancel=True)
             raise
-        return httpx.Response(
-            stream.status,
-            headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
-            stream=_SyncBody(self, stream, read_timeout),
-            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
-        )
+        return self._response(stream, _SyncBody(self, stream, read_timeout))
 
     def _send_body(self, stream: Stream, request: httpx.Request) -> None:
         write_timeout = _timeout(request, "write")
