@@ -56,8 +56,12 @@ async def test_request_without_context_fails_clearly_and_opens_nothing():
     assert ds.stats("ledger").connections_accepted == 0
 
 
-async def test_warmup_opens_connections_per_listed_context():
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "h2"])
+async def test_warmup_opens_connections_per_listed_context(http2: bool):
+    """HTTP/1.1: warm-up's share of the cap (0.5 x 8), split across the listed contexts;
+    HTTP/2: one connection per listed context (it carries all of that context's streams)."""
     contexts = [toolpool.AuthContext(tenant=t) for t in ("acme", "globex")]
+    opened = 2 if http2 else 4
     async with Downstream({"ledger": MTLS}, tls=True) as ds:
         dest = destination(
             ds,
@@ -66,17 +70,19 @@ async def test_warmup_opens_connections_per_listed_context():
             max_connections=8,
             warmup=0.5,
             warmup_contexts=contexts,
+            http2=http2,
         )
         async with toolpool.Pool([dest]) as pool:
             # The server counts a TLS connection once its side of the handshake is done.
-            await ds.wait_stats_async("ledger", lambda s: s.connections_accepted == 4)
-            assert pool.stats()["ledger"].idle == 4
+            await ds.wait_stats_async("ledger", lambda s: s.connections_accepted == opened)
+            assert pool.stats()["ledger"].idle == opened
             for ctx in contexts:
                 with toolpool.auth_context(ctx):
                     r = await pool.client().get(ds.url("ledger") + "/anything")
                 assert r.json()["tenant"] == ctx.tenant
                 assert r.extensions["toolpool"]["reused"] is True  # a warm connection of ctx
-    assert ds.stats("ledger").connections_accepted == 4
+            assert pool.stats()["ledger"].protocol == ("h2" if http2 else "http/1.1")
+    assert ds.stats("ledger").connections_accepted == opened
     assert not ds.stats("ledger").mixed_connections()
 
 

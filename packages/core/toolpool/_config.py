@@ -244,7 +244,7 @@ class DestinationSettings:
     auth: Any
     policy: Any
     listed: bool
-    #: HTTP/2 is offered (https:// with http2 on, and no per-context client certificate).
+    #: HTTP/2 is offered (https:// with http2 on).
     http2: bool = False
 
     @property
@@ -260,13 +260,9 @@ def resolve(dest: Destination, defaults: PoolDefaults, listed: bool = True) -> D
         return getattr(defaults, name) if value is None else value
 
     cap = dest.connection_cap(defaults.max_connections)
-    # mTLS per context (a connection-bound auth provider) keeps HTTP/1.1 for now: its TLS
-    # contexts belong to the provider and announce http/1.1 only.
-    http2 = (
-        bool(pick("http2"))
-        and dest.origin[0] == "https"
-        and not getattr(dest.auth, "connection_bound", False)
-    )
+    # mTLS per context included: an HTTP/2 connection presents its context's certificate
+    # (toolpool._h2pool.H2Connections.ssl_context).
+    http2 = bool(pick("http2")) and dest.origin[0] == "https"
     return DestinationSettings(
         name=dest.name,
         origin=dest.origin,

@@ -198,8 +198,9 @@ class AuthLayer(SendLayer, Protocol):
     @property
     def connection_bound(self) -> bool: ...
 
-    def ssl_context(self, ctx: AuthContext | None) -> ssl.SSLContext:
-        """The TLS context presenting `ctx`'s identity (connection-bound layers only)."""
+    def ssl_context(self, ctx: AuthContext | None, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        """The TLS context presenting `ctx`'s identity and offering `alpn` (none: no ALPN,
+        HTTP/1.1), connection-bound layers only."""
         ...
 
     def stats(self) -> object:

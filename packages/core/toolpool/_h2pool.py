@@ -85,6 +85,8 @@ PING_TIMEOUT = 2.0
 _CAPACITY_MOVED = frozenset({_state.AFFINITY, _state.LIMIT})
 
 Key = tuple[str | None, Any]
+#: What a new HTTP/2 connection offers by ALPN; the server picks.
+_ALPN = ("h2", "http/1.1")
 
 
 class UseHttp11(Exception):
@@ -208,11 +210,17 @@ class H2Connections:
 
     def ssl_context(self, ctx: _auth_context.AuthContext | None) -> ssl.SSLContext:
         """The TLS context of a new HTTP/2 connection acting for `ctx`, offering ``h2`` and
-        ``http/1.1`` by ALPN."""
+        ``http/1.1`` by ALPN. With client certificates per context (mTLS, a connection-bound
+        auth layer) it presents `ctx`'s certificate: the auth layer builds and caches one
+        per (context, ALPN), and the connection serves that context's key only, so a
+        connection that presented tenant A's certificate never carries tenant B."""
+        auth = self.dest.auth
+        if auth is not None and auth.connection_bound:
+            return auth.ssl_context(ctx, _ALPN)
         if self._ssl is None:
             settings = self.dest.settings
             sslctx = client_ssl_context(settings.verify, settings.cert)
-            sslctx.set_alpn_protocols(["h2", "http/1.1"])
+            sslctx.set_alpn_protocols(list(_ALPN))
             self._ssl = sslctx
         return self._ssl
 

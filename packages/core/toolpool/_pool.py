@@ -424,13 +424,19 @@ class Pool:
 
     def _h2_warmups(self) -> list[tuple[DestinationPool, Any]]:
         """HTTP/2 warm-up: one connection (and token) per warm-up context of each HTTP/2
-        destination with warm-up on; the shared identity when it lists no contexts."""
-        return [
-            (dest, ctx)
-            for dest in list(self._by_name.values())
-            if dest.h2 is not None and dest.settings.warmup_count and dest.settings.listed
-            for ctx in (dest.settings.warmup_contexts or (None,))
-        ]
+        destination with warm-up on; the shared identity when it lists no contexts, except
+        where connections carry identity from the handshake (mTLS): as on HTTP/1.1, those
+        warm only the contexts listed."""
+        jobs: list[tuple[DestinationPool, Any]] = []
+        for dest in list(self._by_name.values()):
+            if dest.h2 is None or not dest.settings.warmup_count or not dest.settings.listed:
+                continue
+            contexts = dest.settings.warmup_contexts
+            if contexts:
+                jobs += [(dest, ctx) for ctx in contexts]
+            elif dest.auth is None or not dest.auth.connection_bound:
+                jobs.append((dest, None))
+        return jobs
 
     def _warmup_permits(self, driver: Any) -> list[tuple[DestinationPool, Slot, Any]]:
         permits: list[tuple[DestinationPool, Slot, Any]] = []

@@ -152,7 +152,8 @@ class ClientCertAuth(MethodLayer):
         self.name = dest.name
         self.verify = verify
         self.lock = threading.Lock()
-        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        #: By (context fingerprint, ALPN protocols offered): HTTP/2 connections offer h2.
+        self._contexts: OrderedDict[tuple[str, tuple[str, ...]], ssl.SSLContext] = OrderedDict()
         self._failures: dict[str, tuple[float, str]] = {}
         self._shared = provider.shared_identity
         self.counters = AuthCounters()
@@ -177,15 +178,18 @@ class ClientCertAuth(MethodLayer):
             raise no_context_error(self.name)
         return self._inner_s(request, ctx)
 
-    def ssl_context(self, ctx: AuthContext | None) -> ssl.SSLContext:
-        """The TLS context presenting `ctx`'s client certificate (built once per context)."""
+    def ssl_context(self, ctx: AuthContext | None, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        """The TLS context presenting `ctx`'s client certificate and offering the `alpn`
+        protocols (none: no ALPN, HTTP/1.1), built once per (context, alpn): an HTTP/2
+        destination's connections offer ``("h2", "http/1.1")``, its HTTP/1.1 ones nothing,
+        and neither changes a context the other uses."""
         if ctx is None and not self._shared:
             raise no_context_error(self.name)
         key = "" if ctx is None else ctx._fingerprint
         with self.lock:
-            sslctx = self._contexts.get(key)
+            sslctx = self._contexts.get((key, alpn))
             if sslctx is not None:
-                self._contexts.move_to_end(key)
+                self._contexts.move_to_end((key, alpn))
                 return sslctx
             failed = self._failures.get(key)
             if failed is not None and monotonic() < failed[0]:
@@ -201,6 +205,8 @@ class ClientCertAuth(MethodLayer):
         try:
             files = self.provider.cert_files(ctx)
             sslctx = client_ssl_context(self.verify, files)
+            if alpn:
+                sslctx.set_alpn_protocols(list(alpn))
         except Exception as exc:
             detail = (
                 str(exc)
@@ -218,7 +224,7 @@ class ClientCertAuth(MethodLayer):
         with self.lock:
             self.counters.observe(monotonic() - started, failed=False)
             self._failures.pop(key, None)
-            self._contexts[key] = sslctx
+            self._contexts[(key, alpn)] = sslctx
             while len(self._contexts) > self.provider.max_contexts:
                 self._contexts.popitem(last=False)
         return sslctx
@@ -229,13 +235,16 @@ class ClientCertAuth(MethodLayer):
     def stats(self) -> AuthStats:
         """Certificate loads as fetches (reason "initial"), failures and load durations."""
         with self.lock:
-            return self.counters.snapshot(self.name, "MutualTLS", len(self._contexts))
+            contexts = len({key for key, _ in self._contexts})
+            return self.counters.snapshot(self.name, "MutualTLS", contexts)
 
     def invalidate(self, ctx: AuthContext | None) -> None:
         """Forget `ctx`'s TLS context (e.g. after rotating its certificate files): its next
         new connection loads the certificate again. Open connections keep theirs."""
+        key = "" if ctx is None else ctx._fingerprint
         with self.lock:
-            self._contexts.pop("" if ctx is None else ctx._fingerprint, None)
+            for cached in [c for c in self._contexts if c[0] == key]:
+                del self._contexts[cached]
 
     def clear(self) -> None:
         """Forget every TLS context and failure."""
