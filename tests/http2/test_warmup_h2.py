@@ -6,6 +6,7 @@ the test bed counted (connections, streams, token requests, tenants per connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import httpx
@@ -137,3 +138,90 @@ async def test_preconnect_opens_the_tenants_connection_during_the_token_fetch() 
                 assert response.http_version == "HTTP/2"
                 assert pool.stats()["crm"].http2_connections == 1
                 assert pool.stats()["crm"].protocol == "h2"
+
+
+# -- no context listed: one unbound connection, bound by the first request that needs one ----
+
+
+def _open_pool(ds: Downstream, **kwargs: object) -> toolpool.Pool:
+    dest = toolpool.Destination("api", ds.url("api"), max_connections=12, **kwargs)
+    return toolpool.Pool([dest], verify=ds.ca_pem_path, http2=True)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "threads"])
+async def test_warmup_without_contexts_warms_one_connection_the_first_request_binds(
+    sync: bool,
+) -> None:
+    """No context listed: warm-up opens one connection for no identity. The first request
+    (here a tenant's) takes it and binds it to its context; the next tenant and requests
+    outside any context open their own (affinity unchanged)."""
+    async with Downstream({"api": ServiceSpec(require_auth=False)}, tls=True) as ds:
+        pool = _open_pool(ds)
+        if sync:
+            await asyncio.to_thread(pool.start)
+        else:
+            await pool.astart()
+
+        async def get(ctx: toolpool.AuthContext | None) -> httpx.Response:
+            with toolpool.auth_context(ctx) if ctx is not None else contextlib.nullcontext():
+                if sync:
+                    return await asyncio.to_thread(
+                        pool.sync_client().get, ds.url("api") + "/anything"
+                    )
+                return await pool.client().get(ds.url("api") + "/anything")
+
+        try:
+            warm = await ds.wait_stats_async("api", lambda s: s.connections_accepted == 1)
+            assert warm.http2_connections() == 1
+            assert warm.requests_total == 0
+            assert pool.stats()["api"].idle == 1  # the unbound permit
+
+            first = await get(toolpool.AuthContext(tenant="acme"))
+            assert first.http_version == "HTTP/2"
+            assert ds.stats("api").connections_accepted == 1  # on the warm connection
+            assert first.json()["connection_id"] == min(warm.connection_protocols)
+
+            second = await get(toolpool.AuthContext(tenant="globex"))
+            outside = await get(None)
+            again = await get(toolpool.AuthContext(tenant="acme"))
+            assert second.json()["connection_id"] != first.json()["connection_id"]
+            assert outside.json()["connection_id"] not in {
+                first.json()["connection_id"],
+                second.json()["connection_id"],
+            }
+            assert again.json()["connection_id"] == first.json()["connection_id"]
+            assert pool.stats()["api"].http2_connections == 3
+        finally:
+            await pool.aclose()
+        served = ds.stats("api")
+        assert served.connections_accepted == 3
+        assert served.mixed_connections() == {}
+        assert sorted(len(t) for t in served.connection_tenants.values()) == [1, 1, 1]
+
+
+async def test_an_unused_unbound_warm_connection_closes_after_the_idle_ttl() -> None:
+    async with Downstream({"api": ServiceSpec(require_auth=False)}, tls=True) as ds:
+        async with _open_pool(ds, idle_ttl=0.3) as pool:
+            await ds.wait_stats_async("api", lambda s: s.connections_accepted == 1)
+            await ds.wait_stats_async("api", lambda s: s.connections_open == 0)
+            stats = pool.stats()["api"]
+            assert stats.http2_connections == 0
+            assert stats.idle == 0
+            assert stats.closed_total["idle_ttl"] == 1
+
+
+async def test_a_per_tenant_oauth_destination_warms_an_unbound_connection_without_token(
+    ds: Downstream,
+) -> None:
+    """A provider with credentials per context has no token without a context: warm-up
+    opens the connection only; the first tenant's call binds it and fetches its token."""
+    async with _pool(ds) as pool:
+        warm = await ds.wait_stats_async("crm", lambda s: s.connections_accepted == 1)
+        assert warm.token_requests == 0
+        with toolpool.auth_context(tenant_ctx("acme")):
+            response = await pool.client().get(ds.url("crm") + "/anything")
+        assert response.json()["tenant"] == "acme"
+    served = ds.stats("crm")
+    assert served.connections_accepted == 1  # the token and the call on the warm connection
+    assert dict(served.token_requests_by_tenant) == {"acme": 1}
+    assert served.mixed_connections() == {}

@@ -68,6 +68,7 @@ __all__ = [
     "ping_first",
     "replayable",
     "response",
+    "warm_permit",
 ]
 
 log = logging.getLogger("toolpool.pool")
@@ -97,11 +98,14 @@ class StreamPermit:
     """What a slot of an HTTP/2 destination holds instead of a socket: the right to one
     stream on its key's connection. Closing it costs nothing on the wire."""
 
-    __slots__ = ("_dest", "_slot", "tcp_done")
+    __slots__ = ("_dest", "_slot", "key", "tcp_done")
 
     def __init__(self, dest: DestinationPool, slot: Slot) -> None:
         self._dest = dest
         self._slot = slot
+        #: The key this permit counts under in `H2Connections` (the slot's, until the state
+        #: machine binds an unbound warm-up permit to the key of its first request).
+        self.key: Key = slot.key
         self.tcp_done = monotonic()
 
     @property
@@ -121,7 +125,7 @@ class StreamPermit:
         self._dest.connection_lost(self._slot)
         h2 = self._dest.h2
         if h2 is not None:
-            h2.permit_closed(self._slot.key, keep=reason in _CAPACITY_MOVED)
+            h2.permit_closed(self.key, keep=reason in _CAPACITY_MOVED)
 
     def abort(self) -> None:
         self.close()
@@ -252,6 +256,25 @@ class H2Connections:
         with self.lock:
             kc.permits += 1
 
+    def bind(self, permit: StreamPermit, key: Key) -> None:
+        """The state machine bound an unbound warm-up permit to `key` (the key of its first
+        request): the permit counts under `key` from now on, and the connection warm-up
+        opened for no identity goes with it. That connection has carried no stream and
+        presented no client certificate (a destination whose identity is in the handshake
+        warms no unbound connection), so from now on it carries `key`'s streams only: the
+        same rule as an unbound HTTP/1.1 warm-up connection."""
+        with self.lock:
+            unbound = self.by_key.get(permit.key)
+            bound = self.by_key.get(key)
+            if bound is None:
+                bound = self.by_key[key] = KeyConnections(self.lock)
+            bound.permits += 1
+            if unbound is not None:
+                unbound.permits -= 1
+                bound.conns += unbound.conns
+                unbound.conns = []
+            permit.key = key
+
     def permit_closed(self, key: Key, keep: bool = False) -> None:
         """The state machine closed one of `key`'s permits (idle TTL, affinity, limit,
         shutdown). With the last one gone the key's connections drain: the state machine's
@@ -327,14 +350,28 @@ def _dead(name: str, conn: Any) -> None:
 
 def as_permit(dest: DestinationPool, slot: Slot) -> Slot:
     """`slot` (granted by the state machine) as a stream permit: a slot still holding an
-    HTTP/1.1 connection from before gives it up; a fresh one is 'opened' at once (no socket)."""
+    HTTP/1.1 connection from before gives it up; a fresh one is 'opened' at once (no socket);
+    an unbound warm-up permit the state machine just bound takes its connection along."""
+    h2 = dest.h2
+    assert h2 is not None
     if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
         slot = dest.replace(slot)
-    if slot.conn is None:
+    permit = slot.conn
+    if permit is None:
+        h2.permit_opened(slot.key)
         dest.opened(slot, StreamPermit(dest, slot), 0.0)
-        assert dest.h2 is not None
-        dest.h2.permit_opened(slot.key)
+    elif permit.key != slot.key:
+        h2.bind(permit, slot.key)
     return slot
+
+
+def warm_permit(dest: DestinationPool, slot: Slot) -> None:
+    """A warm-up permit (unbound, from the state machine's `warm`) whose connection is open:
+    it idles, unbound, until the first request of its driver binds it (`H2Connections.bind`),
+    or goes to a waiter that can bind it now."""
+    assert dest.h2 is not None
+    dest.h2.permit_opened(slot.key)
+    dest.warmed(slot, StreamPermit(dest, slot))
 
 
 def give_back(dest: DestinationPool, slot: Slot, conn: Any, complete: bool) -> None:

@@ -406,7 +406,7 @@ class Pool:
             async_request.warm(dest, slot, ctx)
             for dest, slot, ctx in self._warmup_permits(asyncio.get_running_loop())
         ]
-        jobs += [async_h2.warm(dest, ctx) for dest, ctx in self._h2_warmups()]
+        jobs += [async_h2.warm(*job) for job in self._h2_warmups(asyncio.get_running_loop())]
         if jobs:
             results = await asyncio.gather(*jobs)
             self._log_warmup(len(results), sum(results))
@@ -416,26 +416,31 @@ class Pool:
         self._ensure_started()
         permits = self._warmup_permits(SYNC_DRIVER)
         jobs: list[Callable[[], bool]] = [partial(sync_request.warm, *p) for p in permits]
-        jobs += [partial(sync_h2.warm, dest, ctx) for dest, ctx in self._h2_warmups()]
+        jobs += [partial(sync_h2.warm, *job) for job in self._h2_warmups(SYNC_DRIVER)]
         if jobs:
             with ThreadPoolExecutor(min(16, len(jobs)), "toolpool-warmup") as ex:
                 results = list(ex.map(lambda job: job(), jobs))
             self._log_warmup(len(results), sum(results))
 
-    def _h2_warmups(self) -> list[tuple[DestinationPool, Any]]:
-        """HTTP/2 warm-up: one connection (and token) per warm-up context of each HTTP/2
-        destination with warm-up on; the shared identity when it lists no contexts, except
-        where connections carry identity from the handshake (mTLS): as on HTTP/1.1, those
-        warm only the contexts listed."""
-        jobs: list[tuple[DestinationPool, Any]] = []
+    def _h2_warmups(self, driver: Any) -> list[tuple[DestinationPool, Any, Slot | None]]:
+        """HTTP/2 warm-up, per destination with warm-up on: one connection (and token) per
+        listed warm-up context; with none listed, one connection for no identity, on an
+        unbound permit that the first request of `driver` binds to its context (tenants and
+        requests outside any context alike use it, as an unbound HTTP/1.1 warm-up
+        connection). Where identity is in the handshake (mTLS) there is no connection
+        without one: only listed contexts are warmed."""
+        jobs: list[tuple[DestinationPool, Any, Slot | None]] = []
+        now = monotonic()
         for dest in list(self._by_name.values()):
             if dest.h2 is None or not dest.settings.warmup_count or not dest.settings.listed:
                 continue
             contexts = dest.settings.warmup_contexts
             if contexts:
-                jobs += [(dest, ctx) for ctx in contexts]
+                jobs += [(dest, ctx, None) for ctx in contexts]
             elif dest.auth is None or not dest.auth.connection_bound:
-                jobs.append((dest, None))
+                with dest.lock:
+                    slots = dest.state.warm((None, driver), 1, now)
+                jobs += [(dest, None, slot) for slot in slots]
         return jobs
 
     def _warmup_permits(self, driver: Any) -> list[tuple[DestinationPool, Slot, Any]]:

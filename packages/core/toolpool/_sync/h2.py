@@ -223,13 +223,30 @@ def preconnect(
     return True
 
 
-def warm(dest: DestinationPool, ctx: _auth_context.AuthContext | None) -> bool:
+def warm(
+    dest: DestinationPool, ctx: _auth_context.AuthContext | None, slot: Slot | None = None
+) -> bool:
     """Warm-up of one (destination, context): its token (when the destination has an auth
-    provider; a cold fetch opens the connection at the same time) and its connection."""
+    provider; a cold fetch opens the connection at the same time) and its connection. With
+    `slot`, an unbound warm-up permit (no context listed): one connection for no identity,
+    which the first request of this driver takes and binds to its context (see
+    `_h2pool.H2Connections.bind`)."""
     warm_token = getattr(dest.auth, "warm_sync", None)  # toolpool.auth.HeaderAuth's
     if warm_token is not None:
         try:
             warm_token(ctx)
         except Exception as exc:  # the first request meets (and reports) it again
             log.debug("warm-up token for %s failed: %s", dest.name, type(exc).__name__)
-    return preconnect(dest, ctx)
+    if slot is None:
+        return preconnect(dest, ctx)
+    h2 = dest.h2
+    assert h2 is not None
+    try:
+        connection(dest, h2.key(slot.key), None, dest.settings.connect_timeout)
+    except BaseException as exc:
+        dest.open_failed(slot)
+        if isinstance(exc, httpx.TransportError | _h2pool.UseHttp11):
+            return False  # the requests meet (and report) the failure, or speak HTTP/1.1
+        raise
+    _h2pool.warm_permit(dest, slot)
+    return True
