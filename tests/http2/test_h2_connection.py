@@ -15,7 +15,13 @@ import httpx
 import pytest
 
 from toolpool._h2 import StreamNotProcessed, StreamReset
-from toolpool._h2io import AsyncH2Connection, SyncH2Connection, open_tls, open_tls_sync
+from toolpool._h2io import (
+    AsyncH2Connection,
+    NoNewStream,
+    SyncH2Connection,
+    open_tls,
+    open_tls_sync,
+)
 from toolpool.testing import Downstream, ServiceSpec
 
 OPEN = ServiceSpec(require_auth=False)
@@ -143,7 +149,7 @@ async def test_server_max_concurrent_streams_is_honoured(ds: Downstream) -> None
     first = await conn.handle_async_request(_req(ds, "/stream?chunks=2&delay=0.2", "two"))
     second = await conn.handle_async_request(_req(ds, "/stream?chunks=2&delay=0.2", "two"))
     assert not conn.is_available  # a third would exceed the server's limit
-    with pytest.raises(RuntimeError, match="no new stream"):
+    with pytest.raises(NoNewStream, match="no new stream"):
         await conn.handle_async_request(_req(ds, "/anything", "two"))
     await first.aread()
     assert conn.is_available

@@ -29,10 +29,11 @@ from typing import Any
 
 import httpx
 
-from toolpool._h2 import H2Client, Stream
+from toolpool._h2 import H2Client, Stream, StreamNotProcessed
 
 __all__ = [
     "AsyncH2Connection",
+    "NoNewStream",
     "SyncH2Connection",
     "open_tls",
     "open_tls_sync",
@@ -50,6 +51,13 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class NoNewStream(StreamNotProcessed):
+    """The connection took no new stream (it is at the server's stream limit, or going away):
+    nothing of the request was sent, so another connection may take it whatever its body.
+    A pool that checked the connection first meets it when another thread filled the last
+    stream, or a GOAWAY arrived, in between."""
 
 
 def request_parts(
@@ -388,7 +396,7 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
         (retry it on another connection), other ``httpx`` errors otherwise.
         """
         if not self.state.accepting:
-            raise RuntimeError("this HTTP/2 connection takes no new stream now")
+            raise NoNewStream("this HTTP/2 connection takes no new stream now")
         method, scheme, authority, path, headers = request_parts(request)
         no_body = _has_no_body(request)
         stream = self.state.open_stream(
@@ -646,7 +654,7 @@ class SyncH2Connection(_H2Connection):
         read_timeout = _timeout(request, "read")
         with self._cond:
             if not self.state.accepting:
-                raise RuntimeError("this HTTP/2 connection takes no new stream now")
+                raise NoNewStream("this HTTP/2 connection takes no new stream now")
             stream = self.state.open_stream(
                 method, scheme, authority, path, headers, end_stream=no_body
             )

@@ -51,6 +51,8 @@ import httpx
 
 from toolpool import _auth_context, _state
 from toolpool._destination import DestinationPool
+from toolpool._h2 import StreamNotProcessed
+from toolpool._h2io import NoNewStream
 from toolpool._state import Slot
 from toolpool._tls import client_ssl_context
 
@@ -68,6 +70,7 @@ __all__ = [
     "ping_first",
     "replayable",
     "response",
+    "retry_elsewhere",
     "warm_permit",
 ]
 
@@ -389,6 +392,12 @@ def give_back(dest: DestinationPool, slot: Slot, conn: Any, complete: bool) -> N
 def replayable(request: httpx.Request) -> bool:
     """A request the server did not process can be sent again: its body is in memory."""
     return isinstance(request.stream, httpx.ByteStream)
+
+
+def retry_elsewhere(exc: StreamNotProcessed, request: httpx.Request) -> bool:
+    """A stream the server did not process goes to another connection when nothing of it
+    was sent (the connection took no new stream) or its body can be sent again."""
+    return isinstance(exc, NoNewStream) or replayable(request)
 
 
 def response(

@@ -483,8 +483,11 @@ async def open_h2(
     try:
         async with asyncio.timeout(timeout):
             sock = await _tcp_checked(dest, loop, connecting)
+            # The transport runs on a duplicate, as in `connect`: a connect cancelled as its
+            # handshake completes leaves asyncio shutting TLS down on its descriptor, and
+            # closing ours below must not free a descriptor number asyncio still uses.
             transport, _ = await loop.create_connection(
-                Handshaken, sock=sock, ssl=sslctx, server_hostname=dest.host
+                Handshaken, sock=sock.dup(), ssl=sslctx, server_hostname=dest.host
             )
     except BaseException as exc:
         if transport is not None:
@@ -495,6 +498,7 @@ async def open_h2(
         if err is exc:
             raise
         raise err from exc
+    sock.close()  # the transport has its own descriptor of the connection
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
         transport.close()

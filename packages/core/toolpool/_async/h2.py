@@ -131,8 +131,8 @@ async def send(
                 return await http11.send(dest, request, ctx)
             try:
                 inner = await conn.handle_async_request(request)
-            except StreamNotProcessed:
-                if attempt == 2 or not _h2pool.replayable(request):
+            except StreamNotProcessed as exc:
+                if attempt == 2 or not _h2pool.retry_elsewhere(exc, request):
                     raise
                 exclude = conn  # the server did not process it: once more, elsewhere
                 continue

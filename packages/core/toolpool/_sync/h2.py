@@ -133,8 +133,8 @@ def send(
                 return http11.send(dest, request, ctx)
             try:
                 inner = conn.handle_request(request)
-            except StreamNotProcessed:
-                if attempt == 2 or not _h2pool.replayable(request):
+            except StreamNotProcessed as exc:
+                if attempt == 2 or not _h2pool.retry_elsewhere(exc, request):
                     raise
                 exclude = conn  # the server did not process it: once more, elsewhere
                 continue
