@@ -18,10 +18,8 @@ log line: only where it came from.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import functools
 import hashlib
 import importlib
 import math
@@ -29,7 +27,7 @@ import os
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -55,10 +53,10 @@ __all__ = [
 ]
 
 # Names that appear in URLs (/d/<name>/...) and metric labels: plain, bounded characters.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Tenants travel in a header and key connections: printable, no separators that could smuggle.
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 _AGENT_TENANT = rf"^\*$|{TENANT_PATTERN.pattern}"  # or "*": any tenant
 
 
@@ -123,16 +121,20 @@ _LIST = "must be a list of non-empty strings, got {got}"
 # pydantic's error types (and string patterns) in this module's words.
 _SAID = {
     "missing": "is required",
+    "union_tag_not_found": "is required",
     "bool_type": "must be true or false, got {got}",
     "string_type": "must be a non-empty string, got {got}",
     "string_too_short": "must be a non-empty string, got {got}",
     "tuple_type": _LIST,
-    "literal_error": "must be {expected}, got {got}",
-    **dict.fromkeys(("dict_type", "model_type", "dataclass_type"), "must be a table ([{where}])"),
-    _HEADER_NAME.pattern: "{got} is not a valid HTTP header name",
+    "literal_error": "must be {expected}",
+    **dict.fromkeys(
+        ("dict_type", "model_type", "model_attributes_type", "dataclass_type"),
+        "must be a table ([{at}])",
+    ),
+    _HEADER_NAME: "{got} is not a valid HTTP header name",
     TENANT_PATTERN.pattern: "{got} is not a valid tenant name",
     _AGENT_TENANT: "{got} is not a valid tenant name",
-    "^[0-9a-fA-F]{64}$": "must be 64 hex digits (sha256sum of the token)",
+    _NAME: "{what} names use letters, digits, '_', '.', '-' (got {got})",
 }
 _AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "token_exchange", "mtls")
 
@@ -146,76 +148,57 @@ class _Doc:
     env: Mapping[str, str]
     base: Path  # relative paths in the file are relative to it
 
-    def line(self, path: tuple[str, ...]) -> int | None:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path)
-
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
-        line = self.line(path)
+        """`message` about the key at `path`, at its line (else its table's)."""
+        found = (self.lines.get(path[:n]) for n in range(len(path), 0, -1))
+        line = next((n for n in found if n is not None), None)
         where = f"{self.source}, line {line}" if line is not None else self.source
         return ConfigError(
             f"{where}: {'.'.join(path)}: {message}" if path else f"{where}: {message}"
         )
 
-    def blame(
-        self, path: tuple[str, ...], message: str, keys: Collection[str], other: str = ""
-    ) -> tuple[tuple[str, ...], str]:
-        """Where a toolpool constructor's error about some of `keys` (the table's at `path`)
-        belongs: at the key it starts with, else at the last one it names ("give A or B, not
-        both": B), else at `other`, else at the table."""
-        named = [(m.start(), k) for k in keys if (m := re.search(rf"\b{re.escape(k)}\b", message))]
-        message = re.sub(r"^(destination '[^']*'|[A-Z]\w*(\(\w+=\.\.\.\))?): ", "", message)
-        lead = re.split(r"[ =]", message, maxsplit=1)[0]
-        key = lead if lead in keys else max(named)[1] if named else other
-        return ((*path, key) if key else path), message.removeprefix(f"{key} ")
-
-    @contextlib.contextmanager
-    def checking(
-        self, path: tuple[str, ...], keys: Collection[str], other: str = ""
-    ) -> Iterator[None]:
-        """Around a toolpool constructor given `keys`: its `ConfigError`, located."""
+    def make(self, path: tuple[str, ...], keys: Collection[str], make: Callable[[], Any]) -> Any:
+        """`make()`, a toolpool constructor given the table's `keys`: its `ConfigError` at
+        the key it starts with, else at the last one it names, else at the table."""
         try:
-            yield
+            return make()
         except ConfigError as exc:
-            raise self.error(*self.blame(path, str(exc), keys, other)) from None
+            message = re.sub(r"^destination '[^']*': ", "", str(exc))
+            lead = re.split(r"[ =]", message, maxsplit=1)[0]
+            named = [(m.start(), k) for k in keys if (m := re.search(rf"\b{k}\b", message))]
+            key = lead if lead in keys else max(named)[1] if named else ""
+            where = (*path, key) if key else path
+            raise self.error(where, message.removeprefix(f"{key} ")) from None
 
     def located(self, data: Mapping[str, Any], exc: pydantic.ValidationError) -> ConfigError:
-        """The first (by line) of pydantic's errors, located and in this module's words."""
-        found = []
-        for err in exc.errors(include_url=False):
-            path: tuple[str, ...] = ()
-            node: Any = data
-            for seg in err["loc"]:  # union tags and "[key]" are not in the document
-                if isinstance(node, dict) and seg in node:
-                    path, node = (*path, str(seg)), node[seg]
-                elif isinstance(node, list) and isinstance(seg, int):
-                    node = node[seg]
-            kind, ctx = err["type"], err.get("ctx", {})
-            if kind == "value_error":  # a ConfigError from a validator or a toolpool class
-                keys = node if isinstance(node, dict) else ()
-                path, message = self.blame(path, str(ctx["error"]), keys)
-            elif kind == "toolpool":
-                path, message = (*path, *ctx["path"]), ctx["message"]
-            elif kind == "union_tag_invalid":
-                close = difflib.get_close_matches(ctx["tag"], _AUTH_KINDS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                path = (*path, "type")
-                message = (
-                    f"unknown auth type {ctx['tag']!r}{hint} (one of {', '.join(_AUTH_KINDS)})"
-                )
-            else:
-                if kind in ("missing", "union_tag_not_found"):
-                    path, kind = (
-                        (*path, str(err["loc"][-1]) if kind == "missing" else "type"),
-                        "missing",
-                    )
-                template = _SAID.get(ctx.get("pattern", kind), "{msg}")
-                message = template.format(
-                    **ctx, got=_shown(err.get("input")), msg=err["msg"], where=".".join(path)
-                )
-            found.append((self.line(path) or 0, self.error(path, message)))
-        return min(found, key=lambda f: f[0])[1]
+        """pydantic's first error (the checks run in document order), in this module's words."""
+        err = exc.errors(include_url=False)[0]
+        kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+        path: tuple[str, ...] = ()
+        node: Any = data
+        for seg in err["loc"]:  # union tags and "[key]" are not in the document
+            if isinstance(node, dict) and seg in node:
+                path, node = (*path, str(seg)), node[seg]
+            elif isinstance(node, list) and kind in ("string_type", "string_too_short"):
+                kind, got = "tuple_type", node  # a list's entry is no string: the list's fault
+        if kind in ("value_error", "toolpool"):  # a ConfigError or a `_fault` of a validator
+            path, message = (*path, *ctx.get("path", ())), str(ctx.get("error", err["msg"]))
+        elif kind == "union_tag_invalid" and isinstance(node.get("type"), str):
+            close = difflib.get_close_matches(ctx["tag"], _AUTH_KINDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            path = (*path, "type")
+            message = f"unknown auth type {ctx['tag']!r}{hint} (one of {', '.join(_AUTH_KINDS)})"
+        else:
+            if kind in ("missing", "union_tag_not_found"):
+                path = (*path, "type" if "union" in kind else str(err["loc"][-1]))
+            elif kind == "union_tag_invalid":  # a type that is no string
+                path, kind, got = (*path, "type"), "string_type", node.get("type")
+            template = _SAID.get(ctx.get("pattern", kind), "{msg}")
+            what = path[0].removesuffix("s") if path else ""  # "destination", "agent"
+            message = template.format(
+                **ctx, got=_shown(got), msg=err["msg"], at=".".join(path), what=what
+            )
+        return self.error(path, message)
 
 
 def _doc(info: ValidationInfo) -> _Doc:
@@ -233,19 +216,6 @@ def _unknown(key: str, known: Collection[str]) -> str:
     return f"unknown key{hint} (known here: {', '.join(sorted(known))})"
 
 
-def _known_keys(data: Mapping[str, Any], known: Collection[str], secret: str = "") -> None:
-    for key in data:
-        if secret and key == secret:
-            raise _fault(
-                f"secrets are never written in the config file (it ends up in repositories "
-                f'and logs); write {key}_env = "VARIABLE" (an environment variable) or '
-                f'{key}_file = "/run/secrets/..." (a file holding only the secret)',
-                key,
-            )
-        if key not in known:
-            raise _fault(_unknown(key, known), key)
-
-
 def _shown(value: object) -> str:
     if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
         return repr(value)
@@ -253,6 +223,22 @@ def _shown(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------- values
+
+
+def _must(message: str, ok: Callable[[Any], Any], then: Any = PlainValidator) -> Any:
+    """A value `ok` accepts, else `message` (with the value shown)."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ConfigError(message.format(_shown(value)))
+        return value
+
+    return then(check)
+
+
+def _number(value: Any, low: float, high: float = math.inf, whole: bool = False) -> bool:
+    kind = int if whole else int | float
+    return isinstance(value, kind) and not isinstance(value, bool) and low <= value < high
 
 
 def _file(value: str, info: ValidationInfo) -> str:
@@ -273,17 +259,17 @@ def _verify(value: Any, info: ValidationInfo) -> bool | str:
 
 def _cert(value: Any, info: ValidationInfo) -> str | tuple[str, str]:
     paths = [value] if isinstance(value, str) else value
-    if (
-        not isinstance(paths, list)
-        or not 1 <= len(paths) <= 2
-        or not all(isinstance(p, str) and p for p in paths)
-    ):
+    if not isinstance(paths, list) or not 0 < len(paths) < 3 or not all(map(_nonempty, paths)):
         raise ConfigError("must be a PEM path or [cert_path, key_path]")
     found = [str(_doc(info).base / p) for p in paths]
     for path in found:
         if not os.path.exists(path):
             raise ConfigError(f"{path} does not exist; fix the path")
     return found[0] if len(found) == 1 else (found[0], found[1])
+
+
+def _nonempty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def _policy(value: Any) -> Any:
@@ -309,48 +295,31 @@ def _egress(value: Any) -> toolpool.Egress:
             "use deny (and allow for the exceptions)",
             "deny_unknown",
         )
-    _known_keys(value, ("allow", "deny"))
     for key, entries in value.items():
-        if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        if key not in ("allow", "deny"):
+            raise _fault(_unknown(key, ("allow", "deny")), key)
+        if not isinstance(entries, list) or not all(map(_nonempty, entries)):
             raise _fault(_LIST.format(got=_shown(entries)), key)
-    return toolpool.Egress(**value)  # its error names the list, where it is then located
-
-
-def _refused(message: str) -> Any:
-    def refuse(value: Any) -> Any:
-        raise ConfigError(message)
-
-    return PlainValidator(refuse)
-
-
-def _must(kind: str, ok: Callable[[Any], bool]) -> Any:
-    """A number checked by `ok`, else "must be `kind`"."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-            raise ConfigError(f"must be {kind}, got {_shown(value)}")
-        return value
-
-    return PlainValidator(check)
+        try:
+            toolpool.Egress(**{key: entries})  # type: ignore[arg-type]
+        except ConfigError as exc:  # "Egress(deny=...): why"
+            raise _fault(str(exc).split(": ", 1)[-1], key) from None
+    return toolpool.Egress(**value)
 
 
 _Text = Annotated[str, Field(strict=True, min_length=1)]
-_Texts = tuple[_Text, ...]
-_Seconds = Annotated[float, _must("a finite number > 0", lambda v: 0 < v < math.inf)]
-_Wait = Annotated[float, _must("a finite number >= 0", lambda v: 0 <= v < math.inf)]
-_Size = Annotated[int, _must("a whole number >= 0", lambda v: isinstance(v, int) and v >= 0)]
-_Port = Annotated[
-    int, _must("a TCP port 0..65535", lambda v: isinstance(v, int) and 0 <= v < 65536)
+_Seconds = Annotated[
+    float, _must("must be a finite number > 0, got {}", lambda v: _number(v, 0) and v)
 ]
-_Header = Annotated[str, Field(strict=True, pattern=_HEADER_NAME.pattern)]
+_Size = Annotated[
+    int, _must("must be a whole number >= 0, got {}", lambda v: _number(v, 0, whole=True))
+]
+_Header = Annotated[str, Field(strict=True, min_length=1, pattern=_HEADER_NAME)]
 _Tenant = Annotated[str, Field(pattern=TENANT_PATTERN.pattern)]
-_File = Annotated[_Text, AfterValidator(_file)]
-_Verify = Annotated[bool | str, PlainValidator(_verify)]
+_Name = Annotated[str, Field(pattern=_NAME)]
 _Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
+_Verify = Annotated[bool | str, PlainValidator(_verify)]
 _Policy = Annotated[Any, PlainValidator(_policy)]
-
-
-# ---------------------------------------------------------------------------- settings
 
 
 @dataclass(frozen=True)
@@ -361,7 +330,9 @@ class ServiceSettings:
     # deliberately for a central service.
     host: _Text = "127.0.0.1"
     # An unassigned port near the metrics port family; 0 picks a free one.
-    port: _Port = 8780
+    port: Annotated[
+        _Size, _must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator)
+    ] = 8780
     # In-flight requests get this long to finish after SIGTERM (Kubernetes' default grace
     # period is 30 s; leave a few seconds for the pool to close).
     drain_timeout: _Seconds = 25.0
@@ -370,7 +341,9 @@ class ServiceSettings:
     # Downloads through a tool rarely exceed this; larger answers fail as 502.
     max_response_body: _Size = 100 * 1024 * 1024
     # Host header values the service answers to; empty: any (it never routes by Host).
-    allowed_hosts: Annotated[_Texts, AfterValidator(lambda v: tuple(h.lower() for h in v))] = ()
+    allowed_hosts: Annotated[
+        tuple[_Text, ...], AfterValidator(lambda v: tuple(h.lower() for h in v))
+    ] = ()
     # The header in which an agent names the tenant it acts for.
     tenant_header: _Header = "X-Toolpool-Tenant"
     # One JSON line per request on logger toolpool.service.access (no secrets, no query).
@@ -379,11 +352,13 @@ class ServiceSettings:
     metrics: pydantic.StrictBool = True
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
-    warmup_timeout: _Wait = 10.0
+    warmup_timeout: Annotated[
+        float, _must("must be a finite number >= 0, got {}", lambda v: _number(v, 0))
+    ] = 10.0
     # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
-    tls_cert_file: _File | None = None
-    tls_key_file: _File | None = None
+    tls_cert_file: Annotated[_Text, AfterValidator(_file)] | None = None
+    tls_key_file: Annotated[_Text, AfterValidator(_file)] | None = None
     # `[service.egress]`: checked on the resolved address of every connect (the default
     # refuses cloud metadata, link-local, unspecified and multicast addresses).
     egress: Annotated[toolpool.Egress, PlainValidator(_egress)] = field(
@@ -503,37 +478,57 @@ class ServiceConfig:
 
 
 class _Table(pydantic.BaseModel):
-    """One TOML table. Unknown keys are refused, naming the closest known one; `passed_on` keys go
-    to a toolpool constructor that checks them; the secret `secret_name`, if the table has
-    one, is read from `<name>_env` or `<name>_file` into `secret`."""
+    """One TOML table. Keys that are no field are refused (naming the closest known one),
+    unless `passed_on` (they go to the toolpool constructor that checks them, as `options`)
+    or `refused` (with its message). The secret `secret_name`, if the table has one, is read
+    from `<name>_env` or `<name>_file` into `secret`."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = pydantic.ConfigDict(extra="allow", frozen=True, arbitrary_types_allowed=True)
     secret_name: ClassVar[str] = ""
     secret_required: ClassVar[bool] = False
-    passed_on: ClassVar[frozenset[str]] = frozenset()
+    passed_on: ClassVar[Collection[str]] = ()
+    refused: ClassVar[Mapping[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
-    def _keys(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, dict):
-            return data
-        base = cls.secret_name
-        files = (f"{base}_env", f"{base}_file") if base else ()
-        _known_keys(data, {*cls.model_fields, *files, *cls.passed_on} - {"secret", "options"}, base)
-        tables = {k: v for k, v in data.items() if k not in files and k not in cls.passed_on}
-        if cls.passed_on:
-            tables["options"] = {k: v for k, v in data.items() if k in cls.passed_on}
-        if base:
-            tables["secret"] = _read_secret(_doc(info), data, base, cls.secret_required)
-        return tables
+    def _secret(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and (base := cls.secret_name):
+            secret = _read_secret(_doc(info), data, base, cls.secret_required)
+            data = {k: v for k, v in data.items() if k not in (f"{base}_env", f"{base}_file")}
+            data["secret"] = secret
+        return data
+
+    @model_validator(mode="after")
+    def _keys(self) -> typing.Self:
+        secret = (f"{self.secret_name}_env", f"{self.secret_name}_file") if self.secret_name else ()
+        known = {*type(self).model_fields, *secret, *self.passed_on} - {"secret"}
+        for key in self.model_extra or ():
+            if key in self.refused:
+                raise _fault(self.refused[key], key)
+            if key not in known:
+                raise _fault(_unknown(key, known), key)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The `passed_on` keys given: fields as read, other keys as written."""
+        given = self.model_fields_set & set(self.passed_on)
+        return {**{k: getattr(self, k) for k in given}, **(self.model_extra or {})}
 
 
 def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) -> Secret | None:
     env_key, file_key = f"{base}_env", f"{base}_file"
+    if base in data:
+        raise _fault(
+            f"secrets are never written in the config file (it ends up in repositories "
+            f'and logs); write {base}_env = "VARIABLE" (an environment variable) or '
+            f'{base}_file = "/run/secrets/..." (a file holding only the secret)',
+            base,
+        )
     if env_key in data and file_key in data:
         raise _fault(f"give {env_key} or {file_key}, not both", env_key)
     if env_key in data:
-        if not isinstance(name := data[env_key], str) or not name:
+        if not _nonempty(name := data[env_key]):
             raise _fault("must name an environment variable", env_key)
         if not doc.env.get(name):
             raise _fault(
@@ -543,45 +538,20 @@ def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) 
             )
         return Secret(doc.env[name], f"${name}")
     if file_key in data:
-        if not isinstance(data[file_key], str) or not data[file_key]:
+        if not _nonempty(data[file_key]):
             raise _fault("must be a file path", file_key)
         path = doc.base / data[file_key]
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise _fault(
-                f"cannot read {path} ({exc.strerror or exc}); fix the path", file_key
-            ) from None
+            why = f"cannot read {path} ({exc.strerror or exc}); fix the path"
+            raise _fault(why, file_key) from None
         if not value:
             raise _fault(f"{path} is empty; it must hold the secret", file_key)
         return Secret(value, str(path))
     if required:
         raise _fault(f'needs {env_key} = "VARIABLE" or {file_key} = "PATH"')
     return None
-
-
-def _auth(
-    kind: str,
-    dest: str,
-    shared: Any,
-    per: Mapping[str, Any],
-    what: str,
-    make: Callable[[Callable[[toolpool.AuthContext | None], Any]], Any],
-    everyone: bool = False,
-) -> AuthConfig:
-    """An `AuthConfig` whose provider is `make(pick)`, `pick(ctx)` being the credential of the
-    context's tenant (from `per`), else the `shared` one."""
-    error = TypeError if kind == "mtls" else toolpool.auth.TokenFailure
-
-    def pick(ctx: toolpool.AuthContext | None) -> Any:
-        found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
-        if (found := found if found is not None else shared) is None:
-            raise error(f"no {what} configured for this tenant at {dest!r}")
-        return found
-
-    return AuthConfig(
-        kind, lambda: make(pick), frozenset(per) or None, shared is not None or everyone
-    )
 
 
 class _Token(_Table):
@@ -594,61 +564,98 @@ class _Key(_Table):
     secret: Secret | None = None
 
 
-class _Bearer(_Token):
-    secret_required = False
-    type: Literal["bearer"]
-    tenants: dict[_Tenant, _Token] = {}
-
-    def config(self, dest: str, verify: Any) -> AuthConfig:
-        return _secrets(self, dest, self.tenants, toolpool.auth.Bearer)
-
-
-class _ApiKey(_Key):
-    secret_required = False
-    type: Literal["api_key"]
-    header: _Header = "X-API-Key"
-    scheme: _Text | None = None
-    tenants: dict[_Tenant, _Key] = {}
-
-    def config(self, dest: str, verify: Any) -> AuthConfig:
-        make = functools.partial(toolpool.auth.ApiKey, header=self.header, scheme=self.scheme)
-        return _secrets(self, dest, self.tenants, make)
-
-
-def _secrets(
-    auth: _Bearer | _ApiKey, dest: str, tenants: Mapping[str, _Token | _Key], make: Any
-) -> AuthConfig:
-    """bearer and api_key: one secret for every tenant, or one per tenant."""
-    if auth.secret is None and not tenants:
-        base = auth.secret_name
-        raise ConfigError(
-            f"needs {base}_env / {base}_file (one credential for all tenants) or "
-            f"[.tenants.NAME] tables with {base}_env / {base}_file"
-        )
-    per = {tenant: t.secret for tenant, t in tenants.items()}
-    return _auth(
-        auth.type,
-        dest,
-        auth.secret,
-        per,
-        "credential is",
-        lambda pick: make(lambda ctx: pick(ctx).reveal()),
-    )
-
-
 class _Client(_Table):
     secret_name, secret_required = "client_secret", True
     client_id: _Text
     secret: Secret | None = None
 
 
-class _TokenEndpoint(_Table):
-    """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint, and the
-    service's client at it (one for all tenants, or one per tenant)."""
+class _CertFiles(_Table):
+    cert: _Cert = Field(None, validate_default=True)
 
-    secret_name = "client_secret"
-    client_required: ClassVar[bool] = True  # False: without a client, the subject suffices
+
+class _Auth(_Table):
+    """What every auth kind shares: one credential for all tenants, or one per tenant."""
+
+    what: ClassVar[str] = "credential is"  # "no <what> configured for this tenant"
+    needs: ClassVar[str] = ""  # the error when there is neither; "": none is needed
     type: str
+    tenants: dict[_Tenant, Any] = {}
+
+    def credential(self, table: Any) -> Any:
+        """The credential a table (the auth table or a tenant's) gives, or None."""
+        return table.secret
+
+    def check(self) -> None:
+        """The kind's own checks, before the count of credentials."""
+
+    def probe(self) -> None:
+        """Checks of the provider, after the count of credentials."""
+
+    def provider(self, pick: Callable[..., Any], verify: Any) -> Any:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _some(self) -> typing.Self:
+        self.check()
+        if self.needs and self.credential(self) is None and not self.tenants:
+            raise _fault(self.needs)
+        self.probe()
+        return self
+
+    def config(self, dest: str, verify: Any) -> AuthConfig:
+        shared = self.credential(self)
+        per = {tenant: self.credential(t) for tenant, t in self.tenants.items()}
+        error = TypeError if self.type == "mtls" else toolpool.auth.TokenFailure
+
+        def pick(ctx: toolpool.AuthContext | None) -> Any:
+            found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
+            if (found := found if found is not None else shared) is None:
+                raise error(f"no {self.what} configured for this tenant at {dest!r}")
+            return found
+
+        everyone = shared is not None or not (per or self.needs)
+        return AuthConfig(
+            self.type, lambda: self.provider(pick, verify), frozenset(per) or None, everyone
+        )
+
+
+def _needs(base: str) -> str:
+    return (
+        f"needs {base}_env / {base}_file (one credential for all tenants) or "
+        f"[.tenants.NAME] tables with {base}_env / {base}_file"
+    )
+
+
+class _Bearer(_Auth):
+    secret_name, needs = "token", _needs("token")
+    type: Literal["bearer"]
+    secret: Secret | None = None
+    tenants: dict[_Tenant, _Token] = {}
+
+    def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
+        return toolpool.auth.Bearer(lambda ctx: pick(ctx).reveal())
+
+
+class _ApiKey(_Auth):
+    secret_name, needs = "key", _needs("key")
+    type: Literal["api_key"]
+    secret: Secret | None = None
+    header: _Header = "X-API-Key"
+    scheme: _Text | None = None
+    tenants: dict[_Tenant, _Key] = {}
+
+    def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
+        return toolpool.auth.ApiKey(
+            lambda ctx: pick(ctx).reveal(), header=self.header, scheme=self.scheme
+        )
+
+
+class _TokenEndpoint(_Auth):
+    """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint, and
+    the service's client at it (one for all tenants, or one per tenant)."""
+
+    secret_name, what = "client_secret", "client credentials are"
     token_url: _Text
     scope: _Text | None = None
     auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
@@ -656,42 +663,40 @@ class _TokenEndpoint(_Table):
     secret: Secret | None = None
     tenants: dict[_Tenant, _Client] = {}
 
-    @model_validator(mode="after")
-    def _client(self) -> _TokenEndpoint:
+    def credential(self, table: Any) -> Any:
+        return (table.client_id, table.secret) if table.secret is not None else None
+
+    def check(self) -> None:
         if self.secret is not None and self.client_id is None:
             raise _fault("is required next to client_secret_env/_file", "client_id")
         if self.secret is None and self.client_id is not None:
             raise _fault('needs client_secret_env = "VARIABLE" or client_secret_file = "PATH"')
-        self.provider(lambda ctx: ("probe", "probe"))  # the provider checks the rest
-        return self
 
-    def provider(self, client: Any) -> Any:
-        raise NotImplementedError
+    def probe(self) -> None:
+        try:  # the provider checks the rest
+            self.provider(lambda ctx: ("probe", Secret("probe", "probe")), None)
+        except ConfigError as exc:
+            raise _fault(str(exc), "token_url") from None
 
-    def config(self, dest: str, verify: Any) -> AuthConfig:
-        per = {tenant: (c.client_id, c.secret) for tenant, c in self.tenants.items()}
-        shared = (self.client_id, self.secret) if self.secret is not None else None
-        if (anonymous := shared is None and not per) and self.client_required:
-            raise ConfigError(
-                "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
-            )
+    def client(self, pick: Callable[..., tuple[str, Secret]]) -> Any:
+        """The provider's `client_credentials(ctx)`; None without any client."""
+        if self.secret is None and not self.tenants:
+            return None
 
-        def make(pick: Callable[[toolpool.AuthContext | None], tuple[str, Secret]]) -> Any:
-            def client(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
-                client_id, secret = pick(ctx)
-                return client_id, secret.reveal()
+        def client(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
+            client_id, secret = pick(ctx)
+            return client_id, secret.reveal()
 
-            return self.provider(None if anonymous else client)
-
-        return _auth(self.type, dest, shared, per, "client credentials are", make, anonymous)
+        return client
 
 
 class _OAuth2ClientCredentials(_TokenEndpoint):
+    needs = "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
     type: Literal["oauth2_client_credentials"]
 
-    def provider(self, client: Any) -> Any:
+    def provider(self, pick: Callable[..., tuple[str, Secret]], verify: Any) -> Any:
         return toolpool.auth.OAuth2ClientCredentials(
-            self.token_url, client, scope=self.scope, auth_method=self.auth_method
+            self.token_url, self.client(pick), scope=self.scope, auth_method=self.auth_method
         )
 
 
@@ -701,58 +706,59 @@ class _TokenExchange(_TokenEndpoint):
     destination; the service authenticates to the token endpoint with `client_id` +
     `client_secret_env/_file` (shared or per tenant), or not at all when neither is given."""
 
-    client_required = False
     type: Literal["token_exchange"]
     audience: _Text | None = None
     resource: _Text | None = None
     requested_token_type: _Text | None = None
     subject_token_type: _Text | None = None
 
-    def provider(self, client: Any) -> Any:
+    def provider(self, pick: Callable[..., tuple[str, Secret]], verify: Any) -> Any:
         names = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
         given = {k: getattr(self, k) for k in names if getattr(self, k)}
         return toolpool.auth.TokenExchange(
-            self.token_url, client_credentials=client, auth_method=self.auth_method, **given
+            self.token_url,
+            client_credentials=self.client(pick),
+            auth_method=self.auth_method,
+            **given,
         )
 
 
-class _CertFiles(_Table):
-    cert: _Cert
-
-
-class _MutualTLS(_Table):
+class _MutualTLS(_Auth):
+    what = "client certificate is"
+    needs = "needs cert = [cert, key] or [.tenants.NAME] cert = [...]"
     type: Literal["mtls"]
     cert: _Cert | None = None
     tenants: dict[_Tenant, _CertFiles] = {}
 
-    def config(self, dest: str, verify: Any) -> AuthConfig:
-        if self.cert is None and not self.tenants:
-            raise ConfigError("needs cert = [cert, key] or [.tenants.NAME] cert = [...]")
-        per = {tenant: t.cert for tenant, t in self.tenants.items()}
+    def credential(self, table: Any) -> Any:
+        return table.cert
+
+    def provider(self, pick: Callable[..., Any], verify: Any) -> Any:
         verify = verify if isinstance(verify, bool | str) else None
-        make = functools.partial(toolpool.auth.MutualTLS, verify=verify)
-        return _auth("mtls", dest, self.cert, per, "client certificate is", make)
+        return toolpool.auth.MutualTLS(pick, verify=verify)
 
 
 class _Destination(_Table):
     # Destination's own options, as written: Destination checks them.
-    passed_on = frozenset(f.name for f in dataclasses.fields(toolpool.Destination) if f.init) - {
-        "name",
-        "url",
-        "auth",
-        "warmup_contexts",
-        "verify",
-        "cert",
-        "policy",
+    passed_on = {f.name for f in dataclasses.fields(toolpool.Destination) if f.init} - {
+        *("name", "url", "auth", "warmup_contexts"),
     }
-    options: dict[str, Any] = {}
     url: _Text
     verify: _Verify | None = None
     cert: _Cert | None = None
     policy: _Policy = None
     read_timeout: _Seconds = 60.0
     write_timeout: _Seconds = 30.0
-    forward_tenant_as: _Header | None = None
+    forward_tenant_as: (
+        Annotated[
+            str,
+            _must(
+                "must be an HTTP header name, got {}",
+                lambda v: _nonempty(v) and re.match(_HEADER_NAME, v),
+            ),
+        ]
+        | None
+    ) = None
     auth: (
         Annotated[
             _Bearer | _ApiKey | _OAuth2ClientCredentials | _TokenExchange | _MutualTLS,
@@ -764,32 +770,34 @@ class _Destination(_Table):
 
 class _Pool(_Table):
     # PoolDefaults's own options, as written: PoolDefaults checks them.
-    passed_on = frozenset(f.name for f in dataclasses.fields(toolpool.PoolDefaults)) - {
-        "unknown_destinations",
-        "egress",
-        "verify",
-        "policy",
+    passed_on = {f.name for f in dataclasses.fields(toolpool.PoolDefaults)} - {
+        *("unknown_destinations", "egress"),
     }
-    options: dict[str, Any] = {}
+    refused = {
+        "unknown_destinations": "the service only ever reaches listed destinations (an open "
+        "proxy is refused); remove this key"
+    }
     verify: _Verify | None = None
     policy: _Policy = None
-    unknown_destinations: Annotated[
-        Any,
-        _refused(
-            "the service only ever reaches listed destinations (an open proxy is refused); "
-            "remove this key"
-        ),
-    ] = None
 
 
 class _Agent(_Table):
     secret_name = "token"
     secret: Secret | None = None
-    token_sha256: Annotated[str, Field(pattern="^[0-9a-fA-F]{64}$")] | None = None
-    tenants: tuple[Annotated[str, Field(strict=True, pattern=_AGENT_TENANT)], ...]
+    token_sha256: (
+        Annotated[
+            str,
+            _must(
+                "must be 64 hex digits (sha256sum of the token)",
+                lambda v: _nonempty(v) and re.fullmatch("[0-9a-fA-F]{64}", v),
+            ),
+        ]
+        | None
+    ) = None
+    tenants: tuple[Annotated[str, Field(strict=True, min_length=1, pattern=_AGENT_TENANT)], ...]
 
     @model_validator(mode="after")
-    def _one_token(self) -> _Agent:
+    def _one_token(self) -> typing.Self:
         if self.token_sha256 is not None and self.secret is not None:
             raise _fault("give token_sha256 or token_env/token_file, not both", "token_sha256")
         if self.token_sha256 is None and self.secret is None:
@@ -816,14 +824,16 @@ class _Document(_Table):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     pool: _Pool = Field(default_factory=_Pool)
     limits: dict[str, Any] = {}
-    destinations: dict[str, _Destination]
-    agents: dict[str, _Agent]
+    destinations: dict[_Name, _Destination] = {}
+    agents: dict[_Name, _Agent] = {}
 
     @pydantic.field_validator("service", mode="before")
     @classmethod
     def _service_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            _known_keys(value, {f.name for f in dataclasses.fields(ServiceSettings)})
+        known = {f.name for f in dataclasses.fields(ServiceSettings)}
+        for key in value if isinstance(value, dict) else ():
+            if key not in known:
+                raise _fault(_unknown(key, known), key)
         return value
 
     @pydantic.field_validator("service")
@@ -872,12 +882,9 @@ def parse_config(
         tables = _Document.model_validate(data, context=doc)
     except pydantic.ValidationError as exc:
         raise doc.located(data, exc) from None
-    pool = {
-        **tables.pool.options,
-        **{k: getattr(tables.pool, k) for k in tables.pool.model_fields_set - {"options"}},
-    }
-    with doc.checking(("pool",), pool):
-        toolpool.PoolDefaults(**pool)
+    pool = tables.pool.options
+    doc.make(("pool",), pool, lambda: toolpool.PoolDefaults(**pool))
+    limit = _limit(doc, tables.limits)
     if not tables.destinations:
         raise doc.error(
             ("destinations",), "lists no destination; add [destinations.NAME] url = ..."
@@ -889,10 +896,6 @@ def parse_config(
         raise doc.error(("agents",), "lists no agent; add [agents.NAME] token_env = ...")
     agents: dict[str, AgentConfig] = {}
     for name, t in tables.agents.items():
-        if not _NAME.match(name):
-            raise doc.error(
-                ("agents", name), f"agent names use letters, digits, '_', '.', '-' (got {name!r})"
-            )
         agents[name] = agent = t.config(name)
         other = next(a for a in agents.values() if a.token_sha256 == agent.token_sha256)
         if other is not agent:
@@ -900,7 +903,6 @@ def parse_config(
                 ("agents", name),
                 f"has the same token as agent {other.name!r}; give each agent its own token",
             )
-    limit = _limit(doc, tables.limits)
     return ServiceConfig(source, tables.service, pool, destinations, agents, limit)
 
 
@@ -908,24 +910,19 @@ def _destination(
     doc: _Doc, name: str, t: _Destination, egress: toolpool.Egress
 ) -> DestinationConfig:
     where = ("destinations", name)
-    if not _NAME.match(name):
-        raise doc.error(
-            where, f"destination names use letters, digits, '_', '.', '-' (got {name!r})"
-        )
-    given = t.model_fields_set & {"verify", "cert", "policy"}
-    options = {**t.options, **{k: getattr(t, k) for k in given}}
-    with doc.checking(where, {"url", *options}, other="url"):
-        spec = toolpool.Destination(name, t.url, **options)
-    if (why := forbidden_address(spec.origin[1], egress)) is not None:
+    try:
+        url = toolpool.Destination(name, t.url).origin[1]
+    except ConfigError as exc:
+        raise doc.error((*where, "url"), str(exc)) from None
+    if (why := forbidden_address(url, egress)) is not None:
         raise doc.error(
             (*where, "url"),
             f"{t.url!r} is refused by the egress policy: {why}; the service never proxies there "
             f"(a range you run services in can be allowed by address in [service.egress] allow)",
         )
-    auth = None
-    if t.auth is not None:
-        with doc.checking((*where, "auth"), ()):
-            auth = t.auth.config(name, options.get("verify"))
+    options = t.options
+    spec = doc.make(where, options, lambda: toolpool.Destination(name, t.url, **options))
+    auth = t.auth.config(name, options.get("verify")) if t.auth is not None else None
     return DestinationConfig(spec, auth, t.read_timeout, t.write_timeout, t.forward_tenant_as)
 
 
@@ -935,8 +932,7 @@ def _limit(doc: _Doc, table: Mapping[str, Any]) -> GlobalLimit:
     if provider is None:
         for key in set(options) - {"replicas"}:
             raise doc.error(("limits", key), _unknown(key, ("provider", "replicas")))
-        with doc.checking(("limits",), options):
-            return StaticShare(**options)
+        return doc.make(("limits",), options, lambda: StaticShare(**options))  # type: ignore[no-any-return]
     provider = "toolpool.fleet:RedisFleet" if provider == "redis" else provider
     where = ("limits", "provider")
     if not isinstance(provider, str) or ":" not in provider:
