@@ -1,7 +1,4 @@
-"""Loading `toolpool serve`'s TOML configuration: validation with the line of every mistake,
-and secrets read from environment variables or files (never from the file itself).
-
-The layout (`examples/toolpool.toml` documents every key):
+"""Loading `toolpool serve`'s TOML configuration (`examples/toolpool.toml` documents every key):
 
     [service]            where to listen, limits on bodies, drain deadline, allowed Host names
     [pool]               pool-wide defaults (the `toolpool.Pool` keyword arguments)
@@ -9,55 +6,42 @@ The layout (`examples/toolpool.toml` documents every key):
     [destinations.NAME]  one allowlisted downstream: url, limits, timeouts, [.auth]
     [agents.NAME]        one agent: how it authenticates to the service, tenants it may act for
 
-Pydantic reads the tables, their keys and the service's own values. Values that toolpool's
-constructors check (`Destination`, `PoolDefaults`, `Egress`, the auth providers, the limit) go
-to them as written, so theirs is the only check. Every error names the file, the line and the
-key, and says what to write instead. A secret's value never appears in an error, a repr or a
-log line: only where it came from.
+The tables are pydantic models (`service._toml`: every error names the file, the line and the
+key, and says what to write instead). Values that toolpool's constructors check
+(`Destination`, `PoolDefaults`, `Egress`, the auth providers, the limit) go to them as
+written, so theirs is the only check. Secrets are read from environment variables or files,
+never from the file itself, and never shown: only where they came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib
-import math
 import os
 import re
-import tomllib
-import typing
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import pydantic
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
-from pydantic_core import PydanticCustomError
 
 import toolpool
 from toolpool import resilience
 from toolpool.errors import ConfigError
+from toolpool.service import _toml
 from toolpool.service._limits import GlobalLimit, StaticShare
+from toolpool.service._toml import Document, Secret, Table, fault
 
-__all__ = [
-    "AgentConfig",
-    "AuthConfig",
-    "DestinationConfig",
-    "Secret",
-    "ServiceConfig",
-    "ServiceSettings",
-    "load_config",
-    "parse_config",
-]
+__all__ = ["Secret"]  # toolpool.service re-exports it with this module's public types
 
 # Names that appear in URLs (/d/<name>/...) and metric labels: plain, bounded characters.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Tenants travel in a header and key connections: printable, no separators that could smuggle.
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 _HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
-_AGENT_TENANT = rf"^\*$|{TENANT_PATTERN.pattern}"  # or "*": any tenant
 
 
 def forbidden_address(host: str, egress: toolpool.Egress | None = None) -> str | None:
@@ -69,207 +53,20 @@ def forbidden_address(host: str, egress: toolpool.Egress | None = None) -> str |
     return (egress if egress is not None else toolpool.Egress()).check_host(host)
 
 
-class Secret:
-    """A secret read from an environment variable or a file. `repr()` and `str()` show only
-    where it came from; `reveal()` returns the value (for the auth provider, nothing else)."""
-
-    __slots__ = ("_value", "source")
-
-    def __init__(self, value: str, source: str) -> None:
-        self._value = value
-        self.source = source
-
-    def reveal(self) -> str:
-        """The secret value."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"<secret from {self.source}>"
-
-    __str__ = __repr__
-
-
-# ---------------------------------------------------------------------------- where, and why
-
-_KEY = r"[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'"
-_KEY_LINE = re.compile(rf"^\s*((?:{_KEY})(?:\s*\.\s*(?:{_KEY}))*)\s*=")
-_TABLE_LINE = re.compile(r"^\s*\[\[?\s*(.+?)\s*\]\]?\s*(#.*)?$")
-
-
-def _key_path(text: str) -> tuple[str, ...]:
-    return tuple(p[1:-1] if p[0] in "\"'" else p for p in re.findall(_KEY, text))
-
-
-def _lines(text: str) -> dict[tuple[str, ...], int]:
-    """Where each table and key of a TOML document is written (tomllib keeps no positions)."""
-    where: dict[tuple[str, ...], int] = {}
-    table: tuple[str, ...] = ()
-    multiline: str | None = None
-    for number, line in enumerate(text.splitlines(), 1):
-        if multiline is not None:
-            multiline = None if line.count(multiline) % 2 else multiline
-        elif key := _KEY_LINE.match(line):
-            where.setdefault(table + _key_path(key.group(1)), number)
-            multiline = next((q for q in ('"""', "'''") if line[key.end() :].count(q) % 2), None)
-        elif header := _TABLE_LINE.match(line):
-            table = _key_path(header.group(1))
-            where.setdefault(table, number)
-    return where
-
-
-_LIST = "must be a list of non-empty strings, got {got}"
-# pydantic's error types (and string patterns) in this module's words.
-_SAID = {
-    "missing": "is required",
-    "union_tag_not_found": "is required",
-    "bool_type": "must be true or false, got {got}",
-    "string_type": "must be a non-empty string, got {got}",
-    "string_too_short": "must be a non-empty string, got {got}",
-    "tuple_type": _LIST,
-    "literal_error": "must be {expected}",
-    **dict.fromkeys(
-        ("dict_type", "model_type", "model_attributes_type", "dataclass_type"),
-        "must be a table ([{at}])",
-    ),
-    _HEADER_NAME: "{got} is not a valid HTTP header name",
-    TENANT_PATTERN.pattern: "{got} is not a valid tenant name",
-    _AGENT_TENANT: "{got} is not a valid tenant name",
-    _NAME: "{what} names use letters, digits, '_', '.', '-' (got {got})",
-}
-_AUTH_KINDS = ("bearer", "api_key", "oauth2_client_credentials", "token_exchange", "mtls")
-
-
-@dataclass
-class _Doc:
-    """The document being read: the validation context of every validator below."""
-
-    source: str
-    lines: dict[tuple[str, ...], int]
-    env: Mapping[str, str]
-    base: Path  # relative paths in the file are relative to it
-
-    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
-        """`message` about the key at `path`, at its line (else its table's)."""
-        found = (self.lines.get(path[:n]) for n in range(len(path), 0, -1))
-        line = next((n for n in found if n is not None), None)
-        where = f"{self.source}, line {line}" if line is not None else self.source
-        return ConfigError(
-            f"{where}: {'.'.join(path)}: {message}" if path else f"{where}: {message}"
-        )
-
-    def make(self, path: tuple[str, ...], keys: Collection[str], make: Callable[[], Any]) -> Any:
-        """`make()`, a toolpool constructor given the table's `keys`: its `ConfigError` at
-        the key it starts with, else at the last one it names, else at the table."""
-        try:
-            return make()
-        except ConfigError as exc:
-            message = re.sub(r"^destination '[^']*': ", "", str(exc))
-            lead = re.split(r"[ =]", message, maxsplit=1)[0]
-            named = [(m.start(), k) for k in keys if (m := re.search(rf"\b{k}\b", message))]
-            key = lead if lead in keys else max(named)[1] if named else ""
-            where = (*path, key) if key else path
-            raise self.error(where, message.removeprefix(f"{key} ")) from None
-
-    def located(self, data: Mapping[str, Any], exc: pydantic.ValidationError) -> ConfigError:
-        """pydantic's first error (the checks run in document order), in this module's words."""
-        err = exc.errors(include_url=False)[0]
-        kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
-        path: tuple[str, ...] = ()
-        node: Any = data
-        for seg in err["loc"]:  # union tags and "[key]" are not in the document
-            if isinstance(node, dict) and seg in node:
-                path, node = (*path, str(seg)), node[seg]
-            elif isinstance(node, list) and kind in ("string_type", "string_too_short"):
-                kind, got = "tuple_type", node  # a list's entry is no string: the list's fault
-        if kind in ("value_error", "toolpool"):  # a ConfigError or a `_fault` of a validator
-            path, message = (*path, *ctx.get("path", ())), str(ctx.get("error", err["msg"]))
-        elif kind == "union_tag_invalid" and isinstance(node.get("type"), str):
-            close = difflib.get_close_matches(ctx["tag"], _AUTH_KINDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            path = (*path, "type")
-            message = f"unknown auth type {ctx['tag']!r}{hint} (one of {', '.join(_AUTH_KINDS)})"
-        else:
-            if kind in ("missing", "union_tag_not_found"):
-                path = (*path, "type" if "union" in kind else str(err["loc"][-1]))
-            elif kind == "union_tag_invalid":  # a type that is no string
-                path, kind, got = (*path, "type"), "string_type", node.get("type")
-            template = _SAID.get(ctx.get("pattern", kind), "{msg}")
-            what = path[0].removesuffix("s") if path else ""  # "destination", "agent"
-            message = template.format(
-                **ctx, got=_shown(got), msg=err["msg"], at=".".join(path), what=what
-            )
-        return self.error(path, message)
-
-
-def _doc(info: ValidationInfo) -> _Doc:
-    return typing.cast(_Doc, info.context)
-
-
-def _fault(message: str, *path: str) -> PydanticCustomError:
-    """A validation error about the key `path` below the value being validated."""
-    return PydanticCustomError("toolpool", "{message}", {"message": message, "path": path})
-
-
-def _unknown(key: str, known: Collection[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown key{hint} (known here: {', '.join(sorted(known))})"
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
-        return repr(value)
-    return type(value).__name__
-
-
-# ---------------------------------------------------------------------------- values
-
-
-def _must(message: str, ok: Callable[[Any], Any], then: Any = PlainValidator) -> Any:
-    """A value `ok` accepts, else `message` (with the value shown)."""
-
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise ConfigError(message.format(_shown(value)))
-        return value
-
-    return then(check)
-
-
-def _number(value: Any, low: float, high: float = math.inf, whole: bool = False) -> bool:
-    kind = int if whole else int | float
-    return isinstance(value, kind) and not isinstance(value, bool) and low <= value < high
-
-
-def _file(value: str, info: ValidationInfo) -> str:
-    if not (path := _doc(info).base / value).is_file():
-        raise ConfigError(f"{path} is not a file; fix the path")
-    return str(path)
-
-
 def _verify(value: Any, info: ValidationInfo) -> bool | str:
     if isinstance(value, bool):
         return value
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be true, false or a CA bundle path, got {_shown(value)}")
-    if not (path := _doc(info).base / value).exists():
-        raise ConfigError(f"CA bundle {path} does not exist; fix the path")
-    return str(path)
+        raise ConfigError(f"must be true, false or a CA bundle path, got {_toml.shown(value)}")
+    return _toml.path("any", "CA bundle {} does not exist; fix the path")(value, info)
 
 
 def _cert(value: Any, info: ValidationInfo) -> str | tuple[str, str]:
     paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not 0 < len(paths) < 3 or not all(map(_nonempty, paths)):
+    if not isinstance(paths, list) or not 0 < len(paths) < 3 or any(map(_toml.text_error, paths)):
         raise ConfigError("must be a PEM path or [cert_path, key_path]")
-    found = [str(_doc(info).base / p) for p in paths]
-    for path in found:
-        if not os.path.exists(path):
-            raise ConfigError(f"{path} does not exist; fix the path")
+    found = [_toml.path("any", "{} does not exist; fix the path")(p, info) for p in paths]
     return found[0] if len(found) == 1 else (found[0], found[1])
-
-
-def _nonempty(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
 
 
 def _policy(value: Any) -> Any:
@@ -281,7 +78,9 @@ def _policy(value: Any) -> Any:
         "none": lambda: None,
     }
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {_shown(value)}")
+        raise ConfigError(
+            f"must be one of {', '.join(map(repr, choices))}, got {_toml.shown(value)}"
+        )
     return choices[value]()
 
 
@@ -290,36 +89,29 @@ def _egress(value: Any) -> toolpool.Egress:
     if not isinstance(value, dict):
         raise ConfigError("must be a table ([service.egress])")
     if "deny_unknown" in value:
-        raise _fault(
-            "every destination of the service is listed, so deny_unknown would never apply; "
-            "use deny (and allow for the exceptions)",
-            "deny_unknown",
-        )
-    for key, entries in value.items():
-        if key not in ("allow", "deny"):
-            raise _fault(_unknown(key, ("allow", "deny")), key)
-        if not isinstance(entries, list) or not all(map(_nonempty, entries)):
-            raise _fault(_LIST.format(got=_shown(entries)), key)
+        why = "every destination of the service is listed, so deny_unknown would never apply"
+        raise fault(f"{why}; use deny (and allow for the exceptions)", "deny_unknown")
+    for key, entries in _toml.only(value, ("allow", "deny")).items():
         try:
-            toolpool.Egress(**{key: entries})  # type: ignore[arg-type]
-        except ConfigError as exc:  # "Egress(deny=...): why"
-            raise _fault(str(exc).split(": ", 1)[-1], key) from None
+            toolpool.Egress(**{key: _toml.strings(entries)})  # type: ignore[arg-type]
+        except ConfigError as exc:  # "Egress(deny=...): why", or _toml.strings()'
+            raise fault(str(exc).split("): ", 1)[-1], key) from None
     return toolpool.Egress(**value)
 
 
-_Text = Annotated[str, Field(strict=True, min_length=1)]
+_Text = Annotated[str, _toml.text()]
 _Seconds = Annotated[
-    float, _must("must be a finite number > 0, got {}", lambda v: _number(v, 0) and v)
+    float, _toml.must("must be a finite number > 0, got {}", lambda v: _toml.number(v, 0) and v)
 ]
 _Size = Annotated[
-    int, _must("must be a whole number >= 0, got {}", lambda v: _number(v, 0, whole=True))
+    int, _toml.must("must be a whole number >= 0, got {}", lambda v: _toml.number(v, 0, whole=True))
 ]
-_Header = Annotated[str, Field(strict=True, min_length=1, pattern=_HEADER_NAME)]
-_Tenant = Annotated[str, Field(pattern=TENANT_PATTERN.pattern)]
-_Name = Annotated[str, Field(pattern=_NAME)]
+_Header = Annotated[str, _toml.text(_HEADER_NAME, "{} is not a valid HTTP header name")]
+_Tenant = Annotated[str, _toml.text(TENANT_PATTERN.pattern, "{} is not a valid tenant name")]
 _Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
 _Verify = Annotated[bool | str, PlainValidator(_verify)]
 _Policy = Annotated[Any, PlainValidator(_policy)]
+_File = Annotated[str, PlainValidator(_toml.path())]
 
 
 @dataclass(frozen=True)
@@ -331,7 +123,8 @@ class ServiceSettings:
     host: _Text = "127.0.0.1"
     # An unassigned port near the metrics port family; 0 picks a free one.
     port: Annotated[
-        _Size, _must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator)
+        _Size,
+        _toml.must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator),
     ] = 8780
     # In-flight requests get this long to finish after SIGTERM (Kubernetes' default grace
     # period is 30 s; leave a few seconds for the pool to close).
@@ -342,7 +135,7 @@ class ServiceSettings:
     max_response_body: _Size = 100 * 1024 * 1024
     # Host header values the service answers to; empty: any (it never routes by Host).
     allowed_hosts: Annotated[
-        tuple[_Text, ...], AfterValidator(lambda v: tuple(h.lower() for h in v))
+        tuple[str, ...], _toml.texts(), AfterValidator(lambda v: tuple(map(str.lower, v)))
     ] = ()
     # The header in which an agent names the tenant it acts for.
     tenant_header: _Header = "X-Toolpool-Tenant"
@@ -353,12 +146,12 @@ class ServiceSettings:
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
     warmup_timeout: Annotated[
-        float, _must("must be a finite number >= 0, got {}", lambda v: _number(v, 0))
+        float, _toml.must("must be a finite number >= 0, got {}", lambda v: _toml.number(v, 0))
     ] = 10.0
     # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
-    tls_cert_file: Annotated[_Text, AfterValidator(_file)] | None = None
-    tls_key_file: Annotated[_Text, AfterValidator(_file)] | None = None
+    tls_cert_file: _File | None = None
+    tls_key_file: _File | None = None
     # `[service.egress]`: checked on the resolved address of every connect (the default
     # refuses cloud metadata, link-local, unspecified and multicast addresses).
     egress: Annotated[toolpool.Egress, PlainValidator(_egress)] = field(
@@ -477,130 +270,50 @@ class ServiceConfig:
 # ---------------------------------------------------------------------------- tables
 
 
-class _Table(pydantic.BaseModel):
-    """One TOML table. Keys that are no field are refused (naming the closest known one),
-    unless `passed_on` (they go to the toolpool constructor that checks them, as `options`)
-    or `refused` (with its message). The secret `secret_name`, if the table has one, is read
-    from `<name>_env` or `<name>_file` into `secret`."""
-
-    model_config = pydantic.ConfigDict(extra="allow", frozen=True, arbitrary_types_allowed=True)
-    secret_name: ClassVar[str] = ""
-    secret_required: ClassVar[bool] = False
-    passed_on: ClassVar[Collection[str]] = ()
-    refused: ClassVar[Mapping[str, str]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _secret(cls, data: Any, info: ValidationInfo) -> Any:
-        if isinstance(data, dict) and (base := cls.secret_name):
-            secret = _read_secret(_doc(info), data, base, cls.secret_required)
-            data = {k: v for k, v in data.items() if k not in (f"{base}_env", f"{base}_file")}
-            data["secret"] = secret
-        return data
-
-    @model_validator(mode="after")
-    def _keys(self) -> typing.Self:
-        secret = (f"{self.secret_name}_env", f"{self.secret_name}_file") if self.secret_name else ()
-        known = {*type(self).model_fields, *secret, *self.passed_on} - {"secret"}
-        for key in self.model_extra or ():
-            if key in self.refused:
-                raise _fault(self.refused[key], key)
-            if key not in known:
-                raise _fault(_unknown(key, known), key)
-        return self
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The `passed_on` keys given: fields as read, other keys as written."""
-        given = self.model_fields_set & set(self.passed_on)
-        return {**{k: getattr(self, k) for k in given}, **(self.model_extra or {})}
+class _Secreted(Table):
+    secret: Secret | None = None
 
 
-def _read_secret(doc: _Doc, data: Mapping[str, Any], base: str, required: bool) -> Secret | None:
-    env_key, file_key = f"{base}_env", f"{base}_file"
-    if base in data:
-        raise _fault(
-            f"secrets are never written in the config file (it ends up in repositories "
-            f'and logs); write {base}_env = "VARIABLE" (an environment variable) or '
-            f'{base}_file = "/run/secrets/..." (a file holding only the secret)',
-            base,
-        )
-    if env_key in data and file_key in data:
-        raise _fault(f"give {env_key} or {file_key}, not both", env_key)
-    if env_key in data:
-        if not _nonempty(name := data[env_key]):
-            raise _fault("must name an environment variable", env_key)
-        if not doc.env.get(name):
-            raise _fault(
-                f"environment variable {name} is not set (or empty); export it before "
-                f"starting the service",
-                env_key,
-            )
-        return Secret(doc.env[name], f"${name}")
-    if file_key in data:
-        if not _nonempty(data[file_key]):
-            raise _fault("must be a file path", file_key)
-        path = doc.base / data[file_key]
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            why = f"cannot read {path} ({exc.strerror or exc}); fix the path"
-            raise _fault(why, file_key) from None
-        if not value:
-            raise _fault(f"{path} is empty; it must hold the secret", file_key)
-        return Secret(value, str(path))
-    if required:
-        raise _fault(f'needs {env_key} = "VARIABLE" or {file_key} = "PATH"')
-    return None
-
-
-class _Token(_Table):
+class _Token(_Secreted):
     secret_name, secret_required = "token", True
-    secret: Secret | None = None
 
 
-class _Key(_Table):
+class _Key(_Secreted):
     secret_name, secret_required = "key", True
-    secret: Secret | None = None
 
 
-class _Client(_Table):
+class _Client(_Secreted):
     secret_name, secret_required = "client_secret", True
     client_id: _Text
-    secret: Secret | None = None
 
 
-class _CertFiles(_Table):
+class _CertFiles(Table):
     cert: _Cert = Field(None, validate_default=True)
 
 
-class _Auth(_Table):
+class _Auth(_Secreted):
     """What every auth kind shares: one credential for all tenants, or one per tenant."""
 
     what: ClassVar[str] = "credential is"  # "no <what> configured for this tenant"
     needs: ClassVar[str] = ""  # the error when there is neither; "": none is needed
     type: str
-    tenants: dict[_Tenant, Any] = {}
+    tenants: Mapping[_Tenant, Any] = {}
 
     def credential(self, table: Any) -> Any:
         """The credential a table (the auth table or a tenant's) gives, or None."""
         return table.secret
 
-    def check(self) -> None:
-        """The kind's own checks, before the count of credentials."""
-
-    def probe(self) -> None:
-        """Checks of the provider, after the count of credentials."""
-
     def provider(self, pick: Callable[..., Any], verify: Any) -> Any:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """The kind's own checks, before the count of credentials."""
+
     @model_validator(mode="after")
-    def _some(self) -> typing.Self:
+    def _some(self) -> Self:
         self.check()
         if self.needs and self.credential(self) is None and not self.tenants:
-            raise _fault(self.needs)
-        self.probe()
+            raise fault(self.needs)
         return self
 
     def config(self, dest: str, verify: Any) -> AuthConfig:
@@ -630,8 +343,7 @@ def _needs(base: str) -> str:
 class _Bearer(_Auth):
     secret_name, needs = "token", _needs("token")
     type: Literal["bearer"]
-    secret: Secret | None = None
-    tenants: dict[_Tenant, _Token] = {}
+    tenants: Mapping[_Tenant, _Token] = {}
 
     def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
         return toolpool.auth.Bearer(lambda ctx: pick(ctx).reveal())
@@ -640,10 +352,9 @@ class _Bearer(_Auth):
 class _ApiKey(_Auth):
     secret_name, needs = "key", _needs("key")
     type: Literal["api_key"]
-    secret: Secret | None = None
     header: _Header = "X-API-Key"
     scheme: _Text | None = None
-    tenants: dict[_Tenant, _Key] = {}
+    tenants: Mapping[_Tenant, _Key] = {}
 
     def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
         return toolpool.auth.ApiKey(
@@ -660,26 +371,27 @@ class _TokenEndpoint(_Auth):
     scope: _Text | None = None
     auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     client_id: _Text | None = None
-    secret: Secret | None = None
-    tenants: dict[_Tenant, _Client] = {}
+    tenants: Mapping[_Tenant, _Client] = {}
 
     def credential(self, table: Any) -> Any:
         return (table.client_id, table.secret) if table.secret is not None else None
 
     def check(self) -> None:
         if self.secret is not None and self.client_id is None:
-            raise _fault("is required next to client_secret_env/_file", "client_id")
+            raise fault("is required next to client_secret_env/_file", "client_id")
         if self.secret is None and self.client_id is not None:
-            raise _fault('needs client_secret_env = "VARIABLE" or client_secret_file = "PATH"')
+            raise fault('needs client_secret_env = "VARIABLE" or client_secret_file = "PATH"')
 
-    def probe(self) -> None:
+    @model_validator(mode="after")
+    def _provider(self) -> Self:
         try:  # the provider checks the rest
             self.provider(lambda ctx: ("probe", Secret("probe", "probe")), None)
         except ConfigError as exc:
-            raise _fault(str(exc), "token_url") from None
+            raise fault(str(exc), "token_url") from None
+        return self
 
     def client(self, pick: Callable[..., tuple[str, Secret]]) -> Any:
-        """The provider's `client_credentials(ctx)`; None without any client."""
+        """The provider's `client_credentials(ctx)`; None when no client is configured."""
         if self.secret is None and not self.tenants:
             return None
 
@@ -715,11 +427,9 @@ class _TokenExchange(_TokenEndpoint):
     def provider(self, pick: Callable[..., tuple[str, Secret]], verify: Any) -> Any:
         names = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
         given = {k: getattr(self, k) for k in names if getattr(self, k)}
+        client, method = self.client(pick), self.auth_method
         return toolpool.auth.TokenExchange(
-            self.token_url,
-            client_credentials=self.client(pick),
-            auth_method=self.auth_method,
-            **given,
+            self.token_url, client_credentials=client, auth_method=method, **given
         )
 
 
@@ -728,7 +438,7 @@ class _MutualTLS(_Auth):
     needs = "needs cert = [cert, key] or [.tenants.NAME] cert = [...]"
     type: Literal["mtls"]
     cert: _Cert | None = None
-    tenants: dict[_Tenant, _CertFiles] = {}
+    tenants: Mapping[_Tenant, _CertFiles] = {}
 
     def credential(self, table: Any) -> Any:
         return table.cert
@@ -738,8 +448,8 @@ class _MutualTLS(_Auth):
         return toolpool.auth.MutualTLS(pick, verify=verify)
 
 
-class _Destination(_Table):
-    # Destination's own options, as written: Destination checks them.
+class _Destination(Table):
+    # Destination's own options (pydantic reads verify, cert and policy first).
     passed_on = {f.name for f in dataclasses.fields(toolpool.Destination) if f.init} - {
         *("name", "url", "auth", "warmup_contexts"),
     }
@@ -751,11 +461,7 @@ class _Destination(_Table):
     write_timeout: _Seconds = 30.0
     forward_tenant_as: (
         Annotated[
-            str,
-            _must(
-                "must be an HTTP header name, got {}",
-                lambda v: _nonempty(v) and re.match(_HEADER_NAME, v),
-            ),
+            str, _toml.text(_HEADER_NAME, "must be an HTTP header name, got {}", says_all=True)
         ]
         | None
     ) = None
@@ -768,12 +474,12 @@ class _Destination(_Table):
     ) = None
 
 
-class _Pool(_Table):
-    # PoolDefaults's own options, as written: PoolDefaults checks them.
+class _Pool(Table):
+    # PoolDefaults's own options (pydantic reads verify and policy first).
     passed_on = {f.name for f in dataclasses.fields(toolpool.PoolDefaults)} - {
         *("unknown_destinations", "egress"),
     }
-    refused = {
+    refused: ClassVar[Mapping[str, str]] = {
         "unknown_destinations": "the service only ever reaches listed destinations (an open "
         "proxy is refused); remove this key"
     }
@@ -781,35 +487,37 @@ class _Pool(_Table):
     policy: _Policy = None
 
 
-class _Agent(_Table):
+class _Agent(Table):
     secret_name = "token"
     secret: Secret | None = None
     token_sha256: (
         Annotated[
             str,
-            _must(
-                "must be 64 hex digits (sha256sum of the token)",
-                lambda v: _nonempty(v) and re.fullmatch("[0-9a-fA-F]{64}", v),
+            _toml.text(
+                "^[0-9a-fA-F]{64}$", "must be 64 hex digits (sha256sum of the token)", says_all=True
             ),
         ]
         | None
     ) = None
-    tenants: tuple[Annotated[str, Field(strict=True, min_length=1, pattern=_AGENT_TENANT)], ...]
+    tenants: Annotated[
+        tuple[str, ...],
+        _toml.texts(rf"^\*$|{TENANT_PATTERN.pattern}", "{} is not a valid tenant name"),
+    ]
 
     @model_validator(mode="after")
-    def _one_token(self) -> typing.Self:
+    def _one_token(self) -> Self:
         if self.token_sha256 is not None and self.secret is not None:
-            raise _fault("give token_sha256 or token_env/token_file, not both", "token_sha256")
+            raise fault("give token_sha256 or token_env/token_file, not both", "token_sha256")
         if self.token_sha256 is None and self.secret is None:
-            raise _fault('needs token_env = "VARIABLE" or token_file = "PATH"')
+            raise fault('needs token_env = "VARIABLE" or token_file = "PATH"')
         if self.secret is not None and len(self.secret.reveal()) < 16:
-            raise _fault(
+            raise fault(
                 "the agent token is shorter than 16 characters; use a random one "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
                 "token_env" if self.secret.source.startswith("$") else "token_file",
             )
         if not self.tenants:
-            raise _fault(
+            raise fault(
                 'lists no tenant; list the tenants this agent acts for, or ["*"]', "tenants"
             )
         return self
@@ -820,30 +528,36 @@ class _Agent(_Table):
         return AgentConfig(name, digest, None if "*" in self.tenants else frozenset(self.tenants))
 
 
-class _Document(_Table):
-    service: ServiceSettings = Field(default_factory=ServiceSettings)
+class _Document(Table):
+    service: Annotated[
+        ServiceSettings, pydantic.BeforeValidator(lambda v: _toml.only(v, _SERVICE_KEYS))
+    ] = Field(default_factory=ServiceSettings)
     pool: _Pool = Field(default_factory=_Pool)
-    limits: dict[str, Any] = {}
-    destinations: dict[_Name, _Destination] = {}
-    agents: dict[_Name, _Agent] = {}
-
-    @pydantic.field_validator("service", mode="before")
-    @classmethod
-    def _service_keys(cls, value: Any) -> Any:
-        known = {f.name for f in dataclasses.fields(ServiceSettings)}
-        for key in value if isinstance(value, dict) else ():
-            if key not in known:
-                raise _fault(_unknown(key, known), key)
-        return value
+    limits: Mapping[str, Any] = {}
+    destinations: Mapping[
+        Annotated[
+            str, _toml.text(_NAME, "destination names use letters, digits, '_', '.', '-' (got {})")
+        ],
+        _Destination,
+    ] = {}
+    agents: Mapping[
+        Annotated[
+            str, _toml.text(_NAME, "agent names use letters, digits, '_', '.', '-' (got {})")
+        ],
+        _Agent,
+    ] = {}
 
     @pydantic.field_validator("service")
     @classmethod
     def _service_pairs(cls, s: ServiceSettings) -> ServiceSettings:
         if s.subject_token_header.lower() == s.tenant_header.lower():
-            raise _fault("must differ from tenant_header", "subject_token_header")
+            raise fault("must differ from tenant_header", "subject_token_header")
         if (s.tls_cert_file is None) != (s.tls_key_file is None):
-            raise _fault("give tls_cert_file and tls_key_file together", "tls_cert_file")
+            raise fault("give tls_cert_file and tls_key_file together", "tls_cert_file")
         return s
+
+
+_SERVICE_KEYS = {f.name for f in dataclasses.fields(ServiceSettings)}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -873,15 +587,8 @@ def parse_config(
     base: Path | None = None,
 ) -> ServiceConfig:
     """Validate TOML text (see `load_config`)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    doc = _Doc(source, _lines(text), os.environ if env is None else env, base or Path.cwd())
-    try:
-        tables = _Document.model_validate(data, context=doc)
-    except pydantic.ValidationError as exc:
-        raise doc.located(data, exc) from None
+    doc = Document(source, text, os.environ if env is None else env, base or Path.cwd())
+    tables = doc.read(_Document)
     pool = tables.pool.options
     doc.make(("pool",), pool, lambda: toolpool.PoolDefaults(**pool))
     limit = _limit(doc, tables.limits)
@@ -899,22 +606,20 @@ def parse_config(
         agents[name] = agent = t.config(name)
         other = next(a for a in agents.values() if a.token_sha256 == agent.token_sha256)
         if other is not agent:
-            raise doc.error(
-                ("agents", name),
-                f"has the same token as agent {other.name!r}; give each agent its own token",
-            )
+            why = f"has the same token as agent {other.name!r}; give each agent its own token"
+            raise doc.error(("agents", name), why)
     return ServiceConfig(source, tables.service, pool, destinations, agents, limit)
 
 
 def _destination(
-    doc: _Doc, name: str, t: _Destination, egress: toolpool.Egress
+    doc: Document, name: str, t: _Destination, egress: toolpool.Egress
 ) -> DestinationConfig:
     where = ("destinations", name)
     try:
-        url = toolpool.Destination(name, t.url).origin[1]
+        host = toolpool.Destination(name, t.url).origin[1]
     except ConfigError as exc:
         raise doc.error((*where, "url"), str(exc)) from None
-    if (why := forbidden_address(url, egress)) is not None:
+    if (why := forbidden_address(host, egress)) is not None:
         raise doc.error(
             (*where, "url"),
             f"{t.url!r} is refused by the egress policy: {why}; the service never proxies there "
@@ -926,12 +631,12 @@ def _destination(
     return DestinationConfig(spec, auth, t.read_timeout, t.write_timeout, t.forward_tenant_as)
 
 
-def _limit(doc: _Doc, table: Mapping[str, Any]) -> GlobalLimit:
+def _limit(doc: Document, table: Mapping[str, Any]) -> GlobalLimit:
     options = dict(table)
     provider = options.pop("provider", None)
     if provider is None:
         for key in set(options) - {"replicas"}:
-            raise doc.error(("limits", key), _unknown(key, ("provider", "replicas")))
+            raise doc.error(("limits", key), _toml.unknown(key, ("provider", "replicas")))
         return doc.make(("limits",), options, lambda: StaticShare(**options))  # type: ignore[no-any-return]
     provider = "toolpool.fleet:RedisFleet" if provider == "redis" else provider
     where = ("limits", "provider")
