@@ -25,7 +25,6 @@ from toolpool.service._config import (
     AgentConfig,
     AuthConfig,
     DestinationConfig,
-    Secret,
     ServiceConfig,
     ServiceSettings,
     forbidden_address,
@@ -33,6 +32,7 @@ from toolpool.service._config import (
     parse_config,
 )
 from toolpool.service._limits import GlobalLimit, StaticShare
+from toolpool.service._toml import Secret
 
 __all__ = [
     "AgentConfig",

@@ -6,11 +6,10 @@
     [destinations.NAME]  one allowlisted downstream: url, limits, timeouts, [.auth]
     [agents.NAME]        one agent: how it authenticates to the service, tenants it may act for
 
-The tables are pydantic models (`service._toml`: every error names the file, the line and the
-key, and says what to write instead). Values that toolpool's constructors check
-(`Destination`, `PoolDefaults`, `Egress`, the auth providers, the limit) go to them as
-written, so theirs is the only check. Secrets are read from environment variables or files,
-never from the file itself, and never shown: only where they came from.
+The tables are pydantic models read by `service._toml` (errors name the file, the line and the
+key, and say what to write instead; secrets come from environment variables or files). What
+toolpool's constructors check (`Destination`, `PoolDefaults`, `Egress`, the auth providers, the
+limit) goes to them as written, so theirs is the only check.
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ from toolpool.errors import ConfigError
 from toolpool.service import _toml
 from toolpool.service._limits import GlobalLimit, StaticShare
 from toolpool.service._toml import Document, Secret, Table, fault
-
-__all__ = ["Secret"]  # toolpool.service re-exports it with this module's public types
 
 # Names that appear in URLs (/d/<name>/...) and metric labels: plain, bounded characters.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -69,19 +66,13 @@ def _cert(value: Any, info: ValidationInfo) -> str | tuple[str, str]:
     return found[0] if len(found) == 1 else (found[0], found[1])
 
 
-def _policy(value: Any) -> Any:
-    """`"default"` (toolpool.resilience's default policy), `"off"` (no retries, breaker, rate
-    or adaptive limit; admission kept) or `"none"` (no resilience layer)."""
-    choices: dict[str, Callable[[], Any]] = {
-        "default": resilience.Policy,
-        "off": resilience.Policy.off,
-        "none": lambda: None,
-    }
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(
-            f"must be one of {', '.join(map(repr, choices))}, got {_toml.shown(value)}"
-        )
-    return choices[value]()
+# policy = "default" (toolpool.resilience's default policy), "off" (no retries, breaker, rate
+# or adaptive limit; admission kept) or "none" (no resilience layer).
+_POLICIES: dict[str, Callable[[], Any]] = {
+    "default": resilience.Policy,
+    "off": resilience.Policy.off,
+    "none": lambda: None,
+}
 
 
 def _egress(value: Any) -> toolpool.Egress:
@@ -99,19 +90,45 @@ def _egress(value: Any) -> toolpool.Egress:
     return toolpool.Egress(**value)
 
 
-_Text = Annotated[str, _toml.text()]
+_must, _text, _number = _toml.must, _toml.text, _toml.number
+_Text = Annotated[str, _text()]
 _Seconds = Annotated[
-    float, _toml.must("must be a finite number > 0, got {}", lambda v: _toml.number(v, 0) and v)
+    float, _must("must be a finite number > 0, got {}", lambda v: _number(v, 0) and v)
 ]
+_Wait = Annotated[float, _must("must be a finite number >= 0, got {}", lambda v: _number(v, 0))]
 _Size = Annotated[
-    int, _toml.must("must be a whole number >= 0, got {}", lambda v: _toml.number(v, 0, whole=True))
+    int, _must("must be a whole number >= 0, got {}", lambda v: _number(v, 0, whole=True))
 ]
-_Header = Annotated[str, _toml.text(_HEADER_NAME, "{} is not a valid HTTP header name")]
-_Tenant = Annotated[str, _toml.text(TENANT_PATTERN.pattern, "{} is not a valid tenant name")]
+_Port = Annotated[
+    _Size, _must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator)
+]
+_Header = Annotated[str, _text(_HEADER_NAME, "{} is not a valid HTTP header name")]
+_Forward = Annotated[str, _text(_HEADER_NAME, "must be an HTTP header name, got {}", says_all=True)]
+_Tenant = Annotated[str, _text(TENANT_PATTERN.pattern, "{} is not a valid tenant name")]
+_Tenants = Annotated[
+    tuple[str, ...], _toml.texts(rf"^\*$|{TENANT_PATTERN.pattern}", "{} is not a valid tenant name")
+]
+_Digest = Annotated[
+    str, _text("^[0-9a-fA-F]{64}$", "must be 64 hex digits (sha256sum of the token)", True)
+]
+_NAMES = "{} names use letters, digits, '_', '.', '-' (got {{}})"
+_DestName = Annotated[str, _text(_NAME, _NAMES.format("destination"))]
+_AgentName = Annotated[str, _text(_NAME, _NAMES.format("agent"))]
+_Hosts = Annotated[
+    tuple[str, ...], _toml.texts(), AfterValidator(lambda v: tuple(map(str.lower, v)))
+]
 _Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
 _Verify = Annotated[bool | str, PlainValidator(_verify)]
-_Policy = Annotated[Any, PlainValidator(_policy)]
+_Policy = Annotated[
+    Any,
+    _must(
+        "must be one of 'default', 'off', 'none', got {}",
+        lambda v: isinstance(v, str) and v in _POLICIES,
+    ),
+    AfterValidator(lambda v: _POLICIES[v]()),
+]
 _File = Annotated[str, PlainValidator(_toml.path())]
+_Egress = Annotated[toolpool.Egress, PlainValidator(_egress)]
 
 
 @dataclass(frozen=True)
@@ -122,10 +139,7 @@ class ServiceSettings:
     # deliberately for a central service.
     host: _Text = "127.0.0.1"
     # An unassigned port near the metrics port family; 0 picks a free one.
-    port: Annotated[
-        _Size,
-        _toml.must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator),
-    ] = 8780
+    port: _Port = 8780
     # In-flight requests get this long to finish after SIGTERM (Kubernetes' default grace
     # period is 30 s; leave a few seconds for the pool to close).
     drain_timeout: _Seconds = 25.0
@@ -134,9 +148,7 @@ class ServiceSettings:
     # Downloads through a tool rarely exceed this; larger answers fail as 502.
     max_response_body: _Size = 100 * 1024 * 1024
     # Host header values the service answers to; empty: any (it never routes by Host).
-    allowed_hosts: Annotated[
-        tuple[str, ...], _toml.texts(), AfterValidator(lambda v: tuple(map(str.lower, v)))
-    ] = ()
+    allowed_hosts: _Hosts = ()
     # The header in which an agent names the tenant it acts for.
     tenant_header: _Header = "X-Toolpool-Tenant"
     # One JSON line per request on logger toolpool.service.access (no secrets, no query).
@@ -145,18 +157,14 @@ class ServiceSettings:
     metrics: pydantic.StrictBool = True
     # The service is ready (/readyz) when warm-up finished or after this long, whichever
     # comes first: a downstream that is down must not keep the others from being served.
-    warmup_timeout: Annotated[
-        float, _toml.must("must be a finite number >= 0, got {}", lambda v: _toml.number(v, 0))
-    ] = 10.0
+    warmup_timeout: _Wait = 10.0
     # HTTPS for agents (certificate and key PEM paths); plain HTTP when unset, which is right
     # for a loopback sidecar only: agent tokens must not cross a network in clear text.
     tls_cert_file: _File | None = None
     tls_key_file: _File | None = None
     # `[service.egress]`: checked on the resolved address of every connect (the default
     # refuses cloud metadata, link-local, unspecified and multicast addresses).
-    egress: Annotated[toolpool.Egress, PlainValidator(_egress)] = field(
-        default_factory=toolpool.Egress
-    )
+    egress: _Egress = field(default_factory=toolpool.Egress)
     # The header in which an agent passes the user's token for token-exchange destinations
     # (never forwarded downstream).
     subject_token_header: _Header = "X-Toolpool-Subject-Token"
@@ -292,7 +300,9 @@ class _CertFiles(Table):
 
 
 class _Auth(_Secreted):
-    """What every auth kind shares: one credential for all tenants, or one per tenant."""
+    """What every auth kind shares: one credential for all tenants, or one per tenant. Its
+    `provider(pick)` is a new toolpool.auth provider; `pick(ctx)` is the credential of the
+    context's tenant, else the shared one, secrets revealed."""
 
     what: ClassVar[str] = "credential is"  # "no <what> configured for this tenant"
     needs: ClassVar[str] = ""  # the error when there is neither; "": none is needed
@@ -300,14 +310,14 @@ class _Auth(_Secreted):
     tenants: Mapping[_Tenant, Any] = {}
 
     def credential(self, table: Any) -> Any:
-        """The credential a table (the auth table or a tenant's) gives, or None."""
+        """The credential of a table (this one or a tenant's), or None."""
         return table.secret
-
-    def provider(self, pick: Callable[..., Any], verify: Any) -> Any:
-        raise NotImplementedError
 
     def check(self) -> None:
         """The kind's own checks, before the count of credentials."""
+
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+        raise NotImplementedError
 
     @model_validator(mode="after")
     def _some(self) -> Self:
@@ -325,7 +335,7 @@ class _Auth(_Secreted):
             found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
             if (found := found if found is not None else shared) is None:
                 raise error(f"no {self.what} configured for this tenant at {dest!r}")
-            return found
+            return tuple(map(_reveal, found)) if isinstance(found, tuple) else _reveal(found)
 
         everyone = shared is not None or not (per or self.needs)
         return AuthConfig(
@@ -333,33 +343,34 @@ class _Auth(_Secreted):
         )
 
 
-def _needs(base: str) -> str:
-    return (
-        f"needs {base}_env / {base}_file (one credential for all tenants) or "
-        f"[.tenants.NAME] tables with {base}_env / {base}_file"
-    )
+def _reveal(value: Any) -> Any:
+    return value.reveal() if isinstance(value, Secret) else value
+
+
+_NEEDS = (
+    "needs {0}_env / {0}_file (one credential for all tenants) or [.tenants.NAME] tables "
+    "with {0}_env / {0}_file"
+)
 
 
 class _Bearer(_Auth):
-    secret_name, needs = "token", _needs("token")
+    secret_name, needs = "token", _NEEDS.format("token")
     type: Literal["bearer"]
     tenants: Mapping[_Tenant, _Token] = {}
 
-    def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
-        return toolpool.auth.Bearer(lambda ctx: pick(ctx).reveal())
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+        return toolpool.auth.Bearer(pick)
 
 
 class _ApiKey(_Auth):
-    secret_name, needs = "key", _needs("key")
+    secret_name, needs = "key", _NEEDS.format("key")
     type: Literal["api_key"]
     header: _Header = "X-API-Key"
     scheme: _Text | None = None
     tenants: Mapping[_Tenant, _Key] = {}
 
-    def provider(self, pick: Callable[..., Secret], verify: Any) -> Any:
-        return toolpool.auth.ApiKey(
-            lambda ctx: pick(ctx).reveal(), header=self.header, scheme=self.scheme
-        )
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+        return toolpool.auth.ApiKey(pick, header=self.header, scheme=self.scheme)
 
 
 class _TokenEndpoint(_Auth):
@@ -385,30 +396,19 @@ class _TokenEndpoint(_Auth):
     @model_validator(mode="after")
     def _provider(self) -> Self:
         try:  # the provider checks the rest
-            self.provider(lambda ctx: ("probe", Secret("probe", "probe")), None)
+            self.provider(lambda ctx: ("probe", "probe"))
         except ConfigError as exc:
             raise fault(str(exc), "token_url") from None
         return self
-
-    def client(self, pick: Callable[..., tuple[str, Secret]]) -> Any:
-        """The provider's `client_credentials(ctx)`; None when no client is configured."""
-        if self.secret is None and not self.tenants:
-            return None
-
-        def client(ctx: toolpool.AuthContext | None) -> tuple[str, str]:
-            client_id, secret = pick(ctx)
-            return client_id, secret.reveal()
-
-        return client
 
 
 class _OAuth2ClientCredentials(_TokenEndpoint):
     needs = "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
     type: Literal["oauth2_client_credentials"]
 
-    def provider(self, pick: Callable[..., tuple[str, Secret]], verify: Any) -> Any:
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
         return toolpool.auth.OAuth2ClientCredentials(
-            self.token_url, self.client(pick), scope=self.scope, auth_method=self.auth_method
+            self.token_url, pick, scope=self.scope, auth_method=self.auth_method
         )
 
 
@@ -424,12 +424,12 @@ class _TokenExchange(_TokenEndpoint):
     requested_token_type: _Text | None = None
     subject_token_type: _Text | None = None
 
-    def provider(self, pick: Callable[..., tuple[str, Secret]], verify: Any) -> Any:
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
         names = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
         given = {k: getattr(self, k) for k in names if getattr(self, k)}
-        client, method = self.client(pick), self.auth_method
+        client = pick if self.secret is not None or self.tenants else None
         return toolpool.auth.TokenExchange(
-            self.token_url, client_credentials=client, auth_method=method, **given
+            self.token_url, client_credentials=client, auth_method=self.auth_method, **given
         )
 
 
@@ -443,9 +443,10 @@ class _MutualTLS(_Auth):
     def credential(self, table: Any) -> Any:
         return table.cert
 
-    def provider(self, pick: Callable[..., Any], verify: Any) -> Any:
-        verify = verify if isinstance(verify, bool | str) else None
-        return toolpool.auth.MutualTLS(pick, verify=verify)
+    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+        return toolpool.auth.MutualTLS(
+            pick, verify=verify if isinstance(verify, bool | str) else None
+        )
 
 
 class _Destination(Table):
@@ -459,12 +460,7 @@ class _Destination(Table):
     policy: _Policy = None
     read_timeout: _Seconds = 60.0
     write_timeout: _Seconds = 30.0
-    forward_tenant_as: (
-        Annotated[
-            str, _toml.text(_HEADER_NAME, "must be an HTTP header name, got {}", says_all=True)
-        ]
-        | None
-    ) = None
+    forward_tenant_as: _Forward | None = None
     auth: (
         Annotated[
             _Bearer | _ApiKey | _OAuth2ClientCredentials | _TokenExchange | _MutualTLS,
@@ -490,19 +486,8 @@ class _Pool(Table):
 class _Agent(Table):
     secret_name = "token"
     secret: Secret | None = None
-    token_sha256: (
-        Annotated[
-            str,
-            _toml.text(
-                "^[0-9a-fA-F]{64}$", "must be 64 hex digits (sha256sum of the token)", says_all=True
-            ),
-        ]
-        | None
-    ) = None
-    tenants: Annotated[
-        tuple[str, ...],
-        _toml.texts(rf"^\*$|{TENANT_PATTERN.pattern}", "{} is not a valid tenant name"),
-    ]
+    token_sha256: _Digest | None = None
+    tenants: _Tenants
 
     @model_validator(mode="after")
     def _one_token(self) -> Self:
@@ -534,18 +519,8 @@ class _Document(Table):
     ] = Field(default_factory=ServiceSettings)
     pool: _Pool = Field(default_factory=_Pool)
     limits: Mapping[str, Any] = {}
-    destinations: Mapping[
-        Annotated[
-            str, _toml.text(_NAME, "destination names use letters, digits, '_', '.', '-' (got {})")
-        ],
-        _Destination,
-    ] = {}
-    agents: Mapping[
-        Annotated[
-            str, _toml.text(_NAME, "agent names use letters, digits, '_', '.', '-' (got {})")
-        ],
-        _Agent,
-    ] = {}
+    destinations: Mapping[_DestName, _Destination] = {}
+    agents: Mapping[_AgentName, _Agent] = {}
 
     @pydantic.field_validator("service")
     @classmethod
