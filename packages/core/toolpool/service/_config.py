@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -25,7 +24,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 import pydantic
-from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationInfo,
+    model_validator,
+)
 
 import toolpool
 from toolpool import resilience
@@ -119,14 +125,7 @@ _Hosts = Annotated[
 ]
 _Cert = Annotated[str | tuple[str, str], PlainValidator(_cert)]
 _Verify = Annotated[bool | str, PlainValidator(_verify)]
-_Policy = Annotated[
-    Any,
-    _must(
-        "must be one of 'default', 'off', 'none', got {}",
-        lambda v: isinstance(v, str) and v in _POLICIES,
-    ),
-    AfterValidator(lambda v: _POLICIES[v]()),
-]
+_Policy = Annotated[Any, _toml.one_of(_POLICIES)]
 _File = Annotated[str, PlainValidator(_toml.path())]
 _Egress = Annotated[toolpool.Egress, PlainValidator(_egress)]
 
@@ -192,65 +191,6 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class AuthConfig:
-    """`[destinations.NAME.auth]`: the downstream credentials the service applies per tenant.
-
-    `make()` builds a fresh `toolpool.auth` provider (one per pool, as providers require)."""
-
-    kind: str
-    make: Callable[[], Any] = field(repr=False)
-    # Tenants with credentials of their own; None when one shared credential serves all.
-    tenants: frozenset[str] | None
-    shared: bool
-
-    def serves(self, tenant: str) -> bool:
-        """True if requests of `tenant` can get credentials for this destination."""
-        return self.shared or (self.tenants is not None and tenant in self.tenants)
-
-
-@dataclass(frozen=True)
-class DestinationConfig:
-    """`[destinations.NAME]`: one allowlisted downstream and how requests to it are sent."""
-
-    # The checked destination without auth; its cap is the fleet-wide one (each pool gets
-    # this replica's share of it from the GlobalLimit).
-    spec: toolpool.Destination
-    auth: AuthConfig | None
-    # A read timeout per response chunk: downstream tools can be slow, not silent forever.
-    read_timeout: float = 60.0
-    write_timeout: float = 30.0
-    # Header in which the downstream is told the tenant (the agent's own is replaced).
-    forward_tenant_as: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
-
-    @property
-    def fleet_cap(self) -> int | None:
-        """`max_connections`, or 70 % of `documented_limit`; None: the pool's default."""
-        given = self.spec.max_connections is not None or self.spec.documented_limit is not None
-        return self.spec.connection_cap(0) if given else None
-
-    def destination(self, limit: GlobalLimit, default_cap: int) -> toolpool.Destination:
-        """A fresh `toolpool.Destination` for one pool, capped at this replica's share."""
-        share = limit.replica_cap(self.name, self.spec.connection_cap(default_cap))
-        if isinstance(share, bool) or not isinstance(share, int) or share < 1:
-            raise ConfigError(
-                f"the global limit gave destination {self.name!r} a cap of {share!r}; "
-                f"replica_cap() must return a whole number >= 1"
-            )
-        auth = self.auth.make() if self.auth is not None else None
-        return dataclasses.replace(
-            self.spec, documented_limit=None, max_connections=share, auth=auth
-        )
-
-
-@dataclass(frozen=True)
 class ServiceConfig:
     """A validated `toolpool serve` configuration (`load_config(path)`)."""
 
@@ -299,15 +239,21 @@ class _CertFiles(Table):
     cert: _Cert = Field(None, validate_default=True)
 
 
-class _Auth(_Secreted):
-    """What every auth kind shares: one credential for all tenants, or one per tenant. Its
-    `provider(pick)` is a new toolpool.auth provider; `pick(ctx)` is the credential of the
-    context's tenant, else the shared one, secrets revealed."""
+class AuthConfig(_Secreted):
+    """`[destinations.NAME.auth]`: the downstream credentials the service applies, one for all
+    tenants or one per tenant (`tenants`). `make()` builds a fresh `toolpool.auth` provider
+    (one per pool, as providers require), given `pick(ctx)`, the credential of the context's
+    tenant (else the shared one), secrets revealed."""
 
     what: ClassVar[str] = "credential is"  # "no <what> configured for this tenant"
-    needs: ClassVar[str] = ""  # the error when there is neither; "": none is needed
+    needs: ClassVar[str] = (  # the error when there is no credential at all ("": fine)
+        "needs {0}_env / {0}_file (one credential for all tenants) or [.tenants.NAME] tables "
+        "with {0}_env / {0}_file"
+    )
     type: str
     tenants: Mapping[_Tenant, Any] = {}
+    _dest: str = PrivateAttr("")  # the destination's name and verify, set with it
+    _verify: Any = PrivateAttr(None)
 
     def credential(self, table: Any) -> Any:
         """The credential of a table (this one or a tenant's), or None."""
@@ -316,64 +262,65 @@ class _Auth(_Secreted):
     def check(self) -> None:
         """The kind's own checks, before the count of credentials."""
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         raise NotImplementedError
 
     @model_validator(mode="after")
     def _some(self) -> Self:
         self.check()
         if self.needs and self.credential(self) is None and not self.tenants:
-            raise fault(self.needs)
+            raise fault(self.needs.format(self.secret_name))
         return self
 
-    def config(self, dest: str, verify: Any) -> AuthConfig:
-        shared = self.credential(self)
-        per = {tenant: self.credential(t) for tenant, t in self.tenants.items()}
-        error = TypeError if self.type == "mtls" else toolpool.auth.TokenFailure
+    @property
+    def kind(self) -> str:
+        return self.type
 
-        def pick(ctx: toolpool.AuthContext | None) -> Any:
-            found = per.get(ctx.tenant) if ctx is not None and ctx.tenant is not None else None
-            if (found := found if found is not None else shared) is None:
-                raise error(f"no {self.what} configured for this tenant at {dest!r}")
-            return tuple(map(_reveal, found)) if isinstance(found, tuple) else _reveal(found)
+    @property
+    def shared(self) -> bool:
+        """True if every tenant is served (one credential for all, or none needed)."""
+        return self.credential(self) is not None or not (self.tenants or self.needs)
 
-        everyone = shared is not None or not (per or self.needs)
-        return AuthConfig(
-            self.type, lambda: self.provider(pick, verify), frozenset(per) or None, everyone
-        )
+    def serves(self, tenant: str) -> bool:
+        """True if requests of `tenant` can get credentials for this destination."""
+        return self.shared or tenant in self.tenants
+
+    def make(self) -> Any:
+        return self.provider(self.pick)
+
+    def pick(self, ctx: toolpool.AuthContext | None) -> Any:
+        table = self.tenants.get(ctx.tenant) if ctx is not None and ctx.tenant else None
+        if (found := self.credential(table or self)) is None:
+            error = TypeError if self.type == "mtls" else toolpool.auth.TokenFailure
+            raise error(f"no {self.what} configured for this tenant at {self._dest!r}")
+        return tuple(map(_reveal, found)) if isinstance(found, tuple) else _reveal(found)
 
 
 def _reveal(value: Any) -> Any:
     return value.reveal() if isinstance(value, Secret) else value
 
 
-_NEEDS = (
-    "needs {0}_env / {0}_file (one credential for all tenants) or [.tenants.NAME] tables "
-    "with {0}_env / {0}_file"
-)
-
-
-class _Bearer(_Auth):
-    secret_name, needs = "token", _NEEDS.format("token")
+class _Bearer(AuthConfig):
+    secret_name = "token"
     type: Literal["bearer"]
     tenants: Mapping[_Tenant, _Token] = {}
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         return toolpool.auth.Bearer(pick)
 
 
-class _ApiKey(_Auth):
-    secret_name, needs = "key", _NEEDS.format("key")
+class _ApiKey(AuthConfig):
+    secret_name = "key"
     type: Literal["api_key"]
     header: _Header = "X-API-Key"
     scheme: _Text | None = None
     tenants: Mapping[_Tenant, _Key] = {}
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         return toolpool.auth.ApiKey(pick, header=self.header, scheme=self.scheme)
 
 
-class _TokenEndpoint(_Auth):
+class _TokenEndpoint(AuthConfig):
     """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint, and
     the service's client at it (one for all tenants, or one per tenant)."""
 
@@ -406,7 +353,7 @@ class _OAuth2ClientCredentials(_TokenEndpoint):
     needs = "needs client_id + client_secret_env/_file, or [.tenants.NAME] tables"
     type: Literal["oauth2_client_credentials"]
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         return toolpool.auth.OAuth2ClientCredentials(
             self.token_url, pick, scope=self.scope, auth_method=self.auth_method
         )
@@ -418,13 +365,14 @@ class _TokenExchange(_TokenEndpoint):
     destination; the service authenticates to the token endpoint with `client_id` +
     `client_secret_env/_file` (shared or per tenant), or not at all when neither is given."""
 
+    needs = ""
     type: Literal["token_exchange"]
     audience: _Text | None = None
     resource: _Text | None = None
     requested_token_type: _Text | None = None
     subject_token_type: _Text | None = None
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         names = ("audience", "resource", "scope", "requested_token_type", "subject_token_type")
         given = {k: getattr(self, k) for k in names if getattr(self, k)}
         client = pick if self.secret is not None or self.tenants else None
@@ -433,7 +381,7 @@ class _TokenExchange(_TokenEndpoint):
         )
 
 
-class _MutualTLS(_Auth):
+class _MutualTLS(AuthConfig):
     what = "client certificate is"
     needs = "needs cert = [cert, key] or [.tenants.NAME] cert = [...]"
     type: Literal["mtls"]
@@ -443,13 +391,15 @@ class _MutualTLS(_Auth):
     def credential(self, table: Any) -> Any:
         return table.cert
 
-    def provider(self, pick: Callable[..., Any], verify: Any = None) -> Any:
+    def provider(self, pick: Callable[..., Any]) -> Any:
         return toolpool.auth.MutualTLS(
-            pick, verify=verify if isinstance(verify, bool | str) else None
+            pick, verify=self._verify if isinstance(self._verify, bool | str) else None
         )
 
 
-class _Destination(Table):
+class DestinationConfig(Table):
+    """`[destinations.NAME]`: one allowlisted downstream and how requests to it are sent."""
+
     # Destination's own options (pydantic reads verify, cert and policy first).
     passed_on = {f.name for f in dataclasses.fields(toolpool.Destination) if f.init} - {
         *("name", "url", "auth", "warmup_contexts"),
@@ -458,8 +408,10 @@ class _Destination(Table):
     verify: _Verify | None = None
     cert: _Cert | None = None
     policy: _Policy = None
+    # A read timeout per response chunk: downstream tools can be slow, not silent forever.
     read_timeout: _Seconds = 60.0
     write_timeout: _Seconds = 30.0
+    # Header in which the downstream is told the tenant (the agent's own is replaced).
     forward_tenant_as: _Forward | None = None
     auth: (
         Annotated[
@@ -468,6 +420,59 @@ class _Destination(Table):
         ]
         | None
     ) = None
+    # The checked destination without auth (set when the document is read); its cap is the
+    # fleet-wide one (each pool gets this replica's share of it from the GlobalLimit).
+    _spec: toolpool.Destination | None = PrivateAttr(None)
+
+    def check(self, doc: Document, name: str, egress: toolpool.Egress) -> Self:
+        """Checked by `toolpool.Destination` and `egress` (which need the name)."""
+        where = ("destinations", name)
+        try:
+            host = toolpool.Destination(name, self.url).origin[1]
+        except ConfigError as exc:
+            raise doc.error((*where, "url"), str(exc)) from None
+        if (why := forbidden_address(host, egress)) is not None:
+            raise doc.error(
+                (*where, "url"),
+                f"{self.url!r} is refused by the egress policy: {why}; the service never proxies "
+                f"there (a range you run services in can be allowed by address in "
+                f"[service.egress] allow)",
+            )
+        options = self.options
+        self._spec = doc.make(
+            where, options, lambda: toolpool.Destination(name, self.url, **options)
+        )
+        if self.auth is not None:
+            self.auth._dest, self.auth._verify = name, options.get("verify")
+        return self
+
+    @property
+    def spec(self) -> toolpool.Destination:
+        assert self._spec is not None, "a DestinationConfig is checked when the document is read"
+        return self._spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def fleet_cap(self) -> int | None:
+        """`max_connections`, or 70 % of `documented_limit`; None: the pool's default."""
+        given = self.spec.max_connections is not None or self.spec.documented_limit is not None
+        return self.spec.connection_cap(0) if given else None
+
+    def destination(self, limit: GlobalLimit, default_cap: int) -> toolpool.Destination:
+        """A fresh `toolpool.Destination` for one pool, capped at this replica's share."""
+        share = limit.replica_cap(self.name, self.spec.connection_cap(default_cap))
+        if isinstance(share, bool) or not isinstance(share, int) or share < 1:
+            raise ConfigError(
+                f"the global limit gave destination {self.name!r} a cap of {share!r}; "
+                f"replica_cap() must return a whole number >= 1"
+            )
+        auth = self.auth.make() if self.auth is not None else None
+        return dataclasses.replace(
+            self.spec, documented_limit=None, max_connections=share, auth=auth
+        )
 
 
 class _Pool(Table):
@@ -519,7 +524,7 @@ class _Document(Table):
     ] = Field(default_factory=ServiceSettings)
     pool: _Pool = Field(default_factory=_Pool)
     limits: Mapping[str, Any] = {}
-    destinations: Mapping[_DestName, _Destination] = {}
+    destinations: Mapping[_DestName, DestinationConfig] = {}
     agents: Mapping[_AgentName, _Agent] = {}
 
     @pydantic.field_validator("service")
@@ -546,12 +551,7 @@ def load_config(
     Secrets (`*_env`, `*_file`) are read now from `env` (default: the process environment),
     so a missing one stops the service at start, not at its first request.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
-    return parse_config(text, source=str(p), env=env, base=p.parent)
+    return _config(Document.load(path, env))
 
 
 def parse_config(
@@ -562,7 +562,10 @@ def parse_config(
     base: Path | None = None,
 ) -> ServiceConfig:
     """Validate TOML text (see `load_config`)."""
-    doc = Document(source, text, os.environ if env is None else env, base or Path.cwd())
+    return _config(Document(source, text, os.environ if env is None else env, base or Path.cwd()))
+
+
+def _config(doc: Document) -> ServiceConfig:
     tables = doc.read(_Document)
     pool = tables.pool.options
     doc.make(("pool",), pool, lambda: toolpool.PoolDefaults(**pool))
@@ -572,7 +575,7 @@ def parse_config(
             ("destinations",), "lists no destination; add [destinations.NAME] url = ..."
         )
     destinations = {
-        n: _destination(doc, n, t, tables.service.egress) for n, t in tables.destinations.items()
+        n: t.check(doc, n, tables.service.egress) for n, t in tables.destinations.items()
     }
     if not tables.agents:
         raise doc.error(("agents",), "lists no agent; add [agents.NAME] token_env = ...")
@@ -583,55 +586,23 @@ def parse_config(
         if other is not agent:
             why = f"has the same token as agent {other.name!r}; give each agent its own token"
             raise doc.error(("agents", name), why)
-    return ServiceConfig(source, tables.service, pool, destinations, agents, limit)
-
-
-def _destination(
-    doc: Document, name: str, t: _Destination, egress: toolpool.Egress
-) -> DestinationConfig:
-    where = ("destinations", name)
-    try:
-        host = toolpool.Destination(name, t.url).origin[1]
-    except ConfigError as exc:
-        raise doc.error((*where, "url"), str(exc)) from None
-    if (why := forbidden_address(host, egress)) is not None:
-        raise doc.error(
-            (*where, "url"),
-            f"{t.url!r} is refused by the egress policy: {why}; the service never proxies there "
-            f"(a range you run services in can be allowed by address in [service.egress] allow)",
-        )
-    options = t.options
-    spec = doc.make(where, options, lambda: toolpool.Destination(name, t.url, **options))
-    auth = t.auth.config(name, options.get("verify")) if t.auth is not None else None
-    return DestinationConfig(spec, auth, t.read_timeout, t.write_timeout, t.forward_tenant_as)
+    return ServiceConfig(doc.source, tables.service, pool, destinations, agents, limit)
 
 
 def _limit(doc: Document, table: Mapping[str, Any]) -> GlobalLimit:
     options = dict(table)
-    provider = options.pop("provider", None)
-    if provider is None:
+    if (provider := options.pop("provider", None)) is None:
         for key in set(options) - {"replicas"}:
             raise doc.error(("limits", key), _toml.unknown(key, ("provider", "replicas")))
         return doc.make(("limits",), options, lambda: StaticShare(**options))  # type: ignore[no-any-return]
-    provider = "toolpool.fleet:RedisFleet" if provider == "redis" else provider
-    where = ("limits", "provider")
-    if not isinstance(provider, str) or ":" not in provider:
-        raise doc.error(where, "must be 'redis' or 'package.module:factory'")
-    module_name, _, attr = provider.partition(":")
+    if provider in ("redis", "toolpool.fleet:RedisFleet"):
+        provider, options["env"] = "toolpool.fleet:RedisFleet", doc.env  # URL, key: from env
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise doc.error(where, f"cannot import {provider!r}: {exc}") from None
-    if provider == "toolpool.fleet:RedisFleet":
-        options["env"] = doc.env  # the URL and fleet key are read from the config's env
-    try:
-        limit = factory(**options)
-    except Exception as exc:
-        detail = (
-            str(exc) if isinstance(exc, ConfigError) else f"{provider}(**options) failed: {exc}"
+        return _toml.plugin(  # type: ignore[no-any-return]
+            provider,
+            options,
+            ("replica_cap", "hold"),
+            "must be 'redis' or 'package.module:factory'",
         )
-        raise doc.error(where, detail) from None
-    for method in ("replica_cap", "hold"):
-        if not callable(getattr(limit, method, None)):
-            raise doc.error(where, f"{provider} returned an object without {method}()")
-    return limit  # type: ignore[no-any-return]
+    except ConfigError as exc:
+        raise doc.error(("limits", "provider"), str(exc)) from None

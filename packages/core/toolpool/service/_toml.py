@@ -6,7 +6,9 @@ knows a particular document's keys; `toolpool serve`'s configuration is built on
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
+import os
 import re
 import tomllib
 import typing
@@ -89,6 +91,15 @@ class Document:
     text: str
     env: Mapping[str, str]  # where `<name>_env` secrets are read
     base: Path  # relative paths in the document are relative to it
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Document:
+        """The document in the file at `path` (its directory is the base of relative paths)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        return cls(str(path), text, os.environ if env is None else env, Path(path).parent)
 
     def read(self, model: type[_M]) -> _M:
         """The document validated by `model`; its first mistake as a `ConfigError`."""
@@ -233,6 +244,40 @@ def strings(value: Any, pattern: str = "", says: str = "") -> tuple[str, ...]:
 def texts(pattern: str = "", says: str = "") -> Any:
     """A validator of `strings`."""
     return PlainValidator(lambda value: strings(value, pattern, says))
+
+
+def one_of(choices: Mapping[str, Callable[[], Any]]) -> Any:
+    """A validator of one of the `choices`' names: the value is what the name's function makes."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
+        return choices[value]()
+
+    return PlainValidator(check)
+
+
+def plugin(spec: Any, options: Mapping[str, Any], methods: Collection[str], says: str) -> Any:
+    """What the factory named by `spec` ("package.module:factory") makes of `options`; a
+    `ConfigError` if `spec` is no such name (`says`), or the factory fails, or what it makes
+    lacks one of `methods`."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(says)
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {spec!r}: {exc}") from None
+    try:
+        made = factory(**options)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{spec}(**options) failed: {exc}") from None
+    for method in methods:
+        if not callable(getattr(made, method, None)):
+            raise ConfigError(f"{spec} returned an object without {method}()")
+    return made
 
 
 def path(
