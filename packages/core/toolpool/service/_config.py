@@ -293,11 +293,7 @@ class AuthConfig(_Secreted):
         if (found := self.credential(table or self)) is None:
             error = TypeError if self.type == "mtls" else toolpool.auth.TokenFailure
             raise error(f"no {self.what} configured for this tenant at {self._dest!r}")
-        return tuple(map(_reveal, found)) if isinstance(found, tuple) else _reveal(found)
-
-
-def _reveal(value: Any) -> Any:
-    return value.reveal() if isinstance(value, Secret) else value
+        return _toml.reveal(found)
 
 
 class _Bearer(AuthConfig):
@@ -492,7 +488,12 @@ class _Agent(Table):
     secret_name = "token"
     secret: Secret | None = None
     token_sha256: _Digest | None = None
-    tenants: _Tenants
+    tenants: Annotated[
+        _Tenants,
+        _toml.must(
+            'lists no tenant; list the tenants this agent acts for, or ["*"]', bool, AfterValidator
+        ),
+    ]
 
     @model_validator(mode="after")
     def _one_token(self) -> Self:
@@ -506,10 +507,6 @@ class _Agent(Table):
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
                 "token_env" if self.secret.source.startswith("$") else "token_file",
             )
-        if not self.tenants:
-            raise fault(
-                'lists no tenant; list the tenants this agent acts for, or ["*"]', "tenants"
-            )
         return self
 
     def config(self, name: str) -> AgentConfig:
@@ -519,9 +516,9 @@ class _Agent(Table):
 
 
 class _Document(Table):
-    service: Annotated[
-        ServiceSettings, pydantic.BeforeValidator(lambda v: _toml.only(v, _SERVICE_KEYS))
-    ] = Field(default_factory=ServiceSettings)
+    service: Annotated[ServiceSettings, _toml.keys_of(ServiceSettings)] = Field(
+        default_factory=ServiceSettings
+    )
     pool: _Pool = Field(default_factory=_Pool)
     limits: Mapping[str, Any] = {}
     destinations: Mapping[_DestName, DestinationConfig] = {}
@@ -535,9 +532,6 @@ class _Document(Table):
         if (s.tls_cert_file is None) != (s.tls_key_file is None):
             raise fault("give tls_cert_file and tls_key_file together", "tls_cert_file")
         return s
-
-
-_SERVICE_KEYS = {f.name for f in dataclasses.fields(ServiceSettings)}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -589,20 +583,19 @@ def _config(doc: Document) -> ServiceConfig:
     return ServiceConfig(doc.source, tables.service, pool, destinations, agents, limit)
 
 
+_PROVIDER = "must be 'redis' or 'package.module:factory'"
+
+
 def _limit(doc: Document, table: Mapping[str, Any]) -> GlobalLimit:
     options = dict(table)
     if (provider := options.pop("provider", None)) is None:
         for key in set(options) - {"replicas"}:
             raise doc.error(("limits", key), _toml.unknown(key, ("provider", "replicas")))
-        return doc.make(("limits",), options, lambda: StaticShare(**options))  # type: ignore[no-any-return]
+        return doc.make(("limits",), options, lambda: StaticShare(**options))
     if provider in ("redis", "toolpool.fleet:RedisFleet"):
         provider, options["env"] = "toolpool.fleet:RedisFleet", doc.env  # URL, key: from env
     try:
-        return _toml.plugin(  # type: ignore[no-any-return]
-            provider,
-            options,
-            ("replica_cap", "hold"),
-            "must be 'redis' or 'package.module:factory'",
-        )
+        limit: GlobalLimit = _toml.plugin(provider, options, ("replica_cap", "hold"), _PROVIDER)
+        return limit
     except ConfigError as exc:
         raise doc.error(("limits", "provider"), str(exc)) from None

@@ -5,6 +5,7 @@ knows a particular document's keys; `toolpool serve`'s configuration is built on
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pydantic
-from pydantic import PlainValidator, ValidationInfo, model_validator
+from pydantic import BeforeValidator, PlainValidator, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 from toolpool.errors import ConfigError
@@ -83,6 +84,13 @@ class Secret:
     __str__ = __repr__
 
 
+def reveal(value: Any) -> Any:
+    """`value` with its secrets (in a tuple too) revealed."""
+    if isinstance(value, tuple):
+        return tuple(map(reveal, value))
+    return value.reveal() if isinstance(value, Secret) else value
+
+
 @dataclass
 class Document:
     """A TOML document being read: the validation context of the validators (`doc(info)`)."""
@@ -121,7 +129,7 @@ class Document:
             f"{where}: {'.'.join(path)}: {message}" if path else f"{where}: {message}"
         )
 
-    def make(self, path: tuple[str, ...], keys: Collection[str], make: Callable[[], Any]) -> Any:
+    def make(self, path: tuple[str, ...], keys: Collection[str], make: Callable[[], _T]) -> _T:
         """`make()`, a constructor given the table's `keys` that checks them: its `ConfigError`
         at the key it starts with, else at the last one it names, else at the table."""
         try:
@@ -192,6 +200,13 @@ def only(data: _T, known: Collection[str]) -> _T:
         if key not in known:
             raise fault(unknown(key, known), key)
     return data
+
+
+def keys_of(cls: Any) -> Any:
+    """A validator refusing keys that are no field of the dataclass `cls` (a pydantic model
+    does it itself: `Table`)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return BeforeValidator(lambda value: only(value, known))
 
 
 def must(message: str, ok: Callable[[Any], Any], then: Any = PlainValidator) -> Any:
