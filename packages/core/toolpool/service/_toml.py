@@ -137,13 +137,14 @@ class Document:
         except ConfigError as exc:
             message = re.sub(r"^\w+ '[^']*': ", "", str(exc))  # "destination 'crm': "
             lead = re.split(r"[ =]", message, maxsplit=1)[0]
-            named = [(m.start(), k) for k in keys if (m := re.search(rf"\b{k}\b", message))]
+            found = ((re.search(rf"\b{re.escape(k)}\b", message), k) for k in keys)
+            named = [(m.start(), k) for m, k in found if m]
             key = lead if lead in keys else max(named)[1] if named else ""
             where = (*path, key) if key else path
             raise self.error(where, message.removeprefix(f"{key} ")) from None
 
     def located(self, data: Mapping[str, Any], err: Any) -> ConfigError:
-        """A pydantic error (the first: checks run in document order) in plain words."""
+        """A pydantic error in plain words (the first one: tables are read in their order)."""
         kind, ctx, got = err["type"], err.get("ctx", {}), err["input"]
         path: tuple[str, ...] = ()
         node: Any = data
