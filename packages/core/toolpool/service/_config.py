@@ -91,35 +91,41 @@ def _egress(value: Any) -> toolpool.Egress:
     for key, entries in _toml.only(value, ("allow", "deny")).items():
         try:
             toolpool.Egress(**{key: _toml.strings(entries)})  # type: ignore[arg-type]
-        except ConfigError as exc:  # "Egress(deny=...): why", or _toml.strings()'
+        except ConfigError as exc:  # "Egress(deny=...): why"
             raise fault(str(exc).split("): ", 1)[-1], key) from None
     return toolpool.Egress(**value)
 
 
-_must, _text, _number = _toml.must, _toml.text, _toml.number
-_Text = Annotated[str, _text()]
+_Text = Annotated[str, _toml.text()]
 _Seconds = Annotated[
-    float, _must("must be a finite number > 0, got {}", lambda v: _number(v, 0) and v)
+    float, _toml.must("must be a finite number > 0, got {}", lambda v: _toml.number(v, 0) and v)
 ]
-_Wait = Annotated[float, _must("must be a finite number >= 0, got {}", lambda v: _number(v, 0))]
+_Wait = Annotated[
+    float, _toml.must("must be a finite number >= 0, got {}", lambda v: _toml.number(v, 0))
+]
 _Size = Annotated[
-    int, _must("must be a whole number >= 0, got {}", lambda v: _number(v, 0, whole=True))
+    int, _toml.must("must be a whole number >= 0, got {}", lambda v: _toml.number(v, 0, whole=True))
 ]
 _Port = Annotated[
-    _Size, _must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator)
+    _Size, _toml.must("must be a TCP port 0..65535, got {}", lambda v: v < 65536, AfterValidator)
 ]
-_Header = Annotated[str, _text(_HEADER_NAME, "{} is not a valid HTTP header name")]
-_Forward = Annotated[str, _text(_HEADER_NAME, "must be an HTTP header name, got {}", says_all=True)]
-_Tenant = Annotated[str, _text(TENANT_PATTERN.pattern, "{} is not a valid tenant name")]
+_Header = Annotated[str, _toml.text(_HEADER_NAME, "{} is not a valid HTTP header name")]
+_Forward = Annotated[
+    str, _toml.text(_HEADER_NAME, "must be an HTTP header name, got {}", says_all=True)
+]
+_Tenant = Annotated[str, _toml.text(TENANT_PATTERN.pattern, "{} is not a valid tenant name")]
 _Tenants = Annotated[
     tuple[str, ...], _toml.texts(rf"^\*$|{TENANT_PATTERN.pattern}", "{} is not a valid tenant name")
 ]
 _Digest = Annotated[
-    str, _text("^[0-9a-fA-F]{64}$", "must be 64 hex digits (sha256sum of the token)", True)
+    str,
+    _toml.text(
+        "^[0-9a-fA-F]{64}$", "must be 64 hex digits (sha256sum of the token)", says_all=True
+    ),
 ]
 _NAMES = "{} names use letters, digits, '_', '.', '-' (got {{}})"
-_DestName = Annotated[str, _text(_NAME, _NAMES.format("destination"))]
-_AgentName = Annotated[str, _text(_NAME, _NAMES.format("agent"))]
+_DestName = Annotated[str, _toml.text(_NAME, _NAMES.format("destination"))]
+_AgentName = Annotated[str, _toml.text(_NAME, _NAMES.format("agent"))]
 _Hosts = Annotated[
     tuple[str, ...], _toml.texts(), AfterValidator(lambda v: tuple(map(str.lower, v)))
 ]
@@ -223,15 +229,18 @@ class _Secreted(Table):
 
 
 class _Token(_Secreted):
-    secret_name, secret_required = "token", True
+    secret_name = "token"
+    secret_required = True
 
 
 class _Key(_Secreted):
-    secret_name, secret_required = "key", True
+    secret_name = "key"
+    secret_required = True
 
 
 class _Client(_Secreted):
-    secret_name, secret_required = "client_secret", True
+    secret_name = "client_secret"
+    secret_required = True
     client_id: _Text
 
 
@@ -290,7 +299,7 @@ class AuthConfig(_Secreted):
 
     def pick(self, ctx: toolpool.AuthContext | None) -> Any:
         table = self.tenants.get(ctx.tenant) if ctx is not None and ctx.tenant else None
-        if (found := self.credential(table or self)) is None:
+        if (found := self.credential(self if table is None else table)) is None:
             error = TypeError if self.type == "mtls" else toolpool.auth.TokenFailure
             raise error(f"no {self.what} configured for this tenant at {self._dest!r}")
         return _toml.reveal(found)
@@ -320,7 +329,8 @@ class _TokenEndpoint(AuthConfig):
     """What `oauth2_client_credentials` and `token_exchange` share: the token endpoint, and
     the service's client at it (one for all tenants, or one per tenant)."""
 
-    secret_name, what = "client_secret", "client credentials are"
+    secret_name = "client_secret"
+    what = "client credentials are"
     token_url: _Text
     scope: _Text | None = None
     auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
@@ -388,9 +398,7 @@ class _MutualTLS(AuthConfig):
         return table.cert
 
     def provider(self, pick: Callable[..., Any]) -> Any:
-        return toolpool.auth.MutualTLS(
-            pick, verify=self._verify if isinstance(self._verify, bool | str) else None
-        )
+        return toolpool.auth.MutualTLS(pick, verify=self._verify)
 
 
 class DestinationConfig(Table):
@@ -439,7 +447,8 @@ class DestinationConfig(Table):
             where, options, lambda: toolpool.Destination(name, self.url, **options)
         )
         if self.auth is not None:
-            self.auth._dest, self.auth._verify = name, options.get("verify")
+            self.auth._dest = name
+            self.auth._verify = options.get("verify")
         return self
 
     @property
@@ -593,7 +602,8 @@ def _limit(doc: Document, table: Mapping[str, Any]) -> GlobalLimit:
             raise doc.error(("limits", key), _toml.unknown(key, ("provider", "replicas")))
         return doc.make(("limits",), options, lambda: StaticShare(**options))
     if provider in ("redis", "toolpool.fleet:RedisFleet"):
-        provider, options["env"] = "toolpool.fleet:RedisFleet", doc.env  # URL, key: from env
+        provider = "toolpool.fleet:RedisFleet"
+        options["env"] = doc.env  # the URL and fleet key are read from the config's env
     try:
         limit: GlobalLimit = _toml.plugin(provider, options, ("replica_cap", "hold"), _PROVIDER)
         return limit
