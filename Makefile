@@ -48,6 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check packages tests benchmarks examples tools
 	$(BIN)/python tools/unasync.py --check
 	$(BIN)/python tools/lint_imports.py
+	$(BIN)/python tools/lint_imports.py --self-test
 	$(BIN)/python tools/import_cycles.py --max 2
 
 # The thread driver's request path is generated from the asyncio driver's (tools/unasync.py):
