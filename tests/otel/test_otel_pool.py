@@ -362,6 +362,49 @@ async def test_uninstrument_stops_spans_and_restores_the_send_chain(
     assert exporter.get_finished_spans() == ()
 
 
+async def test_pool_tool_span_follows_instrument_and_uninstrument(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """`pool.tool_span` (what the LangChain adapter opens around a tool call) is a span
+    holding the call's requests while toolpool.otel traces the pool, nothing otherwise;
+    metrics-only instrumentation opens none either."""
+    pool = toolpool.Pool([toolpool.Destination("api", plain.url("api"))], warmup=0.0)
+    async with pool:
+        with pool.tool_span("lookup", call_id="call_1", system="langchain") as span:
+            await pool.request("GET", plain.url("api") + "/anything")
+        assert span is None
+        assert exporter.get_finished_spans() == ()
+
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+        with pool.tool_span("lookup", call_id="call_1", system="langchain") as span:
+            await pool.request("GET", plain.url("api") + "/anything")
+        assert span is not None
+        spans = exporter.get_finished_spans()
+        (tool,) = [s for s in spans if s.name == "execute_tool lookup"]
+        assert dict(tool.attributes or {}) == {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": "lookup",
+            "gen_ai.tool.call.id": "call_1",
+            "gen_ai.system": "langchain",
+        }
+        (client,) = client_spans(spans)
+        assert client.parent is not None and client.parent.span_id == tool.context.span_id
+
+        toolpool.otel.uninstrument(pool)
+        exporter.clear()
+        with pool.tool_span("lookup") as span:
+            await pool.request("GET", plain.url("api") + "/anything")
+        assert span is None
+        assert exporter.get_finished_spans() == ()
+
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider, traces=False)
+        with pool.tool_span("lookup") as span:
+            await pool.request("GET", plain.url("api") + "/anything")
+        assert span is None
+        assert exporter.get_finished_spans() == ()
+        toolpool.otel.uninstrument(pool)
+
+
 async def test_retries_are_spans_between_attempts(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

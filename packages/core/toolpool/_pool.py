@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -43,13 +45,22 @@ from toolpool.resilience._admission_control import AsyncAdmission, SyncAdmission
 from toolpool.resilience._layer import PolicyRuntime
 from toolpool.resilience._policy import DEFAULT_POLICY, Policy
 
-__all__ = ["Pool"]
+__all__ = ["Pool", "ToolSpans"]
 
 log = logging.getLogger("toolpool.pool")
 
 monotonic = time.monotonic
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ToolSpans(Protocol):
+    """What `Pool.tool_span` needs of a tracing integration (`toolpool.otel`'s `Tracing`):
+    a context around one tool call."""
+
+    def tool_span(
+        self, tool_name: str, call_id: str | None = None, system: str | None = None
+    ) -> AbstractContextManager[object]: ...
 
 
 class Pool:
@@ -620,12 +631,31 @@ class Pool:
         if maint is not None and not maint.stopped:
             maint.call_soon(callback)
 
-    # ------------------------------------------------------------------ admission
+    # ------------------------------------------------------------------ tracing
 
-    # toolpool.otel's instrumentation of this pool, and its tracing (adapters open tool-call
-    # spans through it); None when not instrumented.
-    _otel: Any = None
-    _otel_tracing: Any = None
+    # The tracing toolpool.otel installs with `instrument(pool)` (its `Tracing`), None while
+    # the pool is not traced; read through `tool_span`.
+    _tool_spans: ToolSpans | None = None
+
+    def tool_span(
+        self, tool_name: str, call_id: str | None = None, system: str | None = None
+    ) -> AbstractContextManager[object]:
+        """A span around one tool call, for framework adapters whose framework opens none
+        (LangChain): while `toolpool.otel` traces this pool, a GenAI `execute_tool
+        {tool_name}` span, current for the call (its requests' spans are its children), with
+        `gen_ai.tool.call.id` = `call_id` and `gen_ai.system` = `system` when given;
+        otherwise a context that does nothing.
+
+        ```python
+        with pool.tool_span("lookup", call_id="call_1", system="langchain"):
+            ...  # run the tool
+        ```"""
+        spans = self._tool_spans
+        if spans is None:
+            return contextlib.nullcontext()
+        return spans.tool_span(tool_name, call_id, system)
+
+    # ------------------------------------------------------------------ admission
 
     def policy_runtime(self, dest: DestinationPool) -> PolicyRuntime:
         """The resilience layer of `dest` (one of this pool's destinations), which runs its

@@ -61,6 +61,8 @@ _SCOPE = "toolpool"
 _lock = threading.Lock()
 # One MeterBridge per meter (the instruments exist once per meter; pools share them).
 _bridges: weakref.WeakKeyDictionary[Any, MeterBridge] = weakref.WeakKeyDictionary()
+# What instrument() installed on each pool, until uninstrument(pool).
+_installed: weakref.WeakKeyDictionary[Pool, Instrumentation] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -102,7 +104,7 @@ def instrument(
     if not traces and not metrics:
         raise ConfigError("instrument(traces=False, metrics=False) would do nothing")
     with _lock:
-        if getattr(pool, "_otel", None) is not None:
+        if pool in _installed:
             raise ConfigError(
                 "this pool is instrumented already; call toolpool.otel.uninstrument(pool) "
                 "first to change providers"
@@ -122,9 +124,9 @@ def instrument(
             )
         tracing = Tracing(tracer, bridge.duration if bridge is not None else None, tenants)
         inst = Instrumentation(pool, tracing, bridge)
-        pool._otel = inst
+        _installed[pool] = inst
         if traces:
-            pool._otel_tracing = tracing
+            pool._tool_spans = tracing
         for name in pool.destinations:
             inst._apply(pool.destination(name))
         pool._destination_hooks.append(inst._apply)
@@ -134,11 +136,10 @@ def instrument(
 def uninstrument(pool: Pool) -> None:
     """Remove what `instrument` installed on `pool` (no more spans; its series stop)."""
     with _lock:
-        inst: Instrumentation | None = getattr(pool, "_otel", None)
+        inst = _installed.pop(pool, None)
         if inst is None:
             return
-        pool._otel = None
-        pool._otel_tracing = None
+        pool._tool_spans = None
         if inst.tracing is not None:
             inst.tracing.active = False
         if inst._apply in pool._destination_hooks:

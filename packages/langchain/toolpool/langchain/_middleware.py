@@ -145,17 +145,12 @@ class ToolpoolMiddleware(AgentMiddleware):
             async with self.concurrency.slot(_label(ctx)) as slot:
                 yield slot
 
-    def _tool_span(self, request: ToolCallRequest) -> contextlib.AbstractContextManager[Any]:
+    def _tool_span(self, request: ToolCallRequest) -> contextlib.AbstractContextManager[object]:
         """LangChain opens no OpenTelemetry span for a tool call; when toolpool.otel traces
         the pool, one `execute_tool {name}` span (GenAI conventions) holds the call's
-        requests, as AutoGen's own span does."""
-        tracing = self.pool._otel_tracing
-        if tracing is None:
-            return contextlib.nullcontext()
+        requests, as AutoGen's own span does (`Pool.tool_span`)."""
         call = request.tool_call
-        return tracing.tool_span(  # type: ignore[no-any-return]
-            call["name"], call.get("id"), system="langchain"
-        )
+        return self.pool.tool_span(call["name"], call.get("id"), system="langchain")
 
     @staticmethod
     def _settle(slot: ToolSlot | None, call: ToolCall | None, held: Held) -> None:
