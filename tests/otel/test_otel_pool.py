@@ -405,6 +405,84 @@ async def test_pool_tool_span_follows_instrument_and_uninstrument(
         toolpool.otel.uninstrument(pool)
 
 
+async def test_admission_wait_spans_name_each_outcome_async_and_sync(
+    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """A call that waits at the admission gate ends with one `toolpool.admission.wait` span
+    naming how the wait ended, from `pool.admit` and `pool.admit_sync` alike: admitted,
+    cancelled (its place given up), timeout. A call admitted at once has no wait span."""
+    dest = toolpool.Destination("api", plain.url("api"), max_connections=1, queue_factor=1)
+    pool = toolpool.Pool([dest], warmup=0.0)
+    toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+    runtime = pool.policy_runtime(pool.destination("api"))
+    hangs: list[asyncio.Future[httpx.Response]] = []
+
+    def outcomes() -> list[str]:
+        spans = exporter.get_finished_spans()
+        waits = [s for s in spans if s.name == "toolpool.admission.wait"]
+        return [str((s.attributes or {})["toolpool.admission.outcome"]) for s in waits]
+
+    async def until(predicate: Any, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.005)
+
+    async def saturate() -> None:
+        """Hanging requests fill the connection and the queue (capacity 2)."""
+        while len(hangs) < 2:
+            hangs.append(asyncio.ensure_future(client.get(plain.url("api") + "/hang")))
+        await until(lambda: pool.saturation("api").state == "saturated", "saturated")
+
+    async def free_one() -> None:
+        # Only while no connect is under way (see tests/resilience Hangs.stop_one).
+        await until(lambda: pool.stats()["api"].opening == 0, "connects done")
+        task = hangs.pop(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def admit() -> None:
+        async with pool.admit("api", timeout=30):
+            pass
+
+    def admit_sync() -> None:
+        with pool.admit_sync("api", timeout=30):
+            pass
+
+    async with pool:
+        client = pool.client(timeout=httpx.Timeout(60.0, pool=None))
+        async with pool.admit("api", timeout=5):
+            pass
+        assert outcomes() == []  # admitted at once: no wait
+        await saturate()
+        # Async, cancelled while waiting: its place is given up.
+        task = asyncio.ensure_future(admit())
+        await until(lambda: runtime.admission.waiting == 1, "queued")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert (runtime.admission.waiting, outcomes()) == (0, ["cancelled"])
+        # A thread, out of time.
+        with pytest.raises(toolpool.PoolSaturated):
+            await asyncio.to_thread(pool.admit_sync("api", timeout=0.05).__enter__)
+        assert outcomes() == ["cancelled", "timeout"]
+        # Async, then a thread, each admitted once a place frees.
+        task = asyncio.ensure_future(admit())
+        await until(lambda: runtime.admission.waiting == 1, "queued")
+        await free_one()
+        await task
+        await saturate()
+        thread = asyncio.ensure_future(asyncio.to_thread(admit_sync))
+        await until(lambda: runtime.admission.waiting == 1, "queued")
+        await free_one()
+        await thread
+        assert outcomes() == ["cancelled", "timeout", "admitted", "admitted"]
+        assert (runtime.admission.waiting, runtime.admission.admitted) == (0, 0)
+        while hangs:
+            await free_one()
+        await client.aclose()
+    toolpool.otel.uninstrument(pool)
+
+
 async def test_retries_are_spans_between_attempts(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from toolpool import _auth_context
@@ -160,22 +161,11 @@ class AdmissionControl:
         than the limit are in flight: it waits here, in its tenant's turn, rather than in
         the pool's queue, whose places go to whoever asks first. `pool.admit` callers and
         direct clients keep the queue (the seed's 2 x the cap)."""
-        verdict, waiter, deadline, since = self._arrive(
-            timeout, asyncio.get_running_loop(), tenant, on_wait, strict
-        )
-        try:
-            while verdict is None:
-                assert waiter is not None
-                verdict, remaining = self._check_waiter(waiter, deadline)
-                if verdict is None:
-                    await waiter.wait_async(min(remaining, _ADMIT_POLL))
-        except BaseException as exc:
-            self._give_up(waiter)
-            self._traced_wait(since, "cancelled", exc)
-            raise
-        if waiter is not None:
-            self._traced_wait(since, verdict, None)
-        return self._verdict(verdict)
+        loop = asyncio.get_running_loop()
+        with self._arrive(timeout, loop, tenant, on_wait, strict) as arrival:
+            while (waiter := arrival.waiting()) is not None:
+                await waiter.wait_async(arrival.pause)
+        return arrival.result()
 
     def admit_blocking(
         self,
@@ -185,20 +175,10 @@ class AdmissionControl:
         strict: bool = False,
     ) -> Saturation:
         """`admit_async` for threads (blocks the calling thread)."""
-        verdict, waiter, deadline, since = self._arrive(timeout, None, tenant, on_wait, strict)
-        try:
-            while verdict is None:
-                assert waiter is not None
-                verdict, remaining = self._check_waiter(waiter, deadline)
-                if verdict is None:
-                    waiter.wait_sync(min(remaining, _ADMIT_POLL))
-        except BaseException as exc:
-            self._give_up(waiter)
-            self._traced_wait(since, "cancelled", exc)
-            raise
-        if waiter is not None:
-            self._traced_wait(since, verdict, None)
-        return self._verdict(verdict)
+        with self._arrive(timeout, None, tenant, on_wait, strict) as arrival:
+            while (waiter := arrival.waiting()) is not None:
+                waiter.wait_sync(arrival.pause)
+        return arrival.result()
 
     def _arrive(
         self,
@@ -207,9 +187,9 @@ class AdmissionControl:
         tenant: str | None,
         on_wait: Callable[[], object] | None,
         strict: bool,
-    ) -> tuple[str | None, AdmitWaiter | None, float, float]:
-        """A call asks to start: (the verdict now, or None and the waiter queued for it on
-        `loop` (None: a thread), the deadline of its wait, when it asked)."""
+    ) -> _Arrival:
+        """A call asks to start: its verdict now, or the waiter queued for it on `loop`
+        (None: a thread)."""
         deadline = monotonic() + timeout
         now = monotonic()
         waiter: AdmitWaiter | None = None
@@ -226,7 +206,7 @@ class AdmissionControl:
             self._deliver()
         if crowded and on_wait is not None:
             on_wait()
-        return verdict, waiter, deadline, now
+        return _Arrival(self, verdict, waiter, deadline, now)
 
     def _traced_wait(self, since: float, outcome: str, error: BaseException | None) -> None:
         """Report a finished wait at the gate to the pool's tracing (toolpool.otel), if any:
@@ -440,6 +420,74 @@ class AdmissionControl:
             woken = self._pump_locked(now)
             queued = self._reassess_locked(now)
         self._after_unlock(woken, queued)
+
+
+class _Arrival:
+    """One call in `admit_async` / `admit_blocking`: every decision of its wait, so that the
+    two only wait (on the event loop or the thread) while `waiting()` says so.
+
+    ```python
+    with control._arrive(...) as arrival:      # an exception: the call gives up its place
+        while (waiter := arrival.waiting()) is not None:
+            waiter.wait_sync(arrival.pause)     # or: await waiter.wait_async(arrival.pause)
+    return arrival.result()                     # the snapshot, or raise the refusal
+    ```
+    """
+
+    __slots__ = ("control", "deadline", "pause", "since", "verdict", "waiter")
+
+    def __init__(
+        self,
+        control: AdmissionControl,
+        verdict: str | None,
+        waiter: AdmitWaiter | None,
+        deadline: float,
+        since: float,
+    ) -> None:
+        self.control = control
+        #: "admitted" or why not; None while the call waits.
+        self.verdict = verdict
+        #: The waiter queued for the call (None: decided on arrival, it never waited).
+        self.waiter = waiter
+        self.deadline = deadline
+        self.since = since
+        #: How long the next wait may last (seconds), set by `waiting()`.
+        self.pause = 0.0
+
+    def waiting(self) -> AdmitWaiter | None:
+        """The waiter to wait on next (re-armed; for at most `pause` s), or None once the
+        verdict is in (admitted, refused, or the deadline passed)."""
+        if self.verdict is not None:
+            return None
+        waiter = self.waiter
+        assert waiter is not None
+        self.verdict, remaining = self.control._check_waiter(waiter, self.deadline)
+        if self.verdict is not None:
+            return None
+        self.pause = min(remaining, _ADMIT_POLL)
+        return waiter
+
+    def __enter__(self) -> _Arrival:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            # Cancelled or interrupted while waiting: leave the queue; the error propagates.
+            self.control._give_up(self.waiter)
+            self.control._traced_wait(self.since, "cancelled", exc)
+
+    def result(self) -> Saturation:
+        """After the wait: the snapshot for an admitted call, or raise the refusal."""
+        verdict = self.verdict
+        assert verdict is not None  # `waiting()` said so, or the call never waited
+        if self.waiter is not None:
+            self.control._traced_wait(self.since, verdict, None)
+        return self.control._verdict(verdict)
 
 
 class _Admission:
