@@ -1,14 +1,18 @@
 """The egress policy's decisions, without I/O: every spelling of a metadata address, the
 built-in denials and how only an allow *by address* lifts them, deny / deny_unknown / allow
-with networks and host-name patterns, and configuration errors that say what to write."""
+with networks and host-name patterns, configuration errors that say what to write, and which checked
+address a connect tries next."""
 
 from __future__ import annotations
+
+import asyncio
+import ssl
 
 import pytest
 
 import toolpool
 from tests._support.metadata_forms import METADATA_FORMS
-from toolpool._egress import address_forms, parse_address
+from toolpool._egress import address_forms, attempts, parse_address
 from toolpool.errors import ConfigError
 
 
@@ -113,3 +117,46 @@ def test_pool_takes_only_an_egress() -> None:
     with pytest.raises(ConfigError, match=r"egress must be a toolpool\.Egress"):
         toolpool.Pool(egress=["10.0.0.0/8"])
     assert repr(toolpool.Egress(deny=["10.0.0.0/8"])) == "Egress(deny=['10.0.0.0/8'])"
+
+
+def _connect_through(addresses: list[str], outcomes: dict[str, BaseException | None]) -> list[str]:
+    """Drive `attempts` as the drivers do; `outcomes[address]` is what its connect raises
+    (None: it connects). The addresses tried, in order."""
+    tried: list[str] = []
+    for attempt in attempts(addresses):
+        with attempt as address:
+            tried.append(address)
+            error = outcomes[address]
+            if error is not None:
+                raise error
+    return tried
+
+
+def test_a_failed_tcp_connect_tries_the_next_address_until_one_connects() -> None:
+    refused = ConnectionRefusedError(111, "refused")
+    outcomes: dict[str, BaseException | None] = {"a": refused, "b": OSError(113), "c": None}
+    assert _connect_through(["a", "b", "c", "d"], outcomes) == ["a", "b", "c"]
+    assert _connect_through(["c", "a"], outcomes) == ["c"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TimeoutError("timed out"),  # an OSError, but the time is spent: no next address
+        ssl.SSLError(1, "handshake failed"),  # TCP worked: the server is there
+        asyncio.CancelledError(),  # not an OSError: cancellation passes through untouched
+        KeyboardInterrupt(),
+        ValueError("a bug"),
+    ],
+)
+def test_anything_but_a_failed_tcp_connect_propagates_unchanged(error: BaseException) -> None:
+    with pytest.raises(type(error)) as info:
+        _connect_through(["a", "b"], {"a": error, "b": None})
+    assert info.value is error
+
+
+def test_the_last_address_failure_propagates() -> None:
+    last = ConnectionRefusedError(111, "refused")
+    with pytest.raises(ConnectionRefusedError) as info:
+        _connect_through(["a", "b"], {"a": OSError(113), "b": last})
+    assert info.value is last

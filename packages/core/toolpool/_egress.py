@@ -32,8 +32,9 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from toolpool.errors import ConfigError, EgressDenied
@@ -48,6 +49,7 @@ __all__ = [
     "Egress",
     "EgressTarget",
     "Resolver",
+    "attempts",
 ]
 
 log = logging.getLogger("toolpool.egress")
@@ -551,12 +553,55 @@ async def aresolve(dest: EgressTarget, loop: asyncio.AbstractEventLoop) -> list[
     return plan.checked(_answers(infos))
 
 
-def try_next(exc: OSError, address: str, addresses: list[str], made: object) -> bool:
+def try_next(exc: OSError, address: str, addresses: list[str]) -> bool:
     """After a failed connect to `address`: whether to try the next checked address (a TCP
     connect that failed, as the system's create_connection does; not a failed TLS handshake,
     a timeout, or the last address). When False the caller re-raises `exc`."""
-    return (
-        address != addresses[-1]
-        and made is None
-        and not isinstance(exc, TimeoutError | ssl.SSLError)
-    )
+    return address != addresses[-1] and not isinstance(exc, TimeoutError | ssl.SSLError)
+
+
+class Attempt:
+    """One connect to one checked address: `with attempt as address:` around the connect
+    (see `attempts`)."""
+
+    __slots__ = ("address", "addresses", "connected")
+
+    def __init__(self, address: str, addresses: list[str]) -> None:
+        self.address = address
+        self.addresses = addresses
+        self.connected = False
+
+    def __enter__(self) -> str:
+        return self.address
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            self.connected = True
+            return False
+        # Swallowed (the next address is tried) only as `try_next` allows; anything else,
+        # a cancellation included, propagates unchanged.
+        return isinstance(exc, OSError) and try_next(exc, self.address, self.addresses)
+
+
+def attempts(addresses: list[str]) -> Iterator[Attempt]:
+    """The connects to try for `addresses` (resolved and checked), in order, as the system's
+    create_connection tries them: after a failed TCP connect the next address, until one
+    connects; a timeout, a failed TLS handshake or the last address's failure propagates.
+    The drivers only connect:
+
+    ```python
+    for attempt in _egress.attempts(await _egress.aresolve(dest, loop)):
+        with attempt as address:
+            sock = await connect_to(address)
+    ```
+    """
+    for address in addresses:
+        attempt = Attempt(address, addresses)
+        yield attempt
+        if attempt.connected:
+            return

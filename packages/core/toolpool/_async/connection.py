@@ -510,14 +510,10 @@ async def _tcp_checked(
     dest: DestinationPool, loop: asyncio.AbstractEventLoop, connecting: list[socket.socket]
 ) -> socket.socket:
     """Egress policy: resolve once, check every address, connect to checked ones only (the
-    next one when an address refuses, as `_egress.try_next` decides)."""
-    addresses = await _egress.aresolve(dest, loop)
-    for address in addresses:
-        try:
+    next one after a failed TCP connect, as `_egress.attempts` decides)."""
+    for attempt in _egress.attempts(await _egress.aresolve(dest, loop)):
+        with attempt as address:
             return await _tcp_connect(loop, address, dest.port, connecting)
-        except OSError as exc:
-            if not _egress.try_next(exc, address, addresses, None):
-                raise
     raise OSError(f"no address to connect to for {dest.host}")
 
 

@@ -258,17 +258,14 @@ def open_h2(
 
 def _tcp_checked(dest: DestinationPool, timeout: float | None) -> socket.socket:
     """Egress policy: resolve once, check every address, connect to checked ones only (the
-    next one when an address refuses, as `_egress.try_next` decides), all within `timeout`."""
+    next one after a failed TCP connect, as `_egress.attempts` decides), all within
+    `timeout`."""
     deadline = None if timeout is None else monotonic() + timeout
-    addresses = _egress.resolve(dest)
-    for address in addresses:
+    for attempt in _egress.attempts(_egress.resolve(dest)):
         remaining = None if deadline is None else max(0.001, deadline - monotonic())
-        try:
+        with attempt as address:
             sock = socket.create_connection((address, dest.port), timeout=remaining)
-        except OSError as exc:
-            if not _egress.try_next(exc, address, addresses, None):
-                raise
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        if attempt.connected:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
     raise OSError(f"no address to connect to for {dest.host}")
