@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthLayer",
     "DestinationPool",
+    "H2Side",
     "PolicyLayer",
     "PoolHost",
     "Probe",
@@ -140,6 +141,36 @@ class PoolHost(Protocol):
 
     def _orphaned(self, dest: DestinationPool, slot: Slot) -> None:
         """A response was garbage-collected unclosed: close its connection (any thread)."""
+        ...
+
+
+class H2Side(Protocol):
+    """A destination's HTTP/2 side (`toolpool._h2pool.H2Connections`), as the pool, the
+    stats readers and a stream permit use it; the HTTP/2 request path itself works on the
+    concrete type (`_h2pool.h2_side(dest)`)."""
+
+    #: None until the first connect, then what ALPN chose: "h2" or "http/1.1".
+    protocol: str | None
+
+    def permit_opened(self, key: _state.Key) -> None:
+        """The state machine granted a stream permit to `key`."""
+        ...
+
+    def permit_closed(self, key: _state.Key, keep: bool = False) -> None:
+        """The state machine closed one of `key`'s permits (`keep`: its capacity moved)."""
+        ...
+
+    def tick(self, now: float) -> None:
+        """The maintenance thread's pass: drain idle connections, PING quiet ones."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """protocol, connections, streams_in_use, streams_per_connection,
+        connections_opened."""
+        ...
+
+    def close_all(self) -> None:
+        """Pool shutdown: every connection drains."""
         ...
 
 
@@ -278,7 +309,7 @@ class DestinationPool:
         self.sync_send: SyncSend = self.base_sync_send
         # The HTTP/2 side (toolpool._h2pool.H2Connections) when HTTP/2 is offered: then a
         # slot is a permit for one stream, and the pool gives `_async/h2`, `_sync/h2` as drivers.
-        self.h2: Any = None
+        self.h2: H2Side | None = None
 
     def __repr__(self) -> str:
         return f"<DestinationPool {self.name!r} {self.settings.url}>"

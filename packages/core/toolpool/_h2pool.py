@@ -355,8 +355,7 @@ def as_permit(dest: DestinationPool, slot: Slot) -> Slot:
     """`slot` (granted by the state machine) as a stream permit: a slot still holding an
     HTTP/1.1 connection from before gives it up; a fresh one is 'opened' at once (no socket);
     an unbound warm-up permit the state machine just bound takes its connection along."""
-    h2 = dest.h2
-    assert h2 is not None
+    h2 = h2_side(dest)
     if slot.conn is not None and not isinstance(slot.conn, StreamPermit):
         slot = dest.replace(slot)
     permit = slot.conn
@@ -419,6 +418,13 @@ def response(
             },
         },
     )
+
+
+def h2_side(dest: DestinationPool) -> H2Connections:
+    """`dest.h2` as what `attach` made it (the destination offers HTTP/2)."""
+    h2 = dest.h2
+    assert isinstance(h2, H2Connections)
+    return h2
 
 
 def attach(dest: DestinationPool) -> None:

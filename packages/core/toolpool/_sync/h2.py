@@ -49,8 +49,7 @@ def open_connection(
 ) -> SyncH2Connection:
     """A new HTTP/2 connection acting for `ctx`, the server's SETTINGS (its stream limit)
     received; raises `_h2pool.UseHttp11` when the server picked http/1.1 by ALPN."""
-    h2 = dest.h2
-    assert h2 is not None
+    h2 = _h2pool.h2_side(dest)
     conn = open_h2(dest, h2.ssl_context(ctx), timeout)
     if conn is None:
         h2.use_http11()
@@ -111,8 +110,7 @@ def send(
     """Send one request on an HTTP/2 destination: a stream permit (the cap counts
     requests), a stream on the key's connection, and one more try on another connection
     when the server did not process it and the body can be replayed."""
-    h2 = dest.h2
-    assert h2 is not None
+    h2 = _h2pool.h2_side(dest)
     if h2.protocol == "http/1.1":
         return http11.send(dest, request, ctx)
     key = pool_key(ctx, current_driver())
@@ -199,8 +197,7 @@ def preconnect(
 
     Warm-up and an auth provider's preconnect during a token fetch call it; a server that
     picks http/1.1 gets the HTTP/1.1 preconnect instead."""
-    h2 = dest.h2
-    assert h2 is not None
+    h2 = _h2pool.h2_side(dest)
     if h2.protocol == "http/1.1":
         return http11.preconnect(dest, ctx, timeout)
     key = pool_key(ctx, current_driver())
@@ -239,8 +236,7 @@ def warm(
             log.debug("warm-up token for %s failed: %s", dest.name, type(exc).__name__)
     if slot is None:
         return preconnect(dest, ctx)
-    h2 = dest.h2
-    assert h2 is not None
+    h2 = _h2pool.h2_side(dest)
     try:
         connection(dest, h2.key(slot.key), None, dest.settings.connect_timeout)
     except BaseException as exc:
