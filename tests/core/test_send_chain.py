@@ -92,3 +92,28 @@ def test_single_roles_refuse_a_second_layer_and_unknown_roles_are_refused(
     dest.add_layer(replacement)
     assert dest.policy is replacement
     pool.close()
+
+
+def test_pool_route_is_the_destination_a_request_goes_through() -> None:
+    """`pool.route(url)` (what transports and adapters send with): the listed destination
+    of the URL's origin, default port or not; an unknown origin pooled on demand, or
+    refused; only http(s); refused once the pool is closed."""
+    listed = toolpool.Destination("crm", "http://127.0.0.1:9")
+    pool = toolpool.Pool([listed], warmup=0.0)
+    try:
+        crm = pool.route(httpx.URL("http://127.0.0.1:9/contacts?q=1"))
+        assert crm is pool.destination("crm")
+        assert isinstance(crm, toolpool.DestinationPool)
+        other = pool.route(httpx.URL("http://127.0.0.2:9/x"))
+        assert other.name == "http://127.0.0.2:9" and not other.settings.listed
+        assert pool.destinations == ["crm", "http://127.0.0.2:9"]
+        assert pool.route(httpx.URL("http://127.0.0.2:9/y")) is other
+        with pytest.raises(httpx.UnsupportedProtocol, match="not 'ftp'"):
+            pool.route(httpx.URL("ftp://127.0.0.1/file"))
+    finally:
+        pool.close()
+    with pytest.raises(toolpool.PoolClosed):
+        pool.route(httpx.URL("http://127.0.0.1:9/contacts"))
+    strict = toolpool.Pool([listed], warmup=0.0, unknown_destinations="reject")
+    with strict, pytest.raises(toolpool.UnknownDestination, match="crm"):
+        strict.route(httpx.URL("http://127.0.0.3:9/"))

@@ -126,7 +126,7 @@ class PoolHost(Protocol):
         """Call `callback()` once when the pool begins closing (e.g. stop a refresh timer)."""
         ...
 
-    def _route(self, url: httpx.URL) -> DestinationPool:
+    def route(self, url: httpx.URL) -> DestinationPool:
         """The destination of a request URL (a token endpoint's, for an auth layer)."""
         ...
 

@@ -221,8 +221,13 @@ class Pool:
             self._routes[(scheme, host, None)] = dest
         return dest
 
-    def _route(self, url: httpx.URL) -> DestinationPool:
-        """The destination pool for a request URL (hot path)."""
+    def route(self, url: httpx.URL) -> DestinationPool:
+        """The destination pool (`toolpool.DestinationPool`) a request to `url` goes
+        through: the listed destination of its origin, or one pooled on demand (created
+        now; `UnknownDestination` when the pool rejects unknown destinations,
+        `httpx.UnsupportedProtocol` for a scheme other than http/https). Starts the pool if
+        needed (`PoolClosed` once closed). What transports and adapters send with
+        (`dest.async_send` / `dest.sync_send`); `destination(name_or_url)` only looks up."""
         dest = self._routes.get((url.scheme, url.host, url.port))
         if dest is None:
             dest = self._unknown(url)
@@ -297,7 +302,7 @@ class Pool:
         ```
         """
         request = self._lean_request(method, url, params, headers, content, json, timeout)
-        dest = self._route(request.url)
+        dest = self.route(request.url)
         try:
             response = await dest.async_send(request, _auth_context._current.get())
         except httpx.RequestError as exc:
@@ -326,7 +331,7 @@ class Pool:
     ) -> httpx.Response:
         """`request` for threads (thread-safe)."""
         request = self._lean_request(method, url, params, headers, content, json, timeout)
-        dest = self._route(request.url)
+        dest = self.route(request.url)
         try:
             response = dest.sync_send(request, _auth_context._current.get())
         except httpx.RequestError as exc:
@@ -690,7 +695,7 @@ class Pool:
                 ) from None
             if origin[0] not in _DEFAULT_PORTS or not origin[1]:
                 raise
-            dest = self._route(httpx.URL(destination))
+            dest = self.route(httpx.URL(destination))
         return self.policy_runtime(dest)
 
     @staticmethod

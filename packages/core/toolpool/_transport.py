@@ -18,7 +18,7 @@ class Pool(Protocol):
     """What a transport needs of a `toolpool.Pool`: the destination of a request URL (so
     this module sits below the pool, which hands out clients built on it)."""
 
-    def _route(self, url: httpx.URL) -> DestinationPool: ...
+    def route(self, url: httpx.URL) -> DestinationPool: ...
 
 
 class AsyncTransport(httpx.AsyncBaseTransport):
@@ -38,7 +38,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # The destination's whole send chain (see toolpool._chain), for the current context.
-        dest = self.pool._route(request.url)
+        dest = self.pool.route(request.url)
         return await dest.async_send(request, _current.get())
 
     async def aclose(self) -> None:
@@ -52,7 +52,7 @@ class Transport(httpx.BaseTransport):
         self.pool = pool
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        dest = self.pool._route(request.url)
+        dest = self.pool.route(request.url)
         return dest.sync_send(request, _current.get())
 
     def close(self) -> None:

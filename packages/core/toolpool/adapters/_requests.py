@@ -242,7 +242,7 @@ class RequestsAdapter(requests.adapters.BaseAdapter):
         try:
             if call is not None and call.pool is self.pool:
                 # Inside a tool call: its gates and waits apply (see tool_call_scope).
-                dest = self.pool._route(outgoing.url)
+                dest = self.pool.route(outgoing.url)
                 call.used(dest.name)
                 response = call.send_sync(dest, outgoing, current_auth() or call.ctx)
             else:

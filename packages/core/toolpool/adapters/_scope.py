@@ -276,7 +276,7 @@ class _ScopedAsyncTransport(AsyncTransport):
         return await self._send(request)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        dest = self.pool._route(request.url)
+        dest = self.pool.route(request.url)
         call = _current_call.get() or self._call
         call.used(dest.name)
         # A thread started without copying the context loses the auth context; the client
@@ -323,7 +323,7 @@ class _ScopedTransport(Transport):
         self._call = call
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        dest = self.pool._route(request.url)
+        dest = self.pool.route(request.url)
         call = _current_call.get() or self._call
         call.used(dest.name)
         ctx = _auth_context._current.get() or self._call.ctx

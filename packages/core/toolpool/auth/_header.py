@@ -370,7 +370,7 @@ class HeaderAuth(MethodLayer):
         step = self.provider.credential(ctx)
         if not isinstance(step, httpx.Request):
             return _TokenPlan(_credential(step), None, self.dest, False)
-        token_dest = self.dest.pool._route(step.url)
+        token_dest = self.dest.pool.route(step.url)
         # Open the API connection while the token is on its way (a cold start only).
         preconnect = cold and self.policy.preconnect and token_dest is not self.dest
         return _TokenPlan(None, self._bounded(step), token_dest, preconnect)

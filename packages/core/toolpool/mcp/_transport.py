@@ -65,7 +65,7 @@ def may_listen(pool: Pool, url: httpx.URL) -> bool:
     only while the destination is under its cap and long-lived streams hold less than half
     of it, so that streams never starve the requests of the sessions that hold them."""
     try:
-        dest = pool._route(url)
+        dest = pool.route(url)
     except Exception:
         return False
     state = dest.state
