@@ -14,7 +14,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from toolpool import _auth_context
@@ -470,12 +469,7 @@ class _Arrival:
     def __enter__(self) -> _Arrival:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
             # Cancelled or interrupted while waiting: leave the queue; the error propagates.
             self.control._give_up(self.waiter)
