@@ -1,6 +1,7 @@
 """Every downstream auth type of the config, end to end over TLS, with the service itself on
 HTTPS: a bearer token per tenant, an mTLS client certificate per tenant, one shared API key.
-The downstream identifies each request's tenant from what the service applied."""
+The downstream identifies each request's tenant from what the service applied. Both with the
+service's pool on HTTP/2 (`[pool] http2 = true`) and on HTTP/1.1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ssl
 from pathlib import Path
 
 import httpx
+import pytest
 import trustme
 
 import toolpool
@@ -15,7 +17,10 @@ from tests._support.pool_service import AGENT_B_TOKEN, SERVICE_ENV, ServiceThrea
 from toolpool.testing import Downstream, ServiceSpec
 
 
-def test_bearer_mtls_and_api_key_per_tenant_through_an_https_service(tmp_path: Path) -> None:
+@pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1"])
+def test_bearer_mtls_and_api_key_per_tenant_through_an_https_service(
+    tmp_path: Path, http2: bool
+) -> None:
     services = {
         "crm": ServiceSpec(token_latency=0.0),
         "ledger": ServiceSpec(mtls=True, require_auth=False),
@@ -38,6 +43,7 @@ def test_bearer_mtls_and_api_key_per_tenant_through_an_https_service(tmp_path: P
                 verify=ds.client_ssl_context(),
             )
             tokens[tenant] = grant.json()["access_token"]
+        ds.reset_stats()  # count only the service's connections from here
         certs = {t: ds.client_cert(t) for t in ("acme", "globex")}
         text = f"""
 [service]
@@ -47,6 +53,7 @@ tls_key_file = "{key}"
 [pool]
 warmup = 0.0
 policy = "off"
+http2 = {str(http2).lower()}
 verify = "{ds.ca_pem_path}"
 
 [destinations.crm]
@@ -104,5 +111,19 @@ tenants = ["acme", "globex"]
             except httpx.HTTPError:
                 status = None
             assert status != 200
+            metrics = httpx.get(svc.url + "/metrics", verify=svc.verify).text
         for name in ("crm", "ledger"):
             assert ds.stats(name).mixed_connections() == {}
+        # Each destination speaks what /metrics says; the bearer and API-key ones HTTP/2 when
+        # it is on. (mTLS keeps HTTP/1.1 until per-context client certificates reach the
+        # HTTP/2 side; whichever it speaks, metrics and the downstream agree.)
+        spoken = {n: set(ds.stats(n).connection_protocols.values()) for n in services}
+        said = {
+            n: p
+            for n in services
+            for p in ("h2", "http/1.1")
+            if f'toolpool_destination_protocol{{destination="{n}",protocol="{p}"}} 1.0' in metrics
+        }
+        assert {n: {p} for n, p in said.items()} == spoken
+        expected = "h2" if http2 else "http/1.1"
+        assert said["crm"] == said["search"] == expected
