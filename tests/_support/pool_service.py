@@ -404,6 +404,7 @@ def service_config(
     crm_cap: int = 4,
     search_cap: int = 8,
     service: str = "",
+    pool: str = "",
     extra: str = "",
     search_extra: str = "",
     crm_extra: str = "",
@@ -422,6 +423,7 @@ warmup = 0.0
 # Counted tests: no retries or adaptive limit between the service and the test bed (the
 # suite also passes with "default"; examples/toolpool.toml uses it).
 policy = "off"
+{pool}
 
 [destinations.crm]
 url = "{ds.url("crm")}"

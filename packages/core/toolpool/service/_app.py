@@ -88,6 +88,8 @@ class _RequestBody(httpx.AsyncByteStream):
         self._receive = receive
         self._limit = limit
         self.size = 0
+        #: Read to its end: `receive` now only reports the agent's disconnect.
+        self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
@@ -101,6 +103,7 @@ class _RequestBody(httpx.AsyncByteStream):
                     raise _BodyTooLarge()
                 yield chunk
             if not message.get("more_body", False):
+                self.finished = True
                 return
 
 
@@ -525,13 +528,26 @@ class PoolService:
                 record["bytes_in"] = body.size if body is not None else 0
                 return await self._refuse(send, _failure(exc, dest.name), dest.name, record)
             record["bytes_in"] = body.size if body is not None else 0
-            return await self._stream_back(send, response, dest, record)
+            # Once the agent's body is read, `receive` reports only its disconnect: watch
+            # for it, so an abandoned answer frees its downstream stream or connection now,
+            # not when the downstream ends it (uvicorn's `send` ignores a gone agent).
+            watch = receive if body is None or body.finished else None
+            return await self._stream_back(send, response, dest, record, watch)
         return False  # pragma: no cover - the exit stack does not swallow exceptions
 
     async def _stream_back(
-        self, send: Send, response: httpx.Response, dest: DestinationConfig, record: dict[str, Any]
+        self,
+        send: Send,
+        response: httpx.Response,
+        dest: DestinationConfig,
+        record: dict[str, Any],
+        receive: Receive | None = None,
     ) -> bool:
         limit = self.settings.max_response_body
+        gone: list[bool] = []
+        watcher = None
+        if receive is not None:
+            watcher = asyncio.ensure_future(_agent_gone(receive, asyncio.current_task(), gone))
         try:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -574,7 +590,18 @@ class PoolService:
         except OSError:  # the agent went away mid-answer (uvicorn's ClientDisconnected)
             record["error"] = "client_gone"
             return False
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            record["error"] = "client_gone"
+            return False
         finally:
+            if watcher is not None:
+                watcher.cancel()
+            # An unfinished HTTP/2 answer is reset (RST_STREAM), an HTTP/1.1 one closed.
             await response.aclose()
 
     async def _refuse(
@@ -656,6 +683,16 @@ def _failure(exc: Exception, dest: str) -> Refusal:
         return Refusal(502, "upstream_error", f"destination {dest!r}: {type(exc).__name__}")
     log.exception("unexpected error proxying to %s", dest, exc_info=exc)
     return Refusal(500, "internal_error", "the service failed; see its log")
+
+
+async def _agent_gone(receive: Receive, task: asyncio.Task[Any] | None, gone: list[bool]) -> None:
+    """Wait for the agent's disconnect (its body already read), then cancel `task`, which
+    is streaming the answer back; cancelled itself when the answer is complete."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if task is not None:
+        gone.append(True)
+        task.cancel()
 
 
 def _framing(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[int | None, bool] | Refusal:

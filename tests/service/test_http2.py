@@ -1,0 +1,215 @@
+"""The pool service's downstream side on HTTP/2 (issue 18): the service's own pool speaks h2 to
+TLS downstreams that offer it, one multiplexed connection per (destination, tenant), the cap
+counted in streams at the downstream; `[pool] http2` and `[destinations.NAME] http2` choose;
+`/metrics` says which protocol each destination speaks. Evidence is the test bed's own
+counters (protocol, tenants and streams per connection), not the pool's view of itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import toolpool
+from tests._support.pool_service import (
+    AGENT_B_TOKEN,
+    ServiceProcess,
+    ServiceThread,
+    service_config,
+    write_config,
+)
+from toolpool.testing import Downstream, ServiceSpec
+
+B = {"Authorization": f"Bearer {AGENT_B_TOKEN}"}
+
+
+@pytest.fixture
+def tls_ds() -> Iterator[Downstream]:
+    """crm (OAuth per tenant) and search (open, tenant forwarded as X-Tenant), on TLS
+    offering h2 and http/1.1 by ALPN (the test bed's default for TLS services)."""
+    services = {
+        "crm": ServiceSpec(token_latency=0.0),
+        "search": ServiceSpec(require_auth=False),
+    }
+    with Downstream(services, tls=True) as ds:
+        for tenant in ("acme", "globex"):
+            ds.register_client(
+                "crm",
+                client_id=f"{tenant}-app",
+                client_secret=f"{tenant}-downstream-secret",
+                tenant=tenant,
+            )
+        yield ds
+
+
+def _config(ds: Downstream, http2: bool | None, **kwargs: str | int) -> str:
+    pool = f'verify = "{ds.ca_pem_path}"'
+    if http2 is not None:
+        pool += f"\nhttp2 = {str(http2).lower()}"
+    return service_config(ds, pool=pool, **kwargs)  # type: ignore[arg-type]
+
+
+def _protocols(metrics: str) -> dict[str, str]:
+    """destination -> the protocol `/metrics` says it speaks."""
+    out = {}
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "toolpool_destination_protocol":
+            for sample in family.samples:
+                if sample.value == 1.0:
+                    out[sample.labels["destination"]] = sample.labels["protocol"]
+    return out
+
+
+def _gauge(metrics: str, name: str, destination: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("destination") == destination:
+                return sample.value
+    raise AssertionError(f"{name}{{destination={destination!r}}} not in /metrics")
+
+
+def _spoken(ds: Downstream, name: str) -> set[str]:
+    """The protocols the downstream's connections of service `name` spoke."""
+    return set(ds.stats(name).connection_protocols.values())
+
+
+async def test_one_http2_connection_per_tenant_and_the_cap_counted_in_streams(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """Two tenants, 8 concurrent slow requests each, through the service (cap 4 on search):
+    the downstream sees exactly one h2 connection per tenant, each carrying only its tenant,
+    and never more than 4 streams open across them, which it does reach (4 streams on 2
+    connections: the cap counts requests, not connections)."""
+    text = _config(tls_ds, True, search_cap=4, search_extra="queue_factor = 10")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        async with toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN) as remote:
+            client = remote.client()
+
+            async def burst(tenant: str) -> list[httpx.Response]:
+                with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                    search = [client.get(tls_ds.url("search") + "/delay?s=0.5") for _ in range(8)]
+                    crm = [client.get(tls_ds.url("crm") + "/anything") for _ in range(3)]
+                    return list(await asyncio.gather(*search, *crm))
+
+            acme, globex = await asyncio.wait_for(
+                asyncio.gather(burst("acme"), burst("globex")), 60
+            )
+        metrics = httpx.get(svc.url + "/metrics").text
+    for tenant, responses in (("acme", acme), ("globex", globex)):
+        assert [r.status_code for r in responses] == [200] * 11
+        bodies = [r.json() for r in responses]
+        # The service's tenant header became the auth context, then the h2 connection.
+        assert {b["tenant"] for b in bodies} == {tenant}
+        assert len({b["connection_id"] for b in bodies[:8]}) == 1  # one search connection
+        assert len({b["connection_id"] for b in bodies[8:]}) == 1  # one crm connection
+        assert {b["client_id"] for b in bodies[8:]} == {f"{tenant}-app"}
+    search = tls_ds.stats("search")
+    assert set(search.connection_protocols.values()) == {"h2"}
+    assert search.connection_tenants == {
+        acme[0].json()["connection_id"]: frozenset({"acme"}),
+        globex[0].json()["connection_id"]: frozenset({"globex"}),
+    }
+    assert search.streams_total == 16
+    assert search.peak_streams_open == 4
+    crm = tls_ds.stats("crm")
+    assert set(crm.connection_protocols.values()) == {"h2"}
+    assert crm.mixed_connections() == {}
+    assert crm.token_requests_by_tenant == {"acme": 1, "globex": 1}
+    # The service's metrics say what the downstream saw.
+    assert _protocols(metrics) == {"crm": "h2", "search": "h2"}
+    assert _gauge(metrics, "toolpool_http2_connections", "search") == 2.0
+    assert _gauge(metrics, "toolpool_http2_streams_in_use", "search") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("pool_http2", "search_http2", "expected"),
+    [
+        (True, False, {"crm": "h2", "search": "http/1.1"}),
+        (False, True, {"crm": "http/1.1", "search": "h2"}),
+    ],
+)
+def test_the_http2_keys_of_pool_and_destination_in_the_real_service_process(
+    tls_ds: Downstream,
+    tmp_path: Path,
+    pool_http2: bool,
+    search_http2: bool,
+    expected: dict[str, str],
+) -> None:
+    """`toolpool serve` as a child process: `[pool] http2` is the default, a destination's
+    own `http2` overrides it; the downstream speaks what `/metrics` says."""
+    text = _config(tls_ds, pool_http2, search_extra=f"http2 = {str(search_http2).lower()}")
+    with ServiceProcess(write_config(tmp_path, text)) as svc:
+        with httpx.Client(timeout=30, headers={**B, "X-Toolpool-Tenant": "acme"}) as client:
+            for dest in ("crm", "search", "crm", "search"):
+                r = client.get(f"{svc.url}/d/{dest}/anything")
+                assert r.status_code == 200, r.text
+                assert r.json()["tenant"] == "acme"
+            metrics = client.get(svc.url + "/metrics").text
+        assert svc.terminate() == 0
+    assert _protocols(metrics) == expected
+    for dest, protocol in expected.items():
+        assert _spoken(tls_ds, dest) == {protocol}
+        assert tls_ds.stats(dest).mixed_connections() == {}
+
+
+async def test_bodies_stream_both_ways_over_http2_with_flow_control(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """A 600 KB chunked upload and a 900 KB download (both beyond HTTP/2's 64 KiB initial
+    windows) pass through the service to and from an h2 downstream intact."""
+    text = _config(tls_ds, True)
+    size = 600_000
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        async with httpx.AsyncClient(timeout=30, headers={**B, "X-Toolpool-Tenant": "acme"}) as c:
+
+            async def upload() -> AsyncIterator[bytes]:
+                for i in range(size // 10_000):
+                    yield bytes([i % 256]) * 10_000
+
+            up = await c.post(svc.url + "/d/search/anything", content=upload())
+            down = await c.get(svc.url + "/d/search/bytes?n=900000")
+    assert up.status_code == 200 and up.json()["body_size"] == size
+    assert down.status_code == 200
+    assert down.content == bytes(range(256)) * (900_000 // 256) + bytes(range(900_000 % 256))
+    assert _spoken(tls_ds, "search") == {"h2"}
+    assert tls_ds.stats("search").streams_total == 2
+
+
+async def test_an_agent_that_goes_away_resets_its_stream_not_the_connection(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """The agent drops a streaming answer after its first chunk: the service cancels the
+    downstream stream (RST_STREAM), keeps the tenant's h2 connection, and gives the stream
+    permit back (the next request of the tenant goes on the same connection)."""
+    text = _config(tls_ds, True, search_cap=1)
+    headers = {**B, "X-Toolpool-Tenant": "acme"}
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        async with httpx.AsyncClient(timeout=30, headers=headers) as c:
+            url = svc.url + "/d/search/stream?chunks=200&size=1000&delay=0.05"
+            async with c.stream("GET", url) as r:
+                first = r.headers["x-connection-id"]
+                async for _ in r.aiter_raw():
+                    break
+            # The service learns of it at its next write, then resets the stream.
+            await tls_ds.wait_stats_async(
+                "search", lambda s: s.streams_reset_by_client >= 1, timeout=30
+            )
+        # With cap 1, this request needs the permit back.
+        async with httpx.AsyncClient(timeout=30, headers=headers) as c:
+            again = await c.get(svc.url + "/d/search/anything")
+        stats = svc.call(_pool_stats(svc))
+    assert again.status_code == 200
+    assert str(again.json()["connection_id"]) == first
+    search = tls_ds.stats("search")
+    assert search.connections_accepted == 1 and search.streams_reset_by_client == 1
+    assert (stats.in_use, stats.waiting, stats.protocol) == (0, 0, "h2")
+
+
+async def _pool_stats(svc: ServiceThread) -> toolpool.DestinationStats:
+    pool = svc.app.pool
+    assert pool is not None
+    return pool.stats()["search"]
