@@ -213,3 +213,110 @@ async def _pool_stats(svc: ServiceThread) -> toolpool.DestinationStats:
     pool = svc.app.pool
     assert pool is not None
     return pool.stats()["search"]
+
+
+# -- hierarchical pools: a local tier on HTTP/2 overflowing to the service ----------------------
+
+
+def _tier(r: httpx.Response) -> str:
+    return str(r.extensions["toolpool"].get("tier", "local"))
+
+
+async def test_an_http2_local_tier_overflows_to_the_service_and_counts_streams(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """A burst of 40 from one tenant: the local tier (3 streams on one h2 connection) serves
+    what it can, the rest goes to the service (its own h2 connection for the tenant, cap 10).
+    The downstream tells the tiers apart by the tenant: the local tier sends none (the
+    destination is open), the service forwards it as X-Tenant."""
+    text = _config(tls_ds, True, search_cap=10, search_extra="queue_factor = 10")
+    url = tls_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        pool = toolpool.Pool(
+            [toolpool.Destination("search", url, verify=tls_ds.ca_pem_path)],
+            local_max_connections=3,
+            overflow=remote,
+            http2=True,
+            warmup=0,
+        )
+        async with pool:
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                responses = await asyncio.wait_for(
+                    asyncio.gather(*[pool.client().get(url + "/delay?s=0.3") for _ in range(40)]),
+                    60,
+                )
+            local = pool.stats()["search"]
+    assert [r.status_code for r in responses] == [200] * 40
+    tiers = [_tier(r) for r in responses]
+    split = remote.overflow_stats()["search"]
+    assert split.local_total == tiers.count("local")
+    assert split.overflow_total == tiers.count("service")
+    assert split.local_total >= 3 and split.overflow_total >= 30 and split.overflow_in_flight == 0
+    assert local.protocol == "h2" and local.queued_total == 0
+    stats = tls_ds.stats("search")
+    assert set(stats.connection_protocols.values()) == {"h2"}
+    by_tier: dict[str | None, list[int]] = {}
+    for cid, tenants in stats.connection_tenants.items():
+        (tenant,) = tenants
+        by_tier.setdefault(tenant, []).append(cid)
+    # One connection per tier: the local tier's (no tenant) and the service's (acme).
+    assert {t: len(c) for t, c in by_tier.items()} == {None: 1, "acme": 1}
+    assert stats.peak_connection_streams[by_tier[None][0]] == 3  # the local cap, in streams
+    assert stats.peak_connection_streams[by_tier["acme"][0]] <= 10  # the service's cap
+    assert stats.connection_streams[by_tier[None][0]] == split.local_total
+    assert stats.connection_streams[by_tier["acme"][0]] == split.overflow_total
+
+
+@pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1"])
+async def test_a_new_tenant_takes_the_idle_local_capacity_on_http2_only(
+    tls_ds: Downstream, tmp_path: Path, http2: bool
+) -> None:
+    """acme leaves 3 idle slots on the local tier (cap 3), then globex sends 3 at once. On
+    HTTP/2 an idle slot is a stream permit, free capacity: globex is served locally on its
+    own connection, and acme's connection stays open (no churn). On HTTP/1.1 an idle slot is
+    acme's connection, which the local tier does not close for another tenant's burst:
+    globex's requests go to the service."""
+    text = _config(tls_ds, http2, search_cap=10)
+    url = tls_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        pool = toolpool.Pool(
+            [toolpool.Destination("search", url, verify=tls_ds.ca_pem_path)],
+            local_max_connections=3,
+            overflow=remote,
+            http2=http2,
+            warmup=0,
+        )
+        async with pool:
+            client = pool.client()
+
+            async def burst(tenant: str) -> list[httpx.Response]:
+                # X-Tenant tells the downstream whose request the local tier sent.
+                with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                    calls = [
+                        client.get(url + "/delay?s=0.2", headers={"X-Tenant": tenant})
+                        for _ in range(3)
+                    ]
+                    return list(await asyncio.wait_for(asyncio.gather(*calls), 60))
+
+            acme = await burst("acme")
+            assert [_tier(r) for r in acme] == ["local"] * 3
+            assert pool.stats()["search"].idle == 3
+            globex = await burst("globex")
+            open_now = tls_ds.stats("search").connections_open
+    assert [r.status_code for r in acme + globex] == [200] * 6
+    stats = tls_ds.stats("search")
+    assert stats.mixed_connections() == {}
+    if http2:
+        assert [_tier(r) for r in globex] == ["local"] * 3
+        assert remote.overflow_stats()["search"].overflow_total == 0
+        # One h2 connection per tenant, both still open when globex was done.
+        assert sorted(stats.connection_tenants.values(), key=sorted) == [
+            frozenset({"acme"}),
+            frozenset({"globex"}),
+        ]
+        assert open_now == 2
+    else:
+        assert [_tier(r) for r in globex] == ["service"] * 3
+        assert remote.overflow_stats()["search"].overflow_total == 3

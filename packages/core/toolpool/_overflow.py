@@ -23,6 +23,7 @@ from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._config import Destination
 from toolpool._destination import pool_key
 from toolpool._saturation import Saturation
+from toolpool._state import Action
 from toolpool._sync.connection import SYNC_DRIVER
 from toolpool._watched import WatchedStream
 from toolpool.errors import ConfigError, PoolSaturated
@@ -98,10 +99,16 @@ class OverflowLayer(MethodLayer):
         """Take a place on the local tier if a request of ctx would get a connection now
         without queuing: an idle one of its key, an unbound idle one of its driver, or room
         under the cap with nobody waiting. Local requests in flight (from here until their
-        body is done) never exceed the cap, even while one waits for a token fetch."""
+        body is done) never exceed the cap, even while one waits for a token fetch.
+
+        On HTTP/2 an idle slot of another key is room too: it is a stream permit, and giving
+        it up costs nothing (its tenant's connection stays open, `toolpool._h2pool`), so it
+        is closed here and the request takes its place. On HTTP/1.1 it is that tenant's
+        connection, which the local tier does not close for another tenant's request."""
         key = pool_key(ctx, driver)
         dest = self.dest
         state = dest.state
+        freed: list[Action] = []
         with dest.lock:
             if self.local_busy >= state.cap:
                 return False
@@ -109,9 +116,14 @@ class OverflowLayer(MethodLayer):
             room = bool(idle.get(key) or idle.get((None, driver))) or (
                 state.total < state.cap and not state.waiting
             )
+            if not room and not state.waiting and state.idle and _counts_streams(dest):
+                freed = state.free_idle(monotonic())
+                room = True
             if room:
                 self.local_busy += 1
-            return room
+        if freed:
+            dest.execute(freed)
+        return room
 
     def _release_local(self, _: bool = False) -> None:
         with self.dest.lock:
@@ -212,6 +224,13 @@ class OverflowLayer(MethodLayer):
                 overflow_saturated_total=self.saturated_total,
                 overflow_in_flight=self.in_flight,
             )
+
+
+def _counts_streams(dest: DestinationPool) -> bool:
+    """Whether `dest`'s slots are HTTP/2 stream permits (it offers h2 and the server has not
+    picked http/1.1)."""
+    h2 = dest.h2
+    return h2 is not None and h2.protocol != "http/1.1"
 
 
 def local_destinations(

@@ -650,6 +650,16 @@ class DestinationState:
             self._renew_need(key)
         return self._make_room()
 
+    def free_idle(self, now: float) -> list[Action]:
+        """Close the least recently used idle slot (reason "affinity") so that a request of
+        another key can take its place under the cap without queuing; nothing if none is
+        idle. For destinations whose idle slot costs nothing to give up (an HTTP/2 stream
+        permit: its tenant's connection stays open), asked by the overflow tier before it
+        sends a request locally rather than to the pool service (toolpool._overflow)."""
+        if not self._idle_lru:
+            return _NO_ACTIONS
+        return self._close_idle(next(iter(self._idle_lru)), AFFINITY)
+
     def close_all_idle(self, now: float, reason: str = SHUTDOWN) -> list[Action]:
         """Close every idle slot (pool shutdown)."""
         actions: list[Action] = []
