@@ -7,21 +7,29 @@ counters (protocol, tenants and streams per connection), not the pool's view of 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 import toolpool
 from tests._support.pool_service import (
     AGENT_B_TOKEN,
+    SERVICE_ENV,
+    CountingRelay,
     ServiceProcess,
     ServiceThread,
     service_config,
+    wait_ready,
     write_config,
 )
+from toolpool.service import PoolService, load_config
 from toolpool.testing import Downstream, ServiceSpec
 
 B = {"Authorization": f"Bearer {AGENT_B_TOKEN}"}
@@ -320,3 +328,121 @@ async def test_a_new_tenant_takes_the_idle_local_capacity_on_http2_only(
     else:
         assert [_tier(r) for r in globex] == ["service"] * 3
         assert remote.overflow_stats()["search"].overflow_total == 3
+
+
+# -- the agent's hop to the service on HTTP/2 ---------------------------------------------------
+
+
+class HypercornService:
+    """`PoolService` under hypercorn (an ASGI server that speaks HTTP/2 by ALPN) with TLS on
+    127.0.0.1, on a thread: the service app unchanged, served over h2."""
+
+    def __init__(self, config_path: Path, cert: Path, key: Path, ca: Path) -> None:
+        from hypercorn.config import Config
+
+        self.app = PoolService(load_config(config_path, env=SERVICE_ENV))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.config = Config()
+        self.config.bind = [f"fd://{self.sock.detach()}"]  # hypercorn owns (and closes) it
+        self.config.certfile, self.config.keyfile = str(cert), str(key)
+        self.config.loglevel = "WARNING"
+        self.ca = ssl.create_default_context(cafile=str(ca))
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        from hypercorn.asyncio import serve
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await serve(self.app, self.config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
+
+    def __enter__(self) -> HypercornService:
+        self._thread.start()
+        wait_ready(self.url, verify=self.ca)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(20)
+        assert not self._thread.is_alive(), "hypercorn did not stop"
+
+
+def _service_cert(tmp_path: Path) -> tuple[Path, Path, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = tmp_path / "svc.crt", tmp_path / "svc.key", tmp_path / "svc-ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(paths[0]))
+    cert.private_key_pem.write_to_path(str(paths[1]))
+    ca.cert_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+async def _tenants_burst(remote: toolpool.RemotePool, url: str) -> list[httpx.Response]:
+    client = remote.client()
+
+    async def one(tenant: str) -> httpx.Response:
+        with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+            return await client.get(url + "/delay?s=0.3")
+
+    calls = [one(t) for t in ("acme", "globex") for _ in range(10)]
+    return list(await asyncio.wait_for(asyncio.gather(*calls), 60))
+
+
+async def test_the_hop_to_an_http2_service_is_one_connection_for_every_tenant(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """`RemotePool(http2=True)` to the service app served over h2: 20 concurrent requests of
+    two tenants share one TCP connection to the service (counted by a relay in front of
+    it), while the service still keeps one downstream connection per tenant."""
+    cert, key, ca = _service_cert(tmp_path)
+    text = _config(tls_ds, True, search_cap=20, search_extra="queue_factor = 10")
+    with HypercornService(write_config(tmp_path, text), cert, key, ca) as svc:
+        with CountingRelay(svc.port) as relay:
+            url = f"https://127.0.0.1:{relay.port}"
+            async with toolpool.RemotePool(
+                url, token=AGENT_B_TOKEN, verify=str(ca), http2=True
+            ) as remote:
+                responses = await _tenants_burst(remote, tls_ds.url("search"))
+            hop = (relay.accepted, relay.peak)
+    assert [r.status_code for r in responses] == [200] * 20
+    assert [r.json()["tenant"] for r in responses] == ["acme"] * 10 + ["globex"] * 10
+    assert hop == (1, 1)
+    search = tls_ds.stats("search")
+    assert set(search.connection_protocols.values()) == {"h2"}
+    assert sorted(search.connection_tenants.values(), key=sorted) == [
+        frozenset({"acme"}),
+        frozenset({"globex"}),
+    ]
+
+
+async def test_the_hop_offering_http2_to_toolpool_serve_falls_back_to_http11(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """`toolpool serve` (uvicorn) speaks HTTP/1.1 only: `RemotePool(http2=True)` learns it by
+    ALPN on its first connect and sends everything over HTTP/1.1 (concurrent requests on
+    as many connections)."""
+    cert, key, ca = _service_cert(tmp_path)
+    text = _config(
+        tls_ds,
+        True,
+        search_cap=20,
+        search_extra="queue_factor = 10",
+        service=f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"',
+    )
+    svc = ServiceThread(write_config(tmp_path, text))
+    svc.verify = ssl.create_default_context(cafile=str(ca))
+    with svc, CountingRelay(svc.port) as relay:
+        url = f"https://127.0.0.1:{relay.port}"
+        async with toolpool.RemotePool(url, token=AGENT_B_TOKEN, verify=str(ca), http2=True) as r:
+            responses = await _tenants_burst(r, tls_ds.url("search"))
+        hop = relay.accepted
+    assert [r.status_code for r in responses] == [200] * 20
+    assert [r.json()["tenant"] for r in responses] == ["acme"] * 10 + ["globex"] * 10
+    assert hop > 1  # HTTP/1.1: one request per connection at a time

@@ -90,7 +90,11 @@ class RemotePool:
     tenants: the service keys downstream connections by tenant, not this hop). `destinations`
     maps destination names to their ordinary URLs; without it the list is fetched from the
     service on first use. `names` renames local destinations to the service's names for the
-    overflow (default: the same name). The token never appears in a repr or an error.
+    overflow (default: the same name). `http2` (default: the pool default) offers HTTP/2 on
+    an `https://` service: served by an HTTP/2 ASGI server (hypercorn), every tenant's
+    requests share one multiplexed connection (`max_connections` then counts streams); a
+    service that speaks only HTTP/1.1 (`toolpool serve`, uvicorn) is detected by ALPN on the
+    first connect and used as such. The token never appears in a repr or an error.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class RemotePool:
         destinations: Mapping[str, str] | None = None,
         names: Mapping[str, str] | None = None,
         tenant_header: str = "X-Toolpool-Tenant",
+        http2: bool | None = None,
     ) -> None:
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n\0 "):
             raise ConfigError(
@@ -129,9 +134,13 @@ class RemotePool:
         self._prefix = base.raw_path.rstrip(b"/")
         self._base = httpx.URL(origin)
         # No resilience layer on this hop: the service runs its own per destination, and
-        # retrying at both tiers would multiply attempts.
+        # retrying at both tiers would multiply attempts. The hop carries every tenant on the
+        # same connections (no auth context): the service keys downstream ones by tenant.
+        hop = Destination(
+            _SERVICE_DESTINATION, origin, max_connections=max_connections, warmup=0, http2=http2
+        )
         self._pool = Pool(
-            [Destination(_SERVICE_DESTINATION, origin, max_connections=max_connections, warmup=0)],
+            [hop],
             unknown_destinations="reject",
             verify=verify,
             connect_timeout=connect_timeout,
