@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -446,3 +447,73 @@ async def test_the_hop_offering_http2_to_toolpool_serve_falls_back_to_http11(
     assert [r.status_code for r in responses] == [200] * 20
     assert [r.json()["tenant"] for r in responses] == ["acme"] * 10 + ["globex"] * 10
     assert hop > 1  # HTTP/1.1: one request per connection at a time
+
+
+def test_threads_on_an_http2_local_tier_take_idle_capacity_too(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """The thread driver, same rule: acme's 3 idle stream permits go to globex's 3 threads,
+    which are served locally on globex's own connection; acme's connection stays open."""
+    text = _config(tls_ds, True, search_cap=10)
+    url = tls_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        with toolpool.Pool(
+            [toolpool.Destination("search", url, verify=tls_ds.ca_pem_path)],
+            local_max_connections=3,
+            overflow=remote,
+            http2=True,
+            warmup=0,
+        ) as pool:
+            client = pool.sync_client()
+
+            def burst(tenant: str) -> list[httpx.Response]:
+                start = threading.Barrier(3)
+
+                def call(_: int) -> httpx.Response:
+                    start.wait(timeout=30)
+                    with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                        return client.get(url + "/delay?s=0.2", headers={"X-Tenant": tenant})
+
+                with ThreadPoolExecutor(3) as ex:
+                    return list(ex.map(call, range(3)))
+
+            acme = burst("acme")
+            assert pool.stats()["search"].idle == 3
+            globex = burst("globex")
+            open_now = tls_ds.stats("search").connections_open
+    assert [_tier(r) for r in acme + globex] == ["local"] * 6
+    assert remote.overflow_stats()["search"].overflow_total == 0
+    stats = tls_ds.stats("search")
+    assert sorted(stats.connection_tenants.values(), key=sorted) == [
+        frozenset({"acme"}),
+        frozenset({"globex"}),
+    ]
+    assert open_now == 2
+
+
+def test_sigterm_drains_a_service_whose_downstream_speaks_http2(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """`toolpool serve` with 12 slow requests of two tenants in flight on h2 streams gets
+    SIGTERM: every accepted request is answered 200, then the pool closes its connections."""
+    text = _config(tls_ds, True, search_cap=12, service="drain_timeout = 20.0")
+    with ServiceProcess(write_config(tmp_path, text)) as svc:
+
+        def call(tenant: str) -> int:
+            headers = {**B, "X-Toolpool-Tenant": tenant}
+            with httpx.Client(timeout=30) as c:
+                return c.get(svc.url + "/d/search/delay?s=1.0", headers=headers).status_code
+
+        with ThreadPoolExecutor(12) as ex:
+            futures = [ex.submit(call, t) for t in ("acme", "globex") for _ in range(6)]
+            tls_ds.wait_stats("search", lambda s: s.streams_open >= 12, timeout=30)
+            code = svc.terminate(60)
+            statuses = [f.result(30) for f in futures]
+    assert code == 0, "".join(svc.stderr_lines)
+    assert statuses == [200] * 12
+    report = svc.drained()
+    assert report["accepted"] == report["answered"] == 12 and report["aborted"] == 0
+    stats = tls_ds.wait_stats("search", lambda s: s.connections_open == 0, timeout=30)
+    assert set(stats.connection_protocols.values()) == {"h2"}
+    assert len(stats.connection_tenants) == 2 and stats.mixed_connections() == {}
