@@ -530,8 +530,11 @@ class PoolService:
             record["bytes_in"] = body.size if body is not None else 0
             # Once the agent's body is read, `receive` reports only its disconnect: watch
             # for it, so an abandoned answer frees its downstream stream or connection now,
-            # not when the downstream ends it (uvicorn's `send` ignores a gone agent).
-            watch = receive if body is None or body.finished else None
+            # not when the downstream ends it (uvicorn's `send` ignores a gone agent). Only
+            # for answers that can last (streamed, or large): a task per small answer would
+            # cost the hot path more than it saves.
+            long = _may_last(response.headers.get("content-length"))
+            watch = receive if long and (body is None or body.finished) else None
             return await self._stream_back(send, response, dest, record, watch)
         return False  # pragma: no cover - the exit stack does not swallow exceptions
 
@@ -683,6 +686,16 @@ def _failure(exc: Exception, dest: str) -> Refusal:
         return Refusal(502, "upstream_error", f"destination {dest!r}: {type(exc).__name__}")
     log.exception("unexpected error proxying to %s", dest, exc_info=exc)
     return Refusal(500, "internal_error", "the service failed; see its log")
+
+
+#: Answers with a declared length up to this are sent back without watching for the agent.
+_WATCH_ABOVE = 64 * 1024
+
+
+def _may_last(length: str | None) -> bool:
+    """Whether an answer of this Content-Length may stream for long: none declared (chunked,
+    an event stream) or more than `_WATCH_ABOVE` bytes."""
+    return length is None or not length.isdigit() or int(length) > _WATCH_ABOVE
 
 
 async def _agent_gone(receive: Receive, task: asyncio.Task[Any] | None, gone: list[bool]) -> None:
