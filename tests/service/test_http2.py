@@ -7,6 +7,7 @@ counters (protocol, tenants and streams per connection), not the pool's view of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 import toolpool
+from tests._support.packet_spy import PacketSpy
 from tests._support.pool_service import (
     AGENT_B_TOKEN,
     SERVICE_ENV,
@@ -30,8 +32,8 @@ from tests._support.pool_service import (
     wait_ready,
     write_config,
 )
-from toolpool.service import PoolService, load_config
-from toolpool.testing import Downstream, ServiceSpec
+from toolpool.service import PoolService, ServiceConfig, load_config
+from toolpool.testing import Downstream, HostMap, ServiceSpec
 
 B = {"Authorization": f"Bearer {AGENT_B_TOKEN}"}
 
@@ -517,3 +519,56 @@ def test_sigterm_drains_a_service_whose_downstream_speaks_http2(
     stats = tls_ds.wait_stats("search", lambda s: s.connections_open == 0, timeout=30)
     assert set(stats.connection_protocols.values()) == {"h2"}
     assert len(stats.connection_tenants) == 2 and stats.mixed_connections() == {}
+
+
+def test_the_http2_connect_keeps_the_egress_policy(tmp_path: Path, spy: PacketSpy) -> None:
+    """A tenant's h2 connection to a destination whose name then rebinds to a denied
+    address: the next tenant's connect (its own connection) is refused 403 egress_denied,
+    and nothing connects to the denied address (the spy records every connect)."""
+    names = HostMap({"web.test": "127.0.0.1"})
+    with Downstream({"web": ServiceSpec(require_auth=False)}, tls=True) as ds:
+        port = ds.address("web")[1]
+        text = f"""
+[service]
+allowed_hosts = ["127.0.0.1"]
+[service.egress]
+deny = ["127.0.0.2"]
+[pool]
+warmup = 0.0
+policy = "off"
+http2 = true
+[destinations.web]
+url = "https://web.test:{port}"
+verify = false   # the test bed's certificate names loopback, not web.test
+forward_tenant_as = "X-Tenant"
+[agents.agent-b]
+token_env = "AGENT_B_TOKEN"
+tenants = ["acme", "globex"]
+"""
+
+        def configure(config: ServiceConfig) -> ServiceConfig:
+            egress = dataclasses.replace(config.service.egress, resolver=names)
+            service = dataclasses.replace(config.service, egress=egress)
+            return dataclasses.replace(config, service=service)
+
+        with (
+            ServiceThread(write_config(tmp_path, text), configure=configure) as svc,
+            httpx.Client(base_url=svc.url, headers=B, timeout=30) as agent,
+        ):
+            first = spy.snapshot()
+            ok = agent.get("/d/web/anything", headers={"X-Toolpool-Tenant": "acme"})
+            assert ("127.0.0.1", port) in spy.connects_since(first)  # the spy sees h2 connects
+            names.set("web.test", "127.0.0.2")
+            mark = spy.snapshot()
+            refused = agent.get("/d/web/anything", headers={"X-Toolpool-Tenant": "globex"})
+            again = agent.get("/d/web/anything", headers={"X-Toolpool-Tenant": "acme"})
+            connects = spy.connects_since(mark)
+    assert ok.status_code == 200 and ok.json()["tenant"] == "acme"
+    assert refused.status_code == 403 and refused.headers["x-toolpool-error"] == "egress_denied"
+    assert refused.json()["rule"] == "deny"
+    # acme's connection was made before the rebinding: it still carries acme's requests.
+    assert again.status_code == 200 and again.json()["connection_id"] == ok.json()["connection_id"]
+    assert not [c for c in connects if c[0] == "127.0.0.2"]
+    stats = ds.stats("web")
+    assert stats.connection_protocols == {ok.json()["connection_id"]: "h2"}
+    assert stats.requests_total == 2
