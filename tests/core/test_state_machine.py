@@ -48,9 +48,12 @@ class PoolRules(RuleBasedStateMachine):
         max_connections=st.integers(1, 5),
         queue_factor=st.sampled_from([0.0, 1.0, 2.0]),
         bypass=st.sampled_from([None, 0, 2]),
+        stream_permits=st.booleans(),
     )
     @precondition(lambda self: self.state is None)
-    def setup(self, max_connections: int, queue_factor: float, bypass: int | None) -> None:
+    def setup(
+        self, max_connections: int, queue_factor: float, bypass: int | None, stream_permits: bool
+    ) -> None:
         self.state = DestinationState(
             Limits(
                 max_connections=max_connections,
@@ -61,6 +64,8 @@ class PoolRules(RuleBasedStateMachine):
             ),
             rng=lambda: 0.5,
         )
+        if stream_permits:  # an HTTP/2 destination: slots are stream permits
+            self.state.use_stream_permits()
 
     # ------------------------------------------------------------------ helpers
 
@@ -419,6 +424,37 @@ def test_idle_connection_of_another_context_is_closed_to_make_room() -> None:
     (wake,) = state.closed(close.slot, 2.1)
     assert wake.waiter is waiter and waiter.grant is not None and waiter.grant.key == b
     state.check()
+
+
+def test_with_stream_permits_every_waiter_takes_an_idle_permit_of_another_key_at_once() -> None:
+    """HTTP/2: A's three idle stream permits at the cap; B's three requests each take one
+    now (three closes, three grants), instead of B's later requests waiting for B's first
+    to finish as connections would (a connection in flight serves the next waiter)."""
+    a, b = ("A", "loop"), ("B", "loop")
+    state = DestinationState(_limits(cap=3, queue=6))
+    state.use_stream_permits()
+    for slot in [_open(state, a) for _ in range(3)]:
+        state.release(slot, 1.0, reusable=True)
+    grants = []
+    for i in range(3):
+        waiter = state.acquire(b, 2.0 + i)
+        assert isinstance(waiter, Waiter)
+        (close,) = state.take_actions()
+        assert isinstance(close, Close) and close.reason == _state.AFFINITY
+        (wake,) = state.closed(close.slot, 2.0 + i)
+        assert wake.waiter is waiter and waiter.grant is not None and waiter.grant.key == b
+        grants.append(waiter.grant)
+        state.check()
+    assert (state.idle, state.opening, state.waiting) == (0, 3, 0)
+    # The same with connections: B's second request waits for B's first connection.
+    state = DestinationState(_limits(cap=3, queue=6))
+    for slot in [_open(state, a) for _ in range(3)]:
+        state.release(slot, 1.0, reusable=True)
+    state.acquire(b, 2.0)
+    (close,) = state.take_actions()
+    state.closed(close.slot, 2.0)
+    assert isinstance(state.acquire(b, 2.1), Waiter)
+    assert state.take_actions() == [] and state.idle == 2
 
 
 def test_queue_bound_then_saturated() -> None:

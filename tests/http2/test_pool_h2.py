@@ -282,6 +282,26 @@ async def test_capacity_moving_to_another_tenant_keeps_the_first_tenants_connect
     assert served.mixed_connections() == {}
 
 
+async def test_at_the_cap_a_new_tenant_takes_every_idle_permit_at_once(ds: Downstream) -> None:
+    # Cap 3, acme's 3 permits idle; globex sends 3 slow requests at once. Each takes one of
+    # acme's idle permits (closed for affinity, acme's connection kept): the server has all
+    # 3 of globex's streams open together on globex's connection, none waited for another.
+    async with _pool(ds, cap=3) as pool:
+        client = pool.client()
+        url = ds.url("api") + "/delay?s=0.5"
+        await asyncio.gather(*[_call(client, url, "acme") for _ in range(3)])
+        assert pool.stats()["api"].idle == 3
+        globex = await asyncio.gather(*[_call(client, url, "globex") for _ in range(3)])
+        stats = pool.stats()["api"]
+    assert {r.json()["tenant"] for r in globex} == {"globex"}
+    (conn,) = {r.json()["connection_id"] for r in globex}
+    served = ds.stats("api")
+    assert served.peak_connection_streams[conn] == 3
+    assert served.peak_streams_open == 3  # never above the cap
+    assert served.connections_accepted == 2 and served.mixed_connections() == {}
+    assert stats.closed_total["affinity"] == 3
+
+
 async def test_idle_connections_are_pinged_and_a_silent_one_is_closed_before_any_borrow(
     ds: Downstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -196,6 +196,7 @@ class Pool:
                 self, settings, self.defaults.egress, async_h2.send, sync_h2.send
             )
             _h2pool.attach(dest)
+            dest.state.use_stream_permits()
         else:
             dest = DestinationPool(
                 self, settings, self.defaults.egress, async_request.send, sync_request.send

@@ -317,6 +317,8 @@ class DestinationState:
         self._need: dict[Key, int] = {}
         self.needed = 0
         self.reuse_factor = 2
+        # Slots are HTTP/2 stream permits (`use_stream_permits`): see `_need_of`.
+        self.stream_permits = False
         # Counters (monotonic) and the wait-time histogram.
         self.created_total = 0
         self.closed_total: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
@@ -380,7 +382,7 @@ class DestinationState:
         assert sum(self._inflight.values()) == self.in_use + self.opening - held, "I6: in-flight"
         need = {}
         for key, n in self._waiting_by_key.items():
-            k = max(0, -(-n // self.reuse_factor) - self._inflight.get(key, 0))
+            k = self._need_of(key, n)
             if k:
                 need[key] = k
         assert need == self._need, "need drift"
@@ -642,6 +644,10 @@ class DestinationState:
         actions.extend(self._make_room())
         return actions
 
+    def use_stream_permits(self) -> None:
+        """This destination's slots are HTTP/2 stream permits (set before any request)."""
+        self.stream_permits = True
+
     def set_reuse_factor(self, factor: int) -> list[Action]:
         """How many waiters one connection of a key serves before the key counts as needy
         (about: time to open a connection / time a request holds one). At least 1."""
@@ -866,9 +872,17 @@ class DestinationState:
         if key in self._waiting_by_key or key in self._need:
             self._renew_need(key)
 
+    def _need_of(self, key: Key, waiting: int) -> int:
+        """need(K) (see the theory of operation). With stream permits every waiter needs a
+        permit of its own: a permit in flight serves one request, and another key's idle
+        permit costs nothing to give up (its tenant's connection stays open), so a waiter
+        takes one at once rather than waiting for its key's requests to finish."""
+        if self.stream_permits:
+            return waiting
+        return max(0, -(-waiting // self.reuse_factor) - self._inflight.get(key, 0))
+
     def _renew_need(self, key: Key) -> None:
-        waiting = self._waiting_by_key.get(key, 0)
-        new = max(0, -(-waiting // self.reuse_factor) - self._inflight.get(key, 0))
+        new = self._need_of(key, self._waiting_by_key.get(key, 0))
         old = self._need.get(key, 0)
         if new != old:
             self.needed += new - old
