@@ -68,7 +68,9 @@ keep the connections while another tenant waits with none. Capacity that frees u
 the needy key with the fewest connections in flight (its oldest waiter), else to the head of
 the queue. A waiter whose key is not needy is served by its own key's
 connections as they come back; the head of the queue counts a bypass only while its key is
-needy.
+needy. On an HTTP/2 destination (`use_stream_permits`) a slot is a stream permit, which costs
+nothing to hand over (its tenant's connection stays open), so `need(K) = waiting(K)`: every
+waiter takes another key's idle permit at once.
 
 A *long-lived* response (a `text/event-stream` the driver reports with `stream`, such as an
 MCP session's GET event stream, or any request held past `LONG_HOLD_FACTOR` times the
