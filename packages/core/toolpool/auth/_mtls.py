@@ -68,10 +68,6 @@ class MutualTLS:
     fails fast for `negative_ttl` seconds.
     """
 
-    #: Identity is set by the TLS handshake (read by `toolpool._config.resolve`, which keeps
-    #: such destinations on HTTP/1.1 until the HTTP/2 side presents per-context certificates).
-    connection_bound = True
-
     def __init__(
         self,
         cert: CertSource,
