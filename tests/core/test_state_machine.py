@@ -65,7 +65,7 @@ class PoolRules(RuleBasedStateMachine):
             rng=lambda: 0.5,
         )
         if stream_permits:  # an HTTP/2 destination: slots are stream permits
-            self.state.use_stream_permits()
+            assert self.state.use_stream_permits() == []
 
     # ------------------------------------------------------------------ helpers
 
@@ -246,6 +246,13 @@ class PoolRules(RuleBasedStateMachine):
     def reuse_factor_changes(self, factor: int) -> None:
         assert self.state is not None
         self._apply(self.state.set_reuse_factor(factor))
+
+    @precondition(lambda self: self.state is not None and self.state.stream_permits)
+    @rule()
+    def server_picks_http11(self) -> None:
+        # An HTTP/2-offering destination whose server picked http/1.1: slots are connections.
+        assert self.state is not None
+        self._apply(self.state.use_stream_permits(False))
 
     @precondition(lambda self: self.state is not None)
     @rule(driver=st.sampled_from(DRIVERS), count=st.integers(0, 3), opens=st.booleans())
@@ -432,7 +439,7 @@ def test_with_stream_permits_every_waiter_takes_an_idle_permit_of_another_key_at
     to finish as connections would (a connection in flight serves the next waiter)."""
     a, b = ("A", "loop"), ("B", "loop")
     state = DestinationState(_limits(cap=3, queue=6))
-    state.use_stream_permits()
+    assert state.use_stream_permits() == []
     for slot in [_open(state, a) for _ in range(3)]:
         state.release(slot, 1.0, reusable=True)
     grants = []

@@ -180,6 +180,8 @@ async def test_server_picking_http11_turns_the_destination_to_http11(ds: Downstr
         )
         assert {r.http_version for r in responses} == {"HTTP/1.1"}
         assert pool.stats()["old"].protocol == "http/1.1"
+        # Its slots are connections again: the need rule counts them as such (toolpool._state).
+        assert not pool.destination("old").state.stream_permits
         assert (await _call(client, ds.url("old") + "/anything", "beta")).status_code == 200
     served = ds.wait_stats("old", lambda s: s.connections_open == 0)
     assert set(served.connection_protocols.values()) == {"http/1.1"}

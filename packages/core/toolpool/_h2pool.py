@@ -234,6 +234,10 @@ class H2Connections:
     def use_http11(self) -> None:
         """The server picked http/1.1: from now on this is an HTTP/1.1 destination."""
         self.protocol = "http/1.1"
+        with self.dest.lock:  # slots are connections now: need counts them as such
+            actions = self.dest.state.use_stream_permits(False)
+        if actions:
+            self.dest.execute(actions)
         if self._ssl is not None:
             # A caller's own SSLContext (verify=ctx) is shared with the HTTP/1.1 path, which
             # must not be offered h2 again.

@@ -646,9 +646,13 @@ class DestinationState:
         actions.extend(self._make_room())
         return actions
 
-    def use_stream_permits(self) -> None:
-        """This destination's slots are HTTP/2 stream permits (set before any request)."""
-        self.stream_permits = True
+    def use_stream_permits(self, on: bool = True) -> list[Action]:
+        """Whether this destination's slots are HTTP/2 stream permits (on from the start for
+        a destination offering h2; off once its server picked http/1.1)."""
+        self.stream_permits = on
+        for key in list(self._waiting_by_key):
+            self._renew_need(key)
+        return self._make_room()
 
     def set_reuse_factor(self, factor: int) -> list[Action]:
         """How many waiters one connection of a key serves before the key counts as needy
