@@ -572,3 +572,34 @@ tenants = ["acme", "globex"]
     stats = ds.stats("web")
     assert stats.connection_protocols == {ok.json()["connection_id"]: "h2"}
     assert stats.requests_total == 2
+
+
+async def test_an_agent_cancelling_its_http2_stream_to_the_service_resets_the_downstream_one(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """HTTP/2 on both hops: the agent closes a streaming answer early, its RST_STREAM reaches
+    the service (the app under hypercorn), which resets the downstream stream in turn; both
+    connections stay and carry the tenant's next request."""
+    cert, key, ca = _service_cert(tmp_path)
+    text = _config(tls_ds, True, search_cap=1)
+    with HypercornService(write_config(tmp_path, text), cert, key, ca) as svc:
+        async with toolpool.RemotePool(
+            svc.url, token=AGENT_B_TOKEN, verify=str(ca), http2=True
+        ) as remote:
+            client = remote.client()
+            url = tls_ds.url("search")
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                async with client.stream(
+                    "GET", url + "/stream?chunks=200&size=1000&delay=0.05"
+                ) as r:
+                    first = r.headers["x-connection-id"]
+                    async for _ in r.aiter_raw():
+                        break
+                await tls_ds.wait_stats_async(
+                    "search", lambda s: s.streams_reset_by_client >= 1, timeout=30
+                )
+                again = await client.get(url + "/anything")  # cap 1: needs the permit back
+    assert again.status_code == 200 and str(again.json()["connection_id"]) == first
+    stats = tls_ds.stats("search")
+    assert stats.connections_accepted == 1 and stats.streams_reset_by_client == 1
+    assert stats.responses_by_status == {200: 1}  # the abandoned stream was never finished
