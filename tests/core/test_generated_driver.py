@@ -28,6 +28,17 @@ def test_the_committed_sync_request_path_is_the_generated_one() -> None:
         assert committed == tool.generate(name), f"_sync/{name} is stale: run `make unasync`"
 
 
+def test_every_async_request_path_has_a_generated_sync_twin() -> None:
+    """Only the drivers' connection modules are hand-written: every other module of
+    `_async/` (the HTTP/1.1 request path, the HTTP/2 one) is generated into `_sync/`."""
+    tool = _tool()
+    written_by_hand = {"__init__.py", "connection.py"}
+    async_modules = {p.name for p in (tool.CORE / "_async").glob("*.py")} - written_by_hand
+    assert set(tool.FILES) == async_modules == {"request.py", "h2.py"}
+    for name in tool.FILES:
+        assert (tool.CORE / "_sync" / name).read_text().startswith("# Generated from")
+
+
 def test_the_check_fails_on_an_edited_async_original_until_regenerated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
