@@ -2,14 +2,16 @@
 
 The agent (a scripted replay model, offline) asks for four parallel CRM lookups for tenant
 "acme". The CRM is a loopback TLS service with OAuth client credentials, 5 ms of network
-latency each way and 30 ms per request; the pool allows 2 connections to it. The trace shows
-where each tool call's time went: AutoGen's own `execute_tool` spans, and inside them
-toolpool's request spans with the token fetch, the TCP connect, the TLS handshake, the wait
-for a connection and the server's answer.
+latency each way and 30 ms per request; the pool allows 2 requests in flight to it (HTTP/2:
+2 streams, on one connection per tenant; HTTP/1.1: 2 connections). The trace shows where each
+tool call's time went: AutoGen's own `execute_tool` spans, and inside them toolpool's request
+spans with the token fetch, the TCP connect, the TLS handshake (ALPN), the wait for a stream
+or a connection and the server's answer.
 
 Spans are kept in memory (the SDK's InMemorySpanExporter) and drawn with matplotlib:
 
-    python examples/otel_trace.py                 # writes examples/otel_trace.png
+    python examples/otel_trace.py                 # HTTP/2: writes examples/otel_trace.png
+    python examples/otel_trace.py --http1         # writes examples/otel_trace_http11.png
     python examples/otel_trace.py --out trace.png --json trace.json
 
 Everything runs on 127.0.0.1; no span leaves the process.
@@ -62,6 +64,8 @@ COLORS = {
     "toolpool.admission.wait": "#c62828",
     "toolpool.connect": "#43a047",
     "toolpool.tls": "#00897b",
+    "toolpool.connect.wait": "#a5d6a7",
+    "toolpool.ping": "#8d6e63",
     "toolpool.response": "#90caf9",
     "toolpool.retry": "#ff7043",
 }
@@ -99,7 +103,7 @@ def _script() -> ReplayChatCompletionClient:
     return ReplayChatCompletionClient([first, "four customers found"], model_info=info)
 
 
-async def run(provider: TracerProvider) -> None:
+async def run(provider: TracerProvider, http2: bool) -> None:
     spec = ServiceSpec(service_time=0.03, token_latency=0.08)
     async with Downstream({"crm": spec}, tls=True, latency=0.005) as ds:
         ds.register_client("crm", client_id="acme-app", client_secret="acme-secret", tenant="acme")
@@ -116,7 +120,8 @@ async def run(provider: TracerProvider) -> None:
                     max_connections=2,
                     warmup=0.0,
                 )
-            ]
+            ],
+            http2=http2,
         )
         toolpool.otel.instrument(pool, tracer_provider=provider, metrics=False)
         url = ds.url("crm") + "/anything"
@@ -157,7 +162,7 @@ def _ordered(spans: list[ReadableSpan]) -> list[tuple[int, ReadableSpan]]:
     return out
 
 
-def draw(spans: list[ReadableSpan], out: Path) -> None:
+def draw(spans: list[ReadableSpan], out: Path, http2: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +182,17 @@ def draw(spans: list[ReadableSpan], out: Path) -> None:
         if _kind(s) == "request":
             reused = "reused" if attrs.get("toolpool.connection.reused") else "new conn."
             status = attrs.get("http.response.status_code")
-            label = f"{s.name} {attrs.get('toolpool.destination')} → {status} ({reused})"
+            version = attrs.get("network.protocol.version")
+            stream = attrs.get("toolpool.http2.stream_id")
+            where = reused if stream is None else f"stream {stream}, {reused}"
+            label = (
+                f"{s.name} {attrs.get('toolpool.destination')} → {status} HTTP/{version} ({where})"
+            )
+        elif s.name == "toolpool.tls" and attrs.get("tls.next_protocol"):
+            label = f"{s.name} (ALPN: {attrs['tls.next_protocol']})"
+        for event in s.events:  # resends, a request body's end, stream resets: a tick each
+            at = (event.timestamp - t0) / 1e6
+            ax.plot([at, at], [y - 0.4, y + 0.4], color="black", linewidth=1)
         ax.text(
             -0.44 + 0.02 * depth,
             y,
@@ -191,7 +206,11 @@ def draw(spans: list[ReadableSpan], out: Path) -> None:
     ax.set_yticks([])
     ax.invert_yaxis()
     ax.set_xlabel("ms since the agent run started")
-    ax.set_title("One AutoGen agent run: 4 parallel tool calls on a pool of 2 TLS connections")
+    ax.set_title(
+        "One AutoGen agent run: 4 parallel tool calls, 2 streams on one HTTP/2 connection"
+        if http2
+        else "One AutoGen agent run: 4 parallel tool calls on a pool of 2 HTTP/1.1 TLS connections"
+    )
     ax.spines[["top", "right", "left"]].set_visible(False)
     legend = [
         Patch(color=COLORS[k], label=k) for k in COLORS if any(_kind(s) == k for _, s in rows)
@@ -215,21 +234,26 @@ def as_json(spans: list[ReadableSpan]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(HERE / "otel_trace.png"), help="PNG to write")
+    parser.add_argument("--out", help="PNG to write (default: examples/otel_trace[_http11].png)")
     parser.add_argument("--json", help="also write the spans as JSON")
+    parser.add_argument(
+        "--http1", action="store_true", help="HTTP/1.1 only (http2=False) instead of HTTP/2"
+    )
     args = parser.parse_args()
+    http2 = not args.http1
+    out = Path(args.out or HERE / ("otel_trace.png" if http2 else "otel_trace_http11.png"))
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     # AutoGen traces through the global provider.
     trace.set_tracer_provider(provider)
-    asyncio.run(run(provider))
+    asyncio.run(run(provider, http2))
     spans = list(exporter.get_finished_spans())
-    draw(spans, Path(args.out))
+    draw(spans, out, http2)
     if args.json:
         Path(args.json).write_text(json.dumps(as_json(spans), indent=1))
     requests = [s for s in spans if _kind(s) == "request"]
-    print(f"{len(spans)} spans, {len(requests)} pooled requests; waterfall in {args.out}")
+    print(f"{len(spans)} spans, {len(requests)} pooled requests; waterfall in {out}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ POOL_CHILDREN = {
     "toolpool.auth.wait",
     "toolpool.retry",
     "toolpool.response",
+    # HTTP/2 only: waiting for the context's connection another request is opening, and the
+    # PING of a connection idle for a while before it carries the stream.
+    "toolpool.connect.wait",
+    "toolpool.ping",
 }
+#: `network.protocol.version` by the pool's `http2` option (on a TLS test bed, which offers h2).
+VERSIONS = {False: "1.1", True: "2"}
 TENANTS = ["acme", "globex"]
 
 
@@ -95,6 +101,34 @@ def check_accounted(
 
 def tls_children(spans: Sequence[ReadableSpan], connect: ReadableSpan) -> list[ReadableSpan]:
     return [s for s in children(spans, connect) if s.name == "toolpool.tls"]
+
+
+def check_protocol(spans: Sequence[ReadableSpan], http2: bool) -> None:
+    """Every request and connect span of the run says the protocol it spoke, the TLS
+    handshake what ALPN chose; on HTTP/2 each request names its stream; and the requests
+    marked as not reused are exactly those that opened a connection themselves."""
+    version = VERSIONS[http2]
+    requests = client_spans(spans)
+    for req in requests:
+        attrs = req.attributes or {}
+        assert attrs["network.protocol.version"] == version, attrs
+        if http2:
+            assert attrs["toolpool.http2.stream_id"] % 2 == 1  # client streams are odd
+            assert attrs["toolpool.http2.streams"] >= 1
+        else:
+            assert "toolpool.http2.stream_id" not in attrs
+    connects = [s for s in spans if s.name == "toolpool.connect"]
+    assert connects
+    for connect in connects:
+        attrs = connect.attributes or {}
+        assert attrs["network.protocol.version"] == version
+        (tls,) = tls_children(spans, connect)
+        if http2:
+            assert (tls.attributes or {})["tls.next_protocol"] == "h2"
+            assert attrs["toolpool.http2.settings_ms"] >= 0.0
+    opened = [r for r in requests for k in children(spans, r) if k.name == "toolpool.connect"]
+    fresh = [r for r in requests if not (r.attributes or {})["toolpool.connection.reused"]]
+    assert sorted(r.context.span_id for r in opened) == sorted(r.context.span_id for r in fresh)
 
 
 def oauth_pool(ds: Any, **dest: object) -> toolpool.Pool:

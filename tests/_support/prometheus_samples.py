@@ -61,9 +61,12 @@ def scrape_url(url: str) -> Samples:
     return Samples(response.text)
 
 
-def closed_by_reason(samples: Samples, destination: str) -> Mapping[str, float]:
+def closed_by_reason(samples: Samples, destination: str, h2: bool = False) -> Mapping[str, float]:
+    """Closes by reason: of slots (`toolpool_connections_closed_total`), or with `h2` of
+    HTTP/2 connections (`toolpool_http2_connections_closed_total`)."""
+    name = "toolpool_http2_connections_closed_total" if h2 else "toolpool_connections_closed_total"
     return {
         dict(lab)["reason"]: v
-        for lab, v in samples.series("toolpool_connections_closed_total").items()
+        for lab, v in samples.series(name).items()
         if dict(lab)["destination"] == destination
     }

@@ -31,7 +31,7 @@ def test_every_query_uses_exported_metric_and_label_names() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             expr = target["expr"]
-            for name in re.findall(r"\btoolpool_[a-z_]+", expr):
+            for name in re.findall(r"\btoolpool_[a-z0-9_]+", expr):
                 base = re.sub(r"_(bucket|count|sum)$", "", name)
                 if base in histograms:
                     assert name != base, f"{panel['title']}: a histogram is queried by its suffixes"
@@ -51,6 +51,11 @@ def test_every_query_uses_exported_metric_and_label_names() -> None:
         "toolpool_connections_created_total",
         "toolpool_connections_closed_total",
         "toolpool_auth_refreshes_total",
+    } <= used
+    # HTTP/2 destinations: creations and evictions of connections, not of stream permits.
+    assert {
+        "toolpool_http2_connections_created_total",
+        "toolpool_http2_connections_closed_total",
     } <= used
 
 

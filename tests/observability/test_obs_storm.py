@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry
@@ -64,6 +65,7 @@ async def test_async_tls_storm_metrics_agree_with_server() -> None:
                 )
             ],
             queue_factor=50,
+            http2=False,  # the HTTP/2 twin is below
         )
         toolpool.metrics.register(pool, registry)
         server = toolpool.metrics.serve(0, registry)
@@ -94,6 +96,94 @@ async def test_async_tls_storm_metrics_agree_with_server() -> None:
                 assert not quiet.mixed_connections()
         finally:
             server.close()
+
+
+async def test_async_tls_storm_on_http2_metrics_agree_with_server() -> None:
+    """HTTP/2: the slot series count stream permits (the unit of the cap); the
+    toolpool_http2_* series count what the server counts: connections accepted and closed,
+    streams opened, streams reset by the client (here: cancelled requests)."""
+    requests, cancelled = 240, 6
+    spec = ServiceSpec(require_auth=False, service_time=(0.002, 0.01))
+    async with Downstream({"crm": spec}, tls=True) as ds:
+        registry = CollectorRegistry()
+        pool = toolpool.Pool(
+            [
+                toolpool.Destination(
+                    "crm", ds.url("crm"), max_connections=6, warmup=0.5, verify=ds.ca_pem_path
+                )
+            ],
+            queue_factor=50,
+            http2=True,
+        )
+        toolpool.metrics.register(pool, registry)
+        d = {"destination": "crm"}
+        async with pool, pool.client() as client:
+            # Warm-up: one connection for no identity (no context listed), which the first
+            # request binds to its tenant.
+            assert pool.stats()["crm"].http2_connections_opened == 1
+
+            async def call(i: int, path: str = "/anything") -> None:
+                tenant = TENANTS[i % len(TENANTS)]
+                with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                    r = await client.get(ds.url("crm") + path, headers={"X-Tenant": tenant})
+                assert r.status_code == 200
+
+            await asyncio.gather(*(call(i) for i in range(requests)))
+            # Requests cancelled mid-stream: RST_STREAM, their connections stay.
+            hanging = [asyncio.ensure_future(call(i, "/hang")) for i in range(cancelled)]
+            await ds.wait_stats_async("crm", lambda s: s.requests_in_progress == cancelled)
+            for task in hanging:
+                task.cancel()
+            await asyncio.gather(*hanging, return_exceptions=True)
+            await ds.wait_stats_async("crm", lambda s: s.streams_reset_by_client == cancelled)
+            # The permits come back once the server has read the resets (a PING each).
+            await _until(lambda: pool.stats()["crm"].in_use == 0)
+            samples = scrape_registry(registry)
+            server = ds.stats("crm")
+            stats = pool.stats()["crm"]
+            assert stats.protocol == "h2"
+            assert samples.get("toolpool_destination_protocol", protocol="h2", **d) == 1
+            # Connections: one per tenant (the warm one went to the first tenant's request),
+            # each one the server accepted.
+            created = samples.get("toolpool_http2_connections_created_total", **d)
+            assert created == server.connections_accepted == len(TENANTS)
+            assert samples.get("toolpool_connection_create_seconds_count", **d) == created
+            assert samples.get("toolpool_http2_connections", **d) == server.connections_open
+            assert sum(closed_by_reason(samples, "crm", h2=True).values()) == 0
+            assert server.http2_connections() == created
+            # Streams: every request one, the cancelled ones reset, as the server saw them.
+            assert samples.get("toolpool_http2_streams_total", **d) == server.streams_total
+            assert server.streams_total == requests + cancelled
+            resets = samples.get("toolpool_http2_streams_reset_total", **d)
+            assert resets == server.streams_reset_by_client == cancelled
+            assert samples.get("toolpool_http2_streams_in_use", **d) == 0 == server.streams_open
+            assert server.peak_streams_open <= samples.get("toolpool_connections_max", **d)
+            # The permit series: one wait and one use per request (the warm-up permit is
+            # the state machine's, as on HTTP/1.1: no acquisition); nothing in use or queued.
+            total = requests + cancelled
+            assert samples.get("toolpool_connection_wait_seconds_count", **d) == total
+            assert samples.get("toolpool_connection_use_seconds_count", **d) == total
+            idle = samples.get("toolpool_connection_acquisitions_total", source="idle", **d)
+            new = samples.get("toolpool_connection_acquisitions_total", source="new", **d)
+            assert idle + new == total
+            assert samples.get("toolpool_connections", state="used", **d) == 0
+            assert samples.get("toolpool_pending_requests", **d) == 0
+            assert stats.http2_streams_total == server.streams_total
+            assert stats.http2_streams_reset_total == cancelled
+            assert not server.mixed_connections()
+        # Shutdown: every connection closed, counted as such, and gone at the server.
+        quiet = await ds.wait_stats_async("crm", lambda s: s.connections_open == 0)
+        after = scrape_registry(registry)
+        closed = closed_by_reason(after, "crm", h2=True)
+        assert closed == {**dict.fromkeys(closed, 0), "shutdown": quiet.connections_accepted}
+        assert after.get("toolpool_http2_connections", **d) == 0
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
 
 
 def test_thread_storm_metrics_agree_with_server() -> None:

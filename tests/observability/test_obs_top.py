@@ -162,6 +162,48 @@ async def test_top_rows_and_frame_match_the_real_counters() -> None:
     assert s[5:9] == ["4.5", "0.5", "0", "–"]
 
 
+async def test_top_counts_http2_connections_not_stream_permits() -> None:
+    """On an HTTP/2 destination the slot series count stream permits, which move between
+    tenants at the cap (affinity) while their connections stay: new/s and evict/s count
+    connections, as the server does."""
+    spec = ServiceSpec(require_auth=False, service_time=0.02)
+    async with Downstream({"api": spec}, tls=True) as ds:
+        pool = toolpool.Pool(
+            [toolpool.Destination("api", ds.url("api"), max_connections=3, queue_factor=20)],
+            verify=ds.client_ssl_context(),
+            warmup=0.0,
+            http2=True,
+        )
+        registry = CollectorRegistry()
+        toolpool.metrics.register(pool, registry)
+        server = toolpool.metrics.serve(0, registry)
+        try:
+            async with pool, pool.client() as client:
+
+                async def call(i: int) -> int:
+                    tenant = f"t{i % 6}"
+                    with toolpool.auth_context(toolpool.AuthContext(tenant=tenant)):
+                        r = await client.get(ds.url("api") + "/anything")
+                    return r.status_code
+
+                first = await asyncio.to_thread(_top.fetch, server.url)
+                # Six tenants over 3 stream permits: permits move between tenants.
+                assert set(await asyncio.gather(*(call(i) for i in range(36)))) == {200}
+                second = await asyncio.to_thread(_top.fetch, server.url)
+                stats = pool.stats()["api"]
+                served = ds.stats("api")
+        finally:
+            server.close()
+    (row,) = _top.rows(
+        _top.Scrape(0.0, first.destinations), _top.Scrape(WINDOW, second.destinations)
+    )
+    assert served.connections_accepted == 6  # one per tenant, kept while permits moved
+    assert stats.closed_total["affinity"] > 0 and stats.created_total > 6  # the permits
+    assert row.created_per_s == 6 / WINDOW
+    assert row.evicted_per_s == 0.0
+    assert (row.used, row.max_connections) == (0, 3)  # the gauges: stream permits
+
+
 def test_quantile_matches_histogram_quantile_rules() -> None:
     # 10 observations: 4 in (0, 0.1], 4 in (0.1, 0.2], 2 above 0.2 (the +Inf bucket).
     buckets = {0.1: 4.0, 0.2: 8.0, float("inf"): 10.0}

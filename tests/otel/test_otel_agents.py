@@ -19,8 +19,10 @@ import toolpool
 import toolpool.otel
 from tests._support.otel_spans import (
     SECRETS,
+    VERSIONS,
     by_id,
     check_accounted,
+    check_protocol,
     children,
     client_spans,
     oauth_pool,
@@ -63,7 +65,11 @@ def ds() -> Iterator[RemoteDownstream]:
 
 
 def _check_run(
-    spans: list[Any], tool_span_names: set[str], tool_scope: str, threaded: str = ""
+    spans: list[Any],
+    tool_span_names: set[str],
+    tool_scope: str,
+    http2: bool,
+    threaded: str = "",
 ) -> None:
     """Every toolpool request span sits under a tool-call span of the framework, its
     children explain it, and the run as a whole showed token, wait, connect and TLS.
@@ -87,7 +93,7 @@ def _check_run(
         assert attrs["toolpool.destination"] == "crm"
         assert attrs["http.request.method"] == "GET"
         assert attrs["http.response.status_code"] == 200
-        assert attrs["network.protocol.version"] == "1.1"
+        assert attrs["network.protocol.version"] == VERSIONS[http2]
         assert isinstance(attrs["toolpool.connection.reused"], bool)
         assert attrs["toolpool.wait_ms"] >= 0.0
         assert "n=REDACTED" in str(attrs["url.full"])
@@ -100,7 +106,9 @@ def _check_run(
             seen[name] = seen.get(name, 0) + 1
         for connect in (k for k in children(spans, req) if k.name == "toolpool.connect"):
             assert len(tls_children(spans, connect)) == 1, "a TLS connect without its handshake"
-    # The first call of each tenant fetched a token; 4 parallel calls on 2 connections queued.
+    check_protocol(spans, http2)
+    # The first call of each tenant fetched a token; 4 parallel calls on 2 connections (on
+    # HTTP/2: 2 streams) queued.
     assert seen.get("toolpool.auth.token", 0) >= 2, seen
     assert seen.get("toolpool.pool.wait", 0) >= 1, seen
     token_spans = [s for s in spans if s.name == "toolpool.auth.token"]
@@ -122,8 +130,12 @@ def _check_run(
         assert "Bearer" not in text and "access_token" not in text
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
 async def test_autogen_agent_run_spans_nest_under_autogen_tool_spans(
-    ds: RemoteDownstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+    ds: RemoteDownstream,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    http2: bool,
 ) -> None:
     from autogen_agentchat.agents import AssistantAgent
 
@@ -146,7 +158,7 @@ async def test_autogen_agent_run_spans_nest_under_autogen_tool_spans(
             r.raise_for_status()
             return str(r.json()["tenant"])
 
-    pool = oauth_pool(ds, max_connections=2)
+    pool = oauth_pool(ds, max_connections=2, http2=http2)
     toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
     turn = [("lookup", {"n": i}) for i in range(3)] + [("lookup_sync", {"n": 3})]
     async with pool:
@@ -165,15 +177,19 @@ async def test_autogen_agent_run_spans_nest_under_autogen_tool_spans(
     spans = list(exporter.get_finished_spans())
     assert len(client_spans(spans)) == 8
     tools = {"execute_tool lookup", "execute_tool lookup_sync"}
-    _check_run(spans, tools, "autogen-core", threaded="execute_tool lookup_sync")
+    _check_run(spans, tools, "autogen-core", http2, threaded="execute_tool lookup_sync")
     # The sync tool's requests ran on the thread driver, under its tool span too.
     sync_tools = [s for s in spans if s.name == "execute_tool lookup_sync"]
     assert len(sync_tools) == 2
     assert all(children(spans, t) for t in sync_tools)
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
 async def test_langchain_agent_run_spans_nest_under_tool_call_spans(
-    ds: RemoteDownstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+    ds: RemoteDownstream,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    http2: bool,
 ) -> None:
     from langchain.agents import create_agent
     from langchain.tools import tool
@@ -191,7 +207,7 @@ async def test_langchain_agent_run_spans_nest_under_tool_call_spans(
             r.raise_for_status()
             return str(r.json()["tenant"])
 
-    pool = oauth_pool(ds, max_connections=2)
+    pool = oauth_pool(ds, max_connections=2, http2=http2)
     toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
     calls = [{"name": "lookup", "args": {"q": str(i)}} for i in range(4)]
     model = ScriptedChatModel(tool_calls=calls)
@@ -208,7 +224,7 @@ async def test_langchain_agent_run_spans_nest_under_tool_call_spans(
     tool_spans = [s for s in spans if s.name == "execute_tool lookup"]
     assert len(tool_spans) == 8
     assert all((s.attributes or {})["gen_ai.tool.call.id"] for s in tool_spans)
-    _check_run(spans, {"execute_tool lookup"}, "toolpool")
+    _check_run(spans, {"execute_tool lookup"}, "toolpool", http2)
 
 
 async def _run_as(agent: Any, tenant: str) -> Any:

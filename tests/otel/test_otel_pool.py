@@ -28,7 +28,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import toolpool
 import toolpool.metrics
 import toolpool.otel
-from tests._support.otel_spans import SECRETS, check_accounted, children, client_spans, oauth_pool
+from tests._support.otel_spans import (
+    SECRETS,
+    check_accounted,
+    check_protocol,
+    children,
+    client_spans,
+    oauth_pool,
+)
 from tests._support.prometheus_samples import Samples
 from toolpool.testing import Downstream, ServiceSpec
 
@@ -65,24 +72,45 @@ def _check_waits_match_stats(pool: toolpool.Pool, spans: list[ReadableSpan]) -> 
     return len(waits)
 
 
+@pytest.fixture(scope="module")
+def tls() -> Iterator[Downstream]:
+    with Downstream({"api": ServiceSpec(require_auth=False, service_time=0.01)}, tls=True) as ds:
+        yield ds
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1-plain", "h2"])
 async def test_async_storm_wait_spans_match_pool_stats(
-    plain: Downstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+    plain: Downstream,
+    tls: Downstream,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    http2: bool,
 ) -> None:
+    ds = tls if http2 else plain
     pool = toolpool.Pool(
-        [toolpool.Destination("api", plain.url("api"), max_connections=4, queue_factor=20)],
+        [toolpool.Destination("api", ds.url("api"), max_connections=4, queue_factor=20)],
         warmup=0.0,
+        verify=ds.client_ssl_context() if http2 else True,
+        http2=http2,
     )
     toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
     async with pool:
         client = pool.client()
         responses = await asyncio.gather(
-            *(client.get(plain.url("api") + "/anything", params={"i": i}) for i in range(60))
+            *(client.get(ds.url("api") + "/anything", params={"i": i}) for i in range(60))
         )
         assert {r.status_code for r in responses} == {200}
     spans = list(exporter.get_finished_spans())
     assert len(client_spans(spans)) == 60
     queued = _check_waits_match_stats(pool, spans)
-    assert queued >= 40  # 60 requests on 4 connections
+    # 60 requests on 4 connections (HTTP/2: 4 stream permits on one connection)
+    assert queued >= 40
+    connects = [s for s in spans if s.name == "toolpool.connect"]
+    if http2:
+        check_protocol(spans, http2=True)
+        assert len(connects) == 1 == pool.stats()["api"].http2_connections_opened
+    else:
+        assert len(connects) == pool.stats()["api"].created_total
     # (No 5 % accounting here: in a storm, a granted request resumes only when the busy
     # event loop gets to it; that scheduling delay is the one gap the spans leave open.)
 
@@ -163,13 +191,14 @@ def _check_histogram(
     return int(point.count)
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
 async def test_meter_numbers_equal_the_prometheus_exposition(
-    metric_reader: tuple[MeterProvider, InMemoryMetricReader],
+    metric_reader: tuple[MeterProvider, InMemoryMetricReader], http2: bool
 ) -> None:
     meter_provider, reader = metric_reader
     spec = ServiceSpec(service_time=0.05, token_latency=0.01)
     async with Downstream({"crm": spec}, tls=True) as ds:
-        pool = oauth_pool(ds, max_connections=3, queue_factor=2.0)
+        pool = oauth_pool(ds, max_connections=3, queue_factor=2.0, http2=http2)
         registry = prometheus_client.CollectorRegistry()
         toolpool.metrics.register(pool, registry)
         toolpool.otel.instrument(pool, meter_provider=meter_provider, traces=False)
@@ -237,6 +266,28 @@ async def test_meter_numbers_equal_the_prometheus_exposition(
         fetched = _value(points, "toolpool.auth.refreshes", **pool_attr, **_a("auth", reason))
         assert fetched == n
     assert prom.get("toolpool_auth_refreshes_total", destination=d, reason="initial") == 2
+    if http2:
+        for otel_name, prom_name in (
+            ("toolpool.http2.connections", "toolpool_http2_connections"),
+            ("toolpool.http2.streams.in_use", "toolpool_http2_streams_in_use"),
+            ("toolpool.http2.connections.created", "toolpool_http2_connections_created_total"),
+            ("toolpool.http2.streams", "toolpool_http2_streams_total"),
+            ("toolpool.http2.streams.reset", "toolpool_http2_streams_reset_total"),
+        ):
+            assert _value(points, otel_name, **pool_attr) == prom.get(prom_name, destination=d)
+        # One connection per tenant; token requests and API requests all streams on them.
+        assert prom.get("toolpool_http2_connections_created_total", destination=d) == 2
+        assert prom.get("toolpool_http2_streams_total", destination=d) > 10
+        h2_closed = prom.series("toolpool_http2_connections_closed_total")
+        assert h2_closed
+        for lab, n in h2_closed.items():
+            reason = dict(lab)["reason"]
+            got = _value(
+                points, "toolpool.http2.connections.closed", **pool_attr, **_a("close", reason)
+            )
+            assert got == n
+    else:
+        assert "toolpool.http2.connections" not in points
     for lab, n in prom.series("toolpool_egress_denied_total").items():
         rule = dict(lab)["rule"]
         assert _value(points, "toolpool.egress.denied", **pool_attr, **_a("egress", rule)) == n
@@ -249,7 +300,8 @@ async def test_meter_numbers_equal_the_prometheus_exposition(
     used = _check_histogram(
         points, "db.client.connection.use_time", prom, "toolpool_connection_use_seconds", d
     )
-    assert waited > 10 and created >= 3 and used > 10
+    # Connections opened: HTTP/1.1 at least 3 (the cap, by 2 tenants); HTTP/2 one per tenant.
+    assert waited > 10 and created >= (2 if http2 else 3) and used > 10
     # One duration per request that entered the pool, refused ones included.
     durations = points["http.client.request.duration"]
     ok = [p for p in durations if dict(p.attributes).get("http.response.status_code") == 200]
@@ -577,24 +629,42 @@ def test_toolpool_imports_no_opentelemetry_until_asked() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_the_readme_waterfall_script_runs(tmp_path: Any) -> None:
-    """examples/otel_trace.py (the README's picture) still runs and draws the whole run."""
+@pytest.mark.parametrize("http2", [True, False], ids=["h2", "http1.1"])
+def test_the_readme_waterfall_script_runs(tmp_path: Any, http2: bool) -> None:
+    """examples/otel_trace.py (the README's pictures: HTTP/2, and --http1) still runs and
+    draws the whole run."""
     script = Path(__file__).resolve().parents[2] / "examples" / "otel_trace.py"
     out, spans = tmp_path / "trace.png", tmp_path / "trace.json"
+    flags = [] if http2 else ["--http1"]
     done = subprocess.run(
-        [sys.executable, str(script), "--out", str(out), "--json", str(spans)],
+        [sys.executable, str(script), "--out", str(out), "--json", str(spans), *flags],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 20_000
-    names = [s["name"] for s in json.loads(spans.read_text())]
+    exported = json.loads(spans.read_text())
+    names = [s["name"] for s in exported]
     assert names.count("execute_tool crm_lookup") == 4
-    # 4 tool calls on 2 connections: the 2 beyond wait at the admission gate.
+    # 4 tool calls on 2 permits: the 2 beyond wait at the admission gate.
     for name in ("toolpool.auth.token", "toolpool.admission.wait", "toolpool.connect"):
         assert name in names, name
     assert "toolpool.tls" in names
+    requests = [s for s in exported if s["kind"] == "SpanKind.CLIENT" and s["name"] == "GET"]
+    assert len(requests) == 4
+    versions = {s["attributes"]["network.protocol.version"] for s in requests}
+    assert versions == {"2" if http2 else "1.1"}
+    alpn = {
+        s["attributes"].get("tls.next_protocol") for s in exported if s["name"] == "toolpool.tls"
+    }
+    if http2:
+        # One tenant, one connection: opened for the token request, every call multiplexed
+        # onto it as a stream.
+        assert names.count("toolpool.connect") == 1 and alpn == {"h2"}
+        assert sorted(s["attributes"]["toolpool.http2.stream_id"] for s in requests) == [3, 5, 7, 9]
+    else:
+        assert names.count("toolpool.connect") == 2 and alpn == {None}
 
 
 def test_the_readme_metric_table_names_real_instruments() -> None:

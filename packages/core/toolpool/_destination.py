@@ -156,8 +156,9 @@ class H2Side(Protocol):
         """The state machine granted a stream permit to `key`."""
         ...
 
-    def permit_closed(self, key: _state.Key, keep: bool = False) -> None:
-        """The state machine closed one of `key`'s permits (`keep`: its capacity moved)."""
+    def permit_closed(self, key: _state.Key, keep: bool = False, reason: str | None = None) -> None:
+        """The state machine closed one of `key`'s permits for `reason` (`keep`: its capacity
+        moved)."""
         ...
 
     def tick(self, now: float) -> None:
@@ -166,7 +167,7 @@ class H2Side(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """protocol, connections, streams_in_use, streams_per_connection,
-        connections_opened."""
+        connections_opened, connections_closed (by reason), streams_total, streams_reset."""
         ...
 
     def close_all(self) -> None:
@@ -193,15 +194,44 @@ class Probe(Protocol):
         tcp_done: float | None,
         done: float,
         error: BaseException | None,
+        protocol: str | None = None,
+        tls_done: float | None = None,
     ) -> None:
         """A connection opened (or failed to): TCP from `started` to `tcp_done`, TLS from
-        `tcp_done` to `done` (`tcp_done` None: not known, or plain HTTP)."""
+        `tcp_done` to `tls_done` (or `done`; `tcp_done` None: not known, or plain HTTP).
+        HTTP/2: `protocol` is what ALPN chose ("h2", "http/1.1"; None: an HTTP/1.1 driver's
+        connection), and from `tls_done` to `done` the client waited for the server's
+        SETTINGS."""
 
     def exchanged(
-        self, dest: DestinationPool, sent: float, status: int | None, error: BaseException | None
+        self,
+        dest: DestinationPool,
+        sent: float,
+        status: int | None,
+        error: BaseException | None,
+        sent_at: float | None = None,
+        reset: bool = False,
     ) -> None:
         """The request went out at `sent` and its response head came in now (`status`), or
-        the exchange failed with `error`."""
+        the exchange failed with `error`. HTTP/2: its body was sent completely at `sent_at`
+        (None: no body, or not known), and `reset` says a failed stream was cancelled with
+        RST_STREAM while its connection stays."""
+
+    def connect_waited(self, dest: DestinationPool, since: float, end: float) -> None:
+        """HTTP/2: a request waited from `since` to `end` for the connection another request
+        of its auth context was opening (one connect per context at a time)."""
+
+    def pinged(self, dest: DestinationPool, since: float, end: float, answered: bool) -> None:
+        """HTTP/2: an idle connection was PINGed before it took the request's stream; not
+        `answered` in time: it was closed and another one taken."""
+
+    def resent(self, dest: DestinationPool, reason: str) -> None:
+        """The request is sent again on another connection: the server did not process it
+        (`reason` "refused_stream" or "goaway")."""
+
+    def fell_back(self, dest: DestinationPool) -> None:
+        """The HTTP/2 attempt found that the server picked http/1.1 by ALPN: the HTTP/1.1
+        driver sends the request instead, as the same attempt."""
 
     def admission_waited(
         self,
@@ -382,6 +412,12 @@ class DestinationPool:
             self.state.opened(slot, conn, monotonic())
             if connect_seconds is not None:
                 self.state.record_create(connect_seconds)
+
+    def record_connect(self, seconds: float) -> None:
+        """A connection not tied to a slot (HTTP/2: slots are stream permits) took
+        `seconds` to open: the create-time histogram counts it."""
+        with self.lock:
+            self.state.record_create(seconds)
 
     def connect_failed(self, started: float, exc: BaseException) -> None:
         """A driver's connect for this destination, begun at `started`, raised `exc`: told to

@@ -82,9 +82,14 @@ _CONNECTION_HEADERS = frozenset(
 
 class StreamNotProcessed(httpx.RemoteProtocolError):
     """The server did not process this request (REFUSED_STREAM, or a stream above GOAWAY's
-    last stream id): sending it again on another connection is safe."""
+    last stream id): sending it again on another connection is safe. ``reason`` says which:
+    ``"refused_stream"`` or ``"goaway"``."""
 
     retry_safe = True
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StreamReset(httpx.RemoteProtocolError):
@@ -163,6 +168,8 @@ class H2Client:
             },
         )
         self.streams: dict[int, Stream] = {}
+        #: Streams this connection reset (RST_STREAM CANCEL: the caller gave up on them).
+        self.resets_sent = 0
         #: A GOAWAY arrived (its last stream id in :attr:`goaway_last_stream_id`).
         self.goaway_received = False
         self.goaway_last_stream_id: int | None = None
@@ -334,19 +341,23 @@ class H2Client:
             stream.unacked = 0
         return data
 
-    def cancel(self, stream: Stream) -> None:
+    def cancel(self, stream: Stream) -> bool:
         """The caller gave up on ``stream``: RST_STREAM(CANCEL) unless it already ended,
-        then release it. The connection stays."""
+        then release it. The connection stays. True when the RST_STREAM was sent."""
         if self.streams.pop(stream.stream_id, None) is None:
-            return
+            return False
+        reset = False
         if stream.error is None and not (stream.ended and stream.request_sent):
             if not self.closed:
                 try:
                     self._h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+                    reset = True
+                    self.resets_sent += 1
                 except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
                     pass
             if stream.error is None:
                 stream.error = httpx.RemoteProtocolError("the stream was cancelled")
+        return reset
 
     def release(self, stream: Stream) -> None:
         """The caller is done with a finished stream (its body fully read, or it failed)."""
@@ -418,7 +429,8 @@ class H2Client:
                 if code == h2.errors.ErrorCodes.REFUSED_STREAM:
                     stream.error = StreamNotProcessed(
                         "the server refused the stream (REFUSED_STREAM) without processing "
-                        "it; safe to retry on another connection"
+                        "it; safe to retry on another connection",
+                        "refused_stream",
                     )
                 else:
                     stream.error = StreamReset(
@@ -449,7 +461,8 @@ class H2Client:
             if stream.stream_id > last and stream.error is None:
                 stream.error = StreamNotProcessed(
                     "the server is going away (GOAWAY) and did not process this stream; "
-                    "safe to retry on another connection"
+                    "safe to retry on another connection",
+                    "goaway",
                 )
                 touched.add(stream.stream_id)
         code = int(event.error_code or 0)

@@ -34,6 +34,7 @@ from toolpool._h2 import H2Client, Stream, StreamNotProcessed
 __all__ = [
     "AsyncH2Connection",
     "NoNewStream",
+    "StreamTrace",
     "SyncH2Connection",
     "open_tls",
     "open_tls_sync",
@@ -59,6 +60,9 @@ class NoNewStream(StreamNotProcessed):
     A pool that checked the connection first meets it when another thread filled the last
     stream, or a GOAWAY arrived, in between."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "no_new_stream")
+
 
 def request_parts(
     request: httpx.Request,
@@ -68,6 +72,20 @@ def request_parts(
     authority = request.headers.get("host", "").encode("ascii") or url.netloc
     headers = [(k.lower(), v) for k, v in request.headers.raw]
     return request.method.encode("ascii"), url.raw_scheme, authority, url.raw_path, headers
+
+
+class StreamTrace:
+    """What a traced request learns of its stream, for `toolpool.otel` (a pool passes one
+    only when its destination is traced): when a request with a body was fully sent
+    (END_STREAM out, after flow control; None without a body, or if it never was), and
+    whether a failed stream was reset with RST_STREAM(CANCEL) while the connection carried
+    on."""
+
+    __slots__ = ("reset", "sent_at")
+
+    def __init__(self) -> None:
+        self.sent_at: float | None = None
+        self.reset = False
 
 
 def _has_no_body(request: httpx.Request) -> bool:
@@ -94,6 +112,9 @@ class _H2Connection:
         self.expires_at: float | None = None
         #: When the maintenance thread last scheduled a PING of this idle connection.
         self.pinged_at = 0.0
+        #: Why the pool closes or drains it ("lifetime", "health", ...), for its metrics;
+        #: None: closed by the server or by an error.
+        self.close_reason: str | None = None
 
     @property
     def is_available(self) -> bool:
@@ -117,22 +138,30 @@ class _H2Connection:
             )
         return True
 
-    def _end_stream(self, stream: Stream, cancel: bool, now: float) -> None:
+    def _end_stream(self, stream: Stream, cancel: bool, now: float) -> bool:
         """The caller is done with `stream`: reset it if unfinished (RST_STREAM), else
-        forget it; the connection is idle from `now` if it was the last one."""
+        forget it; the connection is idle from `now` if it was the last one. True when a
+        RST_STREAM was sent."""
+        reset = False
         if cancel:
-            self.state.cancel(stream)
+            reset = self.state.cancel(stream)
         else:
             self.state.release(stream)
         self.last_used = now
+        return reset
 
-    def _response(self, stream: Stream, body: Any) -> httpx.Response:
+    def _response(self, stream: Stream, body: Any, streams: int) -> httpx.Response:
+        """The response of `stream`, which opened beside `streams` - 1 others."""
         assert stream.status is not None
         return httpx.Response(
             stream.status,
             headers=[(k, v) for k, v in stream.headers if not k.startswith(b":")],
             stream=body,
-            extensions={"http_version": b"HTTP/2", "stream_id": stream.stream_id},
+            extensions={
+                "http_version": b"HTTP/2",
+                "stream_id": stream.stream_id,
+                "streams": streams,
+            },
         )
 
 
@@ -383,17 +412,23 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
             exc_type = httpx.WriteTimeout if what == "write" else httpx.ReadTimeout
             raise exc_type(f"no HTTP/2 {what} progress within {timeout} s") from None
 
-    def _finish(self, stream: Stream, *, cancel: bool) -> None:
+    def _finish(self, stream: Stream, *, cancel: bool) -> bool:
         self._waiters.pop(stream.stream_id, None)
-        self._end_stream(stream, cancel, asyncio.get_running_loop().time())
+        reset = self._end_stream(stream, cancel, asyncio.get_running_loop().time())
         self._write()
         self._close_if_done()
+        return reset
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(
+        self, request: httpx.Request, trace: StreamTrace | None = None
+    ) -> httpx.Response:
         """Send ``request`` on a new stream; the response body streams as it arrives.
 
         Raises ``toolpool._h2.StreamNotProcessed`` when the server did not process it
-        (retry it on another connection), other ``httpx`` errors otherwise.
+        (retry it on another connection), other ``httpx`` errors otherwise. ``trace``, when
+        given, is told when the request was fully sent and whether a failure reset the stream.
+        The response's extensions say its ``stream_id`` and ``streams`` (the streams open on
+        this connection when it opened, itself included).
         """
         if not self.state.accepting:
             raise NoNewStream("this HTTP/2 connection takes no new stream now")
@@ -402,21 +437,31 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
         stream = self.state.open_stream(
             method, scheme, authority, path, headers, end_stream=no_body
         )
+        streams = len(self.state.streams)
         self._waiters[stream.stream_id] = asyncio.Event()
-        self.last_used = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.last_used = loop.time()
         self._write()
         try:
             if not no_body:
                 await self._send_body(stream, request)
             read_timeout = _timeout(request, "read")
+            # A request body's last byte went out (END_STREAM): told to a traced request.
+            sending = trace if trace is not None and not no_body else None
             while stream.status is None:
+                if sending is not None and sending.sent_at is None and stream.request_sent:
+                    sending.sent_at = loop.time()
                 if stream.error is not None:
                     raise stream.error
                 await self._wait(stream, read_timeout, "read")
+            if sending is not None and sending.sent_at is None and stream.request_sent:
+                sending.sent_at = loop.time()
         except BaseException:
-            self._finish(stream, cancel=True)
+            reset = self._finish(stream, cancel=True)
+            if trace is not None:
+                trace.reset = reset
             raise
-        return self._response(stream, _AsyncBody(self, stream, read_timeout))
+        return self._response(stream, _AsyncBody(self, stream, read_timeout), streams)
 
     async def _send_body(self, stream: Stream, request: httpx.Request) -> None:
         write_timeout = _timeout(request, "write")
@@ -640,14 +685,17 @@ class SyncH2Connection(_H2Connection):
                 raise exc_type(f"no HTTP/2 {what} progress within {timeout} s")
             self._read_turn_locked(deadline)
 
-    def _finish(self, stream: Stream, *, cancel: bool) -> None:
+    def _finish(self, stream: Stream, *, cancel: bool) -> bool:
         with self._cond:
-            self._end_stream(stream, cancel, time.monotonic())
+            reset = self._end_stream(stream, cancel, time.monotonic())
             self._send_locked()
             if self.state.should_close:
                 self._close_locked()
+            return reset
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def handle_request(
+        self, request: httpx.Request, trace: StreamTrace | None = None
+    ) -> httpx.Response:
         """Send ``request`` on a new stream (see :meth:`AsyncH2Connection.handle_async_request`)."""
         method, scheme, authority, path, headers = request_parts(request)
         no_body = _has_no_body(request)
@@ -658,25 +706,31 @@ class SyncH2Connection(_H2Connection):
             stream = self.state.open_stream(
                 method, scheme, authority, path, headers, end_stream=no_body
             )
+            streams = len(self.state.streams)
             self.last_used = time.monotonic()
             self._send_locked()
+        # A request body's last byte went out (END_STREAM): told to a traced request.
+        sending = trace if trace is not None and not no_body else None
+
+        def ready() -> bool:
+            if sending is not None and sending.sent_at is None and stream.request_sent:
+                sending.sent_at = time.monotonic()
+            return stream.status is not None or stream.error is not None
+
         try:
             if not no_body:
                 self._send_body(stream, request)
             with self._cond:
-                self._wait_locked(
-                    stream,
-                    lambda: stream.status is not None or stream.error is not None,
-                    read_timeout,
-                    "read",
-                )
+                self._wait_locked(stream, ready, read_timeout, "read")
                 if stream.status is None:
                     assert stream.error is not None
                     raise stream.error
         except BaseException:
-            self._finish(stream, cancel=True)
+            reset = self._finish(stream, cancel=True)
+            if trace is not None:
+                trace.reset = reset
             raise
-        return self._response(stream, _SyncBody(self, stream, read_timeout))
+        return self._response(stream, _SyncBody(self, stream, read_timeout), streams)
 
     def _send_body(self, stream: Stream, request: httpx.Request) -> None:
         write_timeout = _timeout(request, "write")

@@ -52,13 +52,14 @@ import httpx
 from toolpool import _auth_context, _state
 from toolpool._destination import DestinationPool
 from toolpool._h2 import StreamNotProcessed
-from toolpool._h2io import NoNewStream
-from toolpool._state import Slot
+from toolpool._h2io import NoNewStream, StreamTrace
+from toolpool._state import H2_CLOSE_REASONS, Slot
 from toolpool._tls import client_ssl_context
 
 __all__ = [
     "BORROW_CHECK_AFTER",
     "PING_TIMEOUT",
+    "Connecting",
     "H2Connections",
     "KeyConnections",
     "StreamPermit",
@@ -128,7 +129,7 @@ class StreamPermit:
         self._dest.connection_lost(self._slot)
         h2 = self._dest.h2
         if h2 is not None:
-            h2.permit_closed(self.key, keep=reason in _CAPACITY_MOVED)
+            h2.permit_closed(self.key, keep=reason in _CAPACITY_MOVED, reason=reason)
 
     def abort(self) -> None:
         self.close()
@@ -138,10 +139,12 @@ class KeyConnections:
     """The HTTP/2 connections of one (auth context, driver) key, and the rules choosing one.
     Every method takes the destination's HTTP/2 lock (`lock`) itself."""
 
-    __slots__ = ("conns", "lock", "opening", "permits")
+    __slots__ = ("conns", "lock", "opening", "permits", "retire")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.Lock, retire: Callable[[list[Any], str], None]) -> None:
         self.lock = lock
+        #: Counts connections leaving the key for good (`H2Connections.retire`).
+        self.retire = retire
         self.conns: list[Any] = []
         #: Stream permits (slots of the state machine) this key holds, in any state.
         self.permits = 0
@@ -152,7 +155,10 @@ class KeyConnections:
     def pick(self, exclude: object = None) -> Any:
         """The connection to carry the next stream: the oldest with room (streams pack onto
         as few connections as the server's stream limit allows), or None. Lock held."""
-        self.conns = [c for c in self.conns if not c.is_closed]
+        gone = [c for c in self.conns if c.is_closed]
+        if gone:
+            self.conns = [c for c in self.conns if not c.is_closed]
+            self.retire(gone, "error")
         for conn in self.conns:
             if conn is not exclude and conn.is_available:
                 return conn
@@ -164,6 +170,7 @@ class KeyConnections:
         gone = [c for c in self.conns if not c.state.streams and c.idle_for() >= idle_ttl]
         if gone:
             self.conns = [c for c in self.conns if c not in gone]
+            self.retire(gone, "idle_ttl")
         return gone
 
     def borrow(
@@ -213,6 +220,12 @@ class H2Connections:
         self.by_key: dict[Key, KeyConnections] = {}
         self.lock = threading.Lock()
         self.opened = 0
+        #: Connections closed by reason, and the streams opened and reset on connections
+        #: no longer counted below (`retire`).
+        self.closed: dict[str, int] = dict.fromkeys(H2_CLOSE_REASONS, 0)
+        self._retired_streams = 0
+        self._retired_resets = 0
+        self._count_lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
 
     def ssl_context(self, ctx: _auth_context.AuthContext | None) -> ssl.SSLContext:
@@ -255,8 +268,19 @@ class H2Connections:
         with self.lock:
             kc = self.by_key.get(key)
             if kc is None:
-                kc = self.by_key[key] = KeyConnections(self.lock)
+                kc = self.by_key[key] = KeyConnections(self.lock, self.retire)
             return kc
+
+    def retire(self, conns: list[Any], reason: str) -> None:
+        """`conns` leave the pool's books (closed, or draining to close): counted as closed
+        for the reason the pool gave when it decided (`conn.close_reason`), else `reason`;
+        their stream counts move to the destination's totals."""
+        with self._count_lock:
+            for conn in conns:
+                why = conn.close_reason or reason
+                self.closed[why] = self.closed.get(why, 0) + 1
+                self._retired_streams += conn.state.streams_opened
+                self._retired_resets += conn.state.resets_sent
 
     def permit_opened(self, key: Key) -> None:
         kc = self.key(key)
@@ -274,7 +298,7 @@ class H2Connections:
             unbound = self.by_key.get(permit.key)
             bound = self.by_key.get(key)
             if bound is None:
-                bound = self.by_key[key] = KeyConnections(self.lock)
+                bound = self.by_key[key] = KeyConnections(self.lock, self.retire)
             bound.permits += 1
             if unbound is not None:
                 unbound.permits -= 1
@@ -282,7 +306,7 @@ class H2Connections:
                 unbound.conns = []
             permit.key = key
 
-    def permit_closed(self, key: Key, keep: bool = False) -> None:
+    def permit_closed(self, key: Key, keep: bool = False, reason: str | None = None) -> None:
         """The state machine closed one of `key`'s permits (idle TTL, affinity, limit,
         shutdown). With the last one gone the key's connections drain: the state machine's
         decisions about a tenant's idleness decide about its connections too. Except with
@@ -298,6 +322,7 @@ class H2Connections:
             if kc.permits > 0 or keep:
                 return
             conns, kc.conns = kc.conns, []
+        self.retire(conns, reason if reason in H2_CLOSE_REASONS else "error")
         for conn in conns:
             conn.drain_threadsafe()
 
@@ -331,14 +356,22 @@ class H2Connections:
     def stats(self) -> dict[str, Any]:
         """The destination's protocol, streams in use and streams per open connection."""
         with self.lock:
-            conns = [c for kc in self.by_key.values() for c in kc.conns if not c.is_closed]
+            booked = [c for kc in self.by_key.values() for c in kc.conns]
+        conns = [c for c in booked if not c.is_closed]
         per_conn = [c.state.streams_in_use for c in conns]
+        with self._count_lock:
+            closed = dict(self.closed)
+            streams = self._retired_streams + sum(c.state.streams_opened for c in booked)
+            resets = self._retired_resets + sum(c.state.resets_sent for c in booked)
         return {
             "protocol": self.protocol or "unknown",
             "connections": len(conns),
             "streams_in_use": sum(per_conn),
             "streams_per_connection": per_conn,
             "connections_opened": self.opened,
+            "connections_closed": closed,
+            "streams_total": streams,
+            "streams_reset": resets,
         }
 
     def close_all(self) -> None:
@@ -346,12 +379,14 @@ class H2Connections:
         with self.lock:
             conns = [c for kc in self.by_key.values() for c in kc.conns]
             self.by_key.clear()
+        self.retire(conns, "shutdown")
         for conn in conns:
             conn.drain_threadsafe()
 
 
 def _dead(name: str, conn: Any) -> None:
     log.debug("idle HTTP/2 connection to %s did not answer a PING: closed", name)
+    conn.close_reason = conn.close_reason or "health"
     conn.close()
 
 
@@ -365,7 +400,8 @@ def as_permit(dest: DestinationPool, slot: Slot) -> Slot:
     permit = slot.conn
     if permit is None:
         h2.permit_opened(slot.key)
-        dest.opened(slot, StreamPermit(dest, slot), 0.0)
+        # No connect time: a permit opens no connection (`Connecting` records real ones).
+        dest.opened(slot, StreamPermit(dest, slot), None)
     elif permit.key != slot.key:
         h2.bind(permit, slot.key)
     return slot
@@ -404,9 +440,15 @@ def retry_elsewhere(exc: StreamNotProcessed, request: httpx.Request) -> bool:
 
 
 def response(
-    dest: DestinationPool, slot: Slot, inner: httpx.Response, stream: Any, waited: float
+    dest: DestinationPool,
+    slot: Slot,
+    inner: httpx.Response,
+    stream: Any,
+    waited: float,
+    reused: bool,
 ) -> httpx.Response:
-    """The response handed to the caller: the connection's, with the permit's body."""
+    """The response handed to the caller: the connection's, with the permit's body.
+    `reused`: the request did not open its connection."""
     return httpx.Response(
         inner.status_code,
         headers=inner.headers.raw,
@@ -416,9 +458,10 @@ def response(
             "toolpool": {
                 "destination": dest.name,
                 "connection_id": slot.id,
-                "reused": True,
+                "reused": reused,
                 "wait_seconds": waited,
                 "stream_id": inner.extensions.get("stream_id"),
+                "streams": inner.extensions.get("streams"),
             },
         },
     )
@@ -429,6 +472,50 @@ def h2_side(dest: DestinationPool) -> H2Connections:
     h2 = dest.h2
     assert isinstance(h2, H2Connections)
     return h2
+
+
+class Connecting:
+    """The timings of one HTTP/2 connect, told to the destination's probe (when traced) as a
+    connect span: TCP (`tcp_done`), the TLS handshake with ALPN (`tls_done`), the server's
+    SETTINGS; a connection that speaks h2 goes to the create-time histogram."""
+
+    __slots__ = ("dest", "started", "tcp_done", "tls_done")
+
+    def __init__(self, dest: DestinationPool) -> None:
+        self.dest = dest
+        self.started = monotonic()
+        self.tcp_done: float | None = None
+        self.tls_done: float | None = None
+
+    def failed(self, error: BaseException) -> None:
+        probe = self.dest.probe
+        if probe is not None:
+            probe.connected(
+                self.dest, self.started, self.tcp_done, monotonic(), error, None, self.tls_done
+            )
+
+    def done(self, protocol: str) -> None:
+        """Connected, speaking `protocol` (what ALPN chose: "h2" or "http/1.1")."""
+        if protocol == "h2":
+            self.dest.record_connect(monotonic() - self.started)
+        probe = self.dest.probe
+        if probe is not None:
+            probe.connected(
+                self.dest, self.started, self.tcp_done, monotonic(), None, protocol, self.tls_done
+            )
+
+
+def stream_trace(dest: DestinationPool) -> StreamTrace | None:
+    """What a traced request's stream tells its probe (None when not traced: no cost)."""
+    return StreamTrace() if dest.probe is not None else None
+
+
+def trace_reset(trace: StreamTrace | None) -> bool:
+    return trace is not None and trace.reset
+
+
+def trace_sent(trace: StreamTrace | None) -> float | None:
+    return None if trace is None else trace.sent_at
 
 
 def attach(dest: DestinationPool) -> None:

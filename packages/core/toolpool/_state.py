@@ -135,6 +135,10 @@ ERROR = "error"
 SHUTDOWN = "shutdown"
 LIMIT = "limit"
 CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, AFFINITY, ERROR, SHUTDOWN, LIMIT)
+#: Why an HTTP/2 connection closed (its slots are stream permits, which close for the reasons
+#: above; `toolpool._h2pool` counts the connections): idle TTL, max lifetime, no PING
+#: answer, shutdown, or error (closed by the server, GOAWAY, a failure).
+H2_CLOSE_REASONS = (IDLE_TTL, LIFETIME, HEALTH, SHUTDOWN, ERROR)
 
 # A request held this many times the destination's typical hold time (`hold_ewma`), and at
 # least LONG_HOLD_FLOOR seconds, is long-lived: not expected back soon. 20x keeps an ordinary

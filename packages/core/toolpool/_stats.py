@@ -113,8 +113,18 @@ class DestinationStats:
     http2_streams_in_use: int = 0
     #: Streams in flight on each open HTTP/2 connection.
     http2_streams_per_connection: tuple[int, ...] = ()
-    #: HTTP/2 connections opened since the pool was built.
+    #: HTTP/2 connections opened since the pool was built (each is one the server accepted;
+    #: `created_total` counts stream permits on ``"h2"``).
     http2_connections_opened: int = 0
+    #: HTTP/2 connections closed since the pool was built, by reason (``idle_ttl``: unused
+    #: for the idle TTL or their tenant's last permit expired; ``lifetime``; ``health``: no
+    #: PING answer; ``shutdown``; ``error``: the server closed it, sent GOAWAY, or it
+    #: failed). Opened minus closed is what is open at the server once the pool is quiet.
+    http2_connections_closed: Mapping[str, int] = field(default_factory=dict)
+    #: HTTP/2 streams opened (one per request sent, a resend is another) and streams the
+    #: pool reset with RST_STREAM (a cancelled or abandoned request), since the pool was built.
+    http2_streams_total: int = 0
+    http2_streams_reset_total: int = 0
 
     @property
     def connections(self) -> int:
@@ -234,5 +244,8 @@ def destination_stats(dest: DestinationPool) -> DestinationStats:
             http2_streams_in_use=h2s["streams_in_use"],
             http2_streams_per_connection=tuple(h2s["streams_per_connection"]),
             http2_connections_opened=h2s["connections_opened"],
+            http2_connections_closed=dict(h2s["connections_closed"]),
+            http2_streams_total=h2s["streams_total"],
+            http2_streams_reset_total=h2s["streams_reset"],
         )
     return snapshot

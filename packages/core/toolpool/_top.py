@@ -43,6 +43,9 @@ DEFAULT_URL = "http://127.0.0.1:9464/metrics"
 # Closes the pool decided on (as opposed to broken connections and shutdown): the seed's
 # "eviction rate".
 EVICTION_REASONS = ("idle_ttl", "lifetime", "health", "affinity", "limit")
+# An HTTP/2 destination's slots are stream permits: new/s and evict/s count its connections
+# (the toolpool_http2_connections_* counters), closed for these reasons by the pool's choice.
+H2_EVICTION_REASONS = ("idle_ttl", "lifetime", "health")
 _BAR_WIDTH = 10
 
 
@@ -65,6 +68,10 @@ class DestinationSample:
     wait_count: float = 0.0
     auth_refreshes: float | None = None
     breaker: str | None = None
+    # Speaks HTTP/2 (toolpool_destination_protocol{protocol="h2"}); its connection counters.
+    h2: bool = False
+    h2_created: float = 0.0
+    h2_closed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,12 @@ def parse(text: str, at: float) -> Scrape:
                 d.auth_refreshes = (d.auth_refreshes or 0.0) + value
             elif name == "toolpool_breaker_state" and value >= 1.0:
                 d.breaker = labels.get("state")
+            elif name == "toolpool_destination_protocol" and value >= 1.0:
+                d.h2 = labels.get("protocol") == "h2"
+            elif name == "toolpool_http2_connections_created_total":
+                d.h2_created = value
+            elif name == "toolpool_http2_connections_closed_total":
+                d.h2_closed[labels.get("reason", "")] = value
     return Scrape(at, dests)
 
 
@@ -198,12 +211,16 @@ def rows(previous: Scrape | None, current: Scrape) -> list[Row]:
             p50 = quantile(0.5, delta)
             p99 = quantile(0.99, delta)
             requests = _increase(cur.wait_count, prev.wait_count) / window
-            created = _increase(cur.created, prev.created) / window
+            reasons: tuple[str, ...]
+            if cur.h2:
+                # Connections, not stream permits (the gauges count permits: the cap's unit).
+                created = _increase(cur.h2_created, prev.h2_created) / window
+                closed, prev_closed, reasons = cur.h2_closed, prev.h2_closed, H2_EVICTION_REASONS
+            else:
+                created = _increase(cur.created, prev.created) / window
+                closed, prev_closed, reasons = cur.closed, prev.closed, EVICTION_REASONS
             evicted = (
-                sum(
-                    _increase(cur.closed.get(r, 0.0), prev.closed.get(r, 0.0))
-                    for r in EVICTION_REASONS
-                )
+                sum(_increase(closed.get(r, 0.0), prev_closed.get(r, 0.0)) for r in reasons)
                 / window
             )
             if cur.auth_refreshes is not None:

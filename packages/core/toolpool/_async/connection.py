@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 
@@ -33,6 +33,7 @@ __all__ = [
     "connect",
     "current_driver",
     "open_h2",
+    "settled",
 ]
 
 monotonic = time.monotonic
@@ -472,11 +473,12 @@ async def connect(
 
 
 async def open_h2(
-    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None
+    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None, timing: Any = None
 ) -> AsyncH2Connection | None:
     """TCP (egress-checked) and TLS with `sslctx`, which offers ``h2`` by ALPN: the HTTP/2
     connection (its preface sent), or None when the server picked http/1.1 (that
-    connection is closed)."""
+    connection is closed). `timing` (a `toolpool._h2pool.Connecting`), when given, gets
+    when TCP (`tcp_done`) and TLS (`tls_done`) were done."""
     loop = asyncio.get_running_loop()
     connecting: list[socket.socket] = []
     transport: asyncio.Transport | None = None
@@ -486,9 +488,13 @@ async def open_h2(
             # The transport runs on a duplicate, as in `connect`: a connect cancelled as its
             # handshake completes leaves asyncio shutting TLS down on its descriptor, and
             # closing ours below must not free a descriptor number asyncio still uses.
+            if timing is not None:
+                timing.tcp_done = monotonic()
             transport, _ = await loop.create_connection(
                 Handshaken, sock=sock.dup(), ssl=sslctx, server_hostname=dest.host
             )
+            if timing is not None:
+                timing.tls_done = monotonic()
     except BaseException as exc:
         if transport is not None:
             transport.abort()
@@ -546,3 +552,26 @@ async def _tcp_connect(
         sock.close()
         raise
     return sock
+
+
+async def settled(conn: object) -> bool:
+    """After a failed `probe` of a pooled connection: whether it is fit after all. A TLS
+    socket readable while idle may hold only TLS records that carry no data, above all the
+    session tickets a TLS 1.3 server sends after the handshake (they arrive while a fresh
+    warm-up or preconnected connection waits, and a busy event loop may not have read them
+    yet). Two loop iterations let the transport read them (the first polls the socket, the
+    second runs its reader, which hands them to the TLS layer); then the check runs again.
+    Plain TCP has no such records: its bytes are stale."""
+    if not isinstance(conn, AsyncConnection):
+        return False
+    transport = conn.transport
+    if (
+        not conn.alive
+        or transport is None
+        or transport.is_closing()
+        or transport.get_extra_info("ssl_object") is None
+    ):
+        return False
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return conn.probe()

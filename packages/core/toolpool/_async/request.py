@@ -23,6 +23,7 @@ from toolpool._async.connection import (
     Stale,
     connect,
     current_driver,
+    settled,
 )
 from toolpool._destination import DestinationPool, counted_calls, pool_key
 from toolpool._messages import NO_TIMEOUTS, RequestBytes, make_response
@@ -180,8 +181,11 @@ async def send(
     waited = monotonic() - asked
     retried = False
     while True:
-        # A reuse is checked for staleness if the state machine says so (`must_check`).
-        slot = dest.checked_lease(slot)
+        # A reuse is checked for staleness if the state machine says so (`must_check`);
+        # a connection that fails the check is replaced, unless it was only TLS records
+        # without data waiting to be read (`settled`).
+        if dest.state.must_check(slot) and not slot.conn.probe() and not await settled(slot.conn):
+            slot = dest.replace(slot)
         conn: AsyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
@@ -197,6 +201,8 @@ async def send(
             retry = dest.unanswered(slot, not fresh, retried, req.replayable)
             if retry is None:
                 raise
+            if probe is not None:
+                probe.resent(dest, "connection_closed")
             retried = True
             slot = retry
             continue

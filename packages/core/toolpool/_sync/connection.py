@@ -13,6 +13,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Any
 
 import httpx
 
@@ -32,6 +33,7 @@ __all__ = [
     "connect",
     "current_driver",
     "open_h2",
+    "settled",
 ]
 
 monotonic = time.monotonic
@@ -167,13 +169,34 @@ class SyncConnection:
 
     def probe(self) -> bool:
         """The stale check before every reuse: readable now means unread bytes or EOF
-        (and a TLS socket may hold decrypted bytes of its own)."""
+        (and a TLS socket may hold decrypted bytes of its own). On TLS, a readable socket
+        may hold only records that carry no data, above all the session tickets a TLS 1.3
+        server sends after the handshake (they arrive while a fresh warm-up or preconnected
+        connection waits): a non-blocking read lets the TLS layer take them, and only data
+        or EOF make the connection stale."""
         if not self.alive:
             return False
         sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if not isinstance(sock, ssl.SSLSocket):
+            return not self.unread_or_eof()
+        if sock.pending():
             return False
-        return not self.unread_or_eof()
+        if not self.unread_or_eof():
+            return True
+        timeout = sock.gettimeout()
+        try:
+            sock.setblocking(False)
+            sock.recv(1)  # data (stray bytes) or b"" (EOF): stale either way
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return True  # only TLS records without data, now read
+        except (OSError, ValueError):
+            return False
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+        return False
 
     def close(self) -> None:
         """Close gracefully; the maintenance thread reports `connection_lost` when done."""
@@ -232,18 +255,23 @@ def connect(
 
 
 def open_h2(
-    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None
+    dest: DestinationPool, sslctx: ssl.SSLContext, timeout: float | None, timing: Any = None
 ) -> SyncH2Connection | None:
     """TCP (egress-checked) and TLS with `sslctx`, which offers ``h2`` by ALPN: the HTTP/2
     connection (its preface sent), or None when the server picked http/1.1 (that
-    connection is closed)."""
+    connection is closed). `timing` (a `toolpool._h2pool.Connecting`), when given, gets
+    when TCP (`tcp_done`) and TLS (`tls_done`) were done."""
     try:
         sock = _tcp_checked(dest, timeout)
+        if timing is not None:
+            timing.tcp_done = monotonic()
         try:
             tls = sslctx.wrap_socket(sock, server_hostname=dest.host)
         except BaseException:
             sock.close()
             raise
+        if timing is not None:
+            timing.tls_done = monotonic()
     except BaseException as exc:
         err = connect_error(dest, exc, timeout)
         if err is exc:
@@ -269,3 +297,9 @@ def _tcp_checked(dest: DestinationPool, timeout: float | None) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
     raise OSError(f"no address to connect to for {dest.host}")
+
+
+def settled(conn: object) -> bool:
+    """After a failed `probe`: never fit here (the asyncio driver's twin lets its event loop
+    read TLS records without data; a blocking TLS socket's `probe` reads them itself)."""
+    return False

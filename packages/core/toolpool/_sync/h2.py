@@ -50,9 +50,15 @@ def open_connection(
     """A new HTTP/2 connection acting for `ctx`, the server's SETTINGS (its stream limit)
     received; raises `_h2pool.UseHttp11` when the server picked http/1.1 by ALPN."""
     h2 = _h2pool.h2_side(dest)
-    conn = open_h2(dest, h2.ssl_context(ctx), timeout)
+    timing = _h2pool.Connecting(dest)
+    try:
+        conn = open_h2(dest, h2.ssl_context(ctx), timeout, timing)
+    except BaseException as exc:
+        timing.failed(exc)
+        raise
     if conn is None:
         h2.use_http11()
+        timing.done("http/1.1")
         raise _h2pool.UseHttp11
     h2.protocol = "h2"
     try:
@@ -60,9 +66,11 @@ def open_connection(
     except BaseException as exc:
         conn.close()
         err = connect_error(dest, exc, timeout)
+        timing.failed(err)
         if err is exc:
             raise
         raise err from exc
+    timing.done("h2")
     h2.adopt(conn)
     return conn
 
@@ -73,9 +81,11 @@ def connection(
     ctx: _auth_context.AuthContext | None,
     timeout: float | None,
     exclude: object = None,
-) -> SyncH2Connection:
+) -> tuple[SyncH2Connection, bool]:
     """A connection of the key with room for one more stream: checked (max lifetime, a PING
-    after idle), or newly opened; requests of a key that arrive together share one connect."""
+    after idle), or newly opened; requests of a key that arrive together share one connect.
+    Also whether this call opened it. A traced destination's probe hears of PINGs and of
+    waits for another request's connect."""
     idle_ttl = dest.settings.idle_ttl
     while True:
         stale, conn, opening, mine = kc.borrow(idle_ttl, exclude, Event)
@@ -83,17 +93,27 @@ def connection(
             old.close()
         if conn is not None:
             if _h2pool.lifetime_over(conn):
+                conn.close_reason = "lifetime"
                 conn.drain()
                 continue
-            if _h2pool.ping_first(conn) and not conn.ping(_h2pool.PING_TIMEOUT):
-                log.debug("HTTP/2 connection to %s did not answer a PING: closed", dest.name)
-                conn.close()
-                continue
+            if _h2pool.ping_first(conn):
+                since = monotonic()
+                answered = conn.ping(_h2pool.PING_TIMEOUT)
+                if dest.probe is not None:
+                    dest.probe.pinged(dest, since, monotonic(), answered)
+                if not answered:
+                    log.debug("HTTP/2 connection to %s did not answer a PING: closed", dest.name)
+                    conn.close_reason = "health"
+                    conn.close()
+                    continue
             if conn.is_available:
-                return conn  # type: ignore[no-any-return]
+                return conn, False
             continue
         if not mine:
+            since = monotonic()
             opening.wait()  # another request of this key is connecting
+            if dest.probe is not None:
+                dest.probe.connect_waited(dest, since, monotonic())
             continue
         try:
             new = open_connection(dest, ctx, timeout)
@@ -101,7 +121,7 @@ def connection(
             kc.opened(None)  # the key's waiting requests try again (one of them connects)
             raise
         kc.opened(new)
-        return new
+        return new, True
 
 
 def send(
@@ -116,27 +136,42 @@ def send(
     key = pool_key(ctx, current_driver())
     timeouts = request.extensions.get("timeout", NO_TIMEOUTS)
     asked = monotonic()
+    probe = dest.probe
+    if probe is not None:
+        probe.attempt(dest, asked)
     slot = http11.acquire(dest, key, dest.wait_limit(timeouts))
     waited = monotonic() - asked
     slot = _h2pool.as_permit(dest, slot)
     kc = h2.key(key)
     exclude: object = None
     fenced = False
+    reused = True
     try:
         for attempt in (1, 2):
             try:
-                conn = connection(dest, kc, ctx, dest.connect_limit(timeouts), exclude)
+                conn, opened = connection(dest, kc, ctx, dest.connect_limit(timeouts), exclude)
             except _h2pool.UseHttp11:
                 dest.release(slot, False)
+                if probe is not None:
+                    probe.fell_back(dest)
                 return http11.send(dest, request, ctx)
+            reused = reused and not opened
+            trace = _h2pool.stream_trace(dest)
+            sent = monotonic() if probe is not None else 0.0
             try:
-                inner = conn.handle_request(request)
+                inner = conn.handle_request(request, trace)
             except StreamNotProcessed as exc:
+                if probe is not None:
+                    probe.exchanged(dest, sent, None, exc)
                 if attempt == 2 or not _h2pool.retry_elsewhere(exc, request):
                     raise
+                if probe is not None:
+                    probe.resent(dest, exc.reason)
                 exclude = conn  # the server did not process it: once more, elsewhere
                 continue
-            except BaseException:
+            except BaseException as exc:
+                if probe is not None:
+                    probe.exchanged(dest, sent, None, exc, reset=_h2pool.trace_reset(trace))
                 fenced = True  # the server may count the stream until it read the reset
                 _h2pool.give_back(dest, slot, conn, False)
                 raise
@@ -145,9 +180,11 @@ def send(
         if not fenced:
             dest.release(slot, True)
         raise
+    if probe is not None:
+        probe.exchanged(dest, sent, inner.status_code, None, sent_at=_h2pool.trace_sent(trace))
     dest.response_started(slot, list(inner.headers.raw))
     body = SyncPermitBody(dest, slot, inner, conn)
-    return _h2pool.response(dest, slot, inner, body, waited)
+    return _h2pool.response(dest, slot, inner, body, waited, reused)
 
 
 class SyncPermitBody(httpx.SyncByteStream):

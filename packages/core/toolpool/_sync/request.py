@@ -28,6 +28,7 @@ from toolpool._sync.connection import (
     SyncConnection,
     connect,
     current_driver,
+    settled,
 )
 from toolpool.errors import PoolClosed
 
@@ -182,8 +183,11 @@ def send(
     waited = monotonic() - asked
     retried = False
     while True:
-        # A reuse is checked for staleness if the state machine says so (`must_check`).
-        slot = dest.checked_lease(slot)
+        # A reuse is checked for staleness if the state machine says so (`must_check`);
+        # a connection that fails the check is replaced, unless it was only TLS records
+        # without data waiting to be read (`settled`).
+        if dest.state.must_check(slot) and not slot.conn.probe() and not settled(slot.conn):
+            slot = dest.replace(slot)
         conn: SyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
@@ -199,6 +203,8 @@ def send(
             retry = dest.unanswered(slot, not fresh, retried, req.replayable)
             if retry is None:
                 raise
+            if probe is not None:
+                probe.resent(dest, "connection_closed")
             retried = True
             slot = retry
             continue

@@ -16,6 +16,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from toolpool._state import H2_CLOSE_REASONS
 from toolpool.errors import ConfigError
 from toolpool.metrics._readings import (
     BREAKER_STATES,
@@ -62,6 +63,25 @@ METRICS: dict[str, tuple[str, str]] = {
         "stream limit).",
     ),
     "toolpool_http2_streams_in_use": ("gauge", "HTTP/2 streams in flight."),
+    "toolpool_http2_connections_created_total": (
+        "counter",
+        "HTTP/2 connections opened (TCP + TLS + SETTINGS); on h2 "
+        "toolpool_connections_created_total counts stream permits instead.",
+    ),
+    "toolpool_http2_connections_closed_total": (
+        "counter",
+        "HTTP/2 connections closed, by reason (idle_ttl, lifetime, health, shutdown, error: "
+        "closed by the server, GOAWAY, or failed).",
+    ),
+    "toolpool_http2_streams_total": (
+        "counter",
+        "HTTP/2 streams opened (one per request sent; a resend is another).",
+    ),
+    "toolpool_http2_streams_reset_total": (
+        "counter",
+        "HTTP/2 streams the pool reset with RST_STREAM (cancelled or abandoned requests); "
+        "their connections stay.",
+    ),
     "toolpool_http2_streams_per_connection_max": (
         "gauge",
         "Streams in flight on the destination's busiest HTTP/2 connection.",
@@ -347,12 +367,22 @@ def _families(readings: list[DestinationReading]) -> Iterator[Metric]:
     h2_conns = f.gauge("toolpool_http2_connections", "destination")
     h2_streams = f.gauge("toolpool_http2_streams_in_use", "destination")
     h2_per_conn = f.gauge("toolpool_http2_streams_per_connection_max", "destination")
+    h2_created = f.counter("toolpool_http2_connections_created_total", "destination")
+    h2_closed = f.counter("toolpool_http2_connections_closed_total", "destination", "reason")
+    h2_streams_total = f.counter("toolpool_http2_streams_total", "destination")
+    h2_resets = f.counter("toolpool_http2_streams_reset_total", "destination")
     for r in readings:
         d = r.name
         protocol.add_metric([d, r.protocol], 1)
         h2_conns.add_metric([d], r.http2_connections)
         h2_streams.add_metric([d], r.http2_streams_in_use)
         h2_per_conn.add_metric([d], r.http2_streams_per_connection_max)
+        if r.protocol != "http/1.1" or r.http2_opened > 0:
+            h2_created.add_metric([d], r.http2_opened)
+            for reason in H2_CLOSE_REASONS:
+                h2_closed.add_metric([d, reason], r.http2_closed.get(reason, 0))
+            h2_streams_total.add_metric([d], r.http2_streams_total)
+            h2_resets.add_metric([d], r.http2_streams_reset)
         conns.add_metric([d, "idle"], r.idle)
         conns.add_metric([d, "used"], r.used)
         conns.add_metric([d, "opening"], r.opening)

@@ -206,6 +206,11 @@ class DestinationReading:
     http2_connections: int = 0
     http2_streams_in_use: int = 0
     http2_streams_per_connection_max: int = 0
+    # HTTP/2 connections opened and closed by reason, streams opened and reset by the pool.
+    http2_opened: int = 0
+    http2_closed: dict[str, int] = field(default_factory=dict)
+    http2_streams_total: int = 0
+    http2_streams_reset: int = 0
     # Same-named destinations of other pools registered in the same registry were added in.
     merged: int = field(default=1)
 
@@ -229,6 +234,9 @@ class DestinationReading:
             "streams_total",
             "http2_connections",
             "http2_streams_in_use",
+            "http2_opened",
+            "http2_streams_total",
+            "http2_streams_reset",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.http2_streams_per_connection_max = max(
@@ -236,6 +244,8 @@ class DestinationReading:
         )
         for reason, n in other.closed.items():
             self.closed[reason] = self.closed.get(reason, 0) + n
+        for reason, n in other.http2_closed.items():
+            self.http2_closed[reason] = self.http2_closed.get(reason, 0) + n
         for rule, n in other.egress_denied.items():
             self.egress_denied[rule] = self.egress_denied.get(rule, 0) + n
         self.wait.merge(other.wait)
@@ -304,6 +314,10 @@ def read(dest: DestinationPool) -> DestinationReading:
         reading.http2_connections = h2s["connections"]
         reading.http2_streams_in_use = h2s["streams_in_use"]
         reading.http2_streams_per_connection_max = max(h2s["streams_per_connection"], default=0)
+        reading.http2_opened = h2s["connections_opened"]
+        reading.http2_closed = dict(h2s["connections_closed"])
+        reading.http2_streams_total = h2s["streams_total"]
+        reading.http2_streams_reset = h2s["streams_reset"]
     return reading
 
 

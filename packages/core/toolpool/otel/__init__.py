@@ -9,7 +9,9 @@ toolpool.otel.instrument(pool)      # the global tracer and meter providers, or 
 
 Each request becomes a client span (HTTP client semantic conventions) under whatever span is
 current (a framework's tool-call span), with child spans for the pool wait, the connect, the
-TLS handshake, the token request and retries (`SPAN_NAMES`); the pool's numbers become
+TLS handshake, the token request and retries, and on HTTP/2 the wait for another request's
+connect and the PING of an idle connection (`SPAN_NAMES`), and events for resends and stream
+resets; the pool's numbers become
 `db.client.connection.*` instruments plus `http.client.request.duration` (`INSTRUMENTS`),
 read from the same counters as `toolpool.metrics`.
 

@@ -108,6 +108,30 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
         "{connect}",
         "Connects refused by the egress policy, by toolpool.egress.rule.",
     ),
+    "toolpool.http2.connections": (
+        "updowncounter",
+        "{connection}",
+        "Open HTTP/2 connections (on HTTP/2 the db.client.connection.* series count stream "
+        "permits, the unit of the cap).",
+    ),
+    "toolpool.http2.streams.in_use": ("updowncounter", "{stream}", "HTTP/2 streams in flight."),
+    "toolpool.http2.connections.created": (
+        "counter",
+        "{connection}",
+        "HTTP/2 connections opened (TCP, TLS, the server's SETTINGS).",
+    ),
+    "toolpool.http2.connections.closed": (
+        "counter",
+        "{connection}",
+        "HTTP/2 connections closed, by toolpool.close.reason (idle_ttl, lifetime, health, "
+        "shutdown, error).",
+    ),
+    "toolpool.http2.streams": ("counter", "{stream}", "HTTP/2 streams opened."),
+    "toolpool.http2.streams.reset": (
+        "counter",
+        "{stream}",
+        "HTTP/2 streams the pool reset with RST_STREAM (cancelled requests).",
+    ),
     "http.client.request.duration": (
         "histogram",
         "s",
@@ -140,6 +164,14 @@ class _Observer:
 
     def use(self, seconds: float) -> None:
         self.bridge.use_time.record(seconds, self.attributes)
+
+
+def _speaks_h2(r: DestinationReading) -> bool:
+    return r.protocol != "http/1.1" or r.http2_opened > 0
+
+
+def _h2(r: DestinationReading, value: int) -> list[tuple[float, dict[str, Any]]]:
+    return [(value, {})] if _speaks_h2(r) else []
 
 
 class MeterBridge:
@@ -186,6 +218,17 @@ class MeterBridge:
             "toolpool.egress.denied": lambda r: [
                 (n, {"toolpool.egress.rule": rule}) for rule, n in sorted(r.egress_denied.items())
             ],
+            # HTTP/2 (destinations that offer it; nothing for HTTP/1.1 ones).
+            "toolpool.http2.connections": lambda r: _h2(r, r.http2_connections),
+            "toolpool.http2.streams.in_use": lambda r: _h2(r, r.http2_streams_in_use),
+            "toolpool.http2.connections.created": lambda r: _h2(r, r.http2_opened),
+            "toolpool.http2.connections.closed": lambda r: (
+                [(n, {"toolpool.close.reason": why}) for why, n in sorted(r.http2_closed.items())]
+                if _speaks_h2(r)
+                else []
+            ),
+            "toolpool.http2.streams": lambda r: _h2(r, r.http2_streams_total),
+            "toolpool.http2.streams.reset": lambda r: _h2(r, r.http2_streams_reset),
         }
         for name, values in observe.items():
             kind, unit, description = INSTRUMENTS[name]

@@ -19,12 +19,24 @@ One request's spans:
     ├─ toolpool.auth.wait      waiting for a token another request of the context is fetching
     ├─ toolpool.retry          from the end of a failed attempt to the next attempt (backoff,
     │                          Retry-After pause, a 401's fresh token)
-    ├─ toolpool.pool.wait      queued for a connection (only when the request queued)
-    ├─ toolpool.connect        TCP connect of a new connection
-    │  └─ toolpool.tls         its TLS handshake
+    ├─ toolpool.pool.wait      queued for a connection (HTTP/2: for a stream permit; only
+    │                          when the request queued)
+    ├─ toolpool.connect        TCP connect of a new connection (HTTP/2: up to the server's
+    │  │                       SETTINGS)
+    │  └─ toolpool.tls         its TLS handshake (`tls.next_protocol`: what ALPN chose)
+    ├─ toolpool.connect.wait   HTTP/2: waiting for the connection another request of the
+    │                          same context is opening
+    ├─ toolpool.ping           HTTP/2: the PING of a connection idle > 1 s before it
+    │                          carries the stream
     └─ toolpool.response       request written → response head received (network + server);
                                left out when it would be the request's only child (a warm
                                request's span is its exchange: no second span for it)
+
+Events: `toolpool.resend` on the request span (sent again on another connection: the server
+did not process it; `toolpool.resend.reason` refused_stream, goaway, connection_closed);
+`toolpool.request.sent` (HTTP/2, a request with a body: its last byte went out, after flow
+control) and `toolpool.stream.reset` (HTTP/2: the failed or cancelled stream was reset with
+RST_STREAM, its connection stays) on the exchange.
 
 Beside the request spans, under the current span (the tool call's, or the run's when the
 framework opens its tool span after admission, as AutoGen does): `toolpool.admission.wait`,
@@ -69,11 +81,17 @@ SPAN_NAMES: dict[str, str] = {
     "toolpool.auth.token": "a token request of the destination's auth provider",
     "toolpool.auth.wait": "waiting for the token another request of the context is fetching",
     "toolpool.retry": "between a failed attempt and the next one (backoff, pause, new token)",
-    "toolpool.pool.wait": "queued for a connection (the wait pool.stats() records)",
+    "toolpool.pool.wait": "queued for a connection, on HTTP/2 for a stream permit (the wait "
+    "pool.stats() records)",
     "toolpool.admission.wait": "a tool call (or pool.admit) waiting at the destination's "
     "admission gate, before its requests (a sibling of their spans)",
-    "toolpool.connect": "opening a new connection: TCP connect (DNS included)",
-    "toolpool.tls": "the TLS handshake of a new connection",
+    "toolpool.connect": "opening a new connection: TCP connect (DNS included), TLS below it; "
+    "HTTP/2: up to the server's SETTINGS",
+    "toolpool.tls": "the TLS handshake of a new connection (ALPN: tls.next_protocol)",
+    "toolpool.connect.wait": "HTTP/2: waiting for the connection another request of the same "
+    "auth context is opening",
+    "toolpool.ping": "HTTP/2: the PING round trip of a connection idle > 1 s, before it "
+    "carries the stream",
     "toolpool.response": "request written until the response head arrived (only beside "
     "other children)",
     "execute_tool {name}": "a tool call, opened by adapters of frameworks without their own",
@@ -114,19 +132,21 @@ class _Call:
     monotonic clock the pool measures with to the wall clock spans are stamped with, and
     the attempts seen so far."""
 
-    __slots__ = ("attempts", "eventful", "last_end", "offset", "quiet_exchange", "wait")
+    __slots__ = ("attempts", "eventful", "last_end", "offset", "quiet_exchange", "resends", "wait")
 
     def __init__(self) -> None:
         self.offset = time.time_ns() - time.monotonic_ns()
         self.attempts = 0
+        # Sends again on another connection within an attempt (the server did not process it).
+        self.resends = 0
         self.last_end: float | None = None
         self.wait = 0.0  # seconds queued for a connection, over all attempts
         # Something besides the exchange happened (wait, connect, token, retry, error).
         self.eventful = False
-        # An exchange not drawn yet, (destination, sent, ended, status): a request that was
-        # only an exchange needs no child span (its span is the exchange), unless a retry
-        # follows, which draws it after all.
-        self.quiet_exchange: tuple[str, float, float, int | None] | None = None
+        # An exchange not drawn yet, (destination, sent, ended, status, body sent at): a
+        # request that was only an exchange needs no child span (its span is the exchange),
+        # unless a retry follows, which draws it after all.
+        self.quiet_exchange: tuple[str, float, float, int | None, float | None] | None = None
 
     def ns(self, t: float) -> int:
         return self.offset + int(t * 1e9)
@@ -249,7 +269,7 @@ class Tracing:
     ) -> None:
         ended = monotonic()
         status = response.status_code if response is not None else None
-        version = _protocol_version(response) if response is not None else None
+        version = _protocol_version(response) if response is not None else _dest_version(dest)
         error_type: str | None = None
         if error is not None:
             error_type = _error_type(error)
@@ -263,15 +283,26 @@ class Tracing:
                 pooled = response.extensions.get("toolpool")
                 if pooled is not None:
                     span.set_attribute("toolpool.connection.reused", bool(pooled["reused"]))
+                    stream_id = pooled.get("stream_id")
+                    if stream_id is not None:
+                        span.set_attribute("toolpool.http2.stream_id", stream_id)
+                        span.set_attribute("toolpool.http2.streams", pooled.get("streams") or 1)
                 if error_type is not None:
                     span.set_attribute("error.type", error_type)
                     span.set_status(Status(StatusCode.ERROR))
             else:
                 assert error is not None
+                if version is not None:
+                    span.set_attribute("network.protocol.version", version)
                 _fail(span, error)
+            quiet = call.quiet_exchange
+            if quiet is not None and quiet[4] is not None:
+                # Only an exchange, so no child span for it: its body's end goes here.
+                span.add_event("toolpool.request.sent", timestamp=call.ns(quiet[4]))
             span.set_attribute("toolpool.wait_ms", round(call.wait * 1000.0, 3))
-            if call.attempts > 1:
-                span.set_attribute("http.request.resend_count", call.attempts - 1)
+            resends = call.attempts - 1 + call.resends
+            if resends > 0:
+                span.set_attribute("http.request.resend_count", resends)
             span.end(end_time=call.ns(ended))
         elif span is not None:
             span.end()
@@ -337,7 +368,7 @@ class Tracing:
             quiet = call.quiet_exchange
             if quiet is not None:
                 call.quiet_exchange = None
-                self._response(quiet[0], quiet[1], quiet[2], quiet[3], call, None)
+                self._response(quiet[0], quiet[1], quiet[2], quiet[3], call, None, quiet[4])
         if call.attempts and call.last_end is not None and asked > call.last_end:
             self._leaf(
                 "toolpool.retry",
@@ -401,6 +432,8 @@ class Tracing:
         tcp_done: float | None,
         done: float,
         error: BaseException | None,
+        protocol: str | None = None,
+        tls_done: float | None = None,
     ) -> None:
         assert self.tracer is not None
         if otel_context.get_value(_CALL) is _SKIP:
@@ -410,35 +443,105 @@ class Tracing:
         if call is not None:
             call.last_end = done
             call.eventful = True
+        attributes: dict[str, Any] = {
+            "toolpool.destination": dest.name,
+            "server.address": dest.host,
+            "server.port": dest.port,
+            "network.transport": "tcp",
+        }
+        if error is None:
+            attributes["network.protocol.name"] = "http"
+            attributes["network.protocol.version"] = "2" if protocol == "h2" else "1.1"
         span = self.tracer.start_span(
-            "toolpool.connect",
-            attributes={
-                "toolpool.destination": dest.name,
-                "server.address": dest.host,
-                "server.port": dest.port,
-                "network.transport": "tcp",
-            },
-            start_time=clock.ns(started),
+            "toolpool.connect", attributes=attributes, start_time=clock.ns(started)
         )
         tcp_end = done
         if dest.tls and tcp_done is not None:
             tcp_end = tcp_done
+            tls_end = done if tls_done is None else tls_done
+            tls_attributes: dict[str, Any] = {"toolpool.destination": dest.name}
+            if protocol is not None:
+                tls_attributes["tls.next_protocol"] = protocol
             self._leaf(
                 "toolpool.tls",
                 tcp_done,
-                done,
+                tls_end,
                 clock,
-                {"toolpool.destination": dest.name},
-                error,
+                tls_attributes,
+                error if tls_done is None else None,
                 parent=span,
             )
+            if tls_done is not None:
+                # HTTP/2: the connection preface and the server's SETTINGS (its stream limit).
+                span.set_attribute(
+                    "toolpool.http2.settings_ms", round((done - tls_end) * 1000.0, 3)
+                )
         span.set_attribute("toolpool.tcp_ms", round((tcp_end - started) * 1000.0, 3))
         if error is not None:
             _fail(span, error)
         span.end(end_time=clock.ns(done))
 
+    def connect_waited(self, dest: DestinationPool, since: float, end: float) -> None:
+        if otel_context.get_value(_CALL) is _SKIP:
+            return
+        call = _current_call()
+        if call is not None:
+            call.last_end = end
+            call.eventful = True
+        self._leaf(
+            "toolpool.connect.wait",
+            since,
+            end,
+            call,
+            {
+                "toolpool.destination": dest.name,
+                "toolpool.wait_ms": round(max(0.0, end - since) * 1000.0, 3),
+            },
+        )
+
+    def pinged(self, dest: DestinationPool, since: float, end: float, answered: bool) -> None:
+        if otel_context.get_value(_CALL) is _SKIP:
+            return
+        call = _current_call()
+        if call is not None:
+            call.last_end = end
+            call.eventful = True
+        assert self.tracer is not None
+        clock = call if call is not None else _Call()
+        span = self.tracer.start_span(
+            "toolpool.ping",
+            attributes={"toolpool.destination": dest.name, "toolpool.ping.answered": answered},
+            start_time=clock.ns(since),
+        )
+        if not answered:
+            span.set_status(Status(StatusCode.ERROR, "no PING answer: connection closed"))
+        span.end(end_time=clock.ns(end))
+
+    def resent(self, dest: DestinationPool, reason: str) -> None:
+        if otel_context.get_value(_CALL) is _SKIP:
+            return
+        call = _current_call()
+        if call is not None:
+            call.resends += 1
+            call.eventful = True
+        trace.get_current_span().add_event(
+            "toolpool.resend",
+            {"toolpool.destination": dest.name, "toolpool.resend.reason": reason},
+        )
+
+    def fell_back(self, dest: DestinationPool) -> None:
+        call = _current_call()
+        if call is not None and call.attempts > 0:
+            call.attempts -= 1  # the HTTP/1.1 driver counts the same attempt again
+
     def exchanged(
-        self, dest: DestinationPool, sent: float, status: int | None, error: BaseException | None
+        self,
+        dest: DestinationPool,
+        sent: float,
+        status: int | None,
+        error: BaseException | None,
+        sent_at: float | None = None,
+        reset: bool = False,
     ) -> None:
         value = otel_context.get_value(_CALL)
         if value is _SKIP:
@@ -449,9 +552,9 @@ class Tracing:
             call.last_end = now
             if not call.eventful and error is None:
                 # Nothing but the exchange so far: the request's own span says it all.
-                call.quiet_exchange = (dest.name, sent, now, status)
+                call.quiet_exchange = (dest.name, sent, now, status, sent_at)
                 return
-        self._response(dest.name, sent, now, status, call, error)
+        self._response(dest.name, sent, now, status, call, error, sent_at, reset)
 
     def _response(
         self,
@@ -461,11 +564,28 @@ class Tracing:
         status: int | None,
         call: _Call | None,
         error: BaseException | None,
+        sent_at: float | None = None,
+        reset: bool = False,
     ) -> None:
+        assert self.tracer is not None
         attributes: dict[str, Any] = {"toolpool.destination": name}
         if status is not None:
             attributes["http.response.status_code"] = status
-        self._leaf("toolpool.response", sent, ended, call, attributes, error)
+        clock = call if call is not None else _Call()
+        span = self.tracer.start_span(
+            "toolpool.response", attributes=attributes, start_time=clock.ns(sent)
+        )
+        if sent_at is not None:
+            span.add_event("toolpool.request.sent", timestamp=clock.ns(sent_at))
+        if reset:
+            span.add_event(
+                "toolpool.stream.reset",
+                {"toolpool.http2.error_code": "CANCEL"},
+                timestamp=clock.ns(ended),
+            )
+        if error is not None:
+            _fail(span, error)
+        span.end(end_time=clock.ns(ended))
 
     @contextmanager
     def token_fetch(self, dest: DestinationPool, reason: str) -> Iterator[object]:
@@ -524,6 +644,14 @@ class Tracing:
             set_status_on_exception=True,
         ) as span:
             yield span
+
+
+def _dest_version(dest: DestinationPool) -> str | None:
+    """The protocol version a destination speaks, for a request that got no response."""
+    h2 = dest.h2
+    if h2 is None or h2.protocol == "http/1.1":
+        return "1.1"
+    return "2" if h2.protocol == "h2" else None
 
 
 def _protocol_version(response: httpx.Response) -> str | None:
