@@ -106,7 +106,8 @@ def tls_children(spans: Sequence[ReadableSpan], connect: ReadableSpan) -> list[R
 def check_protocol(spans: Sequence[ReadableSpan], http2: bool) -> None:
     """Every request and connect span of the run says the protocol it spoke, the TLS
     handshake what ALPN chose; on HTTP/2 each request names its stream; and the requests
-    marked as not reused are exactly those that opened a connection themselves."""
+    marked as not reused are exactly those that opened a connection themselves or (HTTP/2)
+    waited for another request to open it."""
     version = VERSIONS[http2]
     requests = client_spans(spans)
     for req in requests:
@@ -126,7 +127,8 @@ def check_protocol(spans: Sequence[ReadableSpan], http2: bool) -> None:
         if http2:
             assert (tls.attributes or {})["tls.next_protocol"] == "h2"
             assert attrs["toolpool.http2.settings_ms"] >= 0.0
-    opened = [r for r in requests for k in children(spans, r) if k.name == "toolpool.connect"]
+    new = {"toolpool.connect", "toolpool.connect.wait"}
+    opened = [r for r in requests if any(k.name in new for k in children(spans, r))]
     fresh = [r for r in requests if not (r.attributes or {})["toolpool.connection.reused"]]
     assert sorted(r.context.span_id for r in opened) == sorted(r.context.span_id for r in fresh)
 

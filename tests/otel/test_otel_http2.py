@@ -79,11 +79,13 @@ async def test_one_connect_for_a_contexts_first_requests_the_others_wait_for_it(
     assert ds.stats("api").connections_accepted == 1
     requests = _in_order(spans)
     cold, warm = requests[:4], requests[4:]
-    opener = [r for r in cold if not (r.attributes or {})["toolpool.connection.reused"]]
+    opener = [r for r in cold if any(k.name == "toolpool.connect" for k in children(spans, r))]
     assert len(opener) == 1
     waited = [r for r in cold if any(k.name == "toolpool.connect.wait" for k in children(spans, r))]
     # The three others found the connect under way and waited for it (not a connect each).
     assert len(waited) == 3 and opener[0] not in waited
+    # For all four the connection is new: none found it ready when it looked.
+    assert not [r for r in cold if (r.attributes or {})["toolpool.connection.reused"]]
     for req in waited:
         (wait,) = [k for k in children(spans, req) if k.name == "toolpool.connect.wait"]
         ms = (wait.end_time - wait.start_time) / 1e6  # type: ignore[operator]

@@ -448,7 +448,8 @@ def response(
     reused: bool,
 ) -> httpx.Response:
     """The response handed to the caller: the connection's, with the permit's body.
-    `reused`: the request did not open its connection."""
+    `reused`: the connection was there when the request looked for one (False when the
+    request opened it or waited for another request to open it)."""
     return httpx.Response(
         inner.status_code,
         headers=inner.headers.raw,

@@ -84,9 +84,11 @@ def connection(
 ) -> tuple[SyncH2Connection, bool]:
     """A connection of the key with room for one more stream: checked (max lifetime, a PING
     after idle), or newly opened; requests of a key that arrive together share one connect.
-    Also whether this call opened it. A traced destination's probe hears of PINGs and of
+    Also whether the connection is new to the caller (it opened it, or waited for another
+    request of the key to open it). A traced destination's probe hears of PINGs and of
     waits for another request's connect."""
     idle_ttl = dest.settings.idle_ttl
+    waited = False
     while True:
         stale, conn, opening, mine = kc.borrow(idle_ttl, exclude, Event)
         for old in stale:
@@ -107,13 +109,14 @@ def connection(
                     conn.close()
                     continue
             if conn.is_available:
-                return conn, False
+                return conn, waited
             continue
         if not mine:
             since = monotonic()
             opening.wait()  # another request of this key is connecting
             if dest.probe is not None:
                 dest.probe.connect_waited(dest, since, monotonic())
+            waited = True
             continue
         try:
             new = open_connection(dest, ctx, timeout)
@@ -149,13 +152,13 @@ def send(
     try:
         for attempt in (1, 2):
             try:
-                conn, opened = connection(dest, kc, ctx, dest.connect_limit(timeouts), exclude)
+                conn, fresh = connection(dest, kc, ctx, dest.connect_limit(timeouts), exclude)
             except _h2pool.UseHttp11:
                 dest.release(slot, False)
                 if probe is not None:
                     probe.fell_back(dest)
                 return http11.send(dest, request, ctx)
-            reused = reused and not opened
+            reused = reused and not fresh
             trace = _h2pool.stream_trace(dest)
             sent = monotonic() if probe is not None else 0.0
             try:
