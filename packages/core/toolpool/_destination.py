@@ -227,7 +227,7 @@ class Probe(Protocol):
 
     def resent(self, dest: DestinationPool, reason: str) -> None:
         """The request is sent again on another connection: the server did not process it
-        (`reason` "refused_stream" or "goaway")."""
+        (`reason` "refused_stream", "goaway", "no_new_stream"; HTTP/1.1: "connection_closed")."""
 
     def fell_back(self, dest: DestinationPool) -> None:
         """The HTTP/2 attempt found that the server picked http/1.1 by ALPN: the HTTP/1.1

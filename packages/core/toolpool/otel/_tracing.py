@@ -33,7 +33,8 @@ One request's spans:
                                request's span is its exchange: no second span for it)
 
 Events: `toolpool.resend` on the request span (sent again on another connection: the server
-did not process it; `toolpool.resend.reason` refused_stream, goaway, connection_closed);
+did not process it; `toolpool.resend.reason` refused_stream, goaway, no_new_stream,
+connection_closed);
 `toolpool.request.sent` (HTTP/2, a request with a body: its last byte went out, after flow
 control) and `toolpool.stream.reset` (HTTP/2: the failed or cancelled stream was reset with
 RST_STREAM, its connection stays) on the exchange.
