@@ -155,14 +155,17 @@ class KeyConnections:
     def pick(self, exclude: object = None) -> Any:
         """The connection to carry the next stream: the oldest with room (streams pack onto
         as few connections as the server's stream limit allows), or None. Lock held."""
-        gone = [c for c in self.conns if c.is_closed]
+        found = None
+        gone: list[Any] = []
+        for conn in self.conns:  # one pass: closed ones leave, the first with room is taken
+            if conn.is_closed:
+                gone.append(conn)
+            elif found is None and conn is not exclude and conn.is_available:
+                found = conn
         if gone:
             self.conns = [c for c in self.conns if not c.is_closed]
             self.retire(gone, "error")
-        for conn in self.conns:
-            if conn is not exclude and conn.is_available:
-                return conn
-        return None
+        return found
 
     def expire(self, idle_ttl: float) -> list[Any]:
         """Connections idle (no stream) for ``idle_ttl``: removed, for the caller to close.
