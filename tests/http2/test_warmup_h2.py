@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -100,6 +101,41 @@ async def test_warmup_off_opens_nothing(ds: Downstream) -> None:
         assert pool.stats()["crm"].http2_connections == 0
         assert ds.stats("crm").connections_accepted == 0
         assert ds.stats("crm").token_requests == 0
+
+
+def _refusing_url() -> str:
+    """An https:// URL on loopback where nothing listens (connects are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"https://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["no-context", "listed-context"])
+@pytest.mark.parametrize("driver", ["asyncio", "threads"])
+async def test_a_failed_warmup_leaves_no_permit_standing_for_a_connection(
+    driver: str, listed: bool
+) -> None:
+    """Warm-up against a server that refuses the connect (for no identity, or for a listed
+    context): the stream permit taken for the handshake goes with it, so no idle permit
+    stands for a connection that is not there (the HTTP/1.1 warm-up likewise leaves no idle
+    slot)."""
+    contexts = [toolpool.AuthContext(tenant="acme")] if listed else []
+    dest = toolpool.Destination(
+        "down", _refusing_url(), connect_timeout=5.0, warmup_contexts=contexts
+    )
+    pool = toolpool.Pool([dest], http2=True)
+    if driver == "asyncio":
+        await pool.astart()
+    else:
+        await asyncio.to_thread(pool.start)
+    try:
+        stats = pool.stats()["down"]
+        assert (stats.idle, stats.in_use, stats.opening) == (0, 0, 0)
+        assert stats.protocol == "unknown"
+        assert (stats.http2_connections, stats.http2_connections_opened) == (0, 0)
+    finally:
+        await pool.aclose()
 
 
 async def test_preconnect_opens_the_tenants_connection_during_the_token_fetch() -> None:

@@ -89,7 +89,13 @@ def connection(
     waits for another request's connect."""
     idle_ttl = dest.settings.idle_ttl
     waited = False
+    h2 = dest.h2
+    assert h2 is not None
     while True:
+        if h2.protocol == "http/1.1":
+            # Learnt while this request waited for the key's connect: no TLS handshake of
+            # its own to learn it again (a burst would open one per request).
+            raise _h2pool.UseHttp11
         stale, conn, opening, mine = kc.borrow(idle_ttl, exclude, Event)
         for old in stale:
             old.close()
@@ -251,7 +257,8 @@ def preconnect(
         dest.release(slot, False)
         return http11.preconnect(dest, ctx, timeout)
     except httpx.TransportError:
-        dest.release(slot, True)
+        # No connection: the permit goes too (an idle one would stand for a connection).
+        dest.release(slot, False)
         return False  # the request itself will meet (and report) the failure
     except BaseException:
         dest.release(slot, True)
