@@ -4,8 +4,10 @@ counters and per-phase timings of the tool calls (issue 25: where does the AutoG
     python benchmarks/framework_storm.py --frameworks langchain,autogen --repeat 3 --quick
     python benchmarks/framework_storm.py --frameworks langchain,autogen --tool noop --repeat 3
 
-Each run is `examples/storm_demo.py`'s "toolpool" run (same downstream, same pool settings,
-same runners and tools: the demo module is imported, not copied), without its "naive" run.
+Each run is `examples/storm_demo.py`'s "toolpool-http1.1" run (same downstream, same pool
+settings, same runners and tools: the demo module is imported, not copied), without its
+"naive" run: the per-phase instruments below are those of the HTTP/1.1 path, so the pool is
+pinned to `http2=False` (the demo's default run is on HTTP/2 since issue 18).
 Frameworks are interleaved (a, b, a, b, ...) so that a noisy neighbour on a shared machine
 hits all of them alike. Per run it records:
 
@@ -287,7 +289,7 @@ async def run_once(
         clients = register_tenants(ds, spec)
         urls = {s: ds.url(s) for s in spec.services}
         demo.DOWNSTREAM = demo.Downstream(urls, clients, "pool")
-        pool = demo.storm_pool(spec, urls, clients, ds.ca_pem_path)
+        pool = demo.storm_pool(spec, urls, clients, ds.ca_pem_path, http2=False)
         ds.reset_stats()
         await pool.astart()
         runner = demo.RUNNERS[framework](spec, pool)

@@ -155,11 +155,14 @@ async def main() -> None:
                     f"  {'one tenant per connection' if mixed == 0 else f'{mixed} MIXED'}"
                 )
             stats = pool.stats()
-            print(
-                f"pool: {stats.created_total} connections opened, "
-                f"{sum(d.reused_total for d in stats.values())} requests on reused ones, "
-                f"{stats.in_use} in use now"
+            # On HTTP/2 (the default on https://) the slot counts are stream permits; the
+            # connections are the http2_* fields.
+            opened = sum(
+                d.http2_connections_opened if d.protocol == "h2" else d.created_total
+                for d in stats.values()
             )
+            protocols = ", ".join(sorted({d.protocol for d in stats.values()}))
+            print(f"pool: {opened} connections opened ({protocols}), {stats.in_use} in use now")
             print(
                 "Without toolpool each tool call would open its own connection and fetch its "
                 "own token."

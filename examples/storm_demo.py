@@ -1,7 +1,8 @@
 """The connection storm, before and after toolpool, on one machine with no network.
 
-    python examples/storm_demo.py            # `make demo`; about 2 minutes on 2 cores
-    python examples/storm_demo.py --quick    # under 45 s
+    python examples/storm_demo.py            # `make demo`; about 3 minutes on 2 cores
+    python examples/storm_demo.py --quick    # about a minute
+    python examples/storm_demo.py --http2    # the toolpool run on HTTP/2 only (--http1: 1.1 only)
 
 A downstream of five TLS services (crm, email, vectors, search, sandbox; toolpool.testing, in
 its own process) sits 25 ms away behind latency relays, with OAuth2 token endpoints (100-300
@@ -15,7 +16,10 @@ Run 1, "naive": the tools also fetch an OAuth token per call.
 Run 2, "toolpool": the same agents and tools, plus one call, `toolpool.langchain.wrap(agent,
 pool, auth=...)`; the tools' clients now send through the shared, tenant-affine pool, and the
 per-call token fetch moves into the pool (`Destination(auth=OAuth2ClientCredentials(...))`),
-which fetches one token per (service, tenant).
+which fetches one token per (service, tenant). The pool speaks HTTP/2, its default (one
+multiplexed connection per service and tenant, the cap counted in concurrent requests).
+Run 3, "toolpool-http1.1": the same pool with `http2=False` (HTTP/1.1: a connection per
+request in flight, handed over between tenants at the cap).
 
 Prints the seed's table side by side and writes demo-output/results.json (also `--json PATH`),
 demo-output/latency_cdf.png and demo-output/connections.png.
@@ -514,9 +518,11 @@ async def run_once(
         clients = register_tenants(ds, spec)
         urls = {s: ds.url(s) for s in spec.services}
         costs = await probe_costs(ds, spec, clients)
-        DOWNSTREAM = Downstream(urls, clients, "pool" if strategy == "toolpool" else "per-call")
+        DOWNSTREAM = Downstream(
+            urls, clients, "pool" if strategy.startswith("toolpool") else "per-call"
+        )
         pool: toolpool.Pool | None = None
-        if strategy == "toolpool":
+        if strategy.startswith("toolpool"):
             pool = storm_pool(spec, urls, clients, ds.ca_pem_path, http2=http2)
             ds.reset_stats()  # from here on the servers count the pool's connections only
             if framework == "crewai":
@@ -569,14 +575,20 @@ ROWS = [
 ]
 
 
-def table_lines(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
-    naive, pooled = results["naive"], results["toolpool"]
+COLUMNS = {"toolpool": "toolpool (HTTP/2)", "toolpool-http1.1": "toolpool (HTTP/1.1)"}
+
+
+def table_lines(results: dict[str, dict[str, Any]], pooled: list[str]) -> list[tuple[str, ...]]:
+    """One row per measure: the naive run's value, then each pooled run's."""
     rows = []
     for key, label, fmt in ROWS:
-        a, b = naive.get(key, 0), pooled.get(key, 0)
-        if key == "http_503":
-            a, b = a + naive.get("http_429", 0), b + pooled.get("http_429", 0)
-        rows.append((label, fmt.format(a), fmt.format(b)))
+        values = []
+        for run in [results["naive"], *(results[s] for s in pooled)]:
+            value = run.get(key, 0)
+            if key == "http_503":
+                value += run.get("http_429", 0)
+            values.append(fmt.format(value))
+        rows.append((label, *values))
     return rows
 
 
@@ -634,10 +646,17 @@ def main() -> None:
     parser.add_argument("--destinations", type=int, default=5, help="services (1-5)")
     parser.add_argument("--latency", type=float, default=0.025, help="one-way latency (s)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument(
-        "--http2", action="store_true", help="the toolpool run on HTTP/2 (Pool(http2=True))"
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
+        "--http2", action="store_true", help="the toolpool run on HTTP/2 only (the default)"
+    )
+    only.add_argument(
+        "--http1", action="store_true", help="the toolpool run on HTTP/1.1 only (http2=False)"
     )
     args = parser.parse_args()
+    strategies = ["naive"]
+    strategies += [] if args.http1 else ["toolpool"]
+    strategies += [] if args.http2 else ["toolpool-http1.1"]
     lo, _, hi = args.calls.partition("-")
     spec = StormSpec(
         agents=args.agents or (40 if args.quick else 100),
@@ -669,30 +688,34 @@ def main() -> None:
         TextColumn("tool calls"),
         console=console,
     ) as bar:
-        for strategy in ("naive", "toolpool"):
+        for strategy in strategies:
             task = bar.add_task(strategy, total=None)
 
             def progress(done: int, total: int, task: Any = task) -> None:
                 bar.update(task, completed=done, total=total)
 
             results[strategy], records[strategy], timelines[strategy] = asyncio.run(
-                run_once(strategy, spec, args.framework, progress, args.http2)
+                run_once(strategy, spec, args.framework, progress, strategy == "toolpool")
             )
             bar.update(task, total=results[strategy]["calls"], completed=results[strategy]["calls"])
     table = Table(title="The seed's economics, measured (same agents, same tools, same run)")
     table.add_column("")
     table.add_column("naive (today)", justify="right")
-    table.add_column("toolpool (HTTP/2)" if args.http2 else "toolpool", justify="right")
-    for row in table_lines(results):
+    pooled = [s for s in strategies if s != "naive"]
+    for strategy in pooled:
+        table.add_column(COLUMNS[strategy], justify="right")
+    for row in table_lines(results, pooled):
         table.add_row(*row)
     console.print(table)
-    n, t = results["naive"], results["toolpool"]
-    if t["p99_ms"]:
-        console.print(
-            f"p99 {n['p99_ms'] / t['p99_ms']:.1f}x better; "
-            f"{n['conns_opened']} -> {t['conns_opened']} connections opened; "
-            f"{n['tokens']} -> {t['tokens']} token requests."
-        )
+    n = results["naive"]
+    for strategy in pooled:
+        t = results[strategy]
+        if t["p99_ms"]:
+            console.print(
+                f"{COLUMNS[strategy]}: p99 {n['p99_ms'] / t['p99_ms']:.1f}x better; "
+                f"{n['conns_opened']} -> {t['conns_opened']} connections opened; "
+                f"{n['tokens']} -> {t['tokens']} token requests."
+            )
     paths = charts(results, records, timelines)
     OUT.mkdir(exist_ok=True)
     payload = {"spec": dataclasses.asdict(spec), "framework": args.framework, **results}
@@ -700,7 +723,7 @@ def main() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(payload, indent=2))
     console.print("wrote " + ", ".join(str(p) for p in [OUT / "results.json", *paths]))
-    if t["errors"] or t["mixed_connections"]:
+    if any(results[s]["errors"] or results[s]["mixed_connections"] for s in pooled):
         sys.exit(1)
 
 

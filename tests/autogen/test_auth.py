@@ -122,6 +122,10 @@ async def test_one_token_per_tenant_and_tenant_affine_connections(oauth_crm: Dow
         assert stats.http_401 == 0
         assert stats.requests_total - stats.token_requests == 12
         assert stats.mixed_connections() == {}
+        # HTTP/2, the pool's default on TLS: one connection per tenant and driver (the event
+        # loop: the token request and the async and HttpTool calls; the thread driver: the sync
+        # tool's), every call multiplexed on it.
+        assert stats.connections_accepted == stats.http2_connections() == 2 * 2
         assert (pool.stats().in_use, pool.stats().waiting) == (0, 0)
 
 

@@ -10,10 +10,14 @@ import pytest
 from toolpool.testing import Downstream, ServiceSpec
 
 
-@pytest.fixture(params=["plain", "tls"])
+@pytest.fixture(params=["plain", "tls-http1.1", "tls-h2"])
 def downstream(request: pytest.FixtureRequest) -> Iterator[Downstream]:
-    """One open service ("api", no auth: the tenant comes from X-Tenant), plain and TLS."""
-    with Downstream({"api": ServiceSpec(require_auth=False)}, tls=request.param == "tls") as ds:
+    """One open service ("api", no auth: the tenant comes from X-Tenant): plain HTTP, TLS on
+    HTTP/1.1 (the server refuses h2, the destination has `http2=False`: see
+    `tests._support.pools.destination`), and TLS on HTTP/2 (the pool's default where the
+    server offers it)."""
+    spec = ServiceSpec(require_auth=False, http2=request.param == "tls-h2")
+    with Downstream({"api": spec}, tls=request.param != "plain") as ds:
         yield ds
 
 

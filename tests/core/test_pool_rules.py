@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 import toolpool
-from tests._support.pools import assert_quiet, destination, tenant
+from tests._support.pools import (
+    assert_quiet,
+    assert_quiet_soon,
+    destination,
+    speaks_h2,
+    tenant,
+)
 from toolpool.testing import Downstream, ServiceSpec
 
 
@@ -31,9 +37,15 @@ async def test_cap_holds_at_the_server_across_tenants(downstream: Downstream) ->
         assert all(r.json()["tenant"] == tenants[i % 12] for i, r in enumerate(rs))
         assert_quiet(pool)
         stats = downstream.stats("api")
-        assert stats.peak_connections <= 6
         assert stats.mixed_connections() == {}
-        assert pool.stats()["api"].created_total == stats.connections_accepted
+        if speaks_h2(downstream):
+            # The cap counts concurrent requests (streams); each tenant has one connection.
+            assert stats.peak_streams_open <= 6
+            assert stats.connections_accepted == 12 == stats.http2_connections()
+            assert pool.stats()["api"].http2_connections_opened == stats.connections_accepted
+        else:
+            assert stats.peak_connections <= 6
+            assert pool.stats()["api"].created_total == stats.connections_accepted
 
 
 async def test_one_tenant_reuses_few_connections(plain: Downstream) -> None:
@@ -204,15 +216,20 @@ async def test_a_storm_on_one_destination_does_not_delay_another() -> None:
             assert_quiet(pool)
 
 
-async def test_randomized_affinity_with_cancellations_idle_closes_and_resets() -> None:
+@pytest.mark.parametrize("protocol", ["http1.1", "h2"])
+async def test_randomized_affinity_with_cancellations_idle_closes_and_resets(
+    protocol: str,
+) -> None:
     """20 tenants, thousands of requests, random cancellations, server idle closes and
-    resets: no connection ever carries two tenants, nothing leaks, counters agree."""
+    resets: no connection ever carries two tenants, nothing leaks, counters agree. On
+    HTTP/1.1 the cap bounds the server's connections, on HTTP/2 its concurrent streams."""
     rng = random.Random(1234)
     spec = ServiceSpec(require_auth=False, service_time=(0.0, 0.004), keepalive_timeout=0.15)
+    h2 = protocol == "h2"
     async with Downstream({"api": spec}, tls=True, seed=7) as ds:
         ds.set_fault("api", "reset", probability=0.02)
         ds.set_fault("api", "close_after_response", probability=0.03)
-        dest = destination(ds, max_connections=10, queue_factor=100, idle_ttl=0.5)
+        dest = destination(ds, max_connections=10, queue_factor=100, idle_ttl=0.5, http2=h2)
         tenants = [f"tenant-{i}" for i in range(20)]
         outcomes = {"ok": 0, "cancelled": 0, "error": 0}
         async with toolpool.Pool([dest], warmup=0.3) as pool:
@@ -237,11 +254,21 @@ async def test_randomized_affinity_with_cancellations_idle_closes_and_resets() -
                 await asyncio.gather(*[one(i) for i in range(400)])
                 if wave % 2:
                     await asyncio.sleep(0.3)  # let the server's idle timeout close some
-            assert_quiet(pool)
-            assert pool.stats()["api"].created_total <= ds.stats("api").connections_accepted
+            if h2:
+                await assert_quiet_soon(pool)  # cancelled streams: permits back after a PING
+            else:
+                assert_quiet(pool)
+            st = pool.stats()["api"]
+            assert st.protocol == ("h2" if h2 else "http/1.1")
+            opened = st.http2_connections_opened if h2 else st.created_total
+            assert opened <= ds.stats("api").connections_accepted
         stats = ds.stats("api")
         assert stats.mixed_connections() == {}
-        assert stats.peak_connections <= 10
+        if h2:
+            assert stats.peak_streams_open <= 10
+            assert stats.http2_connections() == stats.connections_accepted
+        else:
+            assert stats.peak_connections <= 10
         assert outcomes["ok"] > 1500 and outcomes["cancelled"] > 100
         assert stats.faults_fired.get("reset", 0) > 0
         assert stats.connections_closed_by_server_idle > 0

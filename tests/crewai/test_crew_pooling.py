@@ -33,6 +33,10 @@ MAX_CONNECTIONS = 32
 #: Upper bound on connections per service, from the crew's shape: per tenant at most 12
 #: parallel search calls (researchers of both lanes), or 4 sync + 6 async CRM calls, +1 token.
 CONNECTION_BOUND = {"search": 2 * (12 + 1), "crm": 2 * (4 + 6 + 1)}
+#: On HTTP/2 (the pool's default; the services are TLS): one connection per tenant and driver,
+#: every call multiplexed on it. CRM is called from threads (sync tools) and from the event
+#: loop of the async tools, search from threads only.
+DRIVERS = {"search": 1, "crm": 2}
 
 
 def by_tenant(inputs: dict[str, Any]) -> toolpool.AuthContext:
@@ -66,6 +70,8 @@ def check_run(
         assert stats.responses_by_status == {200: calls + len(TENANTS)}  # + one token each
         # Far fewer connections than calls (without the pool, every call opens one).
         assert stats.connections_accepted <= CONNECTION_BOUND[service] < calls, (service, stats)
+        assert pool.stats()[service].protocol == "h2"
+        assert stats.connections_accepted == len(TENANTS) * DRIVERS[service], (service, stats)
         # No connection ever carried two tenants.
         assert stats.mixed_connections() == {}
         assert set().union(*stats.connection_tenants.values()) == set(TENANTS)

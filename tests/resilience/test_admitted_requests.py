@@ -42,7 +42,27 @@ def vectors() -> Iterator[Downstream]:
         yield ds
 
 
-def _pool(ds: Downstream, cap: int, **kwargs: object) -> toolpool.Pool:
+@pytest.fixture(params=["http1.1", "h2"])
+def h2(request: pytest.FixtureRequest) -> bool:
+    """Both protocols: on HTTP/1.1 tenants hand connections over (closing and opening them)
+    at the cap; on HTTP/2 (the default on TLS) each tenant keeps one connection and the cap
+    counts concurrent requests (streams)."""
+    return bool(request.param == "h2")
+
+
+def _check_cap(ds: Downstream, cap: int, h2: bool) -> None:
+    """The server never saw more than `cap` at once: connections on HTTP/1.1; on HTTP/2
+    streams (token requests included), on one connection per tenant."""
+    server = ds.stats("vectors")
+    if h2:
+        assert server.http2_connections() == server.connections_accepted
+        assert server.peak_streams_open <= cap
+        assert server.peak_connections <= len(TENANTS)
+    else:
+        assert server.peak_connections <= cap
+
+
+def _pool(ds: Downstream, cap: int, h2: bool, **kwargs: object) -> toolpool.Pool:
     auth = toolpool.auth.OAuth2ClientCredentials(ds.token_url("vectors"), credentials=_credentials)
     return toolpool.Pool(
         [
@@ -53,6 +73,7 @@ def _pool(ds: Downstream, cap: int, **kwargs: object) -> toolpool.Pool:
                 warmup=0.0,  # cold
                 verify=ds.ca_pem_path,
                 auth=auth,
+                http2=h2,
             )
         ],
         **kwargs,  # type: ignore[arg-type]
@@ -63,11 +84,11 @@ def _ctx(i: int) -> toolpool.AuthContext:
     return toolpool.AuthContext(tenant=TENANTS[i % len(TENANTS)])
 
 
-async def test_admitted_calls_never_meet_a_full_queue(vectors: Downstream) -> None:
+async def test_admitted_calls_never_meet_a_full_queue(vectors: Downstream, h2: bool) -> None:
     cap = 7
     calls = 3 * cap  # everything admission lets in at once: the cap plus the 2x queue
     failures: Counter[str] = Counter()
-    async with _pool(vectors, cap) as pool:
+    async with _pool(vectors, cap, h2) as pool:
         client = pool.client()
 
         async def call(i: int) -> None:
@@ -90,8 +111,9 @@ async def test_admitted_calls_never_meet_a_full_queue(vectors: Downstream) -> No
         stats = pool.stats()["vectors"]
     assert failures == Counter()
     assert stats.saturated_total == 0
+    assert stats.protocol == ("h2" if h2 else "http/1.1")
+    _check_cap(vectors, cap, h2)
     server = vectors.stats("vectors")
-    assert server.peak_connections <= cap
     assert server.requests_total - server.token_requests == 3 * calls * 2
     assert server.token_requests >= 3 * len(TENANTS)
     assert server.mixed_connections() == {}
@@ -102,12 +124,18 @@ POLICIES = [pytest.param({}, id="policy"), pytest.param({"policy": None}, id="no
 
 
 async def _rounds_at_the_queue_bound(
-    vectors: Downstream, policy: dict[str, object], *, cap: int, rounds: int, tenants: int
+    vectors: Downstream,
+    policy: dict[str, object],
+    h2: bool,
+    *,
+    cap: int,
+    rounds: int,
+    tenants: int,
 ) -> None:
     """2 x cap unadmitted callers of `tenants` tenants, `rounds` times, cold each round (the
     tokens cleared): every call answered 200, none refused, the downstream never above cap."""
     callers = 2 * cap
-    async with _pool(vectors, cap, **policy) as pool:
+    async with _pool(vectors, cap, h2, **policy) as pool:
         client = pool.client()
 
         async def call(i: int) -> int:
@@ -120,33 +148,35 @@ async def _rounds_at_the_queue_bound(
             assert statuses == [200] * callers
             pool.destination("vectors").auth.clear()
         assert pool.stats()["vectors"].saturated_total == 0
-    assert vectors.stats("vectors").peak_connections <= cap
+        assert pool.stats()["vectors"].protocol == ("h2" if h2 else "http/1.1")
+    _check_cap(vectors, cap, h2)
+    assert vectors.stats("vectors").mixed_connections() == {}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 async def test_unadmitted_callers_up_to_the_queue_bound_never_fail(
-    vectors: Downstream, policy: dict[str, object]
+    vectors: Downstream, policy: dict[str, object], h2: bool
 ) -> None:
     # Two tenants: token requests + hand-overs.
-    await _rounds_at_the_queue_bound(vectors, policy, cap=5, rounds=5, tenants=2)
+    await _rounds_at_the_queue_bound(vectors, policy, h2, cap=5, rounds=5, tenants=2)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 async def test_ten_tenants_at_the_queue_bound_without_admission(
-    vectors: Downstream, policy: dict[str, object]
+    vectors: Downstream, policy: dict[str, object], h2: bool
 ) -> None:
     # One tenant per caller.
-    await _rounds_at_the_queue_bound(vectors, policy, cap=7, rounds=3, tenants=14)
+    await _rounds_at_the_queue_bound(vectors, policy, h2, cap=7, rounds=3, tenants=14)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_sync_callers_at_the_queue_bound_never_fail(
-    vectors: Downstream, policy: dict[str, object]
+    vectors: Downstream, policy: dict[str, object], h2: bool
 ) -> None:
     """Thread driver: 2 x cap callers of three tenants, cold; token requests and hand-overs
     take no places under the queue bound."""
     cap = 2
-    with _pool(vectors, cap, **policy) as pool:
+    with _pool(vectors, cap, h2, **policy) as pool:
         client = pool.sync_client()
         barrier = threading.Barrier(2 * cap)
         errors: list[BaseException] = []
@@ -167,6 +197,8 @@ def test_sync_callers_at_the_queue_bound_never_fail(
         assert not any(t.is_alive() for t in threads)
         assert errors == []
         assert pool.stats()["vectors"].saturated_total == 0
+        assert pool.stats()["vectors"].protocol == ("h2" if h2 else "http/1.1")
+    _check_cap(vectors, cap, h2)
 
 
 def test_saturated_message_shows_opening_and_closing() -> None:

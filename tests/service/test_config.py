@@ -187,6 +187,26 @@ def test_static_share_divides_each_cap_among_replicas(tmp_path: Path) -> None:
         pool.close()
 
 
+def test_http2_is_the_default_on_https_and_a_key_turns_it_off() -> None:
+    """`[pool] http2` and `[destinations.NAME] http2` default to the library's default:
+    HTTP/2 offered by ALPN on https:// (plain http:// is HTTP/1.1); `http2 = false` opts out."""
+    text = BASE.replace('url = "http://127.0.0.1:9"', 'url = "https://127.0.0.1:9"') + (
+        '\n[destinations.old]\nurl = "https://127.0.0.1:10"\nhttp2 = false\n'
+        '\n[destinations.plain]\nurl = "http://127.0.0.1:11"\n'
+    )
+    pool = parse_config(text, env=ENV).build_pool()
+    try:
+        offered = {name: pool.destination(name).settings.http2 for name in ("crm", "old", "plain")}
+        assert offered == {"crm": True, "old": False, "plain": False}
+    finally:
+        pool.close()
+    off = parse_config("[pool]\nhttp2 = false\n" + text, env=ENV).build_pool()
+    try:
+        assert off.destination("crm").settings.http2 is False
+    finally:
+        off.close()
+
+
 def test_forbidden_addresses() -> None:
     for host in ("169.254.169.254", "[fe80::1]", "0.0.0.0", "::ffff:169.254.169.254", "metadata"):
         assert forbidden_address(host) is not None, host

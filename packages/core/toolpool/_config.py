@@ -99,11 +99,11 @@ class PoolDefaults:
     # unspecified and multicast addresses are refused unless allowed by address
     # (toolpool.Egress; tools build URLs from model output, so any URL can arrive).
     egress: Egress = field(default_factory=Egress)
-    # HTTP/2 where the server offers it (ALPN on TLS): one multiplexed connection per
-    # (destination, tenant) instead of one connection per request in flight. Plain http://
-    # is always HTTP/1.1. Off by default until the rest of the suite (warm-up, mTLS, the
-    # HTTP/1.1-counting tests) is adapted: issue 18 asks for True.
-    http2: bool = False
+    # HTTP/2 where the server offers it (ALPN on TLS: h2 and http/1.1 offered, the server
+    # picks): one multiplexed connection per (destination, tenant) instead of one connection
+    # per request in flight, and the cap counts concurrent requests. Plain http:// is always
+    # HTTP/1.1; False: HTTP/1.1 only.
+    http2: bool = True
 
     def __post_init__(self) -> None:
         _check_positive_int("max_connections", self.max_connections)
@@ -163,8 +163,8 @@ class Destination:
     auth: Any = None
     # A toolpool.resilience.Policy for this destination; None inherits the pool's.
     policy: Any = None
-    #: Offer HTTP/2 by ALPN on https:// (None: the pool's default). On HTTP/2,
-    #: `max_connections` bounds concurrent requests (streams) across tenants.
+    #: Offer HTTP/2 by ALPN on https:// (None: the pool's default, True; False: HTTP/1.1
+    #: only). On HTTP/2, `max_connections` bounds concurrent requests (streams) across tenants.
     http2: bool | None = None
     origin: Origin = field(init=False, repr=False, compare=False)
 

@@ -94,9 +94,11 @@ class Pool:
     (`egress=toolpool.Egress(...)`; by default cloud metadata, link-local, unspecified and
     multicast addresses are refused, in any spelling), raising `toolpool.EgressDenied`.
 
-    HTTP/2: with `http2=True`, https:// destinations offer `h2` by ALPN; where the server
-    picks it, a tenant gets one multiplexed connection per destination and `max_connections`
-    counts concurrent requests (streams) across tenants (toolpool._h2pool explains the rules).
+    HTTP/2 (`http2=True`, the default): https:// destinations offer `h2` and `http/1.1` by
+    ALPN; where the server picks h2, a tenant gets one multiplexed connection per destination
+    and `max_connections` counts concurrent requests (streams) across tenants
+    (toolpool._h2pool explains the rules). Plain http:// is HTTP/1.1; `http2=False` (here or
+    per `Destination`) keeps https:// on HTTP/1.1 too.
 
     Arguments are the pool-wide defaults (see `PoolDefaults` for the reason behind each);
     a `Destination` overrides any of them for itself. A pool used before it is entered
@@ -121,7 +123,7 @@ class Pool:
         local_max_connections: int | None = None,
         overflow: OverflowTier | None = None,
         egress: Any = None,
-        http2: bool = False,
+        http2: bool = True,
     ) -> None:
         self.defaults = PoolDefaults(
             max_connections=max_connections,
