@@ -65,7 +65,7 @@ async def test_async_tls_storm_metrics_agree_with_server() -> None:
                 )
             ],
             queue_factor=50,
-            http2=False,  # HTTP/1.1: connections against the server's counts; the HTTP/2 twin is below
+            http2=False,  # HTTP/1.1: connections against the server's; HTTP/2 twin below
         )
         toolpool.metrics.register(pool, registry)
         server = toolpool.metrics.serve(0, registry)
