@@ -32,8 +32,9 @@ Rules
   :class:`StreamNotProcessed`, which says "safe to retry on another connection". Any other
   reset fails with :class:`StreamReset` (the request may have been processed).
 - **GOAWAY drains**: no new stream after it; the streams at or below its last stream id
-  finish. (h2 itself stops accepting frames once a GOAWAY arrives; we put its state machine
-  back to open, which is exactly RFC 9113 6.8's graceful shutdown.)
+  finish. (h2 itself stops accepting frames once a GOAWAY arrives, even the rest of the
+  same read, and drops what it had queued to send; :class:`_Connection` keeps both going
+  after a GOAWAY(NO_ERROR), which is exactly RFC 9113 6.8's graceful shutdown.)
 - **Local drain** (:meth:`drain`, for max lifetime): no new stream; once the last one ends,
   :attr:`should_close` turns true and :meth:`close` sends GOAWAY(NO_ERROR).
 - **A connection error fails only this connection's streams** (:meth:`connection_lost`, or
@@ -47,6 +48,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -102,6 +104,45 @@ class StreamReset(httpx.RemoteProtocolError):
         self.error_code = error_code
 
 
+class _Connection(h2.connection.H2Connection):
+    """``h2``'s connection, with RFC 9113 6.8's graceful GOAWAY.
+
+    On a GOAWAY ``h2`` moves its state machine to CLOSED and empties its send buffer, inside
+    ``receive_data``. For a GOAWAY(NO_ERROR) that is wrong twice over: the frames that follow
+    it in the same read (the DATA of the streams the server is still finishing, which nginx
+    sends right behind its GOAWAY) would be rejected as a protocol error, failing every
+    stream; and the acknowledgements ``h2`` queued for frames read just before it (SETTINGS
+    ACK, PING ACK, WINDOW_UPDATE) would be dropped. Here the buffer is kept and a graceful
+    GOAWAY leaves the state machine open; :class:`H2Client` takes no new stream after it.
+    """
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        # A 1xx head arriving on a stream we reset (it crossed our RST_STREAM) is an invalid
+        # state transition to h2 4.x, which then fails the whole connection; RFC 9113 5.1 says
+        # to ignore frames on a stream we reset, as h2 does for a final head. Same treatment:
+        # a stream error (h2 answers RST_STREAM(STREAM_CLOSED)). HPACK was decoded already.
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as exc:
+            invalid_transition = type(exc) is h2.exceptions.ProtocolError and isinstance(
+                exc.__cause__, KeyError
+            )
+            if invalid_transition and self._stream_is_closed_by_reset(frame.stream_id):
+                raise h2.exceptions.StreamClosedError(frame.stream_id) from None
+            raise
+
+    def clear_outbound_data_buffer(self) -> None:
+        # Only h2's GOAWAY handling calls this (h2 4.x); nothing queued is dropped.
+        pass
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == h2.errors.ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+        return result
+
+
 def _code_name(code: int) -> str:
     try:
         return h2.errors.ErrorCodes(code).name
@@ -151,11 +192,20 @@ class H2Client:
         chunk = client.take_body(stream)       # acknowledges it to the server's window
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        receive_window: int = RECEIVE_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
+    ) -> None:
+        """``receive_window`` / ``connection_window``: what we grant the server per stream and
+        for the connection (the defaults above; tests use small ones to exercise flow control)."""
+        self._receive_window = receive_window
+        self._connection_window = max(connection_window, 65535)
         config = h2.config.H2Configuration(
             client_side=True, header_encoding=None, validate_inbound_headers=True
         )
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _Connection(config=config)
         # In effect at once (h2 would otherwise apply them once the server acknowledges):
         # we announce them in the preface, before any stream exists.
         self._h2.local_settings = h2.settings.Settings(
@@ -163,7 +213,7 @@ class H2Client:
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: LOCAL_MAX_STREAMS,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: receive_window,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
             },
         )
@@ -192,7 +242,8 @@ class H2Client:
     def initiate(self) -> bytes:
         """The connection preface and our SETTINGS (write it first)."""
         self._h2.initiate_connection()
-        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        if self._connection_window > 65535:  # the RFC's initial connection window
+            self._h2.increment_flow_control_window(self._connection_window - 65535)
         return self._h2.data_to_send()
 
     def data_to_send(self) -> bytes:
@@ -333,7 +384,7 @@ class H2Client:
             return None
         data, flow = stream.chunks.popleft()
         stream.unacked += flow
-        if stream.unacked >= RECEIVE_WINDOW // 2 and not stream.ended and not self.closed:
+        if stream.unacked >= self._receive_window // 2 and not stream.ended and not self.closed:
             try:
                 self._h2.increment_flow_control_window(stream.unacked, stream_id=stream.stream_id)
             except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
@@ -355,7 +406,7 @@ class H2Client:
                     self.resets_sent += 1
                 except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
                     pass
-            if stream.error is None:
+            if not stream.ended:  # a complete response stays one (only our half is reset)
                 stream.error = httpx.RemoteProtocolError("the stream was cancelled")
         return reset
 
@@ -364,7 +415,19 @@ class H2Client:
         if not stream.done:
             self.cancel(stream)
             return
-        self.streams.pop(stream.stream_id, None)
+        if self.streams.pop(stream.stream_id, None) is None:
+            return
+        if stream.error is None and not stream.request_sent and not self.closed:
+            # A complete response before our request body was (RFC 9113 8.1: the server
+            # answered early, without RST_STREAM(NO_ERROR)): nobody will send the rest, so
+            # close our side with RST_STREAM(CANCEL). Left half-open, the stream would count
+            # against the server's stream limit (and h2's) for the connection's life.
+            stream.outbound.clear()
+            stream.request_sent = True
+            try:
+                self._h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+                pass
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -407,7 +470,7 @@ class H2Client:
             stream = self.streams.get(sid)
             flow = event.flow_controlled_length or 0
             self._connection_unacked += flow
-            if self._connection_unacked >= CONNECTION_WINDOW // 2:
+            if self._connection_unacked >= self._connection_window // 2:
                 self._h2.increment_flow_control_window(self._connection_unacked)
                 self._connection_unacked = 0
             if stream is None:
@@ -476,9 +539,8 @@ class H2Client:
             self._fail_all(self.error)
             touched.update(self.streams)
             return
-        # Graceful: h2 has moved its state machine to CLOSED and would reject the DATA of the
-        # streams the server is still finishing; RFC 9113 6.8 says they complete.
-        self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        # Graceful: the streams at or below `last` complete (RFC 9113 6.8); _Connection kept
+        # h2's state machine open for their frames.
 
     # -- sending -------------------------------------------------------------------------
 
