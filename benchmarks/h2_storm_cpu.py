@@ -199,6 +199,7 @@ async def one_run(spec: StormSpec, http2: bool, framework: str, profile: bool) -
         "p50_ms": report["p50_ms"],
         "p99_ms": report["p99_ms"],
         "conns_opened": report["conns_opened"],
+        "server_pings": sum(x.pings_received for x in server.values()),
         "storm_s": round(duration, 2),
         "client_cpu_ms_per_call": round(1000 * cpu / calls, 3),
         "server_cpu_ms_per_call": round(1000 * srv / calls, 3),
@@ -252,6 +253,12 @@ def main() -> None:
         "18 is the demo's; a higher one shows what the storm does when the cap binds less",
     )
     parser.add_argument("--profile", help="also one cProfile run per protocol, to DIR-<p>.txt")
+    parser.add_argument(
+        "--borrow-check-after",
+        default="",
+        help="HTTP/2 runs with these values of toolpool._h2pool.BORROW_CHECK_AFTER (s), "
+        "interleaved, e.g. 1,10 (default: the library's)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     specs = {
@@ -266,14 +273,27 @@ def main() -> None:
     spec = next(iter(specs.values()))
     protocols = args.protocols.split(",")
     results: list[dict[str, Any]] = []
+    import toolpool._h2pool as h2pool
+
+    checks = [float(x) for x in args.borrow_check_after.split(",") if x]
+    runs = [
+        (limit, proto, check)
+        for limit in specs
+        for proto in protocols
+        for check in (checks if proto == "h2" and checks else [h2pool.BORROW_CHECK_AFTER])
+    ]
+    default_check = h2pool.BORROW_CHECK_AFTER
     for rnd in range(args.rounds):
-        for limit, lspec in specs.items():
-            for proto in protocols:
-                r = asyncio.run(one_run(lspec, proto == "h2", args.framework, False))
-                r["round"] = rnd
-                r["limit"] = limit
-                print(json.dumps(r), flush=True)
-                results.append(r)
+        for limit, proto, check in runs:
+            h2pool.BORROW_CHECK_AFTER = check  # type: ignore[misc]
+            r = asyncio.run(one_run(specs[limit], proto == "h2", args.framework, False))
+            h2pool.BORROW_CHECK_AFTER = default_check  # type: ignore[misc]
+            r["round"] = rnd
+            r["limit"] = limit
+            if proto == "h2":
+                r["borrow_check_after"] = check
+            print(json.dumps(r), flush=True)
+            results.append(r)
     if args.profile:
         for proto in protocols:
             r = asyncio.run(one_run(spec, proto == "h2", args.framework, True))
@@ -287,11 +307,14 @@ def main() -> None:
             r["round"] = "profile"
             print(json.dumps(r), flush=True)
             results.append(r)
-    for proto, limit in [(p, lim) for lim in specs for p in protocols]:
+    for limit, proto, check in runs:
         rows = [
             r
             for r in results
-            if r["protocol"] == proto and r["round"] != "profile" and r.get("limit") == limit
+            if r["protocol"] == proto
+            and r["round"] != "profile"
+            and r.get("limit") == limit
+            and r.get("borrow_check_after", check) == check
         ]
         if not rows:
             continue
@@ -309,7 +332,8 @@ def main() -> None:
                 "cores_busy",
             )
         }
-        print(proto, f"limit {limit}", "median [min, max]:", json.dumps(summary))
+        label = f"{proto} limit {limit}" + (f" borrow-check {check}" if proto == "h2" else "")
+        print(label, "median [min, max]:", json.dumps(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))

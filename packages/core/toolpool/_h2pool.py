@@ -78,9 +78,13 @@ __all__ = [
 log = logging.getLogger("toolpool.pool")
 monotonic = time.monotonic
 
-#: A connection idle longer than this is PINGed before it carries a stream (the rules
-#: table's "a connection idle > 1 s is checked cheaply on borrow").
-BORROW_CHECK_AFTER = 1.0
+#: A connection idle longer than this is PINGed before it carries a stream. Not HTTP/1.1's
+#: 1 s: there the check is a local peek, here it is a round trip in front of the request, and
+#: a peer that closed (FIN, RST, GOAWAY) is seen locally anyway; only silent deaths need the
+#: PING, and the maintenance tick PINGs connections idle for health_check_interval (10 s by
+#: default) too. At 1 s, ~20 % of the demo storm's calls waited for a PING round trip
+#: (benchmarks/RESULTS.md, "What bounds the storm's p99 on HTTP/2").
+BORROW_CHECK_AFTER = 10.0
 #: How long a PING may take (on borrow, in the maintenance tick, or fencing a cancelled
 #: stream's permit) before the connection counts as dead and is closed.
 PING_TIMEOUT = 2.0
