@@ -200,6 +200,10 @@ async def one_run(spec: StormSpec, http2: bool, framework: str, profile: bool) -
         "p99_ms": report["p99_ms"],
         "conns_opened": report["conns_opened"],
         "server_pings": sum(x.pings_received for x in server.values()),
+        "server_503s": sum(x.http_503 for x in server.values()),
+        "server_peak_in_progress_max_service": max(
+            (x.peak_requests_in_progress for x in server.values()), default=0
+        ),
         "storm_s": round(duration, 2),
         "client_cpu_ms_per_call": round(1000 * cpu / calls, 3),
         "server_cpu_ms_per_call": round(1000 * srv / calls, 3),
