@@ -12,7 +12,8 @@ Clients:
   httpx+toolpool  httpx.AsyncClient(transport=toolpool.AsyncTransport(pool)), default policy
   httpx+toolpool-nopolicy  the same with Pool(policy=None): the core transport alone, without
                   the resilience layer (retries, breaker, adaptive limit, admission counting)
-  toolpool-lean   await pool.request(...): the pool without httpx's client layer (default policy)
+  toolpool-lean   await pool.request(...): the pool without httpx's client layer (default policy),
+                  on HTTP/1.1 (`http2=False`; `toolpool-lean-h2`: the same on HTTP/2)
   httpx-null      httpx.AsyncClient on a transport that answers at once without any I/O: the
                   ceiling httpx's client layer alone allows (not a client one can use)
   aiohttp         aiohttp.ClientSession(connector=TCPConnector(limit=100))
@@ -122,11 +123,12 @@ async def _run_client(
             (await null.get(target)).raise_for_status()
 
         cleanup = null.aclose
-    elif name.split("+otel")[0] == "toolpool-lean":
+    elif name.split("+otel")[0] in ("toolpool-lean", "toolpool-lean-h2"):
         lean = toolpool.Pool(
             [toolpool.Destination("api", url, max_connections=100, verify=ca_path or True)],
             queue_factor=4,
             warmup=0,
+            http2="-h2" in name,  # the rows before HTTP/2 became the default are HTTP/1.1's
         )
         stop_otel = _instrument(lean, name)
         await lean.astart()
