@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Iterator
 
 from toolpool.resilience._fair import FairQueue
 
@@ -35,6 +34,7 @@ __all__ = ["AdaptiveToolConcurrency", "ToolSlot"]
 _held: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "toolpool_tool_slots", default=frozenset()
 )
+_NONE_HELD: frozenset[int] = frozenset()
 
 
 class ToolSlot:
@@ -62,15 +62,20 @@ class ToolSlot:
 
 
 class _Waiter:
-    __slots__ = ("event", "fut", "generation", "granted", "loop", "tenant", "thread")
+    """A call queued for a slot; `with waiter:` gives its place up when the wait ends in an
+    exception (cancelled, interrupted)."""
+
+    __slots__ = ("event", "fut", "generation", "granted", "limiter", "loop", "tenant", "thread")
 
     def __init__(
         self,
+        limiter: AdaptiveToolConcurrency,
         event: threading.Event | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         fut: asyncio.Future[None] | None = None,
         tenant: str | None = None,
     ) -> None:
+        self.limiter = limiter
         self.tenant = tenant
         self.granted = False
         self.generation = 0
@@ -78,6 +83,23 @@ class _Waiter:
         self.event = event
         self.loop = loop
         self.fut = fut
+
+    def __enter__(self) -> _Waiter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.limiter._abandon(self)
+
+    def future(self) -> asyncio.Future[None]:
+        """What an asyncio task awaits until the slot is granted."""
+        assert self.fut is not None
+        return self.fut
+
+    def block(self) -> None:
+        """Block the thread until the slot is granted."""
+        assert self.event is not None
+        self.event.wait()
 
     def wake(self) -> bool:
         if self.event is not None:
@@ -241,57 +263,109 @@ class AdaptiveToolConcurrency:
                 return
         self._release()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, tenant: str | None = None) -> AsyncIterator[ToolSlot]:
+    def slot(self, tenant: str | None = None) -> contextlib.AbstractAsyncContextManager[ToolSlot]:
         """Hold one slot for the enclosed async tool call (waits FIFO among `tenant`'s
         calls, tenants in turn)."""
-        held = _held.get()
-        if id(self) in held:
-            yield ToolSlot(self, self._generation, nested=True)
-            return
-        generation = self._take(tenant)
-        if generation is None:
-            loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop=loop, fut=loop.create_future(), tenant=tenant)
-            self._queue(waiter)
-            if not waiter.granted:
-                assert waiter.fut is not None
-                try:
-                    await waiter.fut
-                except BaseException:
-                    self._abandon(waiter)
-                    raise
-            generation = waiter.generation
-        token = _held.set(held | {id(self)})
-        try:
-            yield ToolSlot(self, generation, nested=False)
-        finally:
-            _held.reset(token)
-            self._release()
+        return _AsyncSlot(self, tenant)
 
-    @contextlib.contextmanager
-    def slot_sync(self, tenant: str | None = None) -> Iterator[ToolSlot]:
+    def slot_sync(self, tenant: str | None = None) -> contextlib.AbstractContextManager[ToolSlot]:
         """Hold one slot for the enclosed sync tool call (blocks the thread while waiting;
         FIFO among `tenant`'s calls, tenants in turn)."""
-        held = _held.get()
-        if id(self) in held:
-            yield ToolSlot(self, self._generation, nested=True)
-            return
-        generation = self._take(tenant)
-        if generation is None:
-            waiter = _Waiter(event=threading.Event(), tenant=tenant)
-            self._queue(waiter)
-            if not waiter.granted:
-                assert waiter.event is not None
-                try:
-                    waiter.event.wait()
-                except BaseException:
-                    self._abandon(waiter)
-                    raise
-            generation = waiter.generation
-        token = _held.set(held | {id(self)})
-        try:
-            yield ToolSlot(self, generation, nested=False)
-        finally:
+        return _SyncSlot(self, tenant)
+
+
+class _Hold:
+    """One `slot()` / `slot_sync()`: every decision of taking and giving back the slot, so
+    that the two only wait (on the event loop or the thread) for the waiter `_arrive()`
+    returns.
+
+    ```python
+    waiter = hold._arrive()          # None: held at once (or nested)
+    if waiter is not None:
+        with waiter:                 # an exception: the call gives up its place
+            ...                      # wait until granted
+    slot = hold._granted()           # ... the call runs ...
+    hold._leave()
+    ```
+    """
+
+    __slots__ = ("_held", "_limiter", "_tenant", "_token", "_waiter", "generation")
+
+    #: Whether the waiter blocks a thread (else it resolves a future on the running loop).
+    _threads = False
+
+    def __init__(self, limiter: AdaptiveToolConcurrency, tenant: str | None) -> None:
+        self._limiter = limiter
+        self._tenant = tenant
+        self._held = _NONE_HELD  # read on arrival
+        self._token: contextvars.Token[frozenset[int]] | None = None
+        self._waiter: _Waiter | None = None
+        #: The generation the slot was granted in; None: nested in a slot of the limiter.
+        self.generation: int | None = None
+
+    def _arrive(self) -> _Waiter | None:
+        """Take the slot at once (None), or queue and return the waiter to wait on."""
+        limiter = self._limiter
+        self._held = held = _held.get()
+        if id(limiter) in held:
+            return None  # nested: no slot of its own
+        generation = limiter._take(self._tenant)
+        if generation is not None:
+            self.generation = generation
+            return None
+        if self._threads:
+            waiter = _Waiter(limiter, event=threading.Event(), tenant=self._tenant)
+        else:
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(limiter, loop=loop, fut=loop.create_future(), tenant=self._tenant)
+        limiter._queue(waiter)
+        self._waiter = waiter
+        return None if waiter.granted else waiter
+
+    def _granted(self) -> ToolSlot:
+        """The slot, once held (or nested)."""
+        limiter = self._limiter
+        if self._waiter is not None:
+            self.generation = self._waiter.generation
+        if self.generation is None:
+            return ToolSlot(limiter, limiter._generation, nested=True)
+        self._token = _held.set(self._held | {id(limiter)})
+        return ToolSlot(limiter, self.generation, nested=False)
+
+    def _leave(self) -> None:
+        """The call is done: give the slot back (a nested one holds none)."""
+        token = self._token
+        if token is not None:
+            self._token = None
             _held.reset(token)
-            self._release()
+            self._limiter._release()
+
+
+class _AsyncSlot(_Hold):
+    __slots__ = ()
+
+    async def __aenter__(self) -> ToolSlot:
+        waiter = self._arrive()
+        if waiter is not None:
+            with waiter:
+                await waiter.future()
+        return self._granted()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._leave()
+
+
+class _SyncSlot(_Hold):
+    __slots__ = ()
+
+    _threads = True
+
+    def __enter__(self) -> ToolSlot:
+        waiter = self._arrive()
+        if waiter is not None:
+            with waiter:
+                waiter.block()
+        return self._granted()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._leave()
