@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -138,6 +138,12 @@ class _H2Connection:
             )
         return True
 
+    def _finish(self, stream: Stream, *, cancel: bool) -> bool:
+        """The caller is done with `stream`: `_end_stream` on the driver's clock, under its
+        lock, then what the connection owes (the frames, closing when done). True when a
+        RST_STREAM was sent."""
+        raise NotImplementedError
+
     def _end_stream(self, stream: Stream, cancel: bool, now: float) -> bool:
         """The caller is done with `stream`: reset it if unfinished (RST_STREAM), else
         forget it; the connection is idle from `now` if it was the last one. True when a
@@ -163,6 +169,25 @@ class _H2Connection:
                 "streams": streams,
             },
         )
+
+
+_Conn = TypeVar("_Conn", bound=_H2Connection)
+
+
+class _Body(Generic[_Conn]):
+    """What `_AsyncBody` and `_SyncBody` share: the stream a response body reads, and its
+    end, once: a body closed before the stream ended resets it (RST_STREAM)."""
+
+    def __init__(self, conn: _Conn, stream: Stream, timeout: float | None) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._timeout = timeout
+        self._closed = False
+
+    def _end(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn._finish(self._stream, cancel=not self._stream.done)
 
 
 # -- asyncio ------------------------------------------------------------------------------
@@ -480,13 +505,7 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
         self._write()
 
 
-class _AsyncBody(httpx.AsyncByteStream):
-    def __init__(self, conn: AsyncH2Connection, stream: Stream, timeout: float | None) -> None:
-        self._conn = conn
-        self._stream = stream
-        self._timeout = timeout
-        self._closed = False
-
+class _AsyncBody(_Body[AsyncH2Connection], httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn, stream = self._conn, self._stream
         try:
@@ -508,9 +527,7 @@ class _AsyncBody(httpx.AsyncByteStream):
         await self.aclose()
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._conn._finish(self._stream, cancel=not self._stream.done)
+        self._end()
 
 
 # -- threads ------------------------------------------------------------------------------
@@ -753,13 +770,7 @@ class SyncH2Connection(_H2Connection):
             self._send_locked()
 
 
-class _SyncBody(httpx.SyncByteStream):
-    def __init__(self, conn: SyncH2Connection, stream: Stream, timeout: float | None) -> None:
-        self._conn = conn
-        self._stream = stream
-        self._timeout = timeout
-        self._closed = False
-
+class _SyncBody(_Body[SyncH2Connection], httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         conn, stream = self._conn, self._stream
         try:
@@ -787,6 +798,4 @@ class _SyncBody(httpx.SyncByteStream):
         self.close()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._conn._finish(self._stream, cancel=not self._stream.done)
+        self._end()
