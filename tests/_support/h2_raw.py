@@ -1,7 +1,9 @@
-"""A blocking HTTP/2 client on h2 for frame-level checks of the test bed (tests only)."""
+"""A blocking HTTP/2 client on h2 for frame-level checks of the test bed, and TLS + ALPN
+connects for toolpool._h2io's connections (tests only)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+
+from toolpool._h2io import Handshaken
 
 
 class RawH2:
@@ -70,3 +74,45 @@ class RawH2:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def open_tls(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+) -> tuple[str | None, asyncio.Transport]:
+    """Connect with TLS offering ``alpn``; returns (the protocol the server picked, the
+    transport). Hand an ``"h2"`` transport to :meth:`toolpool._h2io.AsyncH2Connection.adopt`."""
+    ssl_context.set_alpn_protocols(list(alpn))
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, _ = await loop.create_connection(
+            Handshaken, host, port, ssl=ssl_context, server_hostname=server_hostname or host
+        )
+    ssl_object = transport.get_extra_info("ssl_object")
+    chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    return chosen, transport
+
+
+def open_tls_sync(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+) -> tuple[str | None, ssl.SSLSocket]:
+    """Connect with TLS offering ``alpn``; returns (the protocol picked, the socket)."""
+    ssl_context.set_alpn_protocols(list(alpn))
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
+    except BaseException:
+        sock.close()
+        raise
+    return tls.selected_alpn_protocol(), tls

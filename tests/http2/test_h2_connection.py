@@ -14,14 +14,9 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from tests._support.h2_raw import open_tls, open_tls_sync
 from toolpool._h2 import StreamNotProcessed, StreamReset
-from toolpool._h2io import (
-    AsyncH2Connection,
-    NoNewStream,
-    SyncH2Connection,
-    open_tls,
-    open_tls_sync,
-)
+from toolpool._h2io import AsyncH2Connection, NoNewStream, SyncH2Connection
 from toolpool.testing import Downstream, ServiceSpec
 
 OPEN = ServiceSpec(require_auth=False)

@@ -12,8 +12,9 @@ connection carries on.
   waits for its stream reads for everybody while it holds the read turn, the others wait on
   a condition that every read notifies.
 
-:func:`open_tls` / :func:`open_tls_sync` connect, offer ``h2`` and ``http/1.1`` by ALPN and
-say what the server picked.
+The pool's drivers (``toolpool._async.connection`` / ``_sync``) connect, offer ``h2`` by ALPN
+and hand an ``h2`` transport or socket over (:meth:`AsyncH2Connection.adopt`,
+:class:`SyncH2Connection`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ __all__ = [
     "NoNewStream",
     "StreamTrace",
     "SyncH2Connection",
-    "open_tls",
-    "open_tls_sync",
     "request_parts",
 ]
 
@@ -193,28 +192,6 @@ class _Body(Generic[_Conn]):
 # -- asyncio ------------------------------------------------------------------------------
 
 
-async def open_tls(
-    host: str,
-    port: int,
-    ssl_context: ssl.SSLContext,
-    *,
-    server_hostname: str | None = None,
-    timeout: float | None = None,
-    alpn: tuple[str, ...] = ("h2", "http/1.1"),
-) -> tuple[str | None, asyncio.Transport]:
-    """Connect with TLS offering ``alpn``; returns (the protocol the server picked, the
-    transport). Hand an ``"h2"`` transport to :meth:`AsyncH2Connection.adopt`."""
-    ssl_context.set_alpn_protocols(list(alpn))
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        transport, _ = await loop.create_connection(
-            Handshaken, host, port, ssl=ssl_context, server_hostname=server_hostname or host
-        )
-    ssl_object = transport.get_extra_info("ssl_object")
-    chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-    return chosen, transport
-
-
 class Handshaken(asyncio.Protocol):
     """Holds what arrives between the TLS handshake and the adoption of the transport (the
     server's connection preface may come first); :meth:`AsyncH2Connection.adopt` replays it."""
@@ -240,8 +217,8 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
 
     ::
 
-        chosen, transport = await open_tls("127.0.0.1", port, ctx)
-        conn = AsyncH2Connection.adopt(transport)
+        transport, _ = await loop.create_connection(Handshaken, host, port, ssl=ctx)
+        conn = AsyncH2Connection.adopt(transport)  # ALPN chose "h2"
         response = await conn.handle_async_request(httpx.Request("GET", url))
         await response.aread()
     """
@@ -531,26 +508,6 @@ class _AsyncBody(_Body[AsyncH2Connection], httpx.AsyncByteStream):
 
 
 # -- threads ------------------------------------------------------------------------------
-
-
-def open_tls_sync(
-    host: str,
-    port: int,
-    ssl_context: ssl.SSLContext,
-    *,
-    server_hostname: str | None = None,
-    timeout: float | None = None,
-    alpn: tuple[str, ...] = ("h2", "http/1.1"),
-) -> tuple[str | None, ssl.SSLSocket]:
-    """Connect with TLS offering ``alpn``; returns (the protocol picked, the socket)."""
-    ssl_context.set_alpn_protocols(list(alpn))
-    sock = socket.create_connection((host, port), timeout=timeout)
-    try:
-        tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
-    except BaseException:
-        sock.close()
-        raise
-    return tls.selected_alpn_protocol(), tls
 
 
 class SyncH2Connection(_H2Connection):
