@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from toolpool.fleet._coordinator import Coordinator, CoordinatorDown
@@ -43,6 +44,11 @@ return math.floor(delay)
 _MAX_LOCAL = 10_000
 
 
+def _seconds(micros: int) -> float | None:
+    """The script's answer: seconds to wait, or None (negative: past `max_wait`)."""
+    return None if micros < 0 else micros / 1e6
+
+
 class FleetRates:
     """`reserve` a start for one request against the fleet's bucket (see the docstring)."""
 
@@ -71,33 +77,31 @@ class FleetRates:
         self, destination: str, tenant: str | None, config: RateLimit, max_wait: float, now: float
     ) -> float | None:
         """Seconds to wait before sending, or None (would wait longer than `max_wait`)."""
-        key = self._key(destination, tenant, config)
-        args = self._args(config, max_wait)
-
-        async def call(client: Any) -> Any:
-            return await client.register_script(GCRA)(keys=[key], args=args)
-
+        call = self._gcra(destination, tenant, config, max_wait)
         try:
             micros = int(await self.coordinator.run(call))
         except CoordinatorDown:
             return self._local_reserve(destination, tenant, config, max_wait, now)
-        return None if micros < 0 else micros / 1e6
+        return _seconds(micros)
 
     def reserve_sync(
         self, destination: str, tenant: str | None, config: RateLimit, max_wait: float, now: float
     ) -> float | None:
         """`reserve` for the thread driver."""
-        key = self._key(destination, tenant, config)
-        args = self._args(config, max_wait)
+        call = self._gcra(destination, tenant, config, max_wait)
         try:
-            micros = int(
-                self.coordinator.run_sync(
-                    lambda client: client.register_script(GCRA)(keys=[key], args=args)
-                )
-            )
+            micros = int(self.coordinator.run_sync(call))
         except CoordinatorDown:
             return self._local_reserve(destination, tenant, config, max_wait, now)
-        return None if micros < 0 else micros / 1e6
+        return _seconds(micros)
+
+    def _gcra(
+        self, destination: str, tenant: str | None, config: RateLimit, max_wait: float
+    ) -> Callable[[Any], Any]:
+        """The GCRA script's run on a Redis client (async: it returns the awaitable)."""
+        key = self._key(destination, tenant, config)
+        args = self._args(config, max_wait)
+        return lambda client: client.register_script(GCRA)(keys=[key], args=args)
 
     def _local_reserve(
         self, destination: str, tenant: str | None, config: RateLimit, max_wait: float, now: float
