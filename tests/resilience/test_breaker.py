@@ -49,6 +49,22 @@ def test_failure_rate_over_enough_calls_opens_it() -> None:
     assert breaker.reason == "5 of the last 10 calls failed"
 
 
+def test_failures_of_one_incident_count_once() -> None:
+    # One HTTP/2 connection lost under 10 streams: one failure, for both rules.
+    breaker = Breaker(CircuitBreaker(consecutive_failures=2, failure_rate=0.5, min_calls=4))
+    lost = object()
+    for _ in range(10):
+        permit = breaker.allow(0.0)
+        assert permit is not None
+        assert breaker.record(permit, FAILURE, 0.0, incident=lost) is None
+    assert (breaker.state, breaker.consecutive, breaker.window_counts(0.0)) == (CLOSED, 1, (0, 1))
+    # A second incident is a second failure: two in a row open it.
+    permit = breaker.allow(0.0)
+    assert permit is not None
+    assert breaker.record(permit, FAILURE, 0.0, incident=object()) == OPEN
+    assert breaker.reason == "2 consecutive failures"
+
+
 def test_old_outcomes_leave_the_window() -> None:
     breaker = Breaker(CircuitBreaker(failure_rate=0.75, min_calls=4, consecutive_failures=99))
     for _ in range(3):

@@ -59,10 +59,12 @@ import h2.settings
 import httpx
 
 __all__ = [
+    "ConnectionFailed",
     "H2Client",
     "Stream",
     "StreamNotProcessed",
     "StreamReset",
+    "failure_incident",
 ]
 
 #: What we grant the server for one stream's response body: a large response streams without
@@ -85,13 +87,41 @@ _CONNECTION_HEADERS = frozenset(
 class StreamNotProcessed(httpx.RemoteProtocolError):
     """The server did not process this request (REFUSED_STREAM, or a stream above GOAWAY's
     last stream id): sending it again on another connection is safe. ``reason`` says which:
-    ``"refused_stream"`` or ``"goaway"``."""
+    ``"refused_stream"`` or ``"goaway"``. Streams passed over by one GOAWAY share its
+    ``incident`` (see :class:`ConnectionFailed`); a refused stream has none."""
 
     retry_safe = True
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, incident: object | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.incident = incident
+
+
+class ConnectionFailed(httpx.RemoteProtocolError):
+    """The HTTP/2 connection under the stream ended: it was lost, closed with an error, or
+    broke the protocol. The request may have been processed (retried only when idempotent).
+
+    One connection carries many streams, so one loss fails many requests at once. Each
+    stream gets its own instance (an exception raised in many tasks or threads would share
+    one traceback); all of them carry the same ``incident``, which the circuit breaker counts
+    once: one lost connection is one failure of the destination, as on HTTP/1.1."""
+
+    def __init__(self, message: str, incident: object | None = None) -> None:
+        super().__init__(message)
+        self.incident = object() if incident is None else incident
+
+    def again(self) -> ConnectionFailed:
+        """The same failure (same message and incident) for another stream or caller."""
+        return ConnectionFailed(str(self), self.incident)
+
+
+def failure_incident(exc: BaseException | None) -> object | None:
+    """The HTTP/2 connection event behind `exc` (a loss, a GOAWAY) when several requests
+    failed from it at once, else None: each such failure is its own event."""
+    if isinstance(exc, ConnectionFailed | StreamNotProcessed):
+        return exc.incident
+    return None
 
 
 class StreamReset(httpx.RemoteProtocolError):
@@ -228,7 +258,7 @@ class H2Client:
         #: The connection is gone (error, EOF, or closed by us).
         self.closed = False
         #: Why the connection failed, if it did.
-        self.error: Exception | None = None
+        self.error: ConnectionFailed | None = None
         #: The server's first SETTINGS frame arrived.
         self.settings_received = False
         self._pings: set[bytes] = set()
@@ -295,7 +325,7 @@ class H2Client:
                 self._h2.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR)
             except h2.exceptions.ProtocolError:
                 pass
-            self._fail_all(httpx.RemoteProtocolError("the HTTP/2 connection was closed"))
+            self._fail_all(ConnectionFailed("the HTTP/2 connection was closed"))
         return self._h2.data_to_send()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -305,7 +335,7 @@ class H2Client:
             return
         self.closed = True
         detail = f": {type(exc).__name__}" if exc is not None else ""
-        error = httpx.RemoteProtocolError(f"the HTTP/2 connection was lost{detail}")
+        error = ConnectionFailed(f"the HTTP/2 connection was lost{detail}")
         if self.error is None:
             self.error = error
         self._fail_all(error)
@@ -439,7 +469,7 @@ class H2Client:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
-            self.error = httpx.RemoteProtocolError(
+            self.error = ConnectionFailed(
                 f"the server broke the HTTP/2 protocol ({type(exc).__name__})"
             )
             touched.update(self.streams)
@@ -520,12 +550,14 @@ class H2Client:
         if self.goaway_last_stream_id is None or last < self.goaway_last_stream_id:
             self.goaway_last_stream_id = last
         touched.add(0)
+        incident = object()
         for stream in self.streams.values():
             if stream.stream_id > last and stream.error is None:
                 stream.error = StreamNotProcessed(
                     "the server is going away (GOAWAY) and did not process this stream; "
                     "safe to retry on another connection",
                     "goaway",
+                    incident,
                 )
                 touched.add(stream.stream_id)
         code = int(event.error_code or 0)
@@ -533,7 +565,7 @@ class H2Client:
             # An error GOAWAY ends the connection; streams at or below `last` may have been
             # processed, so they fail without the retry-safe mark.
             self.closed = True
-            self.error = httpx.RemoteProtocolError(
+            self.error = ConnectionFailed(
                 f"the server closed the HTTP/2 connection ({_code_name(code)})"
             )
             self._fail_all(self.error)
@@ -569,10 +601,10 @@ class H2Client:
             stream.request_sent = True
         return sent
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: ConnectionFailed) -> None:
         for stream in self.streams.values():
             if stream.error is None and not stream.ended:
-                stream.error = error
+                stream.error = error.again()
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int | None:

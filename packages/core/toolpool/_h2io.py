@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from toolpool._h2 import H2Client, Stream, StreamNotProcessed
+from toolpool._h2 import ConnectionFailed, H2Client, Stream, StreamNotProcessed
 
 __all__ = [
     "AsyncH2Connection",
@@ -132,9 +132,10 @@ class _H2Connection:
         if self.state.settings_received:
             return False
         if self.state.closed:
-            raise self.state.error or httpx.RemoteProtocolError(
-                "the HTTP/2 connection closed before the server's SETTINGS"
-            )
+            error = self.state.error
+            if error is not None:
+                raise error.again()
+            raise ConnectionFailed("the HTTP/2 connection closed before the server's SETTINGS")
         return True
 
     def _finish(self, stream: Stream, *, cancel: bool) -> bool:

@@ -23,11 +23,19 @@ exactly once, including "ignore" when the call ended without saying anything abo
 destination (cancelled, refused locally). Each opening starts a new *generation*; outcomes of
 calls admitted in an earlier generation are ignored, so stragglers that were in flight when
 the breaker opened can neither close it nor re-open it.
+
+A failure counts once per *incident*. On HTTP/2 one connection carries many calls, and one
+lost connection fails all of them at once: the caller passes the loss's `incident` token
+with each, and only the first of them counts, toward the consecutive failures and the rate
+alike. Otherwise one reset of a busy connection (10 streams) would read as "10 consecutive
+failures" and stop every tenant's calls for `open_for` seconds, where the same reset on
+HTTP/1.1 fails one call.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -135,6 +143,10 @@ class Breaker:
         self._epoch = [-1] * self._BUCKETS
         self._ok = [0] * self._BUCKETS
         self._failed = [0] * self._BUCKETS
+        # The incidents of the latest failures counted (see the module docstring). One loss
+        # fails its calls within moments of each other; 64 is far more incidents than can be
+        # interleaved with them.
+        self._incidents: deque[object] = deque(maxlen=64)
 
     # ------------------------------------------------------------------ queries
 
@@ -179,13 +191,24 @@ class Breaker:
         self.probes_out += 1
         return Permit(self.generation, probe=True)
 
-    def record(self, permit: Permit, outcome: str, now: float) -> str | None:
-        """Report how a permitted call ended. Returns the new state if it changed."""
+    def record(
+        self, permit: Permit, outcome: str, now: float, incident: object | None = None
+    ) -> str | None:
+        """Report how a permitted call ended. Returns the new state if it changed.
+
+        `incident` names the event behind a FAILURE shared by several calls (an HTTP/2
+        connection lost under them); the failures after the first of an incident are ignored.
+        """
         if permit.recorded:
             return None
         permit.recorded = True
         if permit.generation != self.generation:
             return None  # admitted before the last opening: says nothing about now
+        if outcome == FAILURE and incident is not None:
+            if any(seen is incident for seen in self._incidents):
+                outcome = IGNORE  # already counted: the same lost connection
+            else:
+                self._incidents.append(incident)
         if permit.probe:
             if self.state != HALF_OPEN:
                 return None

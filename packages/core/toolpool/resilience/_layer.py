@@ -37,6 +37,7 @@ from tenacity.stop import stop_after_attempt
 from toolpool._auth_context import AuthContext
 from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._destination import mark_counted, unmark_counted
+from toolpool._h2 import failure_incident
 from toolpool._watched import WatchedStream
 from toolpool.errors import DestinationUnavailable, PoolSaturated, PoolTimeout
 from toolpool.resilience._adaptive import INITIAL, AimdLimit
@@ -546,7 +547,7 @@ class PolicyRuntime(AdmissionControl, MethodLayer):
             breaker = self.breaker
             if breaker is not None and permit is not None:
                 outcome = breaker_outcome(response, exc, breaker.config.failure_statuses)
-                transition = breaker.record(permit, outcome, now)
+                transition = breaker.record(permit, outcome, now, failure_incident(exc))
             if response is not None and response.status_code in (429, 503):
                 seconds = retry_after_seconds(response)
                 if seconds is not None and seconds > 0:
