@@ -12,6 +12,7 @@ import pytest
 
 import toolpool
 from tests._support.mcp_servers import McpTestServer
+from tests._support.resilience_probes import eventually
 from toolpool.auth import Bearer
 from toolpool.mcp import McpServer, McpSessions, McpUnavailable, sessions_of
 
@@ -57,7 +58,17 @@ async def test_one_session_per_tenant_reused_and_tools_list_cached(
             assert mcp_server.count("tools/call") == 30 == stats.calls_total
             assert set(sessions.contexts(crm)) == {ACME, GLOBEX}
             if mcp_server.stateful:
-                assert stats.streams == 2 == pool.stats()["mcp"].streams  # one GET each
+                # One GET event stream each. A session opens it in the background once
+                # initialized, when its destination has room (right away, or after a busy
+                # moment): wait for both. The POSTs' SSE answers are closed by the MCP client
+                # just after it hands their result over: once they are, the pool's only
+                # long-lived responses are the two streams.
+                await eventually(lambda: sessions.stats().streams == 2, "both GET streams open")
+                await eventually(
+                    lambda: pool.stats()["mcp"].in_use == 2, "only the two streams in use"
+                )
+                assert sessions.stats().streams == 2 == pool.stats()["mcp"].streams
+                assert mcp_server.gets == 2
         finally:
             await sessions.aclose()
         assert sessions.stats().open == 0

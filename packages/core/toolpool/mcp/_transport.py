@@ -11,7 +11,8 @@ that client and the pool and never lets a failure escape that way:
                                                          `data` names the failure kept here
     POST of a notification      sending                  202 Accepted; the session is marked
                                                          broken (the server missed a message)
-    GET (server event stream)   refused or failing       405: the session runs without it
+    GET (server event stream)   no room now              waits, outside the queue, for room
+                                failing                  405: the session runs without it
     DELETE (end of session)     sending                  204: nothing left to end
 
 so every request of the session is answered, and `toolpool.mcp` raises the kept failure (a
@@ -23,6 +24,7 @@ session's traffic never depends on which task happens to send it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -36,6 +38,7 @@ from toolpool._auth_context import AuthContext
 from toolpool._pool import Pool
 from toolpool._transport import AsyncTransport
 from toolpool.adapters._busy import BUSY_ERRORS
+from toolpool.errors import PoolSaturated, PoolTimeout
 
 __all__ = ["CURRENT", "FAILURE_KEY", "SessionTransport", "may_listen"]
 
@@ -51,6 +54,12 @@ _numbers = itertools.count(1)
 #: `SessionTransport(ctx=CURRENT)`: act for the auth context current at each request.
 CURRENT: Any = object()
 
+# A GET event stream without room looks again after 50 ms, then twice as long each time, up to
+# a second: soon when room is only being made (an idle connection closing), cheaply when the
+# destination stays busy.
+_LISTEN_FIRST_PAUSE = 0.05
+_LISTEN_MAX_PAUSE = 1.0
+
 
 def _ignore_failure(exc: BaseException, broken: bool) -> None:
     pass
@@ -62,14 +71,19 @@ def _ignore_listen(delta: int) -> None:
 
 def may_listen(pool: Pool, url: httpx.URL) -> bool:
     """Whether an MCP GET event stream may take a connection of `url`'s destination now:
-    only while the destination is under its cap and long-lived streams hold less than half
-    of it, so that streams never starve the requests of the sessions that hold them."""
+    only while the destination is under its cap, no request waits for a connection, and
+    long-lived streams hold less than half of it, so that streams never starve the requests
+    of the sessions that hold them."""
     try:
         dest = pool.route(url)
     except Exception:
         return False
     state = dest.state
-    return state.streams < state.cap // 2 and state.in_use + state.opening < state.cap
+    return (
+        state.streams < state.cap // 2
+        and state.in_use + state.opening < state.cap
+        and state.waiting == 0
+    )
 
 
 def _message_of(request: httpx.Request) -> tuple[Any, str | None]:
@@ -264,22 +278,38 @@ class SessionTransport(httpx.AsyncBaseTransport):
         return httpx.Response(204, request=request)
 
     async def _listen(self, request: httpx.Request) -> httpx.Response:
-        """The session's GET event stream: only while the destination has room for it
-        (it holds a connection for as long as the session lives), and never by queueing."""
-        if not (self._listen_ok and may_listen(self._pool, request.url)):
+        """The session's GET event stream. It holds a connection for as long as the session
+        lives, so it never queues ahead of requests: it is sent only while the destination has
+        room for it (`may_listen`), and takes a connection only if one is free or can be
+        opened at once. Without room it waits here, outside the queue, looking again after
+        50 ms and then at least once a second, until there is room or the session ends
+        (which cancels it). Refused at once instead, the MCP client would try again only
+        twice, a second apart: a session started at a busy moment (the cap taken by other
+        tenants' idle or closing connections, say) would be without notifications for good."""
+        if not self._listen_ok:
             return httpx.Response(405, request=request)
         timeouts = dict(request.extensions.get("timeout", {}))
         timeouts["pool"] = 0.0  # a stream never waits in the queue ahead of requests
         request.extensions["timeout"] = timeouts
-        token = self._enter()
-        try:
-            response = await self._inner.handle_async_request(request)
-        except Exception as exc:
-            log.debug("MCP event stream not opened: %s", exc)
-            return httpx.Response(405, request=request)
-        finally:
-            self._leave(token)
-        return self._listening(request, response)
+        pause = _LISTEN_FIRST_PAUSE
+        while True:
+            if may_listen(self._pool, request.url):
+                token = self._enter()
+                try:
+                    response = await self._inner.handle_async_request(request)
+                except (PoolTimeout, PoolSaturated) as exc:
+                    # No connection at once (room is being made, or others took it): the
+                    # attempt left the queue; look again later.
+                    log.debug("MCP event stream waits for room: %s", exc)
+                except Exception as exc:
+                    log.debug("MCP event stream not opened: %s", exc)
+                    return httpx.Response(405, request=request)
+                else:
+                    return self._listening(request, response)
+                finally:
+                    self._leave(token)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LISTEN_MAX_PAUSE)
 
     def _listening(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
         """`response` as an event stream counted in `streams` until its body is closed."""
