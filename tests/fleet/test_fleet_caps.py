@@ -18,6 +18,7 @@ import redis.asyncio
 
 from tests._support.pool_service import AGENT_A_TOKEN, SERVICE_ENV, ServiceThread, write_config
 from tests._support.redis_fleet import RedisServer, fleet_config, limits_section
+from tests._support.resilience_probes import eventually
 from toolpool.fleet import RedisFleet
 from toolpool.testing import Downstream, ServiceSpec
 
@@ -120,21 +121,35 @@ async def test_storm_80_10_10_holds_the_cap_and_rebalances_to_the_busy_replica(
 ) -> None:
     with replicas(api, redis_server, tmp_path) as svcs:
         fleets = [fleet_of(s) for s in svcs]
+        # Each replica took its first lease at startup; on a loaded machine that first
+        # renewal can outlast op_timeout and the replica starts on no lease until the next.
+        # The storm is about leases, so it starts once every replica holds one.
+        await eventually(
+            lambda: all(f.shares()["api"]["mode"] == "lease" for f in fleets),
+            "every replica holding a lease",
+        )
         seen: list[dict[str, Any]] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(fleets, seen, stop, redis_server.url)())
+        await eventually(lambda: bool(seen), "the sampler's first sample")
+        started = time.monotonic()
         results = await asyncio.wait_for(storm([s.url for s in svcs], [32, 4, 4], 20), 60)
+        ended = time.monotonic()
         stop.set()
         await sampler
         stats = api.stats("api")
     statuses = [status for _, status, _ in results]
     assert len(results) == 40 * 20
     assert statuses.count(200) == len(results), {s: statuses.count(s) for s in set(statuses)}
-    # At the server: never more than the cap in progress, and no over-limit 503.
+    # At the server, exactly: never more than the cap in progress, and no over-limit 503.
     assert stats.peak_requests_in_progress <= CAP, stats
     assert stats.rejected_over_limit == 0 and stats.requests_total == len(results), stats
-    # Redis never counted more than the cap, and the busy replica held more than 1/3 of it.
-    assert len(seen) > 50
+    # Redis never counted more than the cap, in samples taken all through the storm (one in
+    # every tenth of it at least; how many in all depends on the machine's speed, not on the
+    # leases), and the busy replica held more than 1/3 of it.
+    during = [snap for snap in seen if started <= snap["t"] <= ended]
+    tenths = {int(10 * (snap["t"] - started) / (ended - started)) for snap in during}
+    assert tenths >= set(range(10)), (sorted(tenths), len(seen), ended - started)
     for snap in seen:
         assert sum(snap["records"]) <= CAP, snap
     busiest = max(snap["shares"][0]["limit"] for snap in seen)
