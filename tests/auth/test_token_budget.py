@@ -126,12 +126,12 @@ class Gaps(NamedTuple):
 def gaps(calls: list[tuple[float, float]], since: float, window: float) -> Gaps:
     """From one pair's calls, each (start, end), those ending after `since`.
 
-    Each call looks its credential up once, between its start and end (its request reaches the
-    server before it ends). The look-up after a call's look-up lies before the end of the next
-    call to start (calls of a pair may overlap), or before the end of an earlier call still
-    under way: every gap between consecutive look-ups lies within one call, or within one call
-    and the next to start. Those stretches bound the gaps, and a stretch of length L holds at
-    most floor(L / window) gaps longer than `window`."""
+    Each call looks its credential up (once, again after a 401) between its start and end, and
+    its request reaches the server before it ends. The look-up after a call's look-up lies
+    before the end of the next call to start (calls of a pair may overlap), or before the end
+    of an earlier call still under way: every gap between consecutive look-ups lies within one
+    call, or within one call and the next to start. Those stretches bound the gaps, and a
+    stretch of length L holds at most floor(L / window) gaps longer than `window`."""
     ordered = sorted(calls)
     single = [end - start for start, end in ordered if end > since]
     paired = [nxt[1] - cur[0] for cur, nxt in itertools.pairwise(ordered) if nxt[1] > since]
