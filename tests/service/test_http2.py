@@ -494,6 +494,104 @@ def test_threads_on_an_http2_local_tier_take_idle_capacity_too(
     assert open_now == 2
 
 
+def _overflow_pool(ds: Downstream, remote: toolpool.RemotePool) -> toolpool.Pool:
+    return toolpool.Pool(
+        [toolpool.Destination("search", ds.url("search"), verify=ds.ca_pem_path)],
+        local_max_connections=3,
+        overflow=remote,
+        http2=True,
+        warmup=0,
+    )
+
+
+def _served_once_by_the_service(ds: Downstream, kind: str, response: httpx.Response) -> None:
+    """The downstream processed the request once, sent by the service (tenant forwarded as
+    X-Tenant); the local tier's two tries were refused unprocessed."""
+    assert response.status_code == 200 and _tier(response) == "service"
+    assert response.json()["tenant"] == "acme"
+    assert response.json()["body"] == "refused twice, then sent by the service"
+    stats = ds.wait_stats("search", lambda s: s.streams_open == 0)
+    assert stats.faults_fired == {kind: 2}
+    assert stats.responses_by_status == {200: 1}
+    assert set(stats.connection_protocols.values()) == {"h2"}
+    assert stats.mixed_connections() == {}
+
+
+@pytest.mark.parametrize("kind", ["refused_stream", "goaway"])
+async def test_a_local_request_the_server_refused_twice_overflows_to_the_service(
+    tls_ds: Downstream, tmp_path: Path, kind: str
+) -> None:
+    """The local tier's HTTP/2 server does not process a request (REFUSED_STREAM, or GOAWAY
+    naming an earlier stream) on its connection, nor on the second one the pool sends it to:
+    nothing was processed downstream, so the service takes it instead of the caller getting
+    `StreamNotProcessed`. A POST, which the resilience policy does not retry."""
+    text = _config(tls_ds, True, search_cap=10)
+    url = tls_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        async with _overflow_pool(tls_ds, remote) as pool:
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                tls_ds.set_fault("search", kind, count=2)  # type: ignore[arg-type]
+                response = await asyncio.wait_for(
+                    pool.client().post(
+                        url + "/echo", content=b"refused twice, then sent by the service"
+                    ),
+                    60,
+                )
+            local = pool.stats()["search"]
+    _served_once_by_the_service(tls_ds, kind, response)
+    split = remote.overflow_stats()["search"]
+    assert (split.local_total, split.overflow_total, split.overflow_unprocessed_total) == (0, 1, 1)
+    assert split.overflow_in_flight == 0
+    assert local.in_use == 0 and local.http2_connections_opened == 2  # both tries local
+
+
+def test_a_local_request_the_server_refused_twice_overflows_to_the_service_threads(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    text = _config(tls_ds, True, search_cap=10)
+    url = tls_ds.url("search")
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        with _overflow_pool(tls_ds, remote) as pool:
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                tls_ds.set_fault("search", "refused_stream", count=2)
+                response = pool.sync_client().post(
+                    url + "/echo", content=b"refused twice, then sent by the service"
+                )
+            local = pool.stats()["search"]
+    _served_once_by_the_service(tls_ds, "refused_stream", response)
+    split = remote.overflow_stats()["search"]
+    assert (split.local_total, split.overflow_total, split.overflow_unprocessed_total) == (0, 1, 1)
+    assert local.in_use == 0 and local.http2_connections_opened == 2
+
+
+async def test_a_refused_one_shot_body_is_not_sent_to_the_service(
+    tls_ds: Downstream, tmp_path: Path
+) -> None:
+    """A one-shot body (a generator) refused with REFUSED_STREAM was read while it was sent:
+    neither the local tier's second connection nor the service can send it again, so the
+    caller gets `StreamNotProcessed` (the server processed nothing; the caller may resend)."""
+    text = _config(tls_ds, True, search_cap=10)
+    url = tls_ds.url("search")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"one shot"
+
+    with ServiceThread(write_config(tmp_path, text)) as svc:
+        remote = toolpool.RemotePool(svc.url, token=AGENT_B_TOKEN)
+        async with _overflow_pool(tls_ds, remote) as pool:
+            with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                tls_ds.set_fault("search", "refused_stream", count=1)
+                with pytest.raises(httpx.RemoteProtocolError, match="REFUSED_STREAM") as info:
+                    await asyncio.wait_for(pool.client().post(url + "/echo", content=body()), 60)
+    assert getattr(info.value, "retry_safe", None) is True
+    split = remote.overflow_stats()["search"]
+    assert (split.local_total, split.overflow_total, split.overflow_unprocessed_total) == (0, 0, 0)
+    stats = tls_ds.stats("search")
+    assert stats.faults_fired == {"refused_stream": 1} and stats.responses_by_status == {}
+
+
 def test_sigterm_drains_a_service_whose_downstream_speaks_http2(
     tls_ds: Downstream, tmp_path: Path
 ) -> None:

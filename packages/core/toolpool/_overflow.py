@@ -22,6 +22,8 @@ from toolpool._auth_context import AuthContext
 from toolpool._chain import AsyncSend, MethodLayer, SyncSend
 from toolpool._config import Destination
 from toolpool._destination import pool_key
+from toolpool._h2 import StreamNotProcessed
+from toolpool._h2pool import retry_elsewhere
 from toolpool._saturation import Saturation
 from toolpool._state import Action
 from toolpool._sync.connection import SYNC_DRIVER
@@ -70,6 +72,10 @@ class OverflowStats:
     overflow_saturated_total: int
     #: Overflowed requests in flight now.
     overflow_in_flight: int
+    #: Of `overflow_total`: requests the local tier's server did not process (HTTP/2:
+    #: REFUSED_STREAM or above a GOAWAY's last stream id, on two connections), sent to the
+    #: service instead of failing.
+    overflow_unprocessed_total: int = 0
 
 
 class OverflowLayer(MethodLayer):
@@ -89,6 +95,7 @@ class OverflowLayer(MethodLayer):
         self.local_total = 0
         self.overflow_total = 0
         self.saturated_total = 0
+        self.unprocessed_total = 0
         self.in_flight = 0
         # Requests on the local tier from the admission decision until their body is done.
         self.local_busy = 0
@@ -166,15 +173,27 @@ class OverflowLayer(MethodLayer):
     # The rules of a call, once for both sends: which tier takes it (`_claim_local`), what a
     # local failure means (`_local_failed`), how each tier's response is watched.
 
-    def _local_failed(self, exc: BaseException) -> bool:
+    def _local_failed(self, exc: BaseException, request: httpx.Request) -> bool:
         """A request on the local tier raised `exc`: free its place; True if the service
-        takes the request instead (the local tier refused it: its queue is full)."""
+        takes the request instead:
+
+        - the local tier refused it (its queue is full);
+        - the server did not process it (HTTP/2: REFUSED_STREAM, or above a GOAWAY's last
+          stream id, `StreamNotProcessed`), which the local tier already sent once more on
+          another connection (the server refused that too, or its body could not be sent
+          again), and its body can still be sent: it is in memory, or none of it was ever
+          read (the last connection took no new stream and the first was not sent either).
+          Nothing of it was processed downstream, so the service sending it is no duplicate;
+          the caller sees the service's answer instead of an error the service can absorb.
+        """
         self._release_local()
-        return (
-            isinstance(exc, PoolSaturated)
-            and exc.destination == self.dest.name
-            and exc.reason == "queue_full"
-        )
+        if isinstance(exc, PoolSaturated):
+            return exc.destination == self.dest.name and exc.reason == "queue_full"
+        if isinstance(exc, StreamNotProcessed) and retry_elsewhere(exc, request):
+            with self._lock:
+                self.unprocessed_total += 1
+            return True
+        return False
 
     # Neither answer method raises, so the sends call them inside their `try`.
 
@@ -192,7 +211,7 @@ class OverflowLayer(MethodLayer):
             try:
                 return self._local_answer(await self._inner_a(request, ctx))
             except BaseException as exc:
-                if not self._local_failed(exc):
+                if not self._local_failed(exc, request):
                     raise
         self._count(local=False)
         try:
@@ -206,7 +225,7 @@ class OverflowLayer(MethodLayer):
             try:
                 return self._local_answer(self._inner_s(request, ctx))
             except BaseException as exc:
-                if not self._local_failed(exc):
+                if not self._local_failed(exc, request):
                     raise
         self._count(local=False)
         try:
@@ -223,6 +242,7 @@ class OverflowLayer(MethodLayer):
                 overflow_total=self.overflow_total,
                 overflow_saturated_total=self.saturated_total,
                 overflow_in_flight=self.in_flight,
+                overflow_unprocessed_total=self.unprocessed_total,
             )
 
 
