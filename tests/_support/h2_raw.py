@@ -1,16 +1,24 @@
-"""A blocking HTTP/2 client on h2 for frame-level checks of the test bed, and TLS + ALPN
-connects for toolpool._h2io's connections (tests only)."""
+"""A blocking HTTP/2 client on h2 for frame-level checks of the test bed, TLS + ALPN
+connects for toolpool._h2io's connections, and a scripted HTTP/2 server for behaviour the
+test bed does not offer (tests only)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
+import h2.settings
+import trustme
 
 from toolpool._h2io import Handshaken
 
@@ -116,3 +124,158 @@ def open_tls_sync(
         sock.close()
         raise
     return tls.selected_alpn_protocol(), tls
+
+
+@dataclass
+class ScriptedStream:
+    """What the scripted server saw of one stream."""
+
+    path: str
+    #: Request body bytes received (DATA), and whether the request's END_STREAM arrived.
+    received: int = 0
+    request_ended: bool = False
+    #: The error code of the client's RST_STREAM, if it sent one.
+    reset_code: int | None = None
+    answered: bool = False
+
+
+@dataclass
+class ScriptedConnection:
+    streams: dict[int, ScriptedStream] = field(default_factory=dict)
+
+
+#: A script: called with (h2 connection, stream id, the stream's record) when a request's
+#: HEADERS arrive and again when its END_STREAM does (`record.request_ended` tells which);
+#: it may send frames on the h2 connection (the server writes them after the call).
+Script = Callable[[h2.connection.H2Connection, int, ScriptedStream], None]
+
+
+class ScriptedH2Server:
+    """An HTTP/2 server on 127.0.0.1 over TLS (ALPN ``h2`` only), one thread per connection,
+    whose answers are a test's `script` and whose SETTINGS the test chooses (e.g.
+    ``INITIAL_WINDOW_SIZE`` 0: the client may send no request body at all). It records each
+    stream (`connections`) and sets `changed` on every frame it reads::
+
+        with ScriptedH2Server(script, {SettingCodes.INITIAL_WINDOW_SIZE: 0}) as server:
+            pool = toolpool.Pool([Destination("x", server.url)], verify=server.client_context())
+    """
+
+    def __init__(self, script: Script, settings: dict[int, int] | None = None) -> None:
+        self.script = script
+        self.settings = settings or {}
+        self.ca = trustme.CA()
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("127.0.0.1").configure_cert(self._context)
+        self._context.set_alpn_protocols(["h2"])
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.connections: list[ScriptedConnection] = []
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+        self._closing = False
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Wait until `predicate()` holds (checked under `lock` on every frame read)."""
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), "the scripted server waited in vain"
+
+    def __enter__(self) -> ScriptedH2Server:
+        accept = threading.Thread(target=self._accept, name="scripted-h2", daemon=True)
+        accept.start()
+        self._threads.append(accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in list(self._socks):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._socks.append(sock)
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, raw: socket.socket) -> None:
+        record = ScriptedConnection()
+        with self.lock:
+            self.connections.append(record)
+        try:
+            sock = self._context.wrap_socket(raw, server_side=True)
+        except OSError:
+            raw.close()
+            return
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        # In effect at once (the client learns them from the preface's SETTINGS).
+        conn.local_settings = h2.settings.Settings(client=False, initial_values=self.settings)
+        conn.initiate_connection()
+        try:
+            sock.sendall(conn.data_to_send())
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                with self.changed:
+                    for event in conn.receive_data(data):
+                        self._event(conn, record, event)
+                    self.changed.notify_all()
+                out = conn.data_to_send()
+                if out:
+                    sock.sendall(out)
+        except (OSError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            sock.close()
+
+    def _event(
+        self, conn: h2.connection.H2Connection, record: ScriptedConnection, event: Any
+    ) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            headers = dict(event.headers or ())
+            stream = ScriptedStream(headers[b":path"].decode())
+            record.streams[event.stream_id] = stream
+            self.script(conn, event.stream_id, stream)
+            if event.stream_ended is not None:
+                stream.request_ended = True
+                self.script(conn, event.stream_id, stream)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = record.streams[event.stream_id]
+            stream.received += len(event.data or b"")
+            conn.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+            if event.stream_ended is not None:
+                stream.request_ended = True
+                self.script(conn, event.stream_id, stream)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = record.streams[event.stream_id]
+            if not stream.request_ended:
+                stream.request_ended = True
+                self.script(conn, event.stream_id, stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = record.streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream.reset_code = int(event.error_code or 0)

@@ -914,7 +914,9 @@ def test_an_early_response_releases_its_stream_on_both_ends() -> None:
     """Regression: a complete response before the request body (RFC 9113 8.1, no
     RST_STREAM(NO_ERROR) from the server), released by the caller, left the stream half-open
     on both ends for the connection's life; with a stream limit of 1 the connection never
-    took another stream. Now release() resets our half."""
+    took another stream. Now the complete response stops the body at once: the rest is
+    dropped unsent and our half closes with RST_STREAM(NO_ERROR) (not CANCEL: the exchange
+    succeeded), before the caller even releases the stream."""
     pair = Pair(limit=1)
     pair.server.update_settings({IWS: 10})
     pair.to_client()
@@ -924,7 +926,14 @@ def test_an_early_response_releases_its_stream_on_both_ends() -> None:
     pair.to_server()
     pair.server.send_headers(stream.stream_id, [(b":status", b"413")], end_stream=True)
     pair.to_client()
-    assert stream.done and not stream.request_sent
+    assert stream.done and stream.request_sent and stream.abandoned and not stream.fully_sent
+    assert pair.client.outbound_pending(stream) == 0 and stream.error is None
+    events = pair.to_server()
+    (reset,) = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (stream.stream_id, 0)  # NO_ERROR
+    assert pair.server.open_inbound_streams == 0
+    assert not [e for e in events if isinstance(e, h2.events.DataReceived)]  # no more body
+    assert pair.client.resets_sent == 0  # not a cancellation
     pair.client.release(stream)
     pair.to_server()
     assert pair.server.open_inbound_streams == 0

@@ -35,6 +35,12 @@ Rules
   finish. (h2 itself stops accepting frames once a GOAWAY arrives, even the rest of the
   same read, and drops what it had queued to send; :class:`_Connection` keeps both going
   after a GOAWAY(NO_ERROR), which is exactly RFC 9113 6.8's graceful shutdown.)
+- **Early responses** (RFC 9113 8.1): a server may answer in full before it has read the
+  whole request body, and keep its flow-control window for that body closed. Once the
+  response is complete the rest of the body is of no use to anyone: :meth:`receive` stops
+  sending it (the queue is dropped, :attr:`Stream.abandoned` says so) and closes our half of
+  the stream with RST_STREAM(NO_ERROR), so the driver returns the response at once instead of
+  waiting for a window until its write timeout.
 - **Local drain** (:meth:`drain`, for max lifetime): no new stream; once the last one ends,
   :attr:`should_close` turns true and :meth:`close` sends GOAWAY(NO_ERROR).
 - **A connection error fails only this connection's streams** (:meth:`connection_lost`, or
@@ -198,10 +204,19 @@ class Stream:
     outbound: bytearray = field(default_factory=bytearray)
     #: END_STREAM is to follow the queued request body.
     outbound_end: bool = False
-    #: END_STREAM of the request has been sent.
+    #: END_STREAM of the request has been sent, or the request will not be sent further
+    #: (:attr:`abandoned`): nothing more goes out on this stream either way.
     request_sent: bool = False
+    #: The rest of the request body was dropped, unsent: the response was complete first
+    #: (RFC 9113 8.1), or the server ended or reset the stream.
+    abandoned: bool = False
     #: Body bytes the caller took and the stream's window has not been credited with yet.
     unacked: int = 0
+
+    @property
+    def fully_sent(self) -> bool:
+        """The whole request went out, END_STREAM included (not :attr:`abandoned`)."""
+        return self.request_sent and not self.abandoned
 
     @property
     def done(self) -> bool:
@@ -447,17 +462,11 @@ class H2Client:
             return
         if self.streams.pop(stream.stream_id, None) is None:
             return
-        if stream.error is None and not stream.request_sent and not self.closed:
-            # A complete response before our request body was (RFC 9113 8.1: the server
-            # answered early, without RST_STREAM(NO_ERROR)): nobody will send the rest, so
-            # close our side with RST_STREAM(CANCEL). Left half-open, the stream would count
-            # against the server's stream limit (and h2's) for the connection's life.
-            stream.outbound.clear()
-            stream.request_sent = True
-            try:
-                self._h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
-            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
-                pass
+        if stream.error is None and not stream.request_sent:
+            # :meth:`receive` stops the body of a complete response; should one get here
+            # unstopped, the same holds: left half-open, the stream would count against the
+            # server's stream limit (and h2's) for the connection's life.
+            self._stop_sending(stream)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -479,6 +488,10 @@ class H2Client:
         for event in events:
             self._event(event, touched)
         for stream in list(self.streams.values()):
+            if stream.ended and not stream.request_sent and stream.error is None:
+                self._stop_sending(stream)  # answered in full: the rest of the body is moot
+                touched.add(stream.stream_id)
+                continue
             waiting = stream.outbound or (stream.outbound_end and not stream.request_sent)
             if waiting and self._flush_stream(stream):
                 touched.add(stream.stream_id)
@@ -598,8 +611,21 @@ class H2Client:
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
             # The server already ended or reset the stream: it does not want the rest.
             stream.outbound.clear()
-            stream.request_sent = True
+            stream.request_sent = stream.abandoned = True
         return sent
+
+    def _stop_sending(self, stream: Stream) -> None:
+        """The response of `stream` is complete before its request body was sent (RFC 9113
+        8.1): drop the rest of the body and close our half with RST_STREAM(NO_ERROR), which
+        says "done, nothing wrong" (the response stands; no cancellation is counted)."""
+        stream.outbound.clear()
+        stream.request_sent = stream.abandoned = True
+        if self.closed:
+            return
+        try:
+            self._h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            pass  # the server reset it already (e.g. its own RST_STREAM(NO_ERROR))
 
     def _fail_all(self, error: ConnectionFailed) -> None:
         for stream in self.streams.values():

@@ -452,12 +452,12 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
             # A request body's last byte went out (END_STREAM): told to a traced request.
             sending = trace if trace is not None and not no_body else None
             while stream.status is None:
-                if sending is not None and sending.sent_at is None and stream.request_sent:
+                if sending is not None and sending.sent_at is None and stream.fully_sent:
                     sending.sent_at = loop.time()
                 if stream.error is not None:
                     raise stream.error
                 await self._wait(stream, read_timeout, "read")
-            if sending is not None and sending.sent_at is None and stream.request_sent:
+            if sending is not None and sending.sent_at is None and stream.fully_sent:
                 sending.sent_at = loop.time()
         except BaseException:
             reset = self._finish(stream, cancel=True)
@@ -473,12 +473,16 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
         async for chunk in body:
             if stream.error is not None:
                 raise stream.error
+            if stream.request_sent:
+                break  # complete response first (RFC 9113 8.1): read no more of the body
             self.state.send_body(stream, bytes(chunk), end=False)
             self._write()
             while self.state.outbound_pending(stream) > _SEND_HIGH_WATER:
                 if stream.error is not None:
                     raise stream.error
                 await self._wait(stream, write_timeout, "write")
+            if stream.request_sent:
+                break
         self.state.send_body(stream, b"", end=True)
         self._write()
 
@@ -688,7 +692,7 @@ class SyncH2Connection(_H2Connection):
         sending = trace if trace is not None and not no_body else None
 
         def ready() -> bool:
-            if sending is not None and sending.sent_at is None and stream.request_sent:
+            if sending is not None and sending.sent_at is None and stream.fully_sent:
                 sending.sent_at = time.monotonic()
             return stream.status is not None or stream.error is not None
 
@@ -715,6 +719,8 @@ class SyncH2Connection(_H2Connection):
             with self._cond:
                 if stream.error is not None:
                     raise stream.error
+                if stream.request_sent:
+                    break  # complete response first (RFC 9113 8.1): read no more of the body
                 self.state.send_body(stream, bytes(chunk), end=False)
                 self._send_locked()
                 self._wait_locked(
@@ -723,6 +729,8 @@ class SyncH2Connection(_H2Connection):
                     write_timeout,
                     "write",
                 )
+                if stream.request_sent:
+                    break
         with self._cond:
             self.state.send_body(stream, b"", end=True)
             self._send_locked()
