@@ -179,12 +179,13 @@ class OverflowLayer(MethodLayer):
 
         - the local tier refused it (its queue is full);
         - the server did not process it (HTTP/2: REFUSED_STREAM, or above a GOAWAY's last
-          stream id, `StreamNotProcessed`), which the local tier already sent once more on
-          another connection (the server refused that too, or its body could not be sent
-          again), and its body can still be sent: it is in memory, or none of it was ever
-          read (the last connection took no new stream and the first was not sent either).
-          Nothing of it was processed downstream, so the service sending it is no duplicate;
-          the caller sees the service's answer instead of an error the service can absorb.
+          stream id, `StreamNotProcessed`) on the connection the local tier sent it on, nor
+          on the second one it sent it to, and its body can still be sent: it is in memory,
+          or none of it was ever read (neither connection took a stream for it). Nothing of
+          it was processed downstream, so the service sending it is no duplicate; the caller
+          gets the service's answer instead of an error the service can absorb. A one-shot
+          body the server refused after reading it is not sent again by anyone (the local
+          tier does not retry it either): the caller gets `StreamNotProcessed`.
         """
         self._release_local()
         if isinstance(exc, PoolSaturated):
