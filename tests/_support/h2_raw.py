@@ -142,6 +142,10 @@ class ScriptedStream:
 @dataclass
 class ScriptedConnection:
     streams: dict[int, ScriptedStream] = field(default_factory=dict)
+    #: The most streams open at once on this connection (h2's count of open inbound streams).
+    most_open: int = 0
+    #: The server's SETTINGS went out (see `ScriptedH2Server`'s `preface`).
+    settings_sent: bool = False
 
 
 #: A script: called with (h2 connection, stream id, the stream's record) when a request's
@@ -160,9 +164,32 @@ class ScriptedH2Server:
             pool = toolpool.Pool([Destination("x", server.url)], verify=server.client_context())
     """
 
-    def __init__(self, script: Script, settings: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        script: Script,
+        settings: dict[int, int] | None = None,
+        *,
+        preface: str = "settings",
+        preface_connections: int | None = None,
+    ) -> None:
+        """`settings` go out in the server's preface and take effect when the client
+        acknowledges them (RFC 9113 6.5.3: before that, the client may rely on the
+        defaults). `preface` says what the server does first on its first
+        `preface_connections` connections (all by default; later ones: "settings"):
+
+        - ``"settings"``: its SETTINGS at once, as servers do;
+        - ``"after_headers"``: nothing until a request's HEADERS arrived, then its SETTINGS
+          (ahead of the script's answer);
+        - ``"goaway"``: no SETTINGS; once a request's HEADERS arrived, GOAWAY(NO_ERROR,
+          last stream id 0: nothing processed), and the connection closes;
+        - ``"drop"``: no SETTINGS; once a request's HEADERS arrived, the TCP connection
+          closes (no GOAWAY)."""
+        if preface not in ("settings", "after_headers", "goaway", "drop"):
+            raise ValueError(f"unknown preface {preface!r}")
         self.script = script
         self.settings = settings or {}
+        self.preface = preface
+        self.preface_connections = preface_connections
         self.ca = trustme.CA()
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1").configure_cert(self._context)
@@ -219,10 +246,20 @@ class ScriptedH2Server:
             thread.start()
             self._threads.append(thread)
 
+    def _send_settings(self, conn: h2.connection.H2Connection, record: ScriptedConnection) -> None:
+        if not record.settings_sent:
+            record.settings_sent = True
+            conn.initiate_connection()  # h2's defaults, then ours: in effect once acknowledged
+            if self.settings:
+                conn.update_settings(self.settings)
+
     def _serve(self, raw: socket.socket) -> None:
         record = ScriptedConnection()
         with self.lock:
+            index = len(self.connections)
             self.connections.append(record)
+        odd = self.preface_connections is None or index < self.preface_connections
+        preface = self.preface if odd else "settings"
         try:
             sock = self._context.wrap_socket(raw, server_side=True)
         except OSError:
@@ -231,19 +268,33 @@ class ScriptedH2Server:
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
-        # In effect at once (the client learns them from the preface's SETTINGS).
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=self.settings)
-        conn.initiate_connection()
         try:
-            sock.sendall(conn.data_to_send())
+            if preface == "settings":
+                with self.lock:
+                    self._send_settings(conn, record)
+                sock.sendall(conn.data_to_send())
             while True:
                 data = sock.recv(65536)
                 if not data:
                     return
                 with self.changed:
                     for event in conn.receive_data(data):
-                        self._event(conn, record, event)
+                        if preface == "after_headers" and isinstance(
+                            event, h2.events.RequestReceived
+                        ):
+                            self._send_settings(conn, record)  # ahead of the answer
+                        self._event(conn, record, event, answer=preface not in ("goaway", "drop"))
+                    record.most_open = max(record.most_open, conn.open_inbound_streams)
                     self.changed.notify_all()
+                    headers_seen = bool(record.streams)
+                if headers_seen and preface == "goaway":
+                    conn.close_connection(
+                        error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=0
+                    )
+                    sock.sendall(conn.data_to_send())
+                    return
+                if headers_seen and preface == "drop":
+                    return
                 out = conn.data_to_send()
                 if out:
                     sock.sendall(out)
@@ -253,29 +304,39 @@ class ScriptedH2Server:
             sock.close()
 
     def _event(
-        self, conn: h2.connection.H2Connection, record: ScriptedConnection, event: Any
+        self,
+        conn: h2.connection.H2Connection,
+        record: ScriptedConnection,
+        event: Any,
+        answer: bool = True,
     ) -> None:
+        # Without `answer` (a server going away before its SETTINGS) the script is not run.
+        script = self.script if answer else _silent
         if isinstance(event, h2.events.RequestReceived):
             headers = dict(event.headers or ())
             stream = ScriptedStream(headers[b":path"].decode())
             record.streams[event.stream_id] = stream
-            self.script(conn, event.stream_id, stream)
+            script(conn, event.stream_id, stream)
             if event.stream_ended is not None:
                 stream.request_ended = True
-                self.script(conn, event.stream_id, stream)
+                script(conn, event.stream_id, stream)
         elif isinstance(event, h2.events.DataReceived):
             stream = record.streams[event.stream_id]
             stream.received += len(event.data or b"")
             conn.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
             if event.stream_ended is not None:
                 stream.request_ended = True
-                self.script(conn, event.stream_id, stream)
+                script(conn, event.stream_id, stream)
         elif isinstance(event, h2.events.StreamEnded):
             stream = record.streams[event.stream_id]
             if not stream.request_ended:
                 stream.request_ended = True
-                self.script(conn, event.stream_id, stream)
+                script(conn, event.stream_id, stream)
         elif isinstance(event, h2.events.StreamReset):
             stream = record.streams.get(event.stream_id or 0)
             if stream is not None:
                 stream.reset_code = int(event.error_code or 0)
+
+
+def _silent(conn: h2.connection.H2Connection, sid: int, stream: ScriptedStream) -> None:
+    pass

@@ -6,6 +6,8 @@ response at once, instead of waiting for a window until its write timeout.
 The server is `tests._support.h2_raw.ScriptedH2Server` with SETTINGS_INITIAL_WINDOW_SIZE 0
 (not one byte of request body may be sent), answering ``/early`` as soon as the request's
 HEADERS arrive. The write timeout is 120 s; each request runs under a hard 20 s limit.
+A first GET lets the server's SETTINGS in: a request that opens a connection may send
+body bytes within the default window before they arrive (RFC 9113 3.4, 6.5.3).
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def _pool(server: ScriptedH2Server) -> toolpool.Pool:
 def _check(server: ScriptedH2Server, server_resets: bool, read: list[bytes], stats: object) -> None:
     assert 0 < len(read) < len(CHUNKS)  # the body stopped being read once answered
     (conn,) = server.connections  # the follow-up request used the same connection
-    early, after = conn.streams.values()
-    assert (early.path, after.path) == ("/early", "/after")
+    first, early, after = conn.streams.values()
+    assert (first.path, early.path, after.path) == ("/after", "/early", "/after")
     assert early.received == 0 and not early.request_ended  # window 0: no body went out
     if server_resets:
         # Crossed by the server's own reset: ours is refused by h2 locally, or is NO_ERROR.
@@ -93,6 +95,8 @@ async def test_an_early_complete_response_stops_the_body_asyncio(server_resets: 
         async with _pool(server) as pool:
             client = pool.client()
             async with asyncio.timeout(HARD_LIMIT):
+                first = await client.get(server.url + "/after", timeout=TIMEOUT)
+                assert first.content == b"after"  # the server's SETTINGS are in
                 response = await client.post(server.url + "/early", content=body(), timeout=TIMEOUT)
                 assert (response.status_code, response.content) == (200, b"early answer")
                 after = await client.get(server.url + "/after", timeout=TIMEOUT)
@@ -118,6 +122,7 @@ def test_an_early_complete_response_stops_the_body_threads(server_resets: bool) 
         client = pool.sync_client()
 
         def calls() -> tuple[httpx.Response, httpx.Response]:
+            assert client.get(server.url + "/after", timeout=TIMEOUT).content == b"after"
             response = client.post(server.url + "/early", content=body(), timeout=TIMEOUT)
             return response, client.get(server.url + "/after", timeout=TIMEOUT)
 

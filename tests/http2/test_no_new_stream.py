@@ -130,7 +130,7 @@ async def test_no_new_stream_goes_to_another_connection_body_sent_once_asyncio(
         client = pool.client()
 
         async def hooked(*args: Any, **kwargs: Any) -> Any:
-            conn, fresh = await original(*args, **kwargs)
+            conn, fresh, pending = await original(*args, **kwargs)
             if armed:  # our request (the first call once armed): it picked `conn`
                 armed.clear()
                 assert conn.is_available
@@ -144,7 +144,7 @@ async def test_no_new_stream_goes_to_another_connection_body_sent_once_asyncio(
                     await response.aread()  # refused here, answered on a new connection
                 other.append(response)
                 assert not conn.is_available  # our request can no longer open a stream
-            return conn, fresh
+            return conn, fresh, pending
 
         with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
             first = await client.get(ds.url("api") + "/anything", headers=TENANT)
@@ -200,14 +200,14 @@ def test_no_new_stream_goes_to_another_connection_body_sent_once_threads(
                 return response
 
         def hooked(*args: Any, **kwargs: Any) -> Any:
-            conn, fresh = original(*args, **kwargs)
+            conn, fresh, pending = original(*args, **kwargs)
             if armed:
                 armed.clear()
                 assert conn.is_available
                 picked.append(conn)
                 other.append(executor.submit(take, *_other_request(ds, cause)).result(30))
                 assert not conn.is_available
-            return conn, fresh
+            return conn, fresh, pending
 
         with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
             first = client.get(ds.url("api") + "/anything", headers=TENANT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -419,25 +420,30 @@ async def test_a_connection_gone_before_its_first_stream_is_replaced(
         def idle_closed(s: ServiceStats) -> bool:
             return s.connections_closed_by_server_idle == 1
 
-        async_settings = _h2io.AsyncH2Connection.settings
-        sync_settings = _h2io.SyncH2Connection.settings
+        async_handle = _h2io.AsyncH2Connection.handle_async_request
+        sync_handle = _h2io.SyncH2Connection.handle_request
 
-        async def late_async(self: _h2io.AsyncH2Connection, timeout: float | None) -> None:
-            await async_settings(self, timeout)
-            if not hooked:  # the first connection only: resume after the server closed it
+        async def late_async(
+            self: _h2io.AsyncH2Connection, request: httpx.Request, trace: Any = None
+        ) -> httpx.Response:
+            if not hooked:  # the first stream only: opened after the server closed it
                 hooked.append(self)
+                await self.settings(5.0)
                 await ds.wait_stats_async("api", idle_closed)
                 await _until(lambda: not self.is_available)  # its GOAWAY has arrived
+            return await async_handle(self, request, trace)
 
-        def late_sync(self: _h2io.SyncH2Connection, timeout: float | None) -> None:
-            sync_settings(self, timeout)
+        def late_sync(
+            self: _h2io.SyncH2Connection, request: httpx.Request, trace: Any = None
+        ) -> httpx.Response:
             if not hooked:
                 hooked.append(self)
                 ds.wait_stats("api", idle_closed)
                 self.ping(2.0)  # reads what the server sent: its GOAWAY
+            return sync_handle(self, request, trace)
 
-        monkeypatch.setattr(_h2io.AsyncH2Connection, "settings", late_async)
-        monkeypatch.setattr(_h2io.SyncH2Connection, "settings", late_sync)
+        monkeypatch.setattr(_h2io.AsyncH2Connection, "handle_async_request", late_async)
+        monkeypatch.setattr(_h2io.SyncH2Connection, "handle_request", late_sync)
         async with _pool(ds) as pool:
             if driver == "asyncio":
                 response = await _call(pool.client(), ds.url("api") + "/anything", "acme")

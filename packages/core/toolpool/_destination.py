@@ -196,12 +196,16 @@ class Probe(Protocol):
         error: BaseException | None,
         protocol: str | None = None,
         tls_done: float | None = None,
+        settings_at: float | None = None,
     ) -> None:
         """A connection opened (or failed to): TCP from `started` to `tcp_done`, TLS from
         `tcp_done` to `tls_done` (or `done`; `tcp_done` None: not known, or plain HTTP).
         HTTP/2: `protocol` is what ALPN chose ("h2", "http/1.1"; None: an HTTP/1.1 driver's
-        connection), and from `tls_done` to `done` the client waited for the server's
-        SETTINGS."""
+        connection); `settings_at`: when the server's SETTINGS arrived (None: not yet, or
+        not HTTP/2). A request that opens a connection sends its stream at `done`, right
+        after the preface, without waiting for the SETTINGS (RFC 9113 3.4); a warm-up or
+        preconnect waits for them (then `done` is `settings_at`). Told when the opening
+        request's exchange ends, so that the SETTINGS arrival is known."""
 
     def exchanged(
         self,

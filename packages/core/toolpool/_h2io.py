@@ -114,6 +114,21 @@ class _H2Connection:
         #: Why the pool closes or drains it ("lifetime", "health", ...), for its metrics;
         #: None: closed by the server or by an error.
         self.close_reason: str | None = None
+        #: When the server's SETTINGS arrived (time.monotonic()), or None (not yet).
+        self.settings_at: float | None = None
+        #: Called once the SETTINGS arrived or the connection is gone (`when_settled`).
+        self._on_settled: Callable[[], None] | None = None
+
+    def _settled_callback(self) -> Callable[[], None] | None:
+        """Notes the SETTINGS' arrival; the `when_settled` callback, once, when it is due (the
+        SETTINGS arrived or the connection is gone). Call with the driver's lock held."""
+        if self.settings_at is None and self.state.settings_received:
+            self.settings_at = time.monotonic()
+        callback = self._on_settled
+        if callback is not None and (self.state.settings_received or self.state.closed):
+            self._on_settled = None
+            return callback
+        return None
 
     @property
     def is_available(self) -> bool:
@@ -261,6 +276,7 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         touched = self.state.receive(data)
         self._write()
+        self._run_settled()
         if self._fences and self.state.pings_acked:
             for payload in [p for p in self._fences if self.state.ping_answered(p)]:
                 self._fences.pop(payload)()
@@ -274,6 +290,25 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
         self.state.connection_lost(exc)
         self._wake(set(self._waiters) | {0})
         self._run_fences()
+        self._run_settled()
+
+    def _run_settled(self) -> None:
+        callback = self._settled_callback()
+        if callback is not None:
+            callback()
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the server's SETTINGS arrived or the connection is gone
+        (now, if so already), or at :meth:`settle`, whichever comes first. Call it on the
+        connection's loop."""
+        self._on_settled = callback
+        self._run_settled()
+
+    def settle(self) -> None:
+        """The `when_settled` callback now, if it has not run yet."""
+        callback, self._on_settled = self._on_settled, None
+        if callback is not None:
+            callback()
 
     def _run_fences(self) -> None:
         fences, self._fences = self._fences, {}
@@ -370,6 +405,7 @@ class AsyncH2Connection(_H2Connection, asyncio.Protocol):
             if data:
                 self.transport.write(data)
             self.transport.close()
+        self._run_settled()
 
     async def settings(self, timeout: float | None) -> None:
         """Wait for the server's SETTINGS (its stream limit), sent right after the handshake."""
@@ -540,7 +576,15 @@ class SyncH2Connection(_H2Connection):
                 self._sock.sendall(data)
         except OSError as exc:
             self.state.connection_lost(exc)
+            self._run_settled_locked()
             self._cond.notify_all()
+
+    def _run_settled_locked(self) -> None:
+        # The callback (the pool's `KeyConnections.opened`) takes the pool's lock, never this
+        # connection's: calling it with `_cond` held cannot deadlock.
+        callback = self._settled_callback()
+        if callback is not None:
+            callback()
 
     def _read_turn_locked(self, deadline: float | None) -> None:
         """Read once for everybody (or wait for the reader); returns on news or deadline."""
@@ -575,6 +619,7 @@ class SyncH2Connection(_H2Connection):
             self._send_locked()
             if self.state.should_close:
                 self._close_locked()
+        self._run_settled_locked()
         self._cond.notify_all()
 
     def _close_locked(self) -> None:
@@ -589,6 +634,7 @@ class SyncH2Connection(_H2Connection):
             self._sock.close()
         except OSError:
             pass
+        self._run_settled_locked()
         self._cond.notify_all()
 
     # -- public --------------------------------------------------------------------------
@@ -619,6 +665,20 @@ class SyncH2Connection(_H2Connection):
     def drain_threadsafe(self) -> None:
         """:meth:`drain` (callable from any thread, as everything here)."""
         self.drain()
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """:meth:`AsyncH2Connection.when_settled` (called by whichever thread reads the
+        SETTINGS, or closes the connection)."""
+        with self._cond:
+            self._on_settled = callback
+            self._run_settled_locked()
+
+    def settle(self) -> None:
+        """The `when_settled` callback now, if it has not run yet."""
+        with self._cond:
+            callback, self._on_settled = self._on_settled, None
+        if callback is not None:
+            callback()
 
     def check_in_background(self, timeout: float, dead: Callable[[], None]) -> None:
         """Without waiting: PING on a short thread, and call ``dead()`` there when no

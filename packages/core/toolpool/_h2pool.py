@@ -68,10 +68,12 @@ __all__ = [
     "attach",
     "give_back",
     "lifetime_over",
+    "opened_early",
     "ping_first",
     "replayable",
     "response",
     "retry_elsewhere",
+    "settled",
     "warm_permit",
 ]
 
@@ -485,15 +487,23 @@ def h2_side(dest: DestinationPool) -> H2Connections:
 class Connecting:
     """The timings of one HTTP/2 connect, told to the destination's probe (when traced) as a
     connect span: TCP (`tcp_done`), the TLS handshake with ALPN (`tls_done`), the server's
-    SETTINGS; a connection that speaks h2 goes to the create-time histogram."""
+    SETTINGS (when they arrived); a connection that speaks h2 goes to the create-time
+    histogram.
 
-    __slots__ = ("dest", "started", "tcp_done", "tls_done")
+    A connection opened for a request is ready once its preface is written (`ready`): the
+    request's stream goes out without waiting for the server's SETTINGS (RFC 9113 3.4), and
+    the span is told when that first exchange ends (`report`), the SETTINGS arrival known by
+    then (a server sends them before any response). Warm-up and preconnect wait for the
+    SETTINGS (`done`)."""
+
+    __slots__ = ("dest", "ready_at", "started", "tcp_done", "tls_done")
 
     def __init__(self, dest: DestinationPool) -> None:
         self.dest = dest
         self.started = monotonic()
         self.tcp_done: float | None = None
         self.tls_done: float | None = None
+        self.ready_at: float | None = None
 
     def failed(self, error: BaseException) -> None:
         probe = self.dest.probe
@@ -503,14 +513,60 @@ class Connecting:
             )
 
     def done(self, protocol: str) -> None:
-        """Connected, speaking `protocol` (what ALPN chose: "h2" or "http/1.1")."""
+        """Connected, speaking `protocol` (what ALPN chose: "h2" after the server's SETTINGS
+        arrived, or "http/1.1")."""
+        now = monotonic()
         if protocol == "h2":
-            self.dest.record_connect(monotonic() - self.started)
+            self.dest.record_connect(now - self.started)
         probe = self.dest.probe
         if probe is not None:
+            settings_at = now if protocol == "h2" else None
             probe.connected(
-                self.dest, self.started, self.tcp_done, monotonic(), None, protocol, self.tls_done
+                self.dest,
+                self.started,
+                self.tcp_done,
+                now,
+                None,
+                protocol,
+                self.tls_done,
+                settings_at,
             )
+
+    def ready(self) -> None:
+        """Speaking h2, the preface written: the opening request's stream goes out now."""
+        self.ready_at = monotonic()
+        self.dest.record_connect(self.ready_at - self.started)
+
+    def report(self, conn: Any) -> None:
+        """The opening request's exchange on `conn` ended: the connect span, with the
+        SETTINGS arrival if they came (`conn.settings_at`)."""
+        probe = self.dest.probe
+        if probe is not None and self.ready_at is not None:
+            probe.connected(
+                self.dest,
+                self.started,
+                self.tcp_done,
+                self.ready_at,
+                None,
+                "h2",
+                self.tls_done,
+                conn.settings_at,
+            )
+
+
+def opened_early(kc: KeyConnections, conn: Any) -> None:
+    """`conn` was opened for a request that sends its stream before the server's SETTINGS
+    arrive: the key's other requests keep waiting for the connect until the SETTINGS arrive
+    (then the server's stream limit governs) or the connection is gone, not one stream more
+    goes out before. `settled` is the fallback when the opening request is done first."""
+    conn.when_settled(partial(kc.opened, conn))
+
+
+def settled(conn: Any, timing: Connecting) -> None:
+    """The opening request's exchange on `conn` ended (or failed): its key's waiters go on
+    now whatever came of the SETTINGS, and the connect is reported."""
+    conn.settle()
+    timing.report(conn)
 
 
 def stream_trace(dest: DestinationPool) -> StreamTrace | None:

@@ -43,12 +43,17 @@ monotonic = time.monotonic
 
 
 async def open_connection(
-    dest: DestinationPool, ctx: _auth_context.AuthContext | None, timeout: float | None
+    dest: DestinationPool,
+    ctx: _auth_context.AuthContext | None,
+    timeout: float | None,
+    early: _h2pool.Connecting | None = None,
 ) -> AsyncH2Connection:
     """A new HTTP/2 connection acting for `ctx`, the server's SETTINGS (its stream limit)
-    received; raises `_h2pool.UseHttp11` when the server picked http/1.1 by ALPN."""
+    received; raises `_h2pool.UseHttp11` when the server picked http/1.1 by ALPN. With
+    `early` (a request opens it), no wait for the SETTINGS: the connection is returned once
+    its preface is written and `early` times the connect (the request reports it)."""
     h2 = _h2pool.h2_side(dest)
-    timing = _h2pool.Connecting(dest)
+    timing = early if early is not None else _h2pool.Connecting(dest)
     try:
         conn = await open_h2(dest, h2.ssl_context(ctx), timeout, timing)
     except BaseException as exc:
@@ -59,6 +64,13 @@ async def open_connection(
         timing.done("http/1.1")
         raise _h2pool.UseHttp11
     h2.protocol = "h2"
+    if early is not None:
+        # RFC 9113 3.4: requests may follow the preface at once, the server's SETTINGS
+        # assumed at their defaults until they arrive; h2 applies the default windows and
+        # frame size, `H2Client.accepting` takes one stream until then.
+        timing.ready()
+        h2.adopt(conn)
+        return conn
     try:
         await conn.settings(timeout)
     except BaseException as exc:
@@ -79,12 +91,19 @@ async def connection(
     ctx: _auth_context.AuthContext | None,
     timeout: float | None,
     exclude: object = None,
-) -> tuple[AsyncH2Connection, bool]:
+    early: bool = False,
+) -> tuple[AsyncH2Connection, bool, _h2pool.Connecting | None]:
     """A connection of the key with room for one more stream: checked (max lifetime, a PING
     after idle), or newly opened; requests of a key that arrive together share one connect.
     Also whether the connection is new to the caller (it opened it, or waited for another
     request of the key to open it). A traced destination's probe hears of PINGs and of
-    waits for another request's connect."""
+    waits for another request's connect.
+
+    With `early` (a request that sends a stream at once), a connection the caller opens is
+    returned before the server's SETTINGS arrived, with its pending connect (third item):
+    the caller's stream is its first and only one until the SETTINGS arrive, the key's
+    other requests wait for them as for the connect; the caller calls `_h2pool.settled`
+    once its exchange ended. Otherwise the third item is None."""
     idle_ttl = dest.settings.idle_ttl
     waited = False
     h2 = dest.h2
@@ -113,7 +132,7 @@ async def connection(
                     conn.close()
                     continue
             if conn.is_available:
-                return conn, waited
+                return conn, waited, None
             continue
         if not mine:
             since = monotonic()
@@ -122,13 +141,17 @@ async def connection(
                 dest.probe.connect_waited(dest, since, monotonic())
             waited = True
             continue
+        pending = _h2pool.Connecting(dest) if early else None
         try:
-            new = await open_connection(dest, ctx, timeout)
+            new = await open_connection(dest, ctx, timeout, pending)
         except BaseException:
             kc.opened(None)  # the key's waiting requests try again (one of them connects)
             raise
-        kc.opened(new)
-        return new, True
+        if pending is None:
+            kc.opened(new)
+        else:
+            _h2pool.opened_early(kc, new)  # the others go on once the SETTINGS arrived
+        return new, True, pending
 
 
 async def send(
@@ -156,7 +179,9 @@ async def send(
     try:
         for attempt in (1, 2):
             try:
-                conn, fresh = await connection(dest, kc, ctx, dest.connect_limit(timeouts), exclude)
+                conn, fresh, pending = await connection(
+                    dest, kc, ctx, dest.connect_limit(timeouts), exclude, early=True
+                )
             except _h2pool.UseHttp11:
                 dest.release(slot, False)
                 if probe is not None:
@@ -166,7 +191,11 @@ async def send(
             trace = _h2pool.stream_trace(dest)
             sent = monotonic() if probe is not None else 0.0
             try:
-                inner = await conn.handle_async_request(request, trace)
+                try:
+                    inner = await conn.handle_async_request(request, trace)
+                finally:
+                    if pending is not None:
+                        _h2pool.settled(conn, pending)
             except StreamNotProcessed as exc:
                 if probe is not None:
                     probe.exchanged(dest, sent, None, exc)

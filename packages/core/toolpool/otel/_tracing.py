@@ -435,6 +435,7 @@ class Tracing:
         error: BaseException | None,
         protocol: str | None = None,
         tls_done: float | None = None,
+        settings_at: float | None = None,
     ) -> None:
         assert self.tracer is not None
         if otel_context.get_value(_CALL) is _SKIP:
@@ -472,10 +473,12 @@ class Tracing:
                 error if tls_done is None else None,
                 parent=span,
             )
-            if tls_done is not None:
-                # HTTP/2: the connection preface and the server's SETTINGS (its stream limit).
+            if tls_done is not None and settings_at is not None:
+                # HTTP/2: from the handshake to the server's SETTINGS (its stream limit); the
+                # first stream did not wait for them, the key's other requests did.
                 span.set_attribute(
-                    "toolpool.http2.settings_ms", round((done - tls_end) * 1000.0, 3)
+                    "toolpool.http2.settings_ms",
+                    round(max(0.0, settings_at - tls_end) * 1000.0, 3),
                 )
         span.set_attribute("toolpool.tcp_ms", round((tcp_end - started) * 1000.0, 3))
         if error is not None:
