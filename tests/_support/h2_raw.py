@@ -171,6 +171,7 @@ class ScriptedH2Server:
         *,
         preface: str = "settings",
         preface_connections: int | None = None,
+        settings_gate: threading.Event | None = None,
     ) -> None:
         """`settings` go out in the server's preface and take effect when the client
         acknowledges them (RFC 9113 6.5.3: before that, the client may rely on the
@@ -179,7 +180,9 @@ class ScriptedH2Server:
 
         - ``"settings"``: its SETTINGS at once, as servers do;
         - ``"after_headers"``: nothing until a request's HEADERS arrived, then its SETTINGS
-          (ahead of the script's answer);
+          (ahead of the script's answer); with `settings_gate`, the server reads nothing of
+          the connection until the gate is set (at most 30 s), so a test decides when the
+          HEADERS, and then the SETTINGS, can come through;
         - ``"goaway"``: no SETTINGS; once a request's HEADERS arrived, GOAWAY(NO_ERROR,
           last stream id 0: nothing processed), and the connection closes;
         - ``"drop"``: no SETTINGS; once a request's HEADERS arrived, the TCP connection
@@ -190,6 +193,7 @@ class ScriptedH2Server:
         self.settings = settings or {}
         self.preface = preface
         self.preface_connections = preface_connections
+        self.settings_gate = settings_gate
         self.ca = trustme.CA()
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1").configure_cert(self._context)
@@ -273,6 +277,8 @@ class ScriptedH2Server:
                 with self.lock:
                     self._send_settings(conn, record)
                 sock.sendall(conn.data_to_send())
+            elif preface == "after_headers" and self.settings_gate is not None:
+                self.settings_gate.wait(30.0)
             while True:
                 data = sock.recv(65536)
                 if not data:
