@@ -163,7 +163,7 @@ async def test_max_streams_1_while_two_requests_of_a_tenant_race_at_connect(
             assert (response.status_code, response.content) == (200, path.encode())
         first = server.connections[0]
         assert len(server.connections) <= 2
-        assert list(first.streams)[0] == 1  # the opener's stream, before the SETTINGS
+        assert next(iter(first.streams)) == 1  # the opener's stream, before the SETTINGS
         assert all(c.most_open <= 1 for c in server.connections)
         assert sum(len(c.streams) for c in server.connections) == 2  # none refused, resent
 
