@@ -5,10 +5,10 @@ token endpoint is another destination: with `TokenPolicy(preconnect=True)` the A
 (TCP + TLS) is opened while the token is fetched; without, after it. Both services sit behind
 `LatencyRelay`s (one-way delay below), the token endpoint answers after 50 ms.
 
-Each round runs every mode on HTTP/2 (the default on https://: ALPN offers h2, the client
-waits for the server's SETTINGS before its first stream) and on HTTP/1.1 (`http2=False`),
-interleaved, so both protocols see the same machine load; the last column is HTTP/2's median
-over HTTP/1.1's in the same run.
+Each round runs every mode on HTTP/2 (the default on https://: ALPN offers h2, the first
+stream goes out right after the connection preface, without waiting for the server's
+SETTINGS) and on HTTP/1.1 (`http2=False`), interleaved, so both protocols see the same
+machine load; the last column is HTTP/2's median over HTTP/1.1's in the same run.
 
     .venv/bin/python benchmarks/cold_call.py [one_way_seconds] [rounds]
 """
