@@ -24,7 +24,7 @@ from h2.settings import SettingCodes
 
 import toolpool
 from tests._support.h2_raw import ScriptedH2Server, ScriptedStream
-from toolpool import _h2pool
+from toolpool import _h2io, _h2pool
 from toolpool._h2 import ConnectionFailed, StreamNotProcessed
 from toolpool.testing import Downstream, ServiceSpec
 
@@ -197,3 +197,61 @@ async def test_a_cold_connections_first_request_sends_a_body_beyond_the_default_
             assert response.json()["body"] == body.decode()
             stats = pool.stats()["api"]
             assert stats.http2_connections_opened == 1  # type: ignore[attr-defined]
+
+
+def _answer_b(conn: h2.connection.H2Connection, sid: int, stream: ScriptedStream) -> None:
+    if stream.path == "/b":  # "/a" is never answered: its caller gives up
+        _answer(conn, sid, stream)
+
+
+async def test_an_opener_cancelled_before_the_settings_lets_its_waiters_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request that opened the connection is cancelled while the server has read
+    nothing (no SETTINGS yet) and another request of the tenant waits for that connect:
+    the waiter goes on, on the same connection (its only stream now), and is answered."""
+    gate = threading.Event()
+    waiting = asyncio.Event()
+    borrow = _h2pool.KeyConnections.borrow
+
+    def spy(self: _h2pool.KeyConnections, *args: Any) -> Any:
+        found = borrow(self, *args)
+        _stale, conn, opening, mine = found
+        if conn is None and opening is not None and not mine:
+            waiting.set()
+        elif conn is not None and waiting.is_set():
+            gate.set()  # the waiter got the connection: let the server read
+        return found
+
+    monkeypatch.setattr(_h2pool.KeyConnections, "borrow", spy)
+    streaming = asyncio.Event()
+    handle = _h2io.AsyncH2Connection.handle_async_request
+
+    async def handle_spy(
+        self: _h2io.AsyncH2Connection, request: httpx.Request, trace: Any = None
+    ) -> httpx.Response:
+        streaming.set()  # the stream opens before this task can be interrupted
+        return await handle(self, request, trace)
+
+    monkeypatch.setattr(_h2io.AsyncH2Connection, "handle_async_request", handle_spy)
+    with ScriptedH2Server(_answer_b, preface="after_headers", settings_gate=gate) as server:
+        async with _pool(server) as pool:
+            client = pool.client()
+
+            async def get(path: str) -> httpx.Response:
+                with toolpool.auth_context(toolpool.AuthContext(tenant="acme")):
+                    return await client.get(server.url + path, timeout=TIMEOUT)
+
+            async with asyncio.timeout(HARD_LIMIT):
+                opener = asyncio.create_task(get("/a"))
+                await streaming.wait()  # its stream went out, no SETTINGS yet
+                waiter = asyncio.create_task(get("/b"))
+                await waiting.wait()
+                opener.cancel()
+                response = await waiter
+                with pytest.raises(asyncio.CancelledError):
+                    await opener
+            assert (response.status_code, response.content) == (200, b"/b")
+        (conn,) = server.connections
+        assert [s.path for s in conn.streams.values()] == ["/a", "/b"]
+        assert conn.most_open <= 2  # /a reset (CANCEL) on the same read as /b's HEADERS
