@@ -11,7 +11,11 @@ here, in :class:`H2Connections`, one set per (auth context, driver):
   key's streams.
 - **One connection per active context**; a second only when every connection of the key is
   at the server's ``SETTINGS_MAX_CONCURRENT_STREAMS`` (or going away). Opening is
-  single-flight per key: requests of a key that arrive together share one connect.
+  single-flight per key: requests of a key that arrive together share one connect. The
+  request that opens it sends its stream right after the connection preface, without
+  waiting a round trip for the server's SETTINGS (RFC 9113 3.4); the key's other requests
+  wait for the SETTINGS as for the connect (`opened_early`), so nothing but that one stream
+  goes out before the server's stream limit is known.
 - **No tenant churn**: a new tenant's first request opens its own connection; nobody else's
   closes while the request cap has room (the state machine frees permits of other tenants
   only at the cap, and a freed permit costs no connection).
