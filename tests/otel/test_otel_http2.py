@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import h2.connection
 import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -18,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import toolpool
 import toolpool.otel
+from tests._support.h2_raw import ScriptedH2Server, ScriptedStream
 from tests._support.otel_spans import (
     check_accounted,
     check_protocol,
@@ -97,6 +99,41 @@ async def test_one_connect_for_a_contexts_first_requests_the_others_wait_for_it(
     for req in warm:
         assert (req.attributes or {})["toolpool.connection.reused"] is True
         assert not [k for k in children(spans, req) if k.name == "toolpool.connect"]
+
+
+def _answer(conn: h2.connection.H2Connection, sid: int, stream: ScriptedStream) -> None:
+    if stream.request_ended and not stream.answered:
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"0")], end_stream=True)
+        stream.answered = True
+
+
+async def test_the_opening_request_sends_its_stream_before_the_settings_arrive(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """A server that sends its SETTINGS only once it has read a request's HEADERS: the
+    connect span ends before the opening request's exchange starts, and its
+    `toolpool.http2.settings_ms` (handshake to SETTINGS) reaches beyond that start."""
+    with ScriptedH2Server(_answer, preface="after_headers") as server:
+        pool = toolpool.Pool(
+            [toolpool.Destination("s", server.url, max_connections=2, warmup=0.0)],
+            verify=server.client_context(),
+            http2=True,
+        )
+        toolpool.otel.instrument(pool, tracer_provider=tracer_provider, metrics=False)
+        async with pool:
+            async with asyncio.timeout(30):
+                response = await _get(pool.client(), server.url + "/x")
+        assert (response.status_code, response.http_version) == (200, "HTTP/2")
+    spans = list(exporter.get_finished_spans())
+    check_protocol(spans, http2=True)
+    (request,) = client_spans(spans)
+    (connect,) = [k for k in children(spans, request) if k.name == "toolpool.connect"]
+    (exchange,) = [k for k in children(spans, request) if k.name == "toolpool.response"]
+    (tls,) = tls_children(spans, connect)
+    settings_ms = (connect.attributes or {})["toolpool.http2.settings_ms"]
+    assert connect.end_time is not None and tls.end_time is not None
+    assert exchange.start_time is not None and connect.end_time <= exchange.start_time
+    assert exchange.start_time < tls.end_time + settings_ms * 1e6
 
 
 @pytest.mark.parametrize("kind", ["refused_stream", "goaway"])
