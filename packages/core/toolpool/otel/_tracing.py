@@ -21,12 +21,13 @@ One request's spans:
     │                          Retry-After pause, a 401's fresh token)
     ├─ toolpool.pool.wait      queued for a connection (HTTP/2: for a stream permit; only
     │                          when the request queued)
-    ├─ toolpool.connect        TCP connect of a new connection (HTTP/2: up to the server's
-    │  │                       SETTINGS)
+    ├─ toolpool.connect        TCP connect of a new connection (HTTP/2: up to the preface,
+    │  │                       when the stream goes out; `toolpool.http2.settings_ms`:
+    │  │                       when the server's SETTINGS arrived, after the handshake)
     │  └─ toolpool.tls         its TLS handshake (`tls.next_protocol`: what ALPN chose)
     ├─ toolpool.connect.wait   HTTP/2: waiting for the connection another request of the
-    │                          same context is opening
-    ├─ toolpool.ping           HTTP/2: the PING of a connection idle > 1 s before it
+    │                          same context is opening, until its SETTINGS arrived
+    ├─ toolpool.ping           HTTP/2: the PING of a connection idle > 10 s before it
     │                          carries the stream
     └─ toolpool.response       request written → response head received (network + server);
                                left out when it would be the request's only child (a warm
@@ -87,11 +88,12 @@ SPAN_NAMES: dict[str, str] = {
     "toolpool.admission.wait": "a tool call (or pool.admit) waiting at the destination's "
     "admission gate, before its requests (a sibling of their spans)",
     "toolpool.connect": "opening a new connection: TCP connect (DNS included), TLS below it; "
-    "HTTP/2: up to the server's SETTINGS",
+    "HTTP/2: up to the connection preface (the request's stream does not wait for the "
+    "server's SETTINGS; toolpool.http2.settings_ms says when they arrived)",
     "toolpool.tls": "the TLS handshake of a new connection (ALPN: tls.next_protocol)",
     "toolpool.connect.wait": "HTTP/2: waiting for the connection another request of the same "
-    "auth context is opening",
-    "toolpool.ping": "HTTP/2: the PING round trip of a connection idle > 1 s, before it "
+    "auth context is opening, until the server's SETTINGS arrived on it",
+    "toolpool.ping": "HTTP/2: the PING round trip of a connection idle > 10 s, before it "
     "carries the stream",
     "toolpool.response": "request written until the response head arrived (only beside "
     "other children)",
