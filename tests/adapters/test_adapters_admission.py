@@ -50,7 +50,9 @@ async def tight(ds: Downstream) -> AsyncIterator[toolpool.Pool]:
 async def _saturate(
     pool: toolpool.Pool, ds: Downstream
 ) -> tuple[httpx.AsyncClient, list[asyncio.Task[httpx.Response]]]:
-    client = pool.client(timeout=httpx.Timeout(30.0, pool=None))
+    # No request may end by its own timeout while a test waits (up to 30 s) for admissions:
+    # the /hang requests end only when the test cancels them.
+    client = pool.client(timeout=httpx.Timeout(120.0, pool=None))
     with toolpool.auth_context(ACME):
         tasks = [asyncio.create_task(client.get(ds.url("crm") + "/hang")) for _ in range(2)]
     st = pool.destination("crm").state
@@ -116,18 +118,21 @@ async def test_admit_refuses_a_saturated_destination_after_max_wait(
 
 
 async def test_admit_waits_until_the_queue_drains(tight: toolpool.Pool, ds: Downstream) -> None:
+    """A tool call (strict admission) waits while 'crm' is saturated, and still while its
+    one connection is in use once the queue has drained (tool calls wait at the gate, not in
+    the pool's queue); it is admitted when the connection is free, not by any timeout."""
     client, tasks = await _saturate(tight, ds)
     admission = Admission(tight, max_wait=60)
     admission.declare("t", ["crm"])
     waiting = asyncio.create_task(admission.admit("t"))
     started = threading.Event()
-    finished: list[bool] = []  # whether the queue had drained when admit_sync returned
-    drained = False
+    finished: list[bool] = []  # whether the connection was free when admit_sync returned
+    freed = False
 
     def sync_admit() -> None:
         started.set()
         admission.admit_sync("t")
-        finished.append(drained)
+        finished.append(freed)
 
     thread = threading.Thread(target=sync_admit)
     thread.start()
@@ -137,12 +142,18 @@ async def test_admit_waits_until_the_queue_drains(tight: toolpool.Pool, ds: Down
     await asyncio.sleep(0.2)
     assert not waiting.done()
     assert finished == []
-    drained = True
-    tasks[1].cancel()  # the queued request leaves: no longer saturated
+    tasks[1].cancel()  # the queued request leaves: busy, no longer saturated
+    await asyncio.gather(tasks[1], return_exceptions=True)
+    st = tight.destination("crm").state
+    await _until(lambda: st.waiting == 0 and tight.saturation("crm").state != "saturated")
+    await asyncio.sleep(0.2)  # the one connection is still in use: both still wait
+    assert not waiting.done()
+    assert finished == []
+    freed = True
+    tasks[0].cancel()  # the connection is free: both are admitted, one after the other
     await asyncio.wait_for(waiting, 30)
     await asyncio.to_thread(thread.join, 30)
     assert finished == [True]
-    tasks[0].cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await client.aclose()
     thread.join(10)
