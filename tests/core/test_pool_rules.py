@@ -28,9 +28,12 @@ async def _call(client: httpx.AsyncClient, url: str, who: str) -> httpx.Response
 
 async def test_cap_holds_at_the_server_across_tenants(downstream: Downstream) -> None:
     url = downstream.url("api") + "/delay?s=0.005"
-    dest = destination(downstream, max_connections=6, queue_factor=100)
+    # 600 requests queue at once behind 6 connections: the last waits until nearly all the
+    # others are served, seconds on a busy machine. No wait limit of httpx (5 s) and a
+    # generous one of the pool: a request must not fail because the machine is slow.
+    dest = destination(downstream, max_connections=6, queue_factor=100, acquire_timeout=120)
     async with toolpool.Pool([dest], warmup=0) as pool:
-        client = pool.client()
+        client = pool.client(timeout=httpx.Timeout(30.0, pool=None))
         tenants = [f"t{i}" for i in range(12)]
         rs = await asyncio.gather(*[_call(client, url, tenants[i % 12]) for i in range(600)])
         assert all(r.status_code == 200 for r in rs)
@@ -53,7 +56,8 @@ async def test_one_tenant_reuses_few_connections(plain: Downstream) -> None:
     dest = destination(plain, documented_limit=10, queue_factor=50)
     async with toolpool.Pool([dest], warmup=0) as pool:
         assert pool.stats()["api"].max_connections == 7  # floor(10 × 0.7)
-        client = pool.client()
+        # 200 requests queue at once: the pool's wait limit (30 s), not httpx's 5 s.
+        client = pool.client(timeout=httpx.Timeout(30.0, pool=None))
         await asyncio.gather(*[_call(client, url, "acme") for _ in range(200)])
     stats = plain.stats("api")
     assert stats.connections_accepted == 7 and stats.peak_connections <= 7
