@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 import toolpool
+from tests._support.pools import assert_quiet_soon
 from toolpool.testing import Downstream, ServiceSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,15 +29,22 @@ async def test_randomized_affinity_storm_on_http2() -> None:
             ("reset", 0.003),
         ):
             ds.set_fault("api", kind, probability=p)  # type: ignore[arg-type]
+        # 400 requests queue at once behind 10 streams: no wait limit of httpx (5 s) and a
+        # generous one of the pool, so a busy machine makes a wave slower, not failed.
         dest = toolpool.Destination(
-            "api", ds.url("api"), max_connections=CAP, queue_factor=100, idle_ttl=0.5
+            "api",
+            ds.url("api"),
+            max_connections=CAP,
+            queue_factor=100,
+            idle_ttl=0.5,
+            acquire_timeout=120,
         )
         tenants = [f"tenant-{i}" for i in range(20)]
         outcomes = {"ok": 0, "cancelled": 0, "error": 0}
         async with toolpool.Pool(
             [dest], verify=ds.client_ssl_context(), http2=True, policy=None
         ) as pool:
-            client = pool.client()
+            client = pool.client(timeout=httpx.Timeout(30.0, pool=None))
 
             async def call(who: str) -> httpx.Response:
                 with toolpool.auth_context(toolpool.AuthContext(tenant=who)):
@@ -61,14 +69,16 @@ async def test_randomized_affinity_storm_on_http2() -> None:
             for wave in range(6):
                 await asyncio.gather(*[one() for _ in range(400)])
                 if wave % 2:
-                    await asyncio.sleep(0.3)  # let the server's idle timeout close some
+                    # Pause until the server's idle timeout closed one more connection.
+                    idle_closed = ds.stats("api").connections_closed_by_server_idle
+                    await ds.wait_stats_async(
+                        "api",
+                        lambda s, n=idle_closed: s.connections_closed_by_server_idle > n,
+                        timeout=30,
+                    )
             # Permits held for a cancelled stream come back once the server has read the
             # RST_STREAM (a PING round trip).
-            for _ in range(200):
-                st = pool.stats()["api"]
-                if st.in_use == 0 and st.waiting == 0 and st.opening == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await assert_quiet_soon(pool, timeout=30)
             st = pool.stats()["api"]
             assert (st.in_use, st.waiting, st.opening) == (0, 0, 0)
             assert st.http2_streams_in_use == 0

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 import toolpool
@@ -73,7 +74,9 @@ async def test_async_tls_storm_metrics_agree_with_server() -> None:
             async with pool:
                 warm = pool.stats()["crm"].created_total
                 assert warm == 3
-                async with pool.client() as client:
+                # 240 requests queue at once behind 6 connections: the pool's wait limit
+                # (30 s), not httpx's 5 s pool timeout, so a busy machine is slower, not failed.
+                async with pool.client(timeout=httpx.Timeout(30.0, pool=None)) as client:
 
                     async def call(i: int) -> None:
                         tenant = TENANTS[i % len(TENANTS)]
@@ -117,7 +120,8 @@ async def test_async_tls_storm_on_http2_metrics_agree_with_server() -> None:
         )
         toolpool.metrics.register(pool, registry)
         d = {"destination": "crm"}
-        async with pool, pool.client() as client:
+        # The requests queue at once behind 6 streams: the pool's wait limit, not httpx's 5 s.
+        async with pool, pool.client(timeout=httpx.Timeout(30.0, pool=None)) as client:
             # Warm-up: one connection for no identity (no context listed), which the first
             # request binds to its tenant.
             assert pool.stats()["crm"].http2_connections_opened == 1
