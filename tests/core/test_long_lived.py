@@ -66,7 +66,9 @@ def sse_origin() -> Iterator[str]:
 
 
 async def test_a_stream_holder_gets_other_tenants_idle_connections(sse_origin: str) -> None:
-    dest = toolpool.Destination("svc", sse_origin, max_connections=4, acquire_timeout=3.0)
+    # A pool that left B waiting for a connection to come back would never serve it (the
+    # stream holds its connection, A's stay idle): httpx's 5 s wait limit would fail it.
+    dest = toolpool.Destination("svc", sse_origin, max_connections=4, acquire_timeout=30.0)
     async with toolpool.Pool([dest], warmup=0) as pool:
         client = pool.client()
         # Tenant A leaves 3 idle connections (3 slow requests at once).
@@ -79,11 +81,9 @@ async def test_a_stream_holder_gets_other_tenants_idle_connections(sse_origin: s
                 assert stream.headers["content-type"] == "text/event-stream"
                 stats = pool.stats()["svc"]
                 assert stats.streams == 1 and stats.streams_total == 1
-                started = time.monotonic()
                 r = await asyncio.wait_for(client.get(f"{sse_origin}/y"), timeout=10)
                 assert r.status_code == 200 and r.text == "ok"
-                # Served by closing one of A's idle connections, not after the 3 s timeout.
-                assert time.monotonic() - started < 2.0
+                # Served by closing one of A's idle connections (not by one coming back).
                 stats = pool.stats()["svc"]
                 assert stats.closed_total["affinity"] == 1
                 assert stats.streams == 1
