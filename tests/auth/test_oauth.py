@@ -151,12 +151,14 @@ async def test_refresh_ahead_of_expiry_runs_in_the_background(driver):
                         return await client.get(url)
                     return await asyncio.to_thread(sync_client.get, url)
 
-            started = time.monotonic()
             assert (await call()).status_code == 200
             assert auth.stats().fetch_duration_count == 1
             entry = auth.cache.entries[tenant_ctx("acme").fingerprint]
             old = entry.cached
-            await asyncio.sleep(max(0.0, started + 2.1 - time.monotonic()))
+            # Past the refresh point: 2 s after the token was requested, which on a busy
+            # machine can be well after this test started its first call (TLS, the pool).
+            assert old.expires_at - old.refresh_at == pytest.approx(2.0)  # 4 s tokens
+            await asyncio.sleep(max(0.0, old.refresh_at + 0.1 - time.monotonic()))
             response = await call()  # past the refresh point: starts the refresh
             after = auth.stats()
             assert response.status_code == 200
@@ -434,7 +436,10 @@ async def test_pool_close_stops_a_background_refresh():
             with toolpool.auth_context(tenant_ctx("acme")):
                 await pool.client().get(ds.url("crm") + "/anything")
                 ds.set_fault("crm", "slow", delay=30.0, endpoint="token")
-                await asyncio.sleep(1.05)  # past the refresh point (1 s for 2 s tokens)
+                # Past the refresh point (1 s after the token was requested, for 2 s tokens),
+                # before its expiry: from the cached token's own times, not the clock here.
+                cached = auth.cache.entries[tenant_ctx("acme").fingerprint].cached
+                await asyncio.sleep(max(0.0, cached.refresh_at + 0.05 - time.monotonic()))
                 await pool.client().get(ds.url("crm") + "/anything")
             await ds.wait_stats_async("crm", lambda s: s.token_requests == 2)
             assert len(auth._tasks) == 1
