@@ -7,6 +7,7 @@ connection still make it stale (tests/core/test_hostile_servers.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Iterator
@@ -69,3 +70,36 @@ def test_thread_driver_reuses_a_warm_connection_with_tickets_unread(ds: Downstre
         _check(pool, ds)
         assert client.get(ds.url("crm") + "/anything").status_code == 200
         assert pool.stats()["crm"].created_total == 1
+
+
+async def test_a_request_cancelled_while_its_connection_is_checked_releases_it(
+    ds: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of a reused connection awaits (`settled`: the loop reads the TLS records);
+    a request cancelled there gave its slot back to nobody, so the pool counted a connection
+    in use forever (the randomized affinity storm's `in_use=1` under load in CI)."""
+    from toolpool._async import request as async_request
+
+    original = async_request.settled
+    entered = asyncio.Event()
+    gate = asyncio.Event()  # never set: the request is cancelled inside the check
+
+    async def held(conn: object) -> bool:
+        entered.set()
+        await gate.wait()
+        return await original(conn)
+
+    async with _pool(ds) as pool:
+        _late_records_arrived(ds)  # the warm connection fails its probe: `settled` runs
+        monkeypatch.setattr(async_request, "settled", held)
+        task = asyncio.ensure_future(pool.client().get(ds.url("crm") + "/anything"))
+        async with asyncio.timeout(30):
+            await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stats = pool.stats()["crm"]
+        assert (stats.in_use, stats.opening, stats.waiting) == (0, 0, 0), stats
+        monkeypatch.setattr(async_request, "settled", original)
+        assert (await pool.client().get(ds.url("crm") + "/anything")).status_code == 200
+        assert pool.stats()["crm"].in_use == 0

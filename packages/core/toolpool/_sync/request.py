@@ -186,8 +186,16 @@ def send(
         # A reuse is checked for staleness if the state machine says so (`must_check`);
         # a connection that fails the check is replaced, unless it was only TLS records
         # without data waiting to be read (`settled`).
-        if dest.state.must_check(slot) and not slot.conn.probe() and not settled(slot.conn):
-            slot = dest.replace(slot)
+        if dest.state.must_check(slot) and not slot.conn.probe():
+            try:
+                fit = settled(slot.conn)
+            except BaseException:
+                # Cancelled while it was being checked: nothing was sent, the slot is ours
+                # alone, and a connection in doubt goes.
+                dest.release(slot, False)
+                raise
+            if not fit:
+                slot = dest.replace(slot)
         conn: SyncConnection | None = slot.conn
         fresh = conn is None
         if conn is None:
