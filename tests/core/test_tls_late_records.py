@@ -77,7 +77,11 @@ async def test_a_request_cancelled_while_its_connection_is_checked_releases_it(
 ) -> None:
     """The check of a reused connection awaits (`settled`: the loop reads the TLS records);
     a request cancelled there gave its slot back to nobody, so the pool counted a connection
-    in use forever (the randomized affinity storm's `in_use=1` under load in CI)."""
+    in use forever (the randomized affinity storm's `in_use=1` under load in CI).
+
+    Which bytes wait on the socket is the server's timing, so the probe is told to find
+    some (then `settled` runs, as for late records), and `settled` is held by an event."""
+    from toolpool._async import connection as async_connection
     from toolpool._async import request as async_request
 
     original = async_request.settled
@@ -90,7 +94,8 @@ async def test_a_request_cancelled_while_its_connection_is_checked_releases_it(
         return await original(conn)
 
     async with _pool(ds) as pool:
-        _late_records_arrived(ds)  # the warm connection fails its probe: `settled` runs
+        assert pool.stats()["crm"].idle == 1  # the warm connection: the request reuses it
+        monkeypatch.setattr(async_connection.AsyncConnection, "probe", lambda self: False)
         monkeypatch.setattr(async_request, "settled", held)
         task = asyncio.ensure_future(pool.client().get(ds.url("crm") + "/anything"))
         async with asyncio.timeout(30):
@@ -100,6 +105,6 @@ async def test_a_request_cancelled_while_its_connection_is_checked_releases_it(
             await task
         stats = pool.stats()["crm"]
         assert (stats.in_use, stats.opening, stats.waiting) == (0, 0, 0), stats
-        monkeypatch.setattr(async_request, "settled", original)
+        monkeypatch.undo()
         assert (await pool.client().get(ds.url("crm") + "/anything")).status_code == 200
         assert pool.stats()["crm"].in_use == 0
